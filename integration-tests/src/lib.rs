@@ -1,0 +1,30 @@
+//! Test helpers that start the real services against the real backing servers:
+//! PostgreSQL (`TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432`),
+//! and later Redis and RabbitMQ. Every helper isolates its data (a database of
+//! its own per test), so tests run in parallel.
+
+pub mod db;
+pub mod wallet;
+
+pub use db::TestDatabase;
+pub use wallet::TestWallet;
+
+/// Reason carried by a status's `google.rpc.ErrorInfo`, if any.
+pub fn error_reason(status: &tonic::Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    status.get_details_error_info().map(|info| info.reason)
+}
+
+/// The path of a workspace binary, built next to the test executable by
+/// `cargo build --workspace` (which the test command runs first).
+pub fn service_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/debug/deps/integration-… → target/debug/<name>
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .ok_or_else(|| anyhow::anyhow!("unexpected test executable path {}", exe.display()))?;
+    let path = dir.join(name);
+    anyhow::ensure!(path.exists(), "{} not found: run `cargo build --workspace` first", path.display());
+    Ok(path)
+}

@@ -1,0 +1,27 @@
+// @generated shape of `diesel print-schema` (see diesel.toml) for migrations/wallet.
+
+diesel::table! {
+    accounts (user_id, currency) {
+        user_id -> Text,
+        currency -> Text,
+        balance_minor -> Int8,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    ledger_entries (id) {
+        id -> Int8,
+        idempotency_key -> Text,
+        user_id -> Text,
+        currency -> Text,
+        kind -> Text,
+        amount_minor -> Int8,
+        balance_after_minor -> Int8,
+        reference -> Text,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(accounts, ledger_entries);

@@ -1,0 +1,79 @@
+//! The wallet's one error type, and its mapping onto gRPC statuses.
+//!
+//! Policy: domain code returns [`WalletError`]; `anyhow` appears only in startup.
+//! Clients see the reason code and a fixed message; the cause of an internal or
+//! unavailable error is logged once, here, where it is turned into a status.
+
+use tonic::{Code, Status};
+
+/// Everything a wallet call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum WalletError {
+    #[error("invalid {field}: {description}")]
+    InvalidArgument { field: &'static str, description: &'static str },
+    #[error("insufficient funds")]
+    InsufficientFunds,
+    #[error("idempotency key already used for a different request")]
+    IdempotencyKeyReused,
+    #[error("the credit would overflow the account balance")]
+    BalanceOverflow,
+    #[error("database unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl WalletError {
+    pub fn invalid(field: &'static str, description: &'static str) -> Self {
+        Self::InvalidArgument { field, description }
+    }
+}
+
+impl From<diesel::result::Error> for WalletError {
+    fn from(error: diesel::result::Error) -> Self {
+        use diesel::result::{DatabaseErrorKind, Error};
+        match error {
+            Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _) | Error::BrokenTransactionManager => {
+                Self::Unavailable(Box::new(error))
+            }
+            other => Self::Internal(Box::new(other)),
+        }
+    }
+}
+
+impl From<flashsale_db::PoolError> for WalletError {
+    fn from(error: flashsale_db::PoolError) -> Self {
+        Self::Unavailable(Box::new(error))
+    }
+}
+
+impl From<WalletError> for Status {
+    fn from(error: WalletError) -> Self {
+        match error {
+            WalletError::InvalidArgument { field, description } => {
+                flashsale_server::invalid_argument(field, description)
+            }
+            WalletError::InsufficientFunds => flashsale_server::rejection(
+                Code::FailedPrecondition,
+                "INSUFFICIENT_FUNDS",
+                "the balance does not cover this amount",
+            ),
+            WalletError::IdempotencyKeyReused => flashsale_server::rejection(
+                Code::AlreadyExists,
+                "IDEMPOTENCY_KEY_REUSED",
+                "this idempotency key was already used for a different request",
+            ),
+            WalletError::BalanceOverflow => {
+                flashsale_server::invalid_argument("amount.amount_minor", "would overflow the account balance")
+            }
+            WalletError::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "wallet call failed: database unavailable");
+                flashsale_server::unavailable()
+            }
+            WalletError::Internal(cause) => {
+                tracing::error!(error = %cause, "wallet call failed: internal error");
+                flashsale_server::internal()
+            }
+        }
+    }
+}

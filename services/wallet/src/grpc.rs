@@ -1,0 +1,79 @@
+//! The `flashsale.wallet.v1.WalletService` handlers: decode, call the ledger, encode.
+
+use flashsale_db::PgPool;
+use flashsale_proto::wallet::v1::wallet_service_server::WalletService;
+use flashsale_proto::wallet::v1::{
+    CreditRequest, CreditResponse, DebitRequest, DebitResponse, GetBalanceRequest, GetBalanceResponse,
+    ListTransactionsRequest, ListTransactionsResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::db::ledger;
+use crate::db::models::LedgerEntry;
+use crate::domain::{Currency, Movement, Page, UserId};
+use crate::error::WalletError;
+
+/// The wallet's gRPC face.
+#[derive(Clone)]
+pub struct WalletGrpc {
+    pool: PgPool,
+}
+
+impl WalletGrpc {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Runs one money movement in a task of its own: if the client goes away
+    /// mid-call, the transaction still commits or rolls back instead of being
+    /// dropped half-way with its connection left inside an open transaction.
+    async fn apply(&self, movement: Movement) -> Result<LedgerEntry, WalletError> {
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let mut conn = pool.get().await?;
+            ledger::apply(&mut conn, &movement).await
+        })
+        .await
+        .map_err(|join| WalletError::Internal(Box::new(join)))?
+    }
+}
+
+#[tonic::async_trait]
+impl WalletService for WalletGrpc {
+    async fn get_balance(&self, request: Request<GetBalanceRequest>) -> Result<Response<GetBalanceResponse>, Status> {
+        let GetBalanceRequest { user_id, currency } = request.into_inner();
+        let user = UserId::parse(&user_id)?;
+        let currency = Currency::parse_optional(&currency)?;
+        let mut conn = self.pool.get().await.map_err(WalletError::from)?;
+        let balances = ledger::balances(&mut conn, &user, currency).await?;
+        Ok(Response::new(GetBalanceResponse { balances: balances.into_iter().map(Into::into).collect() }))
+    }
+
+    async fn list_transactions(
+        &self,
+        request: Request<ListTransactionsRequest>,
+    ) -> Result<Response<ListTransactionsResponse>, Status> {
+        let ListTransactionsRequest { user_id, currency, page_size, page_token } = request.into_inner();
+        let user = UserId::parse(&user_id)?;
+        let currency = Currency::parse_optional(&currency)?;
+        let page = Page::parse(page_size, &page_token)?;
+        let mut conn = self.pool.get().await.map_err(WalletError::from)?;
+        let (entries, next) = ledger::transactions(&mut conn, &user, currency, page).await?;
+        Ok(Response::new(ListTransactionsResponse {
+            transactions: entries.into_iter().map(Into::into).collect(),
+            next_page_token: next.map(|id| id.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn credit(&self, request: Request<CreditRequest>) -> Result<Response<CreditResponse>, Status> {
+        let movement = Movement::try_from(request.into_inner())?;
+        let entry = self.apply(movement).await?;
+        Ok(Response::new(CreditResponse { transaction: Some(entry.into()) }))
+    }
+
+    async fn debit(&self, request: Request<DebitRequest>) -> Result<Response<DebitResponse>, Status> {
+        let movement = Movement::try_from(request.into_inner())?;
+        let entry = self.apply(movement).await?;
+        Ok(Response::new(DebitResponse { transaction: Some(entry.into()) }))
+    }
+}

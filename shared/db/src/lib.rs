@@ -1,0 +1,184 @@
+//! PostgreSQL plumbing for the services (no business rules here): a pool of
+//! diesel-async connections, embedded-migration running, and `CREATE DATABASE`
+//! for first start and for tests that want a database of their own.
+
+use std::time::Duration;
+
+use diesel::ConnectionError;
+use diesel_async::pooled_connection::bb8::Pool;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, SimpleAsyncConnection};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness};
+use futures::FutureExt;
+
+/// The pool every service uses.
+pub type PgPool = Pool<AsyncPgConnection>;
+
+/// Why a connection could not be checked out of [`PgPool`].
+pub type PoolError = bb8::RunError<diesel_async::pooled_connection::PoolError>;
+
+/// A connection checked out of [`PgPool`].
+pub type PooledConn<'a> = bb8::PooledConnection<'a, AsyncDieselConnectionManager<AsyncPgConnection>>;
+
+/// What can go wrong while setting the database up.
+#[derive(Debug, thiserror::Error)]
+pub enum DbSetupError {
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(#[from] ConnectionError),
+    #[error("query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("migration failed: {0}")]
+    Migration(String),
+    #[error("invalid database URL: {0}")]
+    Url(String),
+}
+
+/// Pool settings. The defaults suit one service process on a small machine.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    pub max_size: u32,
+    /// How long a caller waits for a connection before the request fails as
+    /// unavailable. bb8's default is 30 s, far longer than any client waits.
+    pub connection_timeout: Duration,
+    /// Server-side cap on a transaction left open by a dropped future
+    /// (diesel-async does not roll back when a transaction future is dropped).
+    pub idle_in_transaction_timeout: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            max_size: 16,
+            connection_timeout: Duration::from_secs(2),
+            idle_in_transaction_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Logs pool errors once each instead of bb8's default of dropping them silently.
+#[derive(Debug, Clone, Copy)]
+struct LogErrors;
+
+impl<E: std::fmt::Display> bb8::ErrorSink<E> for LogErrors {
+    fn sink(&self, error: E) {
+        tracing::warn!(error = %error, "postgres pool connection error");
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<E>> {
+        Box::new(*self)
+    }
+}
+
+/// Builds a pool. Connections are opened lazily, so this succeeds while the
+/// database is down; the first checkout then fails after `connection_timeout`.
+pub fn build_pool(database_url: &str, options: &PoolOptions) -> PgPool {
+    let idle_ms = options.idle_in_transaction_timeout.as_millis();
+    let mut config = ManagerConfig::default();
+    config.custom_setup = Box::new(move |url| {
+        let url = url.to_owned();
+        async move {
+            let mut conn = AsyncPgConnection::establish(&url).await?;
+            conn.batch_execute(&format!("SET idle_in_transaction_session_timeout = {idle_ms}"))
+                .await
+                .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+            Ok(conn)
+        }
+        .boxed()
+    });
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
+    Pool::builder()
+        .max_size(options.max_size)
+        .connection_timeout(options.connection_timeout)
+        // A broken connection is found by the query that uses it; a ping per
+        // checkout would add a round trip to every request.
+        .test_on_check_out(false)
+        .error_sink(Box::new(LogErrors))
+        .build_unchecked(manager)
+}
+
+/// Applies every pending embedded migration. Needs a multi-threaded runtime:
+/// diesel's migration machinery is synchronous and runs under `block_in_place`.
+pub async fn run_migrations(database_url: &str, migrations: EmbeddedMigrations) -> Result<(), DbSetupError> {
+    let conn = AsyncPgConnection::establish(database_url).await?;
+    let mut harness = AsyncMigrationHarness::new(conn);
+    let applied = harness.run_pending_migrations(migrations).map_err(|e| DbSetupError::Migration(e.to_string()))?;
+    for version in applied {
+        tracing::info!(migration.version = %version, "applied migration");
+    }
+    Ok(())
+}
+
+/// Creates the database named in `database_url` if it does not exist, by
+/// connecting to the server's `postgres` maintenance database.
+pub async fn create_database_if_missing(database_url: &str) -> Result<(), DbSetupError> {
+    let (server_url, name) = split_database_url(database_url)?;
+    let mut conn = AsyncPgConnection::establish(&format!("{server_url}/postgres")).await?;
+    let exists = database_exists(&mut conn, &name).await?;
+    if !exists {
+        // Identifiers cannot be bound as parameters; `name` was checked to be
+        // plain [A-Za-z0-9_] by split_database_url.
+        match conn.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await {
+            Ok(()) => tracing::info!(db.name = %name, "created database"),
+            // Another process created it between our check and our CREATE.
+            Err(_) if database_exists(&mut conn, &name).await? => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Drops the database named in `database_url` (tests clean up with this).
+pub async fn drop_database(database_url: &str) -> Result<(), DbSetupError> {
+    let (server_url, name) = split_database_url(database_url)?;
+    let mut conn = AsyncPgConnection::establish(&format!("{server_url}/postgres")).await?;
+    conn.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await?;
+    Ok(())
+}
+
+async fn database_exists(conn: &mut AsyncPgConnection, name: &str) -> Result<bool, DbSetupError> {
+    use diesel::sql_types::{Bool, Text};
+    use diesel_async::RunQueryDsl;
+
+    #[derive(diesel::QueryableByName)]
+    struct Exists {
+        #[diesel(sql_type = Bool)]
+        exists: bool,
+    }
+    let row: Exists = diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS exists")
+        .bind::<Text, _>(name)
+        .get_result(conn)
+        .await?;
+    Ok(row.exists)
+}
+
+/// Splits `postgres://host:port/name?params` into (`postgres://host:port`, `name`).
+fn split_database_url(database_url: &str) -> Result<(String, String), DbSetupError> {
+    let without_params = database_url.split('?').next().unwrap_or(database_url);
+    let (server, name) = without_params
+        .rsplit_once('/')
+        .filter(|(server, _)| server.contains("://") && !server.ends_with('/'))
+        .ok_or_else(|| DbSetupError::Url("expected postgres://host[:port]/database".into()))?;
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(DbSetupError::Url("database name must be [A-Za-z0-9_]+".into()));
+    }
+    Ok((server.to_owned(), name.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_server_and_database_name() {
+        let (server, name) = split_database_url("postgres://u@127.0.0.1:5432/wallet?sslmode=disable").unwrap();
+        assert_eq!(server, "postgres://u@127.0.0.1:5432");
+        assert_eq!(name, "wallet");
+    }
+
+    #[test]
+    fn refuses_urls_without_a_plain_database_name() {
+        assert!(split_database_url("postgres://127.0.0.1:5432").is_err());
+        assert!(split_database_url("postgres://127.0.0.1/bad\"name").is_err());
+        assert!(split_database_url("postgres://127.0.0.1/").is_err());
+    }
+}

@@ -1,0 +1,137 @@
+//! gRPC serving plumbing shared by the three services: standard health and
+//! reflection services, the building of a tonic server with our limits, graceful
+//! shutdown under one deadline, and statuses that carry a `google.rpc.ErrorInfo`.
+//! No business rules live here.
+
+mod shutdown;
+mod status;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+pub use shutdown::shutdown_signal;
+pub use status::{ERROR_DOMAIN, internal, invalid_argument, rejection, unavailable};
+
+/// Decoded request bodies above this size are refused by tonic before any handler runs.
+pub const MAX_DECODING_MESSAGE_SIZE: usize = 256 * 1024;
+/// Responses above this size are refused (tonic caps decoding only by default).
+pub const MAX_ENCODING_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+
+/// A tonic server builder with the settings every service shares.
+pub fn server_builder() -> Server {
+    Server::builder()
+        // Without it a slow handler holds the caller for ever; callers should
+        // still send their own `grpc-timeout`, which tonic honours when shorter.
+        .timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        // Detect dead peers on long-lived HTTP/2 connections (WatchOrder streams).
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Rotate connections so clients behind a plain Kubernetes Service spread
+        // over new replicas instead of pinning one pod for ever.
+        .max_connection_age(Duration::from_secs(300))
+}
+
+/// The health service plus the names of the services it reports on, so shutdown
+/// can flip every one of them (and the whole-server `""` entry) to NOT_SERVING.
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    services: Vec<&'static str>,
+}
+
+impl Health {
+    /// A new health service and its server half, to add to the router.
+    pub fn new() -> (Self, tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>)
+    {
+        let (reporter, server) = tonic_health::server::health_reporter();
+        (Self { reporter, services: Vec::new() }, server)
+    }
+
+    /// Registers a service name whose status follows the server's.
+    pub fn track(&mut self, service_name: &'static str) {
+        self.services.push(service_name);
+    }
+
+    /// Sets the server and every tracked service to `status`.
+    pub async fn set_all(&self, status: ServingStatus) {
+        self.reporter.set_service_status("", status).await;
+        for name in &self.services {
+            self.reporter.set_service_status(name, status).await;
+        }
+    }
+}
+
+/// gRPC server reflection (v1 and v1alpha: grpcurl, Postman and older tools ask
+/// for one or the other) over every flash-sale proto and the health service.
+pub fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(flashsale_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
+}
+
+/// Accepted connections from `listener`, with TCP_NODELAY (small gRPC frames
+/// must not wait for Nagle's algorithm).
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Runs a server until `shutdown` resolves, then: every health status goes
+/// NOT_SERVING, the listener closes, in-flight calls get up to `grace` to finish.
+/// tonic's graceful shutdown also waits for idle HTTP/2 connections, which may
+/// never close, hence the deadline.
+///
+/// `start` receives the future that tells the server to stop and returns the
+/// server future, typically
+/// `|stop| router.serve_with_incoming_shutdown(incoming(listener), stop)`;
+/// taking a closure keeps tonic's layer generics out of this signature.
+pub async fn serve_until_stopped<F, Fut>(
+    health: Health,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+    start: F,
+) -> Result<(), tonic::transport::Error>
+where
+    F: FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+    Fut: Future<Output = Result<(), tonic::transport::Error>>,
+{
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = start(Box::pin(async {
+        let _ = stop_rx.await;
+    }));
+    tokio::pin!(server);
+    health.set_all(ServingStatus::Serving).await;
+
+    tokio::select! {
+        result = &mut server => return result,
+        () = shutdown => {}
+    }
+    tracing::info!("shutdown requested: health NOT_SERVING, draining in-flight calls");
+    health.set_all(ServingStatus::NotServing).await;
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(grace, server).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(grace.ms = grace.as_millis() as u64, "grace period over; closing remaining connections");
+            Ok(())
+        }
+    }
+}
