@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs every check and test of the repository, the same way on a laptop and in CI:
+# backing services up, proto lint, format and lint checks, the Rust unit and
+# integration tests (real PostgreSQL, Redis, RabbitMQ), and the independent
+# Python gRPC client.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+deploy/local/backing-services.sh
+
+step "buf lint (proto/)"
+if ! command -v buf >/dev/null 2>&1; then
+  npm install -g --silent @bufbuild/buf@1.75.0
+fi
+(cd proto && buf lint && buf format --diff --exit-code >/dev/null)
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "cargo build --workspace (the tests start the real binaries)"
+cargo build --workspace --quiet
+
+step "cargo test --workspace"
+cargo test --workspace
+
+step "Python client (grpcio stubs generated from proto/)"
+VENV=integration-tests/python/.venv
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV" || {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$VENV"
+  }
+fi
+"$VENV/bin/pip" install --quiet --disable-pip-version-check -r integration-tests/python/requirements.txt
+"$VENV/bin/python" -m pytest -q integration-tests/python
