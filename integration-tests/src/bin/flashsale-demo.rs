@@ -9,7 +9,7 @@ use flashsale_proto::wallet::v1::CreditRequest;
 use flashsale_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 
 /// Demo buyers and what each starts with, in USD cents.
-const DEMO_BALANCES: [(&str, i64); 3] = [("alice", 100_00), ("bob", 25_00), ("carol", 5_00)];
+const DEMO_BALANCES: [(&str, i64); 3] = [("alice", 10_000), ("bob", 2_500), ("carol", 500)];
 
 #[derive(Debug, Parser)]
 #[command(about = "Seeds demo data into a running flash-sale suite")]
