@@ -1,12 +1,16 @@
 //! Test helpers that start the real services against the real backing servers:
 //! PostgreSQL (`TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432`),
-//! and later Redis and RabbitMQ. Every helper isolates its data (a database of
+//! Redis (`REDIS_URL`) and RabbitMQ (`AMQP_ADDR`). Every helper isolates its data (a database of
 //! its own per test), so tests run in parallel.
 
+pub mod audit;
 pub mod db;
+pub mod running;
+pub mod suite;
 pub mod wallet;
 
 pub use db::TestDatabase;
+pub use suite::TestSuite;
 pub use wallet::TestWallet;
 
 /// Reason carried by a status's `google.rpc.ErrorInfo`, if any.

@@ -1,5 +1,8 @@
-//! Integration tests: one binary, real PostgreSQL, services started on port 0.
-//! Each test owns its database, so the harness runs them in parallel.
+//! Integration tests: one binary, real PostgreSQL, Redis and RabbitMQ, services
+//! started on port 0. Each test owns its databases, key prefix and queue names,
+//! so the harness runs them in parallel.
 
+mod common;
 mod lifecycle;
+mod purchase;
 mod wallet;

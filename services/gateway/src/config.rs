@@ -3,21 +3,74 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// Gateway settings.
+/// Gateway settings. Secrets (the JWT secret, URLs with passwords) are never printed.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     /// Address the gRPC server listens on (port 0 picks a free port).
     #[arg(long, env = "GATEWAY_LISTEN_ADDR", default_value = "127.0.0.1:50051")]
     pub listen_addr: SocketAddr,
+    /// The inventory's gRPC URL.
+    #[arg(long, env = "INVENTORY_URL", default_value = "http://127.0.0.1:50052")]
+    pub inventory_url: String,
+    /// The wallet's gRPC URL.
+    #[arg(long, env = "WALLET_URL", default_value = "http://127.0.0.1:50053")]
+    pub wallet_url: String,
+    /// Redis URL.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Prefix of every Redis key this suite uses.
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "fs")]
+    pub redis_key_prefix: String,
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_ADDR", hide_env_values = true, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_addr: String,
+    /// Prefix of every queue and exchange name (one suite per prefix).
+    #[arg(long, env = "AMQP_PREFIX", default_value = "flashsale")]
+    pub amqp_prefix: String,
+    /// HS256 secret that signs buyers' and operators' tokens (at least 32 bytes).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Required `iss` claim, if set.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, if set.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// How long a purchase waits for the broker's confirm before answering UNAVAILABLE.
+    #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub publish_timeout_ms: u64,
+    /// How often the local item cache is refreshed from inventory.
+    #[arg(long, env = "CATALOG_REFRESH_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub catalog_refresh_ms: u64,
     /// Seconds in-flight calls get to finish after SIGTERM.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
 }
 
 impl Config {
-    /// Settings for a gateway listening on a free local port (tests).
-    pub fn for_tests() -> Self {
-        Self { listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)), shutdown_grace_seconds: 5 }
+    /// Settings for tests: a free local port and the given neighbours and names.
+    pub fn for_tests(
+        inventory_url: impl Into<String>,
+        wallet_url: impl Into<String>,
+        redis_key_prefix: impl Into<String>,
+        amqp_prefix: impl Into<String>,
+        jwt_secret: impl Into<String>,
+    ) -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            inventory_url: inventory_url.into(),
+            wallet_url: wallet_url.into(),
+            redis_url: std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            redis_key_prefix: redis_key_prefix.into(),
+            amqp_addr: std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            amqp_prefix: amqp_prefix.into(),
+            jwt_secret: Some(jwt_secret.into()),
+            jwt_issuer: None,
+            jwt_audience: None,
+            publish_timeout_ms: 3000,
+            catalog_refresh_ms: 200,
+            shutdown_grace_seconds: 5,
+        }
     }
 
     pub fn shutdown_grace(&self) -> Duration {

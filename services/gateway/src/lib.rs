@@ -1,9 +1,19 @@
-//! The gateway service. Today it serves the operational surface every service
-//! owes from day one (gRPC health, reflection, graceful shutdown); its API
-//! (`flashsale.gateway.v1`, defined in `proto/`) arrives with the purchase-path issue.
+//! The public gateway: authenticates buyers (bearer JWTs), turns away the crowd
+//! from memory once an item is sold out, admits each remaining attempt with one
+//! atomic Redis script, publishes winners to RabbitMQ with confirms, and tells
+//! buyers the outcome (GetOrder, WatchOrder). gRPC API: `flashsale.gateway.v1`.
 
+pub mod admission;
+pub mod auth;
+pub mod catalog;
 pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod order_events;
+pub mod order_publisher;
+pub mod purchase;
 pub mod startup;
+pub mod upstream;
 
 pub use config::Config;
 pub use startup::Application;

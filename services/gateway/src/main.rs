@@ -1,18 +1,75 @@
-//! `flashsale-gateway`: run the gateway service.
+//! `flashsale-gateway`: run the gateway, or mint a development token.
 
-use clap::Parser;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
 use flashsale_gateway::{Application, Config};
 
 #[derive(Debug, Parser)]
-#[command(version, about = "The flash-sale gateway service")]
+#[command(version, about = "The flash-sale gateway")]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     #[command(flatten)]
     config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the public API (the default).
+    Serve,
+    /// Print a signed development token (HS256 with JWT_SECRET).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// The buyer's id (`sub` claim).
+    #[arg(long)]
+    sub: String,
+    /// Grant the admin role.
+    #[arg(long)]
+    admin: bool,
+    /// Lifetime, e.g. 30m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    ttl: Duration,
+    /// The signing secret (the gateway's JWT_SECRET).
+    #[arg(long = "secret", env = "JWT_SECRET", hide_env_values = true)]
+    jwt_secret: String,
+}
+
+fn parse_ttl(raw: &str) -> Result<Duration, String> {
+    let (number, unit) = raw.split_at(raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len()));
+    let n: u64 = number.parse().map_err(|_| format!("{raw:?}: expected e.g. 30m, 1h, 7d"))?;
+    let seconds = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{raw:?}: unit must be s, m, h or d")),
+    };
+    Ok(Duration::from_secs(seconds))
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Token(args)) = &cli.command {
+        return match flashsale_gateway::auth::mint(&args.jwt_secret, &args.sub, args.admin, args.ttl) {
+            Ok(token) => {
+                #[expect(clippy::print_stdout, reason = "the token is this command's output")]
+                {
+                    println!("{token}");
+                }
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("flashsale-gateway: cannot sign a token: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let config = cli.config;
     let _telemetry = match flashsale_telemetry::init("gateway") {
         Ok(guard) => guard,
         Err(e) => {
@@ -21,7 +78,7 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let result = async {
-        let app = Application::build(&cli.config).await?;
+        let app = Application::build(&config).await?;
         app.run_until_stopped(flashsale_server::shutdown_signal()).await
     }
     .await;

@@ -1,48 +1,144 @@
-//! Building and running the gateway: bind (port 0 works), serve until told to stop.
+//! Building and running the gateway: check the configuration, connect to Redis
+//! and RabbitMQ, bind (port 0 works), then serve while the order-event consumer
+//! and the catalog refresher run beside it.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use flashsale_messaging::Topology;
+use flashsale_proto::gateway::v1::admin_service_server::AdminServiceServer;
+use flashsale_proto::gateway::v1::flash_sale_gateway_server::FlashSaleGatewayServer;
 use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 
+use crate::admission::Admission;
+use crate::auth::Authenticator;
+use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::grpc::GatewayGrpc;
+use crate::order_events::OrderEvents;
+use crate::order_publisher::OrderPublisher;
+use crate::purchase::Purchases;
+use crate::upstream::Upstreams;
 
-/// A gateway that has bound its port, ready to serve.
+/// Shortest accepted HS256 secret (RFC 7518 §3.2: at least the hash size).
+const MIN_SECRET_BYTES: usize = 32;
+
 pub struct Application {
     listener: TcpListener,
     port: u16,
-    grace: Duration,
+    grpc: GatewayGrpc,
+    config: Config,
 }
 
 impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let secret = config.jwt_secret.as_deref().context("JWT_SECRET is required")?;
+        anyhow::ensure!(secret.len() >= MIN_SECRET_BYTES, "JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes");
+        let upstreams =
+            Upstreams::new(&config.inventory_url, &config.wallet_url).context("INVENTORY_URL or WALLET_URL")?;
+        let admission = Arc::new(
+            Admission::connect(&config.redis_url, &config.redis_key_prefix).await.context("connecting to Redis")?,
+        );
+        let topology = Topology::with_prefix(&config.amqp_prefix);
+        let publisher = Arc::new(OrderPublisher::new(
+            config.amqp_addr.clone(),
+            topology,
+            Duration::from_millis(config.publish_timeout_ms),
+        ));
+        publisher.warm_up().await.context("connecting to RabbitMQ")?;
+        let catalog = Arc::new(Catalog::new(upstreams.clone()));
+        let (watchers, _) = broadcast::channel(4096);
+        let grpc = GatewayGrpc {
+            auth: Authenticator::new(secret, config.jwt_issuer.as_deref(), config.jwt_audience.as_deref()),
+            purchases: Arc::new(Purchases::new(catalog.clone(), admission, publisher, upstreams.clone())),
+            catalog,
+            upstreams,
+            watchers,
+        };
         let listener =
             TcpListener::bind(config.listen_addr).await.with_context(|| format!("binding {}", config.listen_addr))?;
         let port = listener.local_addr()?.port();
-        Ok(Self { listener, port, grace: config.shutdown_grace() })
+        Ok(Self { listener, port, grpc, config: config.clone() })
     }
 
-    /// The port actually bound (useful when the configured port was 0).
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// Serves until `shutdown` resolves, then drains within the grace period.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let (health, health_service) = flashsale_server::Health::new();
+        let config = self.config;
+        let grpc = self.grpc;
+        let background = CancellationToken::new();
+        if let Err(e) = grpc.catalog.refresh().await {
+            tracing::warn!(error = %e, "initial catalog load failed; items load on first use");
+        }
+        let events = OrderEvents {
+            amqp_addr: config.amqp_addr.clone(),
+            topology: Topology::with_prefix(&config.amqp_prefix),
+            admission: grpc.purchases.admission.clone(),
+            catalog: grpc.catalog.clone(),
+            watchers: grpc.watchers.clone(),
+        };
+        let admission = grpc.purchases.admission.clone();
+        let tasks = [
+            tokio::spawn(events.run(background.clone())),
+            tokio::spawn(grpc.catalog.clone().run_refresher(
+                Duration::from_millis(config.catalog_refresh_ms),
+                background.clone(),
+                move |catalog| {
+                    let admission = admission.clone();
+                    async move { clear_stale_sold_out_flags(&catalog, &admission).await }
+                },
+            )),
+        ];
+
+        let (mut health, health_service) = flashsale_server::Health::new();
+        health.track(<FlashSaleGatewayServer<GatewayGrpc> as NamedService>::NAME);
+        health.track(<AdminServiceServer<GatewayGrpc> as NamedService>::NAME);
         let (reflection_v1, reflection_v1alpha) = flashsale_server::reflection()?;
+        let buyers = FlashSaleGatewayServer::new(grpc.clone())
+            .max_decoding_message_size(flashsale_server::MAX_DECODING_MESSAGE_SIZE)
+            .max_encoding_message_size(flashsale_server::MAX_ENCODING_MESSAGE_SIZE);
+        let admins = AdminServiceServer::new(grpc.clone())
+            .max_decoding_message_size(flashsale_server::MAX_DECODING_MESSAGE_SIZE)
+            .max_encoding_message_size(flashsale_server::MAX_ENCODING_MESSAGE_SIZE);
         let router = flashsale_server::server_builder()
             .add_service(health_service)
             .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
+            .add_service(reflection_v1alpha)
+            .add_service(buyers)
+            .add_service(admins);
         tracing::info!(port = self.port, "gateway serving gRPC");
         let listener = self.listener;
-        flashsale_server::serve_until_stopped(health, shutdown, self.grace, |stop| {
+        let grace = config.shutdown_grace();
+        let served = flashsale_server::serve_until_stopped(health, shutdown, grace, |stop| {
             router.serve_with_incoming_shutdown(flashsale_server::incoming(listener), stop)
         })
-        .await?;
+        .await;
+        background.cancel();
+        if tokio::time::timeout(grace, futures::future::join_all(tasks)).await.is_err() {
+            tracing::warn!("background tasks did not stop within the grace period");
+        }
+        grpc.purchases.publisher.close().await;
+        served?;
         tracing::info!("gateway stopped");
         Ok(())
+    }
+}
+
+/// A sold-out flag is a cache of Redis's answer. Clear it when Redis offers
+/// units again, or when the item's state is gone (the next attempt rebuilds it).
+async fn clear_stale_sold_out_flags(catalog: &Catalog, admission: &Admission) {
+    for item in catalog.sold_out_items() {
+        match admission.tokens(&item.id).await {
+            Ok(Some(tokens)) if tokens <= 0 => {}
+            Ok(_) => item.set_sold_out(false),
+            Err(e) => tracing::debug!(error = %e, item.id = %item.id, "sold-out check failed"),
+        }
     }
 }

@@ -3,21 +3,69 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// Inventory settings.
+/// Inventory settings. Secrets (URLs may hold passwords) are never printed.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
+    /// PostgreSQL URL of the inventory's own database.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/inventory"
+    )]
+    pub database_url: String,
     /// Address the gRPC server listens on (port 0 picks a free port).
     #[arg(long, env = "INVENTORY_LISTEN_ADDR", default_value = "127.0.0.1:50052")]
     pub listen_addr: SocketAddr,
-    /// Seconds in-flight calls get to finish after SIGTERM.
+    /// The wallet's gRPC URL.
+    #[arg(long, env = "WALLET_URL", default_value = "http://127.0.0.1:50053")]
+    pub wallet_url: String,
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_ADDR", hide_env_values = true, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_addr: String,
+    /// Prefix of every queue and exchange name (one suite per prefix).
+    #[arg(long, env = "AMQP_PREFIX", default_value = "flashsale")]
+    pub amqp_prefix: String,
+    /// Largest number of PostgreSQL connections.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_pool_size: u32,
+    /// Unacknowledged orders RabbitMQ may push ahead.
+    #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = 200, value_parser = clap::value_parser!(u16).range(2..))]
+    pub consumer_prefetch: u16,
+    /// Orders processed at once.
+    #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub consumer_concurrency: u32,
+    /// Milliseconds between sweeps for payments to retry.
+    #[arg(long, env = "SWEEP_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub sweep_interval_ms: u64,
+    /// Deadline of one wallet call, in milliseconds.
+    #[arg(long, env = "WALLET_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub wallet_timeout_ms: u64,
+    /// Seconds in-flight work gets to finish after SIGTERM.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
 }
 
 impl Config {
-    /// Settings for a inventory listening on a free local port (tests).
-    pub fn for_tests() -> Self {
-        Self { listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)), shutdown_grace_seconds: 5 }
+    /// Settings for tests: a free local port, the given database, wallet and broker names.
+    pub fn for_tests(
+        database_url: impl Into<String>,
+        wallet_url: impl Into<String>,
+        amqp_prefix: impl Into<String>,
+    ) -> Self {
+        Self {
+            database_url: database_url.into(),
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            wallet_url: wallet_url.into(),
+            amqp_addr: std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            amqp_prefix: amqp_prefix.into(),
+            db_pool_size: 16,
+            consumer_prefetch: 200,
+            consumer_concurrency: 32,
+            sweep_interval_ms: 200,
+            wallet_timeout_ms: 1000,
+            shutdown_grace_seconds: 5,
+        }
     }
 
     pub fn shutdown_grace(&self) -> Duration {

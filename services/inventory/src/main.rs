@@ -1,13 +1,23 @@
 //! `flashsale-inventory`: run the inventory service.
 
-use clap::Parser;
-use flashsale_inventory::{Application, Config};
+use clap::{Parser, Subcommand};
+use flashsale_inventory::{Application, Config, db::MIGRATIONS};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "The flash-sale inventory service")]
 struct Cli {
     #[command(flatten)]
     config: Config,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve gRPC and consume orders (the default). Applies pending migrations first.
+    Serve,
+    /// Create the database if it is missing, apply pending migrations, exit.
+    Migrate,
 }
 
 #[tokio::main]
@@ -21,8 +31,17 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let result = async {
-        let app = Application::build(&cli.config).await?;
-        app.run_until_stopped(flashsale_server::shutdown_signal()).await
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => {
+                let app = Application::build(&cli.config).await?;
+                app.run_until_stopped(flashsale_server::shutdown_signal()).await
+            }
+            Command::Migrate => {
+                flashsale_db::create_database_if_missing(&cli.config.database_url).await?;
+                flashsale_db::run_migrations(&cli.config.database_url, MIGRATIONS).await?;
+                Ok(())
+            }
+        }
     }
     .await;
     match result {

@@ -1,47 +1,111 @@
-//! Building and running the inventory: bind (port 0 works), serve until told to stop.
+//! Building and running the inventory: migrate, bind (port 0 works), then serve
+//! gRPC while the order consumer, the outbox relay and the payment sweeper run
+//! beside it; on shutdown all of them stop within the grace period.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use flashsale_db::{PgPool, PoolOptions};
+use flashsale_messaging::Topology;
+use flashsale_proto::inventory::v1::inventory_service_server::InventoryServiceServer;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 
 use crate::config::Config;
+use crate::db::MIGRATIONS;
+use crate::grpc::InventoryGrpc;
+use crate::order_consumer::{ConsumerOptions, OrderConsumer};
+use crate::outbox_relay::OutboxRelay;
+use crate::settlement::Settlement;
+use crate::wallet_client::WalletClient;
 
-/// A inventory that has bound its port, ready to serve.
 pub struct Application {
     listener: TcpListener,
     port: u16,
-    grace: Duration,
+    pool: PgPool,
+    wallet: WalletClient,
+    config: Config,
 }
 
 impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        flashsale_db::run_migrations(&config.database_url, MIGRATIONS)
+            .await
+            .context("migrating the inventory database")?;
+        let pool = flashsale_db::build_pool(
+            &config.database_url,
+            &PoolOptions { max_size: config.db_pool_size, ..PoolOptions::default() },
+        );
+        let wallet = WalletClient::new(&config.wallet_url, Duration::from_millis(config.wallet_timeout_ms))
+            .context("WALLET_URL")?;
         let listener =
             TcpListener::bind(config.listen_addr).await.with_context(|| format!("binding {}", config.listen_addr))?;
         let port = listener.local_addr()?.port();
-        Ok(Self { listener, port, grace: config.shutdown_grace() })
+        Ok(Self { listener, port, pool, wallet, config: config.clone() })
     }
 
-    /// The port actually bound (useful when the configured port was 0).
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// Serves until `shutdown` resolves, then drains within the grace period.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let (health, health_service) = flashsale_server::Health::new();
+        let config = self.config;
+        let topology = Topology::with_prefix(&config.amqp_prefix);
+        let outbox_ready = Arc::new(Notify::new());
+        let background = CancellationToken::new();
+
+        let settlement = Settlement::new(self.pool.clone(), self.wallet.clone(), outbox_ready.clone());
+        let consumer = OrderConsumer::new(
+            self.pool.clone(),
+            settlement.clone(),
+            outbox_ready.clone(),
+            ConsumerOptions {
+                amqp_addr: config.amqp_addr.clone(),
+                topology: topology.clone(),
+                prefetch: config.consumer_prefetch,
+                concurrency: config.consumer_concurrency as usize,
+            },
+        );
+        let relay = OutboxRelay {
+            pool: self.pool.clone(),
+            amqp_addr: config.amqp_addr.clone(),
+            topology,
+            ready: outbox_ready.clone(),
+        };
+        let tasks = [
+            tokio::spawn(consumer.run(background.clone())),
+            tokio::spawn(relay.run(background.clone())),
+            tokio::spawn(settlement.run_sweeper(Duration::from_millis(config.sweep_interval_ms), background.clone())),
+        ];
+
+        let (mut health, health_service) = flashsale_server::Health::new();
+        health.track(<InventoryServiceServer<InventoryGrpc> as NamedService>::NAME);
         let (reflection_v1, reflection_v1alpha) = flashsale_server::reflection()?;
+        let inventory = InventoryServiceServer::new(InventoryGrpc::new(self.pool, self.wallet, outbox_ready))
+            .max_decoding_message_size(flashsale_server::MAX_DECODING_MESSAGE_SIZE)
+            .max_encoding_message_size(flashsale_server::MAX_ENCODING_MESSAGE_SIZE);
         let router = flashsale_server::server_builder()
             .add_service(health_service)
             .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
+            .add_service(reflection_v1alpha)
+            .add_service(inventory);
         tracing::info!(port = self.port, "inventory serving gRPC");
         let listener = self.listener;
-        flashsale_server::serve_until_stopped(health, shutdown, self.grace, |stop| {
+        let grace = config.shutdown_grace();
+        let served = flashsale_server::serve_until_stopped(health, shutdown, grace, |stop| {
             router.serve_with_incoming_shutdown(flashsale_server::incoming(listener), stop)
         })
-        .await?;
+        .await;
+
+        background.cancel();
+        if tokio::time::timeout(grace, futures::future::join_all(tasks)).await.is_err() {
+            tracing::warn!("background tasks did not stop within the grace period");
+        }
+        served?;
         tracing::info!("inventory stopped");
         Ok(())
     }

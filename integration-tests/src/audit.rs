@@ -1,0 +1,246 @@
+//! After a storm: wait until every accepted order is final, then check every
+//! invariant straight from the databases (not through the APIs under test).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use diesel::sql_types::{BigInt, Integer, Text};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+
+use crate::TestSuite;
+use crate::wallet::audit_ledger;
+
+#[derive(Debug, Clone, diesel::QueryableByName)]
+pub struct OrderRow {
+    #[diesel(sql_type = Text)]
+    pub id: String,
+    #[diesel(sql_type = Text)]
+    pub user_id: String,
+    #[diesel(sql_type = Text)]
+    pub item_id: String,
+    #[diesel(sql_type = Integer)]
+    pub quantity: i32,
+    #[diesel(sql_type = Text)]
+    pub amount_currency: String,
+    #[diesel(sql_type = BigInt)]
+    pub amount_minor: i64,
+    #[diesel(sql_type = Text)]
+    pub status: String,
+    #[diesel(sql_type = Text)]
+    pub reject_reason: String,
+    #[diesel(sql_type = Text)]
+    pub idempotency_key: String,
+}
+
+#[derive(Debug, Clone, diesel::QueryableByName)]
+struct ItemRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Integer)]
+    stock_total: i32,
+    #[diesel(sql_type = Integer)]
+    stock_remaining: i32,
+    #[diesel(sql_type = Integer)]
+    per_user_limit: i32,
+}
+
+#[derive(Debug, Clone, diesel::QueryableByName)]
+struct HoldingRow {
+    #[diesel(sql_type = Text)]
+    item_id: String,
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = Integer)]
+    quantity: i32,
+}
+
+#[derive(Debug, Clone, diesel::QueryableByName)]
+struct LedgerRow {
+    #[diesel(sql_type = Text)]
+    idempotency_key: String,
+    #[diesel(sql_type = Text)]
+    kind: String,
+    #[diesel(sql_type = BigInt)]
+    amount_minor: i64,
+}
+
+/// What the audit found (every invariant already held, or it returned an error).
+#[derive(Debug, Clone, Default)]
+pub struct AuditReport {
+    pub orders: Vec<OrderRow>,
+    /// Units in CONFIRMED orders, per item.
+    pub confirmed_units: BTreeMap<String, i64>,
+    /// Units left, per item.
+    pub remaining: BTreeMap<String, i64>,
+}
+
+impl AuditReport {
+    pub fn confirmed_orders(&self) -> impl Iterator<Item = &OrderRow> {
+        self.orders.iter().filter(|o| o.status == "CONFIRMED")
+    }
+}
+
+/// Waits until inventory has recorded every order in `accepted` and nothing is
+/// PAYMENT_PENDING or waiting in the outbox.
+pub async fn wait_until_settled(
+    suite: &TestSuite,
+    accepted: &BTreeSet<String>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut conn = AsyncPgConnection::establish(suite.inventory_db.url()).await?;
+    loop {
+        let orders: Vec<OrderRow> = load_orders(&mut conn).await?;
+        let recorded: BTreeSet<&str> = orders.iter().map(|o| o.id.as_str()).collect();
+        let missing = accepted.iter().filter(|id| !recorded.contains(id.as_str())).count();
+        let pending = orders.iter().filter(|o| o.status == "PAYMENT_PENDING").count();
+        #[derive(diesel::QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        let outbox: Count = diesel::sql_query("SELECT count(*) AS n FROM outbox").get_result(&mut conn).await?;
+        if missing == 0 && pending == 0 && outbox.n == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not settled after {timeout:?}: {missing} accepted orders unrecorded, {pending} pending, {} events unpublished",
+            outbox.n
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn load_orders(conn: &mut AsyncPgConnection) -> anyhow::Result<Vec<OrderRow>> {
+    Ok(diesel::sql_query(
+        "SELECT id::text AS id, user_id, item_id, quantity, amount_currency, amount_minor, status, reject_reason,
+                idempotency_key FROM orders",
+    )
+    .load(conn)
+    .await?)
+}
+
+/// Checks every invariant of ARCHITECTURE.md against the tables of inventory
+/// and wallet. Call after [`wait_until_settled`].
+pub async fn audit(suite: &TestSuite) -> anyhow::Result<AuditReport> {
+    let mut conn = AsyncPgConnection::establish(suite.inventory_db.url()).await?;
+    let orders = load_orders(&mut conn).await?;
+    let items: Vec<ItemRow> =
+        diesel::sql_query("SELECT id, stock_total, stock_remaining, per_user_limit FROM items").load(&mut conn).await?;
+    let holdings: Vec<HoldingRow> =
+        diesel::sql_query("SELECT item_id, user_id, quantity FROM holdings").load(&mut conn).await?;
+
+    // Every accepted order is final.
+    let unsettled: Vec<&OrderRow> = orders.iter().filter(|o| o.status == "PAYMENT_PENDING").collect();
+    anyhow::ensure!(unsettled.is_empty(), "{} orders not final", unsettled.len());
+
+    // Stock: what left the shelf is exactly what confirmed orders hold (no oversell, no loss).
+    let mut report = AuditReport::default();
+    let mut held: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for order in orders.iter().filter(|o| o.status == "CONFIRMED") {
+        *report.confirmed_units.entry(order.item_id.clone()).or_default() += i64::from(order.quantity);
+        *held.entry((order.item_id.clone(), order.user_id.clone())).or_default() += i64::from(order.quantity);
+    }
+    for item in &items {
+        let sold = report.confirmed_units.get(&item.id).copied().unwrap_or(0);
+        anyhow::ensure!(item.stock_remaining >= 0, "{}: negative stock", item.id);
+        anyhow::ensure!(
+            i64::from(item.stock_total - item.stock_remaining) == sold,
+            "{}: {} units left the shelf but confirmed orders hold {sold}",
+            item.id,
+            item.stock_total - item.stock_remaining
+        );
+        report.remaining.insert(item.id.clone(), i64::from(item.stock_remaining));
+    }
+
+    // No buyer above the limit, and the per-buyer counts match the orders.
+    let limits: BTreeMap<&str, i64> = items.iter().map(|i| (i.id.as_str(), i64::from(i.per_user_limit))).collect();
+    for ((item, user), units) in &held {
+        let limit = limits.get(item.as_str()).copied().unwrap_or(0);
+        anyhow::ensure!(*units <= limit, "{user} holds {units} of {item}, limit {limit}");
+    }
+    for holding in &holdings {
+        let expected = held.get(&(holding.item_id.clone(), holding.user_id.clone())).copied().unwrap_or(0);
+        anyhow::ensure!(
+            i64::from(holding.quantity) == expected,
+            "holdings of {} in {} say {} but confirmed orders hold {expected}",
+            holding.user_id,
+            holding.item_id,
+            holding.quantity
+        );
+    }
+
+    // One live order per (buyer, item, idempotency key).
+    let mut keys = BTreeSet::new();
+    for order in orders.iter().filter(|o| o.status != "REJECTED") {
+        anyhow::ensure!(
+            keys.insert((order.user_id.clone(), order.item_id.clone(), order.idempotency_key.clone())),
+            "two live orders for key {} of {}",
+            order.idempotency_key,
+            order.user_id
+        );
+    }
+
+    // Money: conserved per currency, never negative (audit_ledger replays every account),
+    // each paid order debited exactly once, each refund credited exactly once, nothing else charged.
+    audit_ledger(suite.wallet_db.url()).await?;
+    let mut wallet = AsyncPgConnection::establish(suite.wallet_db.url()).await?;
+    let ledger: Vec<LedgerRow> =
+        diesel::sql_query("SELECT idempotency_key, kind, amount_minor FROM ledger_entries").load(&mut wallet).await?;
+    let debits: BTreeMap<&str, i64> =
+        ledger.iter().filter(|e| e.kind == "debit").map(|e| (e.idempotency_key.as_str(), e.amount_minor)).collect();
+    let refunds: BTreeMap<&str, i64> = ledger
+        .iter()
+        .filter(|e| e.kind == "credit")
+        .filter_map(|e| e.idempotency_key.strip_prefix("refund:").map(|id| (id, e.amount_minor)))
+        .collect();
+    let mut paid = 0usize;
+    for order in &orders {
+        let debit = debits.get(order.id.as_str());
+        let refund = refunds.get(order.id.as_str());
+        match order.status.as_str() {
+            "CONFIRMED" | "REFUNDED" => {
+                anyhow::ensure!(debit == Some(&order.amount_minor), "order {} paid {debit:?}", order.id);
+                paid += 1;
+            }
+            _ => anyhow::ensure!(debit.is_none(), "rejected order {} was charged", order.id),
+        }
+        if order.status == "REFUNDED" {
+            anyhow::ensure!(refund == Some(&order.amount_minor), "order {} refunded {refund:?}", order.id);
+        } else {
+            anyhow::ensure!(refund.is_none(), "order {} credited without a refund", order.id);
+        }
+    }
+    anyhow::ensure!(debits.len() == paid, "{} debits for {paid} paid orders", debits.len());
+    report.orders = orders;
+    Ok(report)
+}
+
+/// After settling, Redis must agree with PostgreSQL: no in-flight marks left and
+/// exactly the units PostgreSQL still has on offer. (Holds when Redis kept its
+/// state through the sale; after a flush, PostgreSQL alone is the reference.)
+pub async fn redis_agrees(suite: &TestSuite, report: &AuditReport, timeout: Duration) -> anyhow::Result<()> {
+    let client = redis::Client::open(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let deadline = Instant::now() + timeout;
+    for (item, remaining) in &report.remaining {
+        loop {
+            let prefix = format!("{}:{{{item}}}", suite.redis_prefix);
+            let (tokens, inflight): (Option<i64>, i64) = redis::pipe()
+                .get(format!("{prefix}:tokens"))
+                .hlen(format!("{prefix}:inflight"))
+                .query_async(&mut conn)
+                .await?;
+            if tokens.is_none_or(|t| t == *remaining) && inflight == 0 {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{item}: Redis offers {tokens:?} units with {inflight} in flight; PostgreSQL has {remaining} left"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! The whole suite in-process: wallet, inventory and gateway on port 0, each on
+//! its own databases, Redis key prefix and RabbitMQ names, so suites (tests) run
+//! in parallel against the same servers without seeing each other.
+
+use std::time::Duration;
+
+use flashsale_proto::gateway::v1::admin_service_client::AdminServiceClient;
+use flashsale_proto::gateway::v1::flash_sale_gateway_client::FlashSaleGatewayClient;
+use tonic::Request;
+use tonic::transport::Channel;
+
+use crate::TestDatabase;
+use crate::running::Running;
+
+pub const JWT_SECRET: &str = "integration-tests-secret-0123456789abcdef";
+
+pub struct TestSuite {
+    pub wallet_db: TestDatabase,
+    pub inventory_db: TestDatabase,
+    pub redis_prefix: String,
+    pub amqp_prefix: String,
+    wallet: Option<Running>,
+    wallet_port: u16,
+    inventory: Option<Running>,
+    gateway: Option<Running>,
+    gateway_channel: Channel,
+}
+
+impl TestSuite {
+    pub async fn spawn() -> anyhow::Result<Self> {
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let wallet_db = TestDatabase::create("wallet").await?;
+        let inventory_db = TestDatabase::create("inventory").await?;
+        let redis_prefix = format!("fs-test-{tag}");
+        let amqp_prefix = format!("fs-test-{tag}");
+
+        let wallet = start_wallet(wallet_db.url(), 0).await?;
+        let wallet_port = wallet.port;
+
+        let config = flashsale_inventory::Config::for_tests(inventory_db.url(), wallet.url(), &amqp_prefix);
+        let app = flashsale_inventory::Application::build(&config).await?;
+        let inventory = Running::start(app.port(), |stop| app.run_until_stopped(stop));
+
+        let config = flashsale_gateway::Config::for_tests(
+            inventory.url(),
+            wallet.url(),
+            &redis_prefix,
+            &amqp_prefix,
+            JWT_SECRET,
+        );
+        let app = flashsale_gateway::Application::build(&config).await?;
+        let gateway = Running::start(app.port(), |stop| app.run_until_stopped(stop));
+        let gateway_channel = Channel::from_shared(gateway.url())?.connect().await?;
+
+        Ok(Self {
+            wallet_db,
+            inventory_db,
+            redis_prefix,
+            amqp_prefix,
+            wallet: Some(wallet),
+            wallet_port,
+            inventory: Some(inventory),
+            gateway: Some(gateway),
+            gateway_channel,
+        })
+    }
+
+    pub fn buyers(&self) -> FlashSaleGatewayClient<Channel> {
+        FlashSaleGatewayClient::new(self.gateway_channel.clone())
+    }
+
+    pub fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.gateway_channel.clone())
+    }
+
+    pub fn gateway_channel(&self) -> Channel {
+        self.gateway_channel.clone()
+    }
+
+    /// A fresh channel to the gateway (many connections spread load over the
+    /// server's connection tasks, as many real clients would).
+    pub async fn new_gateway_channel(&self) -> anyhow::Result<Channel> {
+        let url = self.gateway.as_ref().map(Running::url).ok_or_else(|| anyhow::anyhow!("gateway stopped"))?;
+        Ok(Channel::from_shared(url)?.connect().await?)
+    }
+
+    pub fn token(&self, user: &str, admin: bool) -> String {
+        flashsale_gateway::auth::mint(JWT_SECRET, user, admin, Duration::from_secs(3600)).unwrap_or_default()
+    }
+
+    /// `message` sent as `user` (bearer token attached).
+    pub fn as_user<T>(&self, user: &str, message: T) -> Request<T> {
+        with_token(message, &self.token(user, false))
+    }
+
+    pub fn as_admin<T>(&self, message: T) -> Request<T> {
+        with_token(message, &self.token("operator", true))
+    }
+
+    /// Stops the wallet (its port stays reserved for [`TestSuite::start_wallet`]).
+    pub async fn stop_wallet(&mut self) -> anyhow::Result<()> {
+        if let Some(wallet) = self.wallet.take() {
+            wallet.stop().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts the wallet again on the port inventory and gateway know.
+    pub async fn start_wallet(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.wallet.is_none(), "wallet already running");
+        self.wallet = Some(start_wallet(self.wallet_db.url(), self.wallet_port).await?);
+        Ok(())
+    }
+
+    /// Deletes every Redis key of this suite, as a Redis restart would.
+    pub async fn flush_redis(&self) -> anyhow::Result<usize> {
+        let client = redis::Client::open(redis_url())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{}:*", self.redis_prefix)).query_async(&mut conn).await?;
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
+        }
+        Ok(keys.len())
+    }
+
+    /// Publishes raw bytes to this suite's orders queue (a duplicate delivery).
+    pub async fn publish_order_placed(&self, payload: &[u8]) -> anyhow::Result<()> {
+        let connection = flashsale_messaging::connect(&amqp_addr(), "integration-test").await?;
+        let publisher = flashsale_messaging::ConfirmedPublisher::new(&connection, Duration::from_secs(5)).await?;
+        let topology = flashsale_messaging::Topology::with_prefix(&self.amqp_prefix);
+        publisher
+            .publish("", &topology.orders_queue, payload, flashsale_messaging::lapin::types::FieldTable::default())
+            .await?;
+        let _ = connection.close(200, "done".into()).await;
+        Ok(())
+    }
+
+    /// Stops every service, then removes the suite's queues, keys and databases.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        for service in [self.gateway.take(), self.inventory.take(), self.wallet.take()].into_iter().flatten() {
+            service.stop().await?;
+        }
+        self.flush_redis().await?;
+        delete_amqp_names(&self.amqp_prefix).await?;
+        self.wallet_db.drop_now().await?;
+        self.inventory_db.drop_now().await?;
+        Ok(())
+    }
+}
+
+pub fn with_token<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn amqp_addr() -> String {
+    std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+async fn start_wallet(database_url: &str, port: u16) -> anyhow::Result<Running> {
+    let mut config = flashsale_wallet::Config::for_tests(database_url);
+    config.listen_addr.set_port(port);
+    let app = flashsale_wallet::Application::build(&config).await?;
+    Ok(Running::start(app.port(), |stop| app.run_until_stopped(stop)))
+}
+
+async fn delete_amqp_names(prefix: &str) -> anyhow::Result<()> {
+    use flashsale_messaging::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let topology = flashsale_messaging::Topology::with_prefix(prefix);
+    let connection = flashsale_messaging::connect(&amqp_addr(), "integration-test-cleanup").await?;
+    let channel = connection.create_channel().await?;
+    for queue in [&topology.orders_queue, &topology.admission_events_queue] {
+        channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
+    }
+    channel.exchange_delete(topology.events_exchange.as_str().into(), ExchangeDeleteOptions::default()).await?;
+    let _ = connection.close(200, "done".into()).await;
+    Ok(())
+}

@@ -1,0 +1,4 @@
+DROP TABLE outbox;
+DROP TABLE holdings;
+DROP TABLE orders;
+DROP TABLE items;

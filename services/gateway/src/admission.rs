@@ -1,0 +1,247 @@
+//! Admission state in Redis: the per-item stock tokens, per-buyer counts,
+//! in-flight marks and idempotency keys, changed only by the Lua scripts beside
+//! this file, each one atomic and touching only keys of one item (hash tag
+//! `{ITEM}`), so it runs unchanged on Redis Cluster.
+//!
+//! The hot path (`admit`) uses one multiplexed `ConnectionManager`: concurrent
+//! requests pipeline on it, which measured ~2x a pooled connection per request
+//! (PITFALLS.md). Background work (events, rebuilds, checks) uses a bb8 pool so
+//! its bulk commands never queue in front of buyers' scripts.
+
+use bb8_redis::RedisConnectionManager;
+use flashsale_proto::inventory::v1::{GetAdmissionSnapshotResponse, OrderEvent};
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use serde::{Deserialize, Serialize};
+
+use crate::error::GatewayError;
+
+/// How long an admission record (what GetOrder shows before inventory has the order) lives.
+const ORDER_RECORD_TTL_SECONDS: u64 = 24 * 3600;
+
+/// What the admission script decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admit {
+    Reserved { tokens_left: i64 },
+    Duplicate { order_id: String, quantity: u32 },
+    InProgress { order_id: String },
+    LimitReached,
+    SoldOut,
+    NotReady,
+}
+
+/// An admitted order as the gateway remembers it until inventory records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdmissionRecord {
+    pub order_id: String,
+    pub user_id: String,
+    pub item_id: String,
+    pub quantity: u32,
+    pub currency: String,
+    pub amount_minor: i64,
+    pub idempotency_key: String,
+    pub created_at_ms: i64,
+}
+
+struct ItemKeys {
+    ready: String,
+    tokens: String,
+    held: String,
+    inflight: String,
+    idem: String,
+    admitted: String,
+    applied: String,
+    parked: String,
+}
+
+pub struct Admission {
+    hot: ConnectionManager,
+    pool: bb8::Pool<RedisConnectionManager>,
+    prefix: String,
+    admit: Script,
+    unadmit: Script,
+    apply_event: Script,
+    rebuild: Script,
+}
+
+impl Admission {
+    pub async fn connect(redis_url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(redis_url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(2)));
+        let hot = ConnectionManager::new_with_config(client, config).await?;
+        let pool = bb8::Pool::builder()
+            .max_size(8)
+            .connection_timeout(std::time::Duration::from_secs(2))
+            .build(RedisConnectionManager::new(redis_url)?)
+            .await?;
+        Ok(Self {
+            hot,
+            pool,
+            prefix: prefix.to_owned(),
+            admit: Script::new(include_str!("lua/admit.lua")),
+            unadmit: Script::new(include_str!("lua/unadmit.lua")),
+            apply_event: Script::new(include_str!("lua/apply_event.lua")),
+            rebuild: Script::new(include_str!("lua/rebuild.lua")),
+        })
+    }
+
+    fn keys(&self, item_id: &str) -> ItemKeys {
+        let p = &self.prefix;
+        ItemKeys {
+            ready: format!("{p}:{{{item_id}}}:ready"),
+            tokens: format!("{p}:{{{item_id}}}:tokens"),
+            held: format!("{p}:{{{item_id}}}:held"),
+            inflight: format!("{p}:{{{item_id}}}:inflight"),
+            idem: format!("{p}:{{{item_id}}}:idem"),
+            admitted: format!("{p}:{{{item_id}}}:admitted"),
+            applied: format!("{p}:{{{item_id}}}:applied"),
+            parked: format!("{p}:{{{item_id}}}:parked"),
+        }
+    }
+
+    fn order_key(&self, order_id: &str) -> String {
+        format!("{}:order:{order_id}", self.prefix)
+    }
+
+    /// One purchase attempt: one round trip.
+    pub async fn admit(
+        &self,
+        item_id: &str,
+        user_id: &str,
+        quantity: u32,
+        limit: u32,
+        idempotency_key: &str,
+        order_id: &str,
+    ) -> Result<Admit, GatewayError> {
+        let k = self.keys(item_id);
+        let (outcome, detail): (String, String) = self
+            .admit
+            .key(&k.ready)
+            .key(&k.tokens)
+            .key(&k.held)
+            .key(&k.inflight)
+            .key(&k.idem)
+            .key(&k.admitted)
+            .arg(user_id)
+            .arg(quantity)
+            .arg(limit)
+            .arg(idempotency_key)
+            .arg(order_id)
+            .invoke_async(&mut self.hot.clone())
+            .await?;
+        Ok(match outcome.as_str() {
+            "RESERVED" => Admit::Reserved { tokens_left: detail.parse().unwrap_or(0) },
+            "DUPLICATE" => {
+                let (order_id, quantity) = detail.split_once('|').unwrap_or((detail.as_str(), "0"));
+                Admit::Duplicate { order_id: order_id.to_owned(), quantity: quantity.parse().unwrap_or(0) }
+            }
+            "IN_PROGRESS" => Admit::InProgress { order_id: detail },
+            "LIMIT_REACHED" => Admit::LimitReached,
+            "SOLD_OUT" => Admit::SoldOut,
+            "NOT_READY" => Admit::NotReady,
+            other => return Err(GatewayError::Internal(format!("admission script said {other:?}").into())),
+        })
+    }
+
+    /// Undoes an admission whose order never reached the broker.
+    pub async fn unadmit(&self, item_id: &str, order_id: &str, user_id: &str, key: &str) -> Result<(), GatewayError> {
+        let k = self.keys(item_id);
+        let mut conn = self.pool.get().await?;
+        let _: i64 = self
+            .unadmit
+            .key(&k.tokens)
+            .key(&k.held)
+            .key(&k.inflight)
+            .key(&k.idem)
+            .key(&k.admitted)
+            .arg(order_id)
+            .arg(user_id)
+            .arg(key)
+            .invoke_async(&mut *conn)
+            .await?;
+        let _: () = conn.del(self.order_key(order_id)).await?;
+        Ok(())
+    }
+
+    /// Applies a final order state to the admission state (idempotent).
+    pub async fn apply_event(&self, event: &OrderEvent) -> Result<String, GatewayError> {
+        let order = event.order.as_ref().ok_or_else(|| GatewayError::invalid("order", "missing in event"))?;
+        let status = flashsale_proto::common::v1::OrderStatus::try_from(order.status)
+            .map_err(|_| GatewayError::invalid("order.status", "unknown"))?;
+        let status = match status {
+            flashsale_proto::common::v1::OrderStatus::Confirmed => "CONFIRMED",
+            flashsale_proto::common::v1::OrderStatus::Rejected => "REJECTED",
+            flashsale_proto::common::v1::OrderStatus::Refunded => "REFUNDED",
+            // Only final states are published; anything else has nothing to undo.
+            _ => return Ok("IGNORED".into()),
+        };
+        let k = self.keys(&order.item_id);
+        let mut conn = self.pool.get().await?;
+        let outcome: String = self
+            .apply_event
+            .key(&k.ready)
+            .key(&k.tokens)
+            .key(&k.held)
+            .key(&k.inflight)
+            .key(&k.admitted)
+            .key(&k.applied)
+            .key(&k.parked)
+            .arg(&order.id)
+            .arg(&order.user_id)
+            .arg(order.quantity)
+            .arg(status)
+            .arg(&order.reject_reason)
+            .arg(event.units_released)
+            .arg(event.item_version)
+            .invoke_async(&mut *conn)
+            .await?;
+        // Inventory has the order now; the gateway's own record is no longer needed.
+        let _: () = conn.del(self.order_key(&order.id)).await?;
+        Ok(outcome)
+    }
+
+    /// Rebuilds an item's state from an inventory snapshot (no-op if present).
+    pub async fn rebuild(&self, snapshot: &GetAdmissionSnapshotResponse) -> Result<bool, GatewayError> {
+        let k = self.keys(&snapshot.item_id);
+        let mut invocation = self.rebuild.prepare_invoke();
+        invocation
+            .key(&k.ready)
+            .key(&k.tokens)
+            .key(&k.held)
+            .key(&k.inflight)
+            .key(&k.admitted)
+            .key(&k.applied)
+            .key(&k.parked)
+            .arg(snapshot.item_version)
+            .arg(snapshot.stock_remaining)
+            .arg(snapshot.holdings.len());
+        for holding in &snapshot.holdings {
+            invocation.arg(&holding.user_id).arg(holding.quantity).arg(&holding.in_flight_order_id);
+        }
+        let mut conn = self.pool.get().await?;
+        let rebuilt: i64 = invocation.invoke_async(&mut *conn).await?;
+        Ok(rebuilt == 1)
+    }
+
+    /// Units Redis still offers, or `None` when the item's state is missing.
+    pub async fn tokens(&self, item_id: &str) -> Result<Option<i64>, GatewayError> {
+        let k = self.keys(item_id);
+        let mut conn = self.pool.get().await?;
+        let (ready, tokens): (bool, Option<i64>) =
+            redis::pipe().exists(&k.ready).get(&k.tokens).query_async(&mut *conn).await?;
+        Ok(if ready { Some(tokens.unwrap_or(0)) } else { None })
+    }
+
+    pub async fn save_record(&self, record: &AdmissionRecord) -> Result<(), GatewayError> {
+        let json = serde_json::to_string(record).map_err(|e| GatewayError::Internal(Box::new(e)))?;
+        let _: () = self.hot.clone().set_ex(self.order_key(&record.order_id), json, ORDER_RECORD_TTL_SECONDS).await?;
+        Ok(())
+    }
+
+    pub async fn load_record(&self, order_id: &str) -> Result<Option<AdmissionRecord>, GatewayError> {
+        let json: Option<String> = self.hot.clone().get(self.order_key(order_id)).await?;
+        Ok(json.and_then(|json| serde_json::from_str(&json).ok()))
+    }
+}

@@ -1,0 +1,170 @@
+//! The gateway's in-memory view of the items on sale: the fast path that turns
+//! away unknown items, closed sales and sold-out items with no network I/O
+//! (ARCHITECTURE.md, step 1). Kept fresh from inventory every refresh interval;
+//! the sold-out flags are cleared by order events and checked against Redis.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use flashsale_proto::common::v1 as pb;
+use flashsale_proto::inventory::v1::{GetItemRequest, ListItemsRequest};
+use parking_lot::{Mutex, RwLock};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::GatewayError;
+use crate::upstream::{Upstreams, request};
+
+/// How long an id inventory does not know is answered ITEM_NOT_FOUND locally,
+/// so a crowd asking for a bogus id does not reach inventory.
+const MISSING_TTL: Duration = Duration::from_secs(1);
+/// Bound on remembered missing ids (each is client-chosen text).
+const MISSING_CAP: usize = 10_000;
+
+/// What the hot path needs to know about an item.
+#[derive(Debug)]
+pub struct CatalogItem {
+    pub id: String,
+    pub currency: String,
+    pub price_minor: i64,
+    pub per_user_limit: u32,
+    pub starts_at_ms: i64,
+    pub ends_at_ms: i64,
+    /// Set when Redis said SOLD_OUT; cleared when units may have come back.
+    pub sold_out: AtomicBool,
+}
+
+impl CatalogItem {
+    fn from_proto(item: &pb::Item) -> Option<Self> {
+        let price = item.price.as_ref()?;
+        Some(Self {
+            id: item.id.clone(),
+            currency: price.currency.clone(),
+            price_minor: price.amount_minor,
+            per_user_limit: item.per_user_limit,
+            starts_at_ms: millis(item.starts_at.as_ref()?),
+            ends_at_ms: millis(item.ends_at.as_ref()?),
+            sold_out: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_sold_out(&self) -> bool {
+        self.sold_out.load(Ordering::Relaxed)
+    }
+
+    pub fn set_sold_out(&self, sold_out: bool) {
+        self.sold_out.store(sold_out, Ordering::Relaxed);
+    }
+}
+
+fn millis(at: &prost_types::Timestamp) -> i64 {
+    at.seconds.saturating_mul(1000).saturating_add(i64::from(at.nanos / 1_000_000))
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+pub struct Catalog {
+    items: RwLock<HashMap<String, Arc<CatalogItem>>>,
+    missing: Mutex<HashMap<String, Instant>>,
+    upstreams: Upstreams,
+}
+
+impl Catalog {
+    pub fn new(upstreams: Upstreams) -> Self {
+        Self { items: RwLock::new(HashMap::new()), missing: Mutex::new(HashMap::new()), upstreams }
+    }
+
+    /// The cached item, without I/O.
+    pub fn get(&self, id: &str) -> Option<Arc<CatalogItem>> {
+        self.items.read().get(id).cloned()
+    }
+
+    /// The item, asking inventory once when the cache has not seen it yet.
+    pub async fn lookup(&self, id: &str) -> Result<Arc<CatalogItem>, GatewayError> {
+        if let Some(item) = self.get(id) {
+            return Ok(item);
+        }
+        if self.missing.lock().get(id).is_some_and(|at| at.elapsed() < MISSING_TTL) {
+            return Err(GatewayError::ItemNotFound);
+        }
+        match self.upstreams.inventory.clone().get_item(request(GetItemRequest { item_id: id.to_owned() })).await {
+            Ok(reply) => reply
+                .into_inner()
+                .item
+                .and_then(|item| self.upsert(&item))
+                .ok_or_else(|| GatewayError::Internal("inventory returned an item without price or times".into())),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                let mut missing = self.missing.lock();
+                if missing.len() >= MISSING_CAP {
+                    missing.clear();
+                }
+                missing.insert(id.to_owned(), Instant::now());
+                Err(GatewayError::ItemNotFound)
+            }
+            Err(status) => Err(GatewayError::from_upstream(status)),
+        }
+    }
+
+    /// Adds or refreshes an item, keeping its sold-out flag.
+    pub fn upsert(&self, item: &pb::Item) -> Option<Arc<CatalogItem>> {
+        let fresh = CatalogItem::from_proto(item)?;
+        let mut items = self.items.write();
+        if let Some(existing) = items.get(&item.id) {
+            fresh.set_sold_out(existing.is_sold_out());
+        }
+        let fresh = Arc::new(fresh);
+        items.insert(item.id.clone(), fresh.clone());
+        self.missing.lock().remove(&item.id);
+        Some(fresh)
+    }
+
+    pub fn sold_out_items(&self) -> Vec<Arc<CatalogItem>> {
+        self.items.read().values().filter(|item| item.is_sold_out()).cloned().collect()
+    }
+
+    /// Reloads every item from inventory.
+    pub async fn refresh(&self) -> Result<(), GatewayError> {
+        let mut token = String::new();
+        loop {
+            let page = self
+                .upstreams
+                .inventory
+                .clone()
+                .list_items(request(ListItemsRequest { page_size: 500, page_token: token }))
+                .await
+                .map_err(GatewayError::from_upstream)?
+                .into_inner();
+            for item in &page.items {
+                self.upsert(item);
+            }
+            if page.next_page_token.is_empty() {
+                return Ok(());
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    /// Refreshes every `interval` until `shutdown`; `on_tick` runs after each
+    /// refresh (the sold-out check against Redis).
+    pub async fn run_refresher<F, Fut>(self: Arc<Self>, interval: Duration, shutdown: CancellationToken, on_tick: F)
+    where
+        F: Fn(Arc<Self>) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            if let Err(e) = self.refresh().await {
+                tracing::debug!(error = %e, "catalog refresh failed");
+            }
+            on_tick(self.clone()).await;
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! The gateway's one error type and its mapping onto gRPC statuses (the
+//! error table of ARCHITECTURE.md). Clients get a reason and a fixed message;
+//! the cause of an internal or unavailable error is logged once, here.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("missing, malformed or expired credentials")]
+    Unauthenticated,
+    #[error("not allowed")]
+    Forbidden,
+    #[error("invalid {field}: {description}")]
+    InvalidArgument { field: &'static str, description: String },
+    #[error("item not found")]
+    ItemNotFound,
+    #[error("order not found")]
+    OrderNotFound,
+    #[error("sale not started")]
+    SaleNotStarted,
+    #[error("sale ended")]
+    SaleEnded,
+    #[error("sold out")]
+    SoldOut,
+    #[error("limit reached")]
+    LimitReached,
+    #[error("purchase in progress")]
+    PurchaseInProgress { order_id: String },
+    #[error("idempotency key reused for another request")]
+    IdempotencyKeyReused,
+    /// A business rejection from inventory or wallet, passed on as it came:
+    /// those services put only reason codes and fixed messages in statuses.
+    #[error("upstream rejection: {0}")]
+    Upstream(Status),
+    #[error("dependency unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl GatewayError {
+    pub fn invalid(field: &'static str, description: impl Into<String>) -> Self {
+        Self::InvalidArgument { field, description: description.into() }
+    }
+
+    /// Classifies a status returned by inventory or wallet.
+    pub fn from_upstream(status: Status) -> Self {
+        match status.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted => {
+                Self::Unavailable(Box::new(status))
+            }
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::FailedPrecondition
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::OutOfRange => Self::Upstream(status),
+            _ => Self::Internal(Box::new(status)),
+        }
+    }
+}
+
+impl From<redis::RedisError> for GatewayError {
+    fn from(error: redis::RedisError) -> Self {
+        Self::Unavailable(Box::new(error))
+    }
+}
+
+impl From<bb8::RunError<redis::RedisError>> for GatewayError {
+    fn from(error: bb8::RunError<redis::RedisError>) -> Self {
+        Self::Unavailable(Box::new(error))
+    }
+}
+
+fn failed_precondition(reason: &'static str, message: &str) -> Status {
+    flashsale_server::rejection(Code::FailedPrecondition, reason, message)
+}
+
+impl From<GatewayError> for Status {
+    fn from(error: GatewayError) -> Self {
+        use flashsale_server::rejection;
+        match error {
+            GatewayError::Unauthenticated => {
+                rejection(Code::Unauthenticated, "UNAUTHENTICATED", "a valid bearer token is required")
+            }
+            GatewayError::Forbidden => rejection(Code::PermissionDenied, "FORBIDDEN", "this call needs the admin role"),
+            GatewayError::InvalidArgument { field, description } => {
+                flashsale_server::invalid_argument(field, &description)
+            }
+            GatewayError::ItemNotFound => rejection(Code::NotFound, "ITEM_NOT_FOUND", "no such item"),
+            GatewayError::OrderNotFound => rejection(Code::NotFound, "ORDER_NOT_FOUND", "no such order"),
+            GatewayError::SaleNotStarted => failed_precondition("SALE_NOT_STARTED", "the sale has not started"),
+            GatewayError::SaleEnded => failed_precondition("SALE_ENDED", "the sale has ended"),
+            GatewayError::SoldOut => failed_precondition("SOLD_OUT", "sold out"),
+            GatewayError::LimitReached => {
+                failed_precondition("LIMIT_REACHED", "this buyer holds as many units as the sale allows")
+            }
+            GatewayError::PurchaseInProgress { order_id } => failed_precondition(
+                "PURCHASE_IN_PROGRESS",
+                &format!("order {order_id} for this item is still being settled"),
+            ),
+            GatewayError::IdempotencyKeyReused => rejection(
+                Code::AlreadyExists,
+                "IDEMPOTENCY_KEY_REUSED",
+                "this idempotency key was used for a different request",
+            ),
+            GatewayError::Upstream(status) => status,
+            GatewayError::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "request failed: dependency unavailable");
+                flashsale_server::unavailable()
+            }
+            GatewayError::Internal(cause) => {
+                tracing::error!(error = %cause, "request failed: internal error");
+                flashsale_server::internal()
+            }
+        }
+    }
+}

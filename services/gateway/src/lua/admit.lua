@@ -1,0 +1,39 @@
+-- Admits or refuses one purchase attempt, atomically (ARCHITECTURE.md, step 2).
+-- Every key is hash-tagged by item ({ITEM}) so the script runs on Redis Cluster.
+-- KEYS: 1 ready, 2 tokens, 3 held, 4 inflight, 5 idem, 6 admitted
+-- ARGV: 1 user, 2 quantity, 3 per-user limit, 4 idempotency key, 5 new order id
+-- Returns {outcome, detail}:
+--   NOT_READY                  the item's admission state is missing: rebuild it first
+--   DUPLICATE, "<order>|<qty>" this buyer used this key before
+--   IN_PROGRESS, order         the buyer has an unsettled order for this item
+--   LIMIT_REACHED | SOLD_OUT
+--   RESERVED, tokens left      tokens taken; the order is in flight
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {'NOT_READY', ''}
+end
+local user, order = ARGV[1], ARGV[5]
+local quantity, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+-- User ids never contain control characters, so a newline separates safely.
+local idem_field = user .. '\n' .. ARGV[4]
+local prior = redis.call('HGET', KEYS[5], idem_field)
+if prior then
+  return {'DUPLICATE', prior}
+end
+local current = redis.call('HGET', KEYS[4], user)
+if current then
+  return {'IN_PROGRESS', current}
+end
+local held = tonumber(redis.call('HGET', KEYS[3], user) or '0')
+if held + quantity > limit then
+  return {'LIMIT_REACHED', ''}
+end
+local tokens = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tokens < quantity then
+  return {'SOLD_OUT', ''}
+end
+redis.call('DECRBY', KEYS[2], quantity)
+redis.call('HINCRBY', KEYS[3], user, quantity)
+redis.call('HSET', KEYS[4], user, order)
+redis.call('HSET', KEYS[5], idem_field, order .. '|' .. ARGV[2])
+redis.call('HSET', KEYS[6], order, user .. '\n' .. ARGV[2])
+return {'RESERVED', tostring(tokens - quantity)}

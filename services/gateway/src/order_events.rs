@@ -1,0 +1,146 @@
+//! Consumes the order events inventory publishes (ARCHITECTURE.md, step 7):
+//! - from the shared, durable admission-events queue, the Redis side effects of
+//!   each final state (release units, clear in-flight marks), at least once and
+//!   idempotent per (order, status), by whichever gateway takes the message;
+//! - from a queue of this gateway's own, every event, to wake `WatchOrder`
+//!   streams and clear the local sold-out flag when units may have come back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flashsale_messaging::Topology;
+use flashsale_messaging::lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use flashsale_messaging::lapin::types::FieldTable;
+use flashsale_proto::common::v1::OrderStatus;
+use flashsale_proto::inventory::v1::OrderEvent;
+use futures::StreamExt;
+use prost::Message;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::Admission;
+use crate::catalog::Catalog;
+
+pub struct OrderEvents {
+    pub amqp_addr: String,
+    pub topology: Topology,
+    pub admission: Arc<Admission>,
+    pub catalog: Arc<Catalog>,
+    pub watchers: broadcast::Sender<Arc<OrderEvent>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConsumeError {
+    #[error("broker: {0}")]
+    Broker(#[from] flashsale_messaging::lapin::Error),
+    #[error("a consumer stream ended")]
+    StreamEnded,
+}
+
+impl OrderEvents {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.consume(&shutdown).await {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(error = %e, "order-event consumer stopped; reconnecting"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = shutdown.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn consume(&self, shutdown: &CancellationToken) -> Result<(), ConsumeError> {
+        let connection = flashsale_messaging::connect(&self.amqp_addr, "gateway-order-events").await?;
+        let channel = connection.create_channel().await?;
+        self.topology.declare(&channel).await?;
+        channel.basic_qos(100, BasicQosOptions::default()).await?;
+        let mut shared = channel
+            .basic_consume(
+                self.topology.admission_events_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        // This gateway's own queue: server-named, gone when the gateway is.
+        let own = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                own.name().clone(),
+                self.topology.events_exchange.as_str().into(),
+                format!("{}#", flashsale_messaging::ORDER_EVENT_ROUTING_PREFIX).as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut notifications = channel
+            .basic_consume(
+                own.name().clone(),
+                "".into(),
+                BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        loop {
+            tokio::select! {
+                delivery = shared.next() => match delivery {
+                    Some(Ok(delivery)) => self.apply(delivery).await,
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(ConsumeError::StreamEnded),
+                },
+                delivery = notifications.next() => match delivery {
+                    Some(Ok(delivery)) => self.notify(&delivery.data),
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(ConsumeError::StreamEnded),
+                },
+                () = shutdown.cancelled() => {
+                    let _ = connection.close(200, "shutdown".into()).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn apply(&self, delivery: flashsale_messaging::lapin::message::Delivery) {
+        let Ok(event) = OrderEvent::decode(delivery.data.as_slice()) else {
+            tracing::error!("undecodable OrderEvent dropped");
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+            return;
+        };
+        match self.admission.apply_event(&event).await {
+            Ok(_) => {
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "applying an order event to Redis failed; requeueing");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+            }
+        }
+    }
+
+    fn notify(&self, data: &[u8]) {
+        let Ok(event) = OrderEvent::decode(data) else { return };
+        if let Some(order) = &event.order {
+            let may_free_units =
+                matches!(OrderStatus::try_from(order.status), Ok(OrderStatus::Rejected | OrderStatus::Refunded));
+            if may_free_units && let Some(item) = self.catalog.get(&order.item_id) {
+                item.set_sold_out(false);
+            }
+        }
+        // No receivers is fine: nobody is watching.
+        let _ = self.watchers.send(Arc::new(event));
+    }
+}

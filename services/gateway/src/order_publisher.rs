@@ -1,0 +1,60 @@
+//! Publishes `OrderPlaced` to the orders quorum queue and waits for the broker's
+//! confirm (ARCHITECTURE.md, step 3). One confirm-mode channel is shared by all
+//! purchases, so their confirms pipeline; when the connection breaks the next
+//! purchase reconnects (and the one that saw it fail answers UNAVAILABLE).
+
+use std::time::Duration;
+
+use flashsale_messaging::lapin::types::FieldTable;
+use flashsale_messaging::{ConfirmedPublisher, PublishError, Topology};
+use flashsale_proto::inventory::v1::OrderPlaced;
+use prost::Message;
+use tokio::sync::Mutex;
+
+pub struct OrderPublisher {
+    amqp_addr: String,
+    topology: Topology,
+    timeout: Duration,
+    current: Mutex<Option<(flashsale_messaging::lapin::Connection, ConfirmedPublisher)>>,
+}
+
+impl OrderPublisher {
+    pub fn new(amqp_addr: String, topology: Topology, timeout: Duration) -> Self {
+        Self { amqp_addr, topology, timeout, current: Mutex::new(None) }
+    }
+
+    /// Connects and declares the topology now (startup), so a broken broker
+    /// address is reported before the first buyer arrives.
+    pub async fn warm_up(&self) -> Result<(), PublishError> {
+        self.publisher().await.map(|_| ())
+    }
+
+    async fn publisher(&self) -> Result<ConfirmedPublisher, PublishError> {
+        let mut current = self.current.lock().await;
+        if let Some((_, publisher)) = current.as_ref().filter(|(_, p)| p.is_usable()) {
+            return Ok(publisher.clone());
+        }
+        let connection = flashsale_messaging::connect(&self.amqp_addr, "gateway-order-publisher").await?;
+        let publisher = ConfirmedPublisher::new(&connection, self.timeout).await?;
+        self.topology.declare(publisher.channel()).await?;
+        *current = Some((connection, publisher.clone()));
+        Ok(publisher)
+    }
+
+    pub async fn publish(&self, order: &OrderPlaced) -> Result<(), PublishError> {
+        let publisher = self.publisher().await?;
+        let payload = order.encode_to_vec();
+        let result = publisher.publish("", &self.topology.orders_queue, &payload, FieldTable::default()).await;
+        if result.is_err() {
+            // Start over on a fresh channel next time; a half-broken one may never confirm.
+            self.current.lock().await.take();
+        }
+        result
+    }
+
+    pub async fn close(&self) {
+        if let Some((connection, _)) = self.current.lock().await.take() {
+            let _ = connection.close(200, "shutdown".into()).await;
+        }
+    }
+}

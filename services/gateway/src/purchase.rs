@@ -1,0 +1,264 @@
+//! The purchase hot path (ARCHITECTURE.md, steps 1–4): local checks with no
+//! I/O, one Redis script, then — for the few winners only — the admission
+//! record and the confirmed publish of `OrderPlaced`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use flashsale_proto::common::v1::{Money, OrderStatus};
+use flashsale_proto::gateway::v1::{PurchaseRequest, PurchaseResponse};
+use flashsale_proto::inventory::v1::{GetAdmissionSnapshotRequest, GetOrderRequest, OrderPlaced};
+use parking_lot::Mutex;
+
+use crate::admission::{Admission, AdmissionRecord, Admit};
+use crate::auth::Principal;
+use crate::catalog::{Catalog, CatalogItem, now_ms};
+use crate::error::GatewayError;
+use crate::order_publisher::OrderPublisher;
+use crate::upstream::{Upstreams, request};
+
+pub struct Purchases {
+    pub catalog: Arc<Catalog>,
+    pub admission: Arc<Admission>,
+    pub publisher: Arc<OrderPublisher>,
+    pub upstreams: Upstreams,
+    /// One rebuild at a time per item in this process: a crowd arriving at an
+    /// item with no admission state asks inventory for one snapshot, not thousands.
+    rebuilds: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A validated purchase.
+struct Attempt<'a> {
+    item: &'a CatalogItem,
+    quantity: u32,
+    idempotency_key: String,
+    order_id: String,
+}
+
+impl Purchases {
+    pub fn new(
+        catalog: Arc<Catalog>,
+        admission: Arc<Admission>,
+        publisher: Arc<OrderPublisher>,
+        upstreams: Upstreams,
+    ) -> Self {
+        Self { catalog, admission, publisher, upstreams, rebuilds: Mutex::new(HashMap::new()) }
+    }
+
+    pub async fn purchase(
+        &self,
+        buyer: &Principal,
+        request: PurchaseRequest,
+    ) -> Result<PurchaseResponse, GatewayError> {
+        let PurchaseRequest { item_id, quantity, idempotency_key } = request;
+        validate_item_id(&item_id)?;
+        if quantity == 0 {
+            return Err(GatewayError::invalid("quantity", "must be at least 1"));
+        }
+        if !idempotency_key.is_empty()
+            && (idempotency_key.len() > 128 || !idempotency_key.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(GatewayError::invalid("idempotency_key", "must be 1..=128 visible ASCII characters"));
+        }
+
+        // Step 1: in memory.
+        let item = self.catalog.lookup(&item_id).await?;
+        let now = now_ms();
+        if now < item.starts_at_ms {
+            return Err(GatewayError::SaleNotStarted);
+        }
+        if now >= item.ends_at_ms {
+            return Err(GatewayError::SaleEnded);
+        }
+        if quantity > item.per_user_limit {
+            return Err(GatewayError::invalid(
+                "quantity",
+                format!("must be at most the per-user limit of {}", item.per_user_limit),
+            ));
+        }
+        if item.is_sold_out() {
+            return Err(GatewayError::SoldOut);
+        }
+
+        let order_id = uuid::Uuid::now_v7().to_string();
+        let idempotency_key = if idempotency_key.is_empty() { order_id.clone() } else { idempotency_key };
+        let attempt = Attempt { item: &item, quantity, idempotency_key, order_id };
+
+        // Step 2: one Redis round trip (two when the state must be rebuilt first).
+        let mut decision = self.admit(buyer, &attempt).await?;
+        if decision == Admit::NotReady {
+            self.rebuild(&item.id).await?;
+            decision = self.admit(buyer, &attempt).await?;
+        }
+        match decision {
+            Admit::Reserved { tokens_left } => {
+                if tokens_left <= 0 {
+                    item.set_sold_out(true);
+                }
+                self.place(buyer, &attempt).await
+            }
+            Admit::Duplicate { order_id, quantity: earlier } => {
+                if earlier != quantity {
+                    return Err(GatewayError::IdempotencyKeyReused);
+                }
+                self.replay(buyer, &attempt, order_id).await
+            }
+            Admit::InProgress { order_id } => Err(GatewayError::PurchaseInProgress { order_id }),
+            Admit::LimitReached => Err(GatewayError::LimitReached),
+            Admit::SoldOut => {
+                item.set_sold_out(true);
+                Err(GatewayError::SoldOut)
+            }
+            Admit::NotReady => Err(GatewayError::Unavailable("admission state missing after a rebuild".into())),
+        }
+    }
+
+    async fn admit(&self, buyer: &Principal, attempt: &Attempt<'_>) -> Result<Admit, GatewayError> {
+        self.admission
+            .admit(
+                &attempt.item.id,
+                &buyer.user_id,
+                attempt.quantity,
+                attempt.item.per_user_limit,
+                &attempt.idempotency_key,
+                &attempt.order_id,
+            )
+            .await
+    }
+
+    /// Steps 3–4 for a fresh reservation.
+    async fn place(&self, buyer: &Principal, attempt: &Attempt<'_>) -> Result<PurchaseResponse, GatewayError> {
+        let record = self.record(buyer, attempt, &attempt.order_id)?;
+        let published = async {
+            self.admission.save_record(&record).await?;
+            self.publish(&record).await
+        }
+        .await;
+        if let Err(error) = published {
+            // No confirm: the order may not exist anywhere, so give the units
+            // back and let the buyer retry under the same key.
+            if let Err(undo) = self
+                .admission
+                .unadmit(&attempt.item.id, &attempt.order_id, &buyer.user_id, &attempt.idempotency_key)
+                .await
+            {
+                tracing::error!(error = %undo, order.id = %attempt.order_id, "could not release a reservation");
+            }
+            return Err(error);
+        }
+        tracing::debug!(order.id = %attempt.order_id, item.id = %attempt.item.id, user.id = %buyer.user_id, "order accepted");
+        Ok(PurchaseResponse { order_id: attempt.order_id.clone(), status: OrderStatus::Pending.into() })
+    }
+
+    /// The buyer retried a key: answer with the earlier order. If inventory has
+    /// never seen it, the earlier attempt may have died between Redis and the
+    /// broker, so publish it again (inventory ignores a second copy).
+    async fn replay(
+        &self,
+        buyer: &Principal,
+        attempt: &Attempt<'_>,
+        order_id: String,
+    ) -> Result<PurchaseResponse, GatewayError> {
+        let known =
+            self.upstreams.inventory.clone().get_order(request(GetOrderRequest { order_id: order_id.clone() })).await;
+        let status = match known {
+            Ok(reply) => reply.into_inner().order.map_or(OrderStatus::Pending, |order| public_status(order.status)),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                let record = match self.admission.load_record(&order_id).await? {
+                    Some(record) => record,
+                    None => self.record(buyer, attempt, &order_id)?,
+                };
+                self.publish(&record).await?;
+                OrderStatus::Pending
+            }
+            Err(status) => return Err(GatewayError::from_upstream(status)),
+        };
+        Ok(PurchaseResponse { order_id, status: status.into() })
+    }
+
+    fn record(
+        &self,
+        buyer: &Principal,
+        attempt: &Attempt<'_>,
+        order_id: &str,
+    ) -> Result<AdmissionRecord, GatewayError> {
+        let amount_minor = attempt
+            .item
+            .price_minor
+            .checked_mul(i64::from(attempt.quantity))
+            .ok_or_else(|| GatewayError::invalid("quantity", "price × quantity overflows"))?;
+        Ok(AdmissionRecord {
+            order_id: order_id.to_owned(),
+            user_id: buyer.user_id.clone(),
+            item_id: attempt.item.id.clone(),
+            quantity: attempt.quantity,
+            currency: attempt.item.currency.clone(),
+            amount_minor,
+            idempotency_key: attempt.idempotency_key.clone(),
+            created_at_ms: now_ms(),
+        })
+    }
+
+    async fn publish(&self, record: &AdmissionRecord) -> Result<(), GatewayError> {
+        let placed = OrderPlaced {
+            order_id: record.order_id.clone(),
+            user_id: record.user_id.clone(),
+            item_id: record.item_id.clone(),
+            quantity: record.quantity,
+            amount: Some(Money { currency: record.currency.clone(), amount_minor: record.amount_minor }),
+            idempotency_key: record.idempotency_key.clone(),
+            placed_at: Some(prost_types::Timestamp {
+                seconds: record.created_at_ms.div_euclid(1000),
+                nanos: i32::try_from(record.created_at_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+            }),
+        };
+        self.publisher.publish(&placed).await.map_err(|e| GatewayError::Unavailable(Box::new(e)))
+    }
+
+    /// Rebuilds an item's Redis state from inventory's snapshot.
+    pub async fn rebuild(&self, item_id: &str) -> Result<(), GatewayError> {
+        let lock = self.rebuilds.lock().entry(item_id.to_owned()).or_default().clone();
+        let _guard = lock.lock().await;
+        // Another request may have rebuilt it while we waited.
+        if self.admission.tokens(item_id).await?.is_some() {
+            return Ok(());
+        }
+        let snapshot = self
+            .upstreams
+            .inventory
+            .clone()
+            .get_admission_snapshot(request(GetAdmissionSnapshotRequest { item_id: item_id.to_owned() }))
+            .await
+            .map_err(GatewayError::from_upstream)?
+            .into_inner();
+        if self.admission.rebuild(&snapshot).await? {
+            tracing::info!(
+                item.id = %item_id,
+                stock = snapshot.stock_remaining,
+                buyers = snapshot.holdings.len(),
+                item.version = snapshot.item_version,
+                "rebuilt admission state from inventory"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Buyers see PENDING until an order is final; PAYMENT_PENDING is internal.
+pub fn public_status(status: i32) -> OrderStatus {
+    match OrderStatus::try_from(status) {
+        Ok(OrderStatus::PaymentPending) => OrderStatus::Pending,
+        Ok(other) => other,
+        Err(_) => OrderStatus::Unspecified,
+    }
+}
+
+pub fn validate_item_id(item_id: &str) -> Result<(), GatewayError> {
+    if item_id.is_empty()
+        || item_id.len() > 64
+        || !item_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(GatewayError::invalid("item_id", "must be 1..=64 characters of [A-Za-z0-9_-]"));
+    }
+    Ok(())
+}

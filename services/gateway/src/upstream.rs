@@ -1,0 +1,42 @@
+//! Clients of the internal services. Channels connect lazily, so the gateway
+//! starts (and answers from its cache) while a neighbour is still coming up.
+
+use std::time::Duration;
+
+use flashsale_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use flashsale_proto::wallet::v1::wallet_service_client::WalletServiceClient;
+use tonic::Request;
+use tonic::transport::{Channel, Endpoint};
+
+/// Deadline of one call to inventory or wallet.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Clone)]
+pub struct Upstreams {
+    pub inventory: InventoryServiceClient<Channel>,
+    pub wallet: WalletServiceClient<Channel>,
+}
+
+impl Upstreams {
+    pub fn new(inventory_url: &str, wallet_url: &str) -> Result<Self, tonic::transport::Error> {
+        Ok(Self {
+            inventory: InventoryServiceClient::new(channel(inventory_url)?),
+            wallet: WalletServiceClient::new(channel(wallet_url)?),
+        })
+    }
+}
+
+fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .connect_lazy())
+}
+
+/// A request carrying `grpc-timeout`, so the callee stops when we stop waiting.
+pub fn request<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(CALL_TIMEOUT);
+    request
+}

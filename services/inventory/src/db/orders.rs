@@ -1,0 +1,332 @@
+//! Orders: recording what the gateway admitted, settling payments, refunds.
+//!
+//! PostgreSQL judges every order, whatever Redis decided:
+//! - stock: `UPDATE items … WHERE stock_remaining >= q` (and a CHECK >= 0);
+//! - the per-user limit: a guarded upsert of `holdings` (and a CHECK <= limit);
+//! - one order per id (primary key: redelivery is a no-op) and one live order per
+//!   (buyer, item, idempotency key) (partial unique index).
+//!
+//! Lock order is always `holdings` row, then `items` row, in every transaction
+//! that touches both, so concurrent orders cannot deadlock.
+
+use chrono::{Duration, Utc};
+use diesel::prelude::*;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::models::{NewOrder, Order};
+use super::outbox;
+use super::schema::{holdings, items, orders};
+use crate::domain::{OrderStatus, Page, RejectReason};
+use crate::error::InventoryError;
+
+/// How long the consumer's own first debit attempt has before the sweeper may
+/// retry the order (the wallet makes a concurrent retry harmless anyway).
+const FIRST_ATTEMPT_GRACE: Duration = Duration::seconds(10);
+
+/// A validated `OrderPlaced`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub id: Uuid,
+    pub user_id: String,
+    pub item_id: String,
+    pub quantity: i32,
+    pub currency: String,
+    pub amount_minor: i64,
+    pub idempotency_key: String,
+}
+
+/// What recording an `OrderPlaced` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// Stock and the buyer's count are now held; the order awaits payment.
+    Held(Order),
+    /// PostgreSQL refused it; the order is final and its event is in the outbox.
+    Rejected(Order),
+    /// The order was recorded before (a redelivery); nothing changed.
+    Existing(Order),
+    /// The item does not exist, so no order can reference it.
+    UnknownItem,
+}
+
+pub async fn find(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<Order>, InventoryError> {
+    Ok(orders::table.find(id).select(Order::as_select()).first(conn).await.optional()?)
+}
+
+/// Records an admitted order, exactly once per order id.
+pub async fn record_placed(conn: &mut AsyncPgConnection, placed: &Placed) -> Result<Recorded, InventoryError> {
+    // Two attempts: a unique violation means a concurrent delivery of the same
+    // order (or of the same idempotency key) committed first; the second attempt
+    // sees it and answers accordingly.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        if let Some(existing) = find(conn, placed.id).await? {
+            return Ok(Recorded::Existing(existing));
+        }
+        match conn.transaction::<_, DieselError, _>(async |conn| record_in_tx(conn, placed).await).await {
+            Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) if attempt < 2 => continue,
+            other => return Ok(other?),
+        }
+    }
+}
+
+async fn record_in_tx(conn: &mut AsyncPgConnection, placed: &Placed) -> QueryResult<Recorded> {
+    let Some((price_currency, price_minor, per_user_limit, mut version)) = items::table
+        .find(&placed.item_id)
+        .select((items::price_currency, items::price_minor, items::per_user_limit, items::version))
+        .first::<(String, i64, i32, i64)>(conn)
+        .await
+        .optional()?
+    else {
+        return Ok(Recorded::UnknownItem);
+    };
+    let quantity = placed.quantity;
+
+    let mut reason = None;
+    let expected_amount = price_minor.checked_mul(i64::from(quantity));
+    if placed.currency != price_currency || expected_amount != Some(placed.amount_minor) {
+        reason = Some(RejectReason::InvalidOrder);
+    } else if quantity > per_user_limit {
+        reason = Some(RejectReason::LimitReached);
+    } else if live_order_with_key(conn, placed).await? {
+        reason = Some(RejectReason::DuplicateKey);
+    } else if !hold_for_buyer(conn, placed, per_user_limit).await? {
+        reason = Some(RejectReason::LimitReached);
+    } else {
+        match take_stock(conn, &placed.item_id, quantity).await? {
+            Some(new_version) => version = new_version,
+            None => {
+                release_for_buyer(conn, &placed.item_id, &placed.user_id, quantity).await?;
+                reason = Some(RejectReason::SoldOut);
+            }
+        }
+    }
+
+    let (status, reject_reason) = match reason {
+        None => (OrderStatus::PaymentPending, ""),
+        Some(reason) => (OrderStatus::Rejected, reason.code()),
+    };
+    let order = diesel::insert_into(orders::table)
+        .values(NewOrder {
+            id: placed.id,
+            user_id: &placed.user_id,
+            item_id: &placed.item_id,
+            quantity,
+            amount_currency: &placed.currency,
+            amount_minor: placed.amount_minor,
+            status: status.as_db(),
+            reject_reason,
+            idempotency_key: &placed.idempotency_key,
+            next_attempt_at: Utc::now() + FIRST_ATTEMPT_GRACE,
+        })
+        .returning(Order::as_returning())
+        .get_result(conn)
+        .await?;
+    if reason.is_some() {
+        outbox::enqueue(conn, &order, 0, version).await?;
+        Ok(Recorded::Rejected(order))
+    } else {
+        Ok(Recorded::Held(order))
+    }
+}
+
+async fn live_order_with_key(conn: &mut AsyncPgConnection, placed: &Placed) -> QueryResult<bool> {
+    diesel::select(diesel::dsl::exists(
+        orders::table
+            .filter(orders::user_id.eq(&placed.user_id))
+            .filter(orders::item_id.eq(&placed.item_id))
+            .filter(orders::idempotency_key.eq(&placed.idempotency_key))
+            .filter(orders::status.ne(OrderStatus::Rejected.as_db())),
+    ))
+    .get_result(conn)
+    .await
+}
+
+/// Adds `quantity` to the buyer's holding unless that would pass the limit.
+/// (Raw SQL: diesel has no `ON CONFLICT … DO UPDATE … WHERE`.)
+async fn hold_for_buyer(conn: &mut AsyncPgConnection, placed: &Placed, limit: i32) -> QueryResult<bool> {
+    use diesel::sql_types::{Integer, Text};
+
+    #[derive(QueryableByName)]
+    struct Held {
+        #[diesel(sql_type = Integer)]
+        #[expect(dead_code, reason = "only whether a row came back matters")]
+        quantity: i32,
+    }
+    let held = diesel::sql_query(
+        "INSERT INTO holdings (item_id, user_id, quantity, max_quantity) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (item_id, user_id) DO UPDATE SET quantity = holdings.quantity + EXCLUDED.quantity
+          WHERE holdings.quantity + EXCLUDED.quantity <= holdings.max_quantity
+         RETURNING quantity",
+    )
+    .bind::<Text, _>(&placed.item_id)
+    .bind::<Text, _>(&placed.user_id)
+    .bind::<Integer, _>(placed.quantity)
+    .bind::<Integer, _>(limit)
+    .get_result::<Held>(conn)
+    .await
+    .optional()?;
+    Ok(held.is_some())
+}
+
+async fn release_for_buyer(
+    conn: &mut AsyncPgConnection,
+    item_id: &str,
+    user_id: &str,
+    quantity: i32,
+) -> QueryResult<()> {
+    diesel::update(holdings::table.find((item_id, user_id)))
+        .set(holdings::quantity.eq(holdings::quantity - quantity))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Takes `quantity` units if that many remain; returns the item's new version.
+async fn take_stock(conn: &mut AsyncPgConnection, item_id: &str, quantity: i32) -> QueryResult<Option<i64>> {
+    diesel::update(items::table.find(item_id))
+        .filter(items::stock_remaining.ge(quantity))
+        .set((items::stock_remaining.eq(items::stock_remaining - quantity), items::version.eq(items::version + 1)))
+        .returning(items::version)
+        .get_result(conn)
+        .await
+        .optional()
+}
+
+/// Puts `quantity` units back on sale; returns the item's new version.
+async fn return_stock(conn: &mut AsyncPgConnection, item_id: &str, quantity: i32) -> QueryResult<i64> {
+    diesel::update(items::table.find(item_id))
+        .set((items::stock_remaining.eq(items::stock_remaining + quantity), items::version.eq(items::version + 1)))
+        .returning(items::version)
+        .get_result(conn)
+        .await
+}
+
+async fn current_version(conn: &mut AsyncPgConnection, item_id: &str) -> QueryResult<i64> {
+    items::table.find(item_id).select(items::version).first(conn).await
+}
+
+/// The wallet's final answer to an order's debit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payment {
+    Paid,
+    InsufficientFunds,
+}
+
+/// Moves a PAYMENT_PENDING order to its final state. Returns the order if this
+/// call settled it, `None` if it was settled already (a concurrent retry).
+pub async fn settle(conn: &mut AsyncPgConnection, id: Uuid, payment: Payment) -> Result<Option<Order>, InventoryError> {
+    Ok(conn
+        .transaction::<_, DieselError, _>(async |conn| {
+            let (status, reason) = match payment {
+                Payment::Paid => (OrderStatus::Confirmed, ""),
+                Payment::InsufficientFunds => (OrderStatus::Rejected, RejectReason::InsufficientFunds.code()),
+            };
+            let Some(order) = diesel::update(orders::table.find(id))
+                .filter(orders::status.eq(OrderStatus::PaymentPending.as_db()))
+                .set((
+                    orders::status.eq(status.as_db()),
+                    orders::reject_reason.eq(reason),
+                    orders::updated_at.eq(diesel::dsl::now),
+                ))
+                .returning(Order::as_returning())
+                .get_result(conn)
+                .await
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            match payment {
+                Payment::Paid => {
+                    let version = current_version(conn, &order.item_id).await?;
+                    outbox::enqueue(conn, &order, 0, version).await?;
+                }
+                Payment::InsufficientFunds => {
+                    // The unit goes back on sale and the buyer may try again.
+                    release_for_buyer(conn, &order.item_id, &order.user_id, order.quantity).await?;
+                    let version = return_stock(conn, &order.item_id, order.quantity).await?;
+                    outbox::enqueue(conn, &order, order.quantity, version).await?;
+                }
+            }
+            Ok(Some(order))
+        })
+        .await?)
+}
+
+/// Marks a CONFIRMED order REFUNDED and returns its units to sale (call after
+/// the wallet credit succeeded). A second call finds it REFUNDED and changes nothing.
+pub async fn mark_refunded(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Order, InventoryError> {
+    conn.transaction::<_, InventoryError, _>(async |conn| {
+        let refunded = diesel::update(orders::table.find(id))
+            .filter(orders::status.eq(OrderStatus::Confirmed.as_db()))
+            .set((orders::status.eq(OrderStatus::Refunded.as_db()), orders::updated_at.eq(diesel::dsl::now)))
+            .returning(Order::as_returning())
+            .get_result(conn)
+            .await
+            .optional()?;
+        match refunded {
+            Some(order) => {
+                release_for_buyer(conn, &order.item_id, &order.user_id, order.quantity).await?;
+                let version = return_stock(conn, &order.item_id, order.quantity).await?;
+                outbox::enqueue(conn, &order, order.quantity, version).await?;
+                Ok(order)
+            }
+            None => match find(conn, id).await? {
+                Some(order) if order.status == OrderStatus::Refunded.as_db() => Ok(order),
+                Some(_) => Err(InventoryError::NotRefundable),
+                None => Err(InventoryError::OrderNotFound),
+            },
+        }
+    })
+    .await
+}
+
+/// Claims up to `limit` PAYMENT_PENDING orders whose retry time has come and
+/// pushes their next retry back (exponential, at most 30 s), so concurrent
+/// sweepers take disjoint orders.
+pub async fn claim_due_payments(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<Order>, InventoryError> {
+    Ok(diesel::sql_query(
+        "UPDATE orders SET payment_attempts = payment_attempts + 1,
+                next_attempt_at = now() + make_interval(secs => LEAST(30, power(2, LEAST(payment_attempts, 5))))
+          WHERE id IN (SELECT id FROM orders
+                        WHERE status = 'PAYMENT_PENDING' AND next_attempt_at <= now()
+                        ORDER BY next_attempt_at LIMIT $1
+                        FOR UPDATE SKIP LOCKED)
+          RETURNING *",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(limit)
+    .load(conn)
+    .await?)
+}
+
+/// One page of orders, newest first (UUIDv7 ids sort by time), optionally one
+/// buyer's and/or one item's.
+pub async fn list(
+    conn: &mut AsyncPgConnection,
+    user_id: Option<&str>,
+    item_id: Option<&str>,
+    page: &Page,
+) -> Result<(Vec<Order>, Option<String>), InventoryError> {
+    let mut query = orders::table.select(Order::as_select()).order(orders::id.desc()).limit(page.size + 1).into_boxed();
+    if let Some(user_id) = user_id {
+        query = query.filter(orders::user_id.eq(user_id.to_owned()));
+    }
+    if let Some(item_id) = item_id {
+        query = query.filter(orders::item_id.eq(item_id.to_owned()));
+    }
+    if let Some(after) = &page.after {
+        let after = Uuid::parse_str(after)
+            .map_err(|_| InventoryError::invalid("page_token", "is not a token this service issued"))?;
+        query = query.filter(orders::id.lt(after));
+    }
+    let mut rows = query.load(conn).await?;
+    let next = if rows.len() as i64 > page.size {
+        rows.truncate(page.size as usize);
+        rows.last().map(|order| order.id.to_string())
+    } else {
+        None
+    };
+    Ok((rows, next))
+}

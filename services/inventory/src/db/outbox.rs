@@ -1,0 +1,51 @@
+//! The transactional outbox: order events are written in the transaction that
+//! changes the order and published afterwards by the relay, so an event is
+//! never lost when the process dies between the database and the broker.
+
+use diesel::prelude::*;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use flashsale_proto::inventory::v1::OrderEvent;
+use prost::Message;
+
+use super::models::{NewOutboxRow, Order, OutboxRow};
+use super::schema::outbox;
+use crate::convert::{order_to_proto, timestamp};
+use crate::domain::OrderStatus;
+
+/// Records the event for `order`'s current state. `units_released` units went
+/// back on sale with it; `item_version` is the item's version after the change.
+pub async fn enqueue(
+    conn: &mut AsyncPgConnection,
+    order: &Order,
+    units_released: i32,
+    item_version: i64,
+) -> QueryResult<()> {
+    let routing_key = OrderStatus::from_db(&order.status).map_or("order.unknown", OrderStatus::routing_key);
+    let event = OrderEvent {
+        order: Some(order_to_proto(order.clone())),
+        units_released: u32::try_from(units_released).unwrap_or(0),
+        occurred_at: Some(timestamp(chrono::Utc::now())),
+        item_version: u64::try_from(item_version).unwrap_or(0),
+    };
+    let payload = event.encode_to_vec();
+    diesel::insert_into(outbox::table).values(NewOutboxRow { routing_key, payload: &payload }).execute(conn).await?;
+    Ok(())
+}
+
+/// The oldest unpublished events, locked so that concurrent relays (several
+/// inventory replicas) take disjoint batches. Call inside a transaction.
+pub async fn claim(conn: &mut AsyncPgConnection, limit: i64) -> QueryResult<Vec<OutboxRow>> {
+    outbox::table
+        .select(OutboxRow::as_select())
+        .order(outbox::id.asc())
+        .limit(limit)
+        .for_update()
+        .skip_locked()
+        .load(conn)
+        .await
+}
+
+/// Forgets events the broker has confirmed.
+pub async fn delete(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<usize> {
+    diesel::delete(outbox::table.filter(outbox::id.eq_any(ids))).execute(conn).await
+}

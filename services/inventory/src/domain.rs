@@ -1,0 +1,164 @@
+//! The inventory's validated vocabulary: item specifications, order states and
+//! the reasons an order can be rejected after admission.
+
+use chrono::{DateTime, Utc};
+
+use crate::error::InventoryError;
+
+/// Where an order stands, as stored in `orders.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderStatus {
+    /// Stock and the buyer's count are held; the wallet debit is not settled.
+    PaymentPending,
+    Confirmed,
+    Rejected,
+    Refunded,
+}
+
+impl OrderStatus {
+    pub fn as_db(self) -> &'static str {
+        match self {
+            Self::PaymentPending => "PAYMENT_PENDING",
+            Self::Confirmed => "CONFIRMED",
+            Self::Rejected => "REJECTED",
+            Self::Refunded => "REFUNDED",
+        }
+    }
+
+    pub fn from_db(value: &str) -> Option<Self> {
+        Some(match value {
+            "PAYMENT_PENDING" => Self::PaymentPending,
+            "CONFIRMED" => Self::Confirmed,
+            "REJECTED" => Self::Rejected,
+            "REFUNDED" => Self::Refunded,
+            _ => return None,
+        })
+    }
+
+    /// The routing key its event is published with.
+    pub fn routing_key(self) -> &'static str {
+        match self {
+            Self::PaymentPending => "order.payment_pending",
+            Self::Confirmed => "order.confirmed",
+            Self::Rejected => "order.rejected",
+            Self::Refunded => "order.refunded",
+        }
+    }
+}
+
+/// Why PostgreSQL or the wallet refused an order Redis had admitted.
+/// The strings are reason codes of the public error table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    SoldOut,
+    LimitReached,
+    InsufficientFunds,
+    /// Another live order already carries this buyer's idempotency key for the item
+    /// (possible only after Redis lost its admission state).
+    DuplicateKey,
+    /// The gateway's quote does not match the item (price changed, bad message).
+    InvalidOrder,
+}
+
+impl RejectReason {
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::SoldOut => "SOLD_OUT",
+            Self::LimitReached => "LIMIT_REACHED",
+            Self::InsufficientFunds => "INSUFFICIENT_FUNDS",
+            Self::DuplicateKey => "IDEMPOTENCY_KEY_REUSED",
+            Self::InvalidOrder => "INVALID_ARGUMENT",
+        }
+    }
+}
+
+/// Largest stock of one item (fits PostgreSQL INTEGER with room to spare).
+pub const MAX_STOCK: u32 = 1_000_000_000;
+/// Largest unit price, in minor units.
+pub const MAX_PRICE_MINOR: i64 = 1_000_000_000_000;
+
+/// A validated CreateItem request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemSpec {
+    pub id: String,
+    pub name: String,
+    pub currency: &'static str,
+    pub price_minor: i64,
+    pub stock: i32,
+    pub per_user_limit: i32,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+}
+
+/// Item ids are path- and key-safe: 1..=64 of `[A-Za-z0-9_-]`.
+pub fn parse_item_id(raw: &str) -> Result<&str, InventoryError> {
+    if raw.is_empty() || raw.len() > 64 || !raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return Err(InventoryError::invalid("item_id", "must be 1..=64 characters of [A-Za-z0-9_-]"));
+    }
+    Ok(raw)
+}
+
+pub fn parse_order_id(raw: &str) -> Result<uuid::Uuid, InventoryError> {
+    uuid::Uuid::parse_str(raw).map_err(|_| InventoryError::invalid("order_id", "must be a UUID"))
+}
+
+pub fn parse_currency(raw: &str) -> Result<&'static str, InventoryError> {
+    iso_currency::Currency::from_code(raw)
+        .map(|c| c.code())
+        .ok_or_else(|| InventoryError::invalid("price.currency", "must be an ISO 4217 code such as \"USD\""))
+}
+
+pub fn parse_user_id(raw: &str) -> Result<&str, InventoryError> {
+    if raw.trim().is_empty() || raw.chars().count() > 128 || raw.chars().any(char::is_control) {
+        return Err(InventoryError::invalid("user_id", "must be 1..=128 characters without control characters"));
+    }
+    Ok(raw)
+}
+
+/// Which page of a listing to read: rows after `after` in the listing's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub size: i64,
+    pub after: Option<String>,
+}
+
+impl Page {
+    pub fn parse(size: u32, token: &str, default_size: u32) -> Result<Self, InventoryError> {
+        let size = match size {
+            0 => default_size,
+            1..=500 => size,
+            _ => return Err(InventoryError::invalid("page_size", "must be at most 500")),
+        };
+        let after = if token.is_empty() {
+            None
+        } else if token.len() <= 64 && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            Some(token.to_owned())
+        } else {
+            return Err(InventoryError::invalid("page_token", "is not a token this service issued"));
+        };
+        Ok(Self { size: i64::from(size), after })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trips_through_the_database_form() {
+        for status in
+            [OrderStatus::PaymentPending, OrderStatus::Confirmed, OrderStatus::Rejected, OrderStatus::Refunded]
+        {
+            assert_eq!(OrderStatus::from_db(status.as_db()), Some(status));
+        }
+        assert_eq!(OrderStatus::from_db("PENDING"), None);
+    }
+
+    #[test]
+    fn item_ids_are_key_safe() {
+        assert!(parse_item_id("drop-2026_01").is_ok());
+        for bad in ["", "a b", "x:y", "{x}", &"i".repeat(65)] {
+            assert!(parse_item_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! The `flashsale.inventory.v1.InventoryService` handlers: decode, call the
+//! database layer, encode.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use flashsale_db::PgPool;
+use flashsale_proto::inventory::v1::inventory_service_server::InventoryService;
+use flashsale_proto::inventory::v1::{
+    BuyerHolding, CreateItemRequest, CreateItemResponse, GetAdmissionSnapshotRequest, GetAdmissionSnapshotResponse,
+    GetItemRequest, GetItemResponse, GetItemStatsRequest, GetItemStatsResponse, GetOrderRequest, GetOrderResponse,
+    ListItemsRequest, ListItemsResponse, ListOrdersRequest, ListOrdersResponse, RefundOrderRequest,
+    RefundOrderResponse,
+};
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{item_to_proto, order_to_proto, timestamp};
+use crate::db::models::Order;
+use crate::db::{items, orders};
+use crate::domain::{ItemSpec, OrderStatus, Page, parse_item_id, parse_order_id, parse_user_id};
+use crate::error::InventoryError;
+use crate::wallet_client::{WalletCallError, WalletClient};
+
+#[derive(Clone)]
+pub struct InventoryGrpc {
+    pool: PgPool,
+    wallet: WalletClient,
+    outbox_ready: Arc<Notify>,
+}
+
+impl InventoryGrpc {
+    pub fn new(pool: PgPool, wallet: WalletClient, outbox_ready: Arc<Notify>) -> Self {
+        Self { pool, wallet, outbox_ready }
+    }
+
+    async fn refund(&self, order_id: uuid::Uuid, user_id: Option<String>) -> Result<Order, InventoryError> {
+        let order = {
+            let mut conn = self.pool.get().await?;
+            orders::find(&mut conn, order_id).await?.ok_or(InventoryError::OrderNotFound)?
+        };
+        // Someone else's order does not exist, as far as this buyer can tell.
+        if user_id.is_some_and(|user| user != order.user_id) {
+            return Err(InventoryError::OrderNotFound);
+        }
+        match OrderStatus::from_db(&order.status) {
+            Some(OrderStatus::Refunded) => return Ok(order),
+            Some(OrderStatus::Confirmed) => {}
+            _ => return Err(InventoryError::NotRefundable),
+        }
+        // Money first, under a key that makes it happen once; then the order.
+        // A crash in between leaves a CONFIRMED order whose retry credits nothing new.
+        self.wallet.refund(&order).await.map_err(|e| match e {
+            WalletCallError::Transient(status) => InventoryError::Unavailable(Box::new(status)),
+            WalletCallError::Refused(status) => InventoryError::Internal(Box::new(status)),
+        })?;
+        let mut conn = self.pool.get().await?;
+        let refunded = orders::mark_refunded(&mut conn, order_id).await?;
+        self.outbox_ready.notify_one();
+        Ok(refunded)
+    }
+}
+
+#[tonic::async_trait]
+impl InventoryService for InventoryGrpc {
+    async fn create_item(&self, request: Request<CreateItemRequest>) -> Result<Response<CreateItemResponse>, Status> {
+        let spec = ItemSpec::try_from(request.into_inner())?;
+        let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
+        let item = items::create(&mut conn, &spec).await?;
+        tracing::info!(item.id = %item.id, stock = item.stock_total, "item created");
+        Ok(Response::new(CreateItemResponse { item: Some(item_to_proto(item, Utc::now())) }))
+    }
+
+    async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
+        let GetItemRequest { item_id } = request.into_inner();
+        let id = parse_item_id(&item_id)?;
+        let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
+        let item = items::get(&mut conn, id).await?;
+        Ok(Response::new(GetItemResponse { item: Some(item_to_proto(item, Utc::now())) }))
+    }
+
+    async fn list_items(&self, request: Request<ListItemsRequest>) -> Result<Response<ListItemsResponse>, Status> {
+        let ListItemsRequest { page_size, page_token } = request.into_inner();
+        let page = Page::parse(page_size, &page_token, 100)?;
+        let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
+        let (rows, next) = items::list(&mut conn, &page).await?;
+        let now = Utc::now();
+        Ok(Response::new(ListItemsResponse {
+            items: rows.into_iter().map(|item| item_to_proto(item, now)).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<GetOrderResponse>, Status> {
+        let GetOrderRequest { order_id } = request.into_inner();
+        let id = parse_order_id(&order_id)?;
+        let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
+        let order = orders::find(&mut conn, id).await?.ok_or(InventoryError::OrderNotFound)?;
+        Ok(Response::new(GetOrderResponse { order: Some(order_to_proto(order)) }))
+    }
+
+    async fn list_orders(&self, request: Request<ListOrdersRequest>) -> Result<Response<ListOrdersResponse>, Status> {
+        let ListOrdersRequest { user_id, item_id, page_size, page_token } = request.into_inner();
+        let user = if user_id.is_empty() { None } else { Some(parse_user_id(&user_id)?) };
+        let item = if item_id.is_empty() { None } else { Some(parse_item_id(&item_id)?) };
+        let page = Page::parse(page_size, &page_token, 50)?;
+        let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
+        let (rows, next) = orders::list(&mut conn, user, item, &page).await?;
+        Ok(Response::new(ListOrdersResponse {
+            orders: rows.into_iter().map(order_to_proto).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn refund_order(
+        &self,
+        request: Request<RefundOrderRequest>,
+    ) -> Result<Response<RefundOrderResponse>, Status> {
+        let RefundOrderRequest { order_id, user_id } = request.into_inner();
+        let id = parse_order_id(&order_id)?;
+        let user = if user_id.is_empty() { None } else { Some(parse_user_id(&user_id)?.to_owned()) };
+        // In a task of its own: a caller that gives up must not cut the refund in half.
+        let this = self.clone();
+        let order = tokio::spawn(async move { this.refund(id, user).await })
+            .await
+            .map_err(|e| InventoryError::Internal(Box::new(e)))??;
+        Ok(Response::new(RefundOrderResponse { order: Some(order_to_proto(order)) }))
+    }
+
+    async fn get_item_stats(
+        &self,
+        request: Request<GetItemStatsRequest>,
+    ) -> Result<Response<GetItemStatsResponse>, Status> {
+        let GetItemStatsRequest { item_id } = request.into_inner();
+        let id = parse_item_id(&item_id)?;
+        let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
+        let (item, stats) = items::stats(&mut conn, id).await?;
+        Ok(Response::new(GetItemStatsResponse {
+            item: Some(item_to_proto(item, Utc::now())),
+            orders_pending: stats.pending,
+            orders_confirmed: stats.confirmed,
+            orders_rejected: stats.rejected,
+            orders_refunded: stats.refunded,
+            buyers: stats.buyers,
+            units_sold: stats.units_sold,
+        }))
+    }
+
+    async fn get_admission_snapshot(
+        &self,
+        request: Request<GetAdmissionSnapshotRequest>,
+    ) -> Result<Response<GetAdmissionSnapshotResponse>, Status> {
+        let GetAdmissionSnapshotRequest { item_id } = request.into_inner();
+        let id = parse_item_id(&item_id)?;
+        let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
+        let snapshot = items::snapshot(&mut conn, id).await?;
+        let mut holdings: Vec<BuyerHolding> = snapshot
+            .holdings
+            .into_iter()
+            .map(|h| BuyerHolding {
+                user_id: h.user_id,
+                quantity: u32::try_from(h.quantity).unwrap_or(0),
+                in_flight_order_id: String::new(),
+            })
+            .collect();
+        for (user_id, order_id) in snapshot.in_flight {
+            match holdings.iter_mut().find(|h| h.user_id == user_id) {
+                Some(holding) => holding.in_flight_order_id = order_id.to_string(),
+                None => holdings.push(BuyerHolding { user_id, quantity: 0, in_flight_order_id: order_id.to_string() }),
+            }
+        }
+        Ok(Response::new(GetAdmissionSnapshotResponse {
+            item_id: snapshot.item.id,
+            stock_remaining: u32::try_from(snapshot.item.stock_remaining).unwrap_or(0),
+            per_user_limit: u32::try_from(snapshot.item.per_user_limit).unwrap_or(0),
+            holdings,
+            item_version: u64::try_from(snapshot.item.version).unwrap_or(0),
+            taken_at: Some(timestamp(Utc::now())),
+        }))
+    }
+}

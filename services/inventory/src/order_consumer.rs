@@ -1,0 +1,199 @@
+//! Consumes `OrderPlaced` from the orders quorum queue: records each order in
+//! PostgreSQL (one transaction per message, idempotent by order id), acks only
+//! after the commit, then makes the first payment attempt.
+//!
+//! The stream ending (the broker cancelled us, the connection dropped) is a
+//! fault: the supervisor loop reconnects with back-off. Redelivered messages are
+//! harmless because recording is keyed by the order id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flashsale_db::PgPool;
+use flashsale_messaging::Topology;
+use flashsale_messaging::lapin::message::Delivery;
+use flashsale_messaging::lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+};
+use flashsale_messaging::lapin::types::FieldTable;
+use flashsale_proto::common::v1::Money;
+use flashsale_proto::inventory::v1::OrderPlaced;
+use futures::StreamExt;
+use prost::Message;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::db::orders::{self, Placed, Recorded};
+use crate::domain::{OrderStatus, parse_item_id, parse_order_id, parse_user_id};
+use crate::error::InventoryError;
+use crate::settlement::Settlement;
+
+/// Why consuming stopped short of a shutdown.
+#[derive(Debug, thiserror::Error)]
+enum ConsumeError {
+    #[error("broker: {0}")]
+    Broker(#[from] flashsale_messaging::lapin::Error),
+    /// The broker cancelled the consumer (queue deleted, node failover): a fault.
+    #[error("the consumer stream ended")]
+    StreamEnded,
+}
+
+/// Consumer settings.
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    pub amqp_addr: String,
+    pub topology: Topology,
+    /// Unacknowledged messages the broker may push ahead (never 1: see PITFALLS.md).
+    pub prefetch: u16,
+    /// Messages processed at once.
+    pub concurrency: usize,
+}
+
+#[derive(Clone)]
+pub struct OrderConsumer {
+    pool: PgPool,
+    settlement: Settlement,
+    outbox_ready: Arc<Notify>,
+    options: ConsumerOptions,
+}
+
+impl OrderConsumer {
+    pub fn new(pool: PgPool, settlement: Settlement, outbox_ready: Arc<Notify>, options: ConsumerOptions) -> Self {
+        Self { pool, settlement, outbox_ready, options }
+    }
+
+    /// Consumes until `shutdown`, reconnecting after every fault.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.consume(&shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "order consumer stopped; reconnecting")
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = shutdown.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn consume(&self, shutdown: &CancellationToken) -> Result<(), ConsumeError> {
+        let connection = flashsale_messaging::connect(&self.options.amqp_addr, "inventory-order-consumer").await?;
+        let channel = connection.create_channel().await?;
+        self.options.topology.declare(&channel).await?;
+        channel.basic_qos(self.options.prefetch, BasicQosOptions::default()).await?;
+        let mut deliveries = channel
+            .basic_consume(
+                self.options.topology.orders_queue.as_str().into(),
+                "inventory".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!(queue = %self.options.topology.orders_queue, "consuming orders");
+        let slots = Arc::new(Semaphore::new(self.options.concurrency));
+        loop {
+            let delivery = tokio::select! {
+                delivery = deliveries.next() => delivery,
+                () = shutdown.cancelled() => {
+                    // Let the messages in hand finish; unacked ones return to the queue.
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        slots.acquire_many(self.options.concurrency as u32),
+                    ).await;
+                    let _ = connection.close(200, "shutdown".into()).await;
+                    return Ok(());
+                }
+            };
+            let delivery = match delivery {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(ConsumeError::StreamEnded),
+            };
+            let Ok(slot) = slots.clone().acquire_owned().await else { return Ok(()) };
+            let this = self.clone();
+            tokio::spawn(async move {
+                this.handle(delivery).await;
+                drop(slot);
+            });
+        }
+    }
+
+    async fn handle(&self, delivery: Delivery) {
+        let placed = match decode(&delivery.data) {
+            Ok(placed) => placed,
+            Err(e) => {
+                tracing::error!(error = %e, "undecodable OrderPlaced; rejecting it");
+                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                return;
+            }
+        };
+        let recorded = async {
+            let mut conn = self.pool.get().await?;
+            orders::record_placed(&mut conn, &placed).await
+        }
+        .await;
+        match recorded {
+            Ok(recorded) => {
+                if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                    // Recorded already: the redelivery will find it and do nothing.
+                    tracing::warn!(error = %e, order.id = %placed.id, "ack failed after commit");
+                }
+                match recorded {
+                    Recorded::Held(order) => {
+                        if let Err(e) = self.settlement.pay(&order).await {
+                            tracing::warn!(error = %e, order.id = %order.id, "first payment attempt failed");
+                        }
+                    }
+                    Recorded::Existing(order) if order.status == OrderStatus::PaymentPending.as_db() => {
+                        let _ = self.settlement.pay(&order).await;
+                    }
+                    Recorded::Rejected(order) => {
+                        tracing::info!(order.id = %order.id, reason = %order.reject_reason, "order rejected by inventory");
+                        self.outbox_ready.notify_one();
+                    }
+                    Recorded::Existing(_) => {}
+                    Recorded::UnknownItem => {
+                        tracing::error!(order.id = %placed.id, item.id = %placed.item_id, "order for an unknown item dropped");
+                    }
+                }
+            }
+            Err(e) => {
+                if e.is_transient() {
+                    tracing::warn!(error = %e, order.id = %placed.id, "recording failed; requeueing");
+                } else {
+                    tracing::error!(error = ?e, order.id = %placed.id, "recording failed; requeueing");
+                }
+                // A pause keeps a failing database from turning into a hot redelivery loop.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+            }
+        }
+    }
+}
+
+/// Decodes and validates an `OrderPlaced` (destructured in full).
+pub fn decode(data: &[u8]) -> Result<Placed, InventoryError> {
+    let OrderPlaced { order_id, user_id, item_id, quantity, amount, idempotency_key, placed_at: _ } =
+        OrderPlaced::decode(data).map_err(|_| InventoryError::invalid("message", "not an OrderPlaced"))?;
+    let Money { currency, amount_minor } = amount.ok_or_else(|| InventoryError::invalid("amount", "is required"))?;
+    let quantity = i32::try_from(quantity)
+        .ok()
+        .filter(|q| (1..=1_000).contains(q))
+        .ok_or_else(|| InventoryError::invalid("quantity", "must be 1..=1000"))?;
+    if idempotency_key.is_empty() || idempotency_key.len() > 128 {
+        return Err(InventoryError::invalid("idempotency_key", "must be 1..=128 characters"));
+    }
+    Ok(Placed {
+        id: parse_order_id(&order_id)?,
+        user_id: parse_user_id(&user_id)?.to_owned(),
+        item_id: parse_item_id(&item_id)?.to_owned(),
+        quantity,
+        currency,
+        amount_minor,
+        idempotency_key,
+    })
+}

@@ -1,0 +1,86 @@
+//! Paying for held orders: the first attempt right after the order is recorded,
+//! then the sweeper, which retries every PAYMENT_PENDING order whose time has
+//! come until the wallet gives a final answer.
+
+use std::time::Duration;
+
+use flashsale_db::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::models::Order;
+use crate::db::orders;
+use crate::error::InventoryError;
+use crate::wallet_client::{WalletCallError, WalletClient};
+
+/// Settles orders against the wallet.
+#[derive(Clone)]
+pub struct Settlement {
+    pool: PgPool,
+    wallet: WalletClient,
+    /// Wakes the outbox relay when a settlement wrote an event.
+    outbox_ready: std::sync::Arc<Notify>,
+}
+
+impl Settlement {
+    pub fn new(pool: PgPool, wallet: WalletClient, outbox_ready: std::sync::Arc<Notify>) -> Self {
+        Self { pool, wallet, outbox_ready }
+    }
+
+    /// One attempt to pay `order`. A transient failure leaves it PAYMENT_PENDING
+    /// for the sweeper; that is not an error of this call.
+    pub async fn pay(&self, order: &Order) -> Result<(), InventoryError> {
+        match self.wallet.pay(order).await {
+            Ok(payment) => {
+                let mut conn = self.pool.get().await?;
+                if orders::settle(&mut conn, order.id, payment).await?.is_some() {
+                    self.outbox_ready.notify_one();
+                }
+                Ok(())
+            }
+            Err(WalletCallError::Transient(status)) => {
+                tracing::warn!(order.id = %order.id, code = ?status.code(), "debit not settled; the sweeper will retry");
+                Ok(())
+            }
+            Err(WalletCallError::Refused(status)) => {
+                // Our own request was malformed: a bug, not a buyer's problem. The
+                // order stays pending (never silently dropped) and is retried.
+                tracing::error!(order.id = %order.id, code = ?status.code(), "wallet refused a debit request");
+                Ok(())
+            }
+        }
+    }
+
+    /// Retries due payments every `interval` until `shutdown` fires.
+    pub async fn run_sweeper(self, interval: Duration, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            match self.sweep_once().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(orders = n, "sweeper retried pending payments"),
+                Err(e) => tracing::warn!(error = %e, "sweeper pass failed"),
+            }
+        }
+    }
+
+    /// Claims due orders and tries to pay each; returns how many were tried.
+    pub async fn sweep_once(&self) -> Result<usize, InventoryError> {
+        let due = {
+            let mut conn = self.pool.get().await?;
+            orders::claim_due_payments(&mut conn, 200).await?
+        };
+        let tried = due.len();
+        let attempts = due.iter().map(|order| self.pay(order));
+        for result in futures::future::join_all(attempts).await {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "retrying a payment failed");
+            }
+        }
+        Ok(tried)
+    }
+}
