@@ -28,6 +28,7 @@ pub struct TestSuite {
 
 impl TestSuite {
     pub async fn spawn() -> anyhow::Result<Self> {
+        init_test_logging();
         let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let wallet_db = TestDatabase::create("wallet").await?;
         let inventory_db = TestDatabase::create("inventory").await?;
@@ -146,6 +147,13 @@ impl TestSuite {
         self.wallet_db.drop_now().await?;
         self.inventory_db.drop_now().await?;
         Ok(())
+    }
+}
+
+/// With `TEST_LOG=warn` (any filter), the services' logs go to the test output.
+fn init_test_logging() {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     }
 }
 

@@ -5,4 +5,5 @@
 mod common;
 mod lifecycle;
 mod purchase;
+mod storm;
 mod wallet;

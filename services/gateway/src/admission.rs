@@ -161,7 +161,8 @@ impl Admission {
             .arg(key)
             .invoke_async(&mut *conn)
             .await?;
-        let _: () = conn.del(self.order_key(order_id)).await?;
+        // The admission record stays (it expires): a concurrent retry under the same
+        // key may have published this order and named it to the buyer already.
         Ok(())
     }
 

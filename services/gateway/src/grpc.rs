@@ -53,6 +53,10 @@ impl GatewayGrpc {
         if uuid::Uuid::parse_str(order_id).is_err() {
             return Err(GatewayError::invalid("order_id", "must be a UUID"));
         }
+        // The admission record is read before asking inventory: it is deleted only
+        // after inventory has committed the order, so one of the two always answers.
+        // (Asking inventory first leaves a gap: not there yet, then record deleted.)
+        let record = self.purchases.admission.load_record(order_id).await?;
         let found = self
             .upstreams
             .inventory
@@ -69,8 +73,7 @@ impl GatewayGrpc {
                 Ok(public_order(order))
             }
             Err(status) if status.code() == tonic::Code::NotFound => {
-                let record =
-                    self.purchases.admission.load_record(order_id).await?.ok_or(GatewayError::OrderNotFound)?;
+                let record = record.ok_or(GatewayError::OrderNotFound)?;
                 if record.user_id != buyer.user_id && !buyer.admin {
                     return Err(GatewayError::OrderNotFound);
                 }

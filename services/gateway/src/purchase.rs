@@ -166,7 +166,13 @@ impl Purchases {
             Err(status) if status.code() == tonic::Code::NotFound => {
                 let record = match self.admission.load_record(&order_id).await? {
                     Some(record) => record,
-                    None => self.record(buyer, attempt, &order_id)?,
+                    None => {
+                        // The first attempt may still be on its way to saving it; this
+                        // reply names the order, so GetOrder must find it from now on.
+                        let record = self.record(buyer, attempt, &order_id)?;
+                        self.admission.save_record(&record).await?;
+                        record
+                    }
                 };
                 self.publish(&record).await?;
                 OrderStatus::Pending

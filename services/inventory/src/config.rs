@@ -32,8 +32,9 @@ pub struct Config {
     /// Unacknowledged orders RabbitMQ may push ahead.
     #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = 200, value_parser = clap::value_parser!(u16).range(2..))]
     pub consumer_prefetch: u16,
-    /// Orders processed at once.
-    #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    /// Orders processed at once. Orders for one item queue on its row lock, so
+    /// more than about half the pool only ties up connections that reads need.
+    #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub consumer_concurrency: u32,
     /// Milliseconds between sweeps for payments to retry.
     #[arg(long, env = "SWEEP_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
@@ -61,7 +62,7 @@ impl Config {
             amqp_prefix: amqp_prefix.into(),
             db_pool_size: 16,
             consumer_prefetch: 200,
-            consumer_concurrency: 32,
+            consumer_concurrency: 8,
             sweep_interval_ms: 200,
             wallet_timeout_ms: 1000,
             shutdown_grace_seconds: 5,

@@ -1,0 +1,309 @@
+//! Storms: thousands of buyers with random balances compete for a little stock,
+//! each firing 1–3 concurrent purchases (some under one shared idempotency key)
+//! and retrying while units may still come back, as real buyers refresh. After
+//! settling, every invariant is audited from the databases.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use flashsale_integration_tests::audit::{audit, redis_agrees, wait_until_settled};
+use flashsale_integration_tests::suite::with_token;
+use flashsale_integration_tests::{TestSuite, error_reason};
+use flashsale_proto::common::v1::OrderStatus;
+use flashsale_proto::gateway::v1::flash_sale_gateway_client::FlashSaleGatewayClient;
+use flashsale_proto::gateway::v1::{GetItemStatsRequest, GetOrderRequest, PurchaseRequest};
+use futures::StreamExt;
+use parking_lot::Mutex;
+use rand::{Rng, SeedableRng};
+use tonic::transport::Channel;
+
+use crate::common::{create_item, top_up};
+
+const PRICE: i64 = 1_000;
+/// Buyers stop retrying after this long (the audit still requires every unit sold
+/// or every paying buyer served).
+const BUYING_WINDOW: Duration = Duration::from_secs(60);
+
+struct Spec {
+    items: Vec<(&'static str, u32, u32)>, // id, stock, per-user limit
+    quantity: u32,
+    buyers: usize,
+    seed: u64,
+}
+
+/// What buyers saw, gathered for the assertions.
+#[derive(Default)]
+struct Seen {
+    accepted: BTreeSet<String>,
+    /// Idempotency key → every order id a reply named for it.
+    orders_per_key: BTreeMap<String, BTreeSet<String>>,
+    reasons: BTreeMap<String, u64>,
+}
+
+struct Buyer {
+    name: String,
+    item: &'static str,
+    balance: i64,
+    attempts: usize,
+    shared_key: bool,
+}
+
+/// Storms run one at a time: each wants the whole machine for its crowd.
+static ONE_STORM_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn run_storm(spec: Spec) -> anyhow::Result<()> {
+    let _turn = ONE_STORM_AT_A_TIME.lock().await;
+    let suite = Arc::new(TestSuite::spawn().await?);
+    for (id, stock, limit) in &spec.items {
+        create_item(&suite, id, PRICE, *stock, *limit).await?;
+    }
+    let cost = PRICE * i64::from(spec.quantity);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
+    let buyers: Vec<Buyer> = (0..spec.buyers)
+        .map(|n| Buyer {
+            name: format!("buyer-{n}"),
+            item: spec.items[rng.random_range(0..spec.items.len())].0,
+            // About a quarter cannot afford one purchase; some have no account at all.
+            balance: if rng.random_bool(0.05) { 0 } else { rng.random_range(cost * 3 / 4..cost * 4) },
+            attempts: rng.random_range(1..=3),
+            shared_key: rng.random_bool(0.3),
+        })
+        .collect();
+
+    // Money in, through the admin API, 64 at a time.
+    futures::stream::iter(buyers.iter().filter(|b| b.balance > 0))
+        .map(|b| top_up(&suite, &b.name, b.balance))
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<()>>>()?;
+
+    let mut channels = Vec::new();
+    for _ in 0..8 {
+        channels.push(suite.new_gateway_channel().await?);
+    }
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let done: Arc<BTreeMap<&'static str, AtomicBool>> =
+        Arc::new(spec.items.iter().map(|(id, _, _)| (*id, AtomicBool::new(false))).collect());
+
+    // Stop buyers of an item once all its units are confirmed.
+    let watcher = {
+        let suite = suite.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            loop {
+                for (id, flag) in done.iter() {
+                    let stats = suite
+                        .admin()
+                        .get_item_stats(suite.as_admin(GetItemStatsRequest { item_id: (*id).into() }))
+                        .await;
+                    if let Ok(stats) = stats {
+                        let stats = stats.into_inner();
+                        let total = stats.item.map(|i| i.stock_total).unwrap_or(u32::MAX);
+                        if stats.units_sold >= u64::from(total) {
+                            flag.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+
+    let started = tokio::time::Instant::now();
+    let tasks: Vec<_> = buyers
+        .iter()
+        .enumerate()
+        .map(|(n, buyer)| {
+            let client = FlashSaleGatewayClient::new(channels[n % channels.len()].clone());
+            let token = suite.token(&buyer.name, false);
+            let seen = seen.clone();
+            let done = done.clone();
+            let (name, item, attempts, shared_key, quantity) =
+                (buyer.name.clone(), buyer.item, buyer.attempts, buyer.shared_key, spec.quantity);
+            tokio::spawn(async move {
+                buyer_loop(client, token, name, item, attempts, shared_key, quantity, seen, done, n as u64).await
+            })
+        })
+        .collect();
+    for task in futures::future::join_all(tasks).await {
+        task??;
+    }
+    watcher.abort();
+    let buying = started.elapsed();
+
+    let accepted = seen.lock().accepted.clone();
+    wait_until_settled(&suite, &accepted, Duration::from_secs(60)).await?;
+    let report = audit(&suite).await?;
+    redis_agrees(&suite, &report, Duration::from_secs(20)).await?;
+
+    // One order per idempotency key, whatever the concurrency.
+    {
+        let seen = seen.lock();
+        for (key, orders) in &seen.orders_per_key {
+            assert_eq!(orders.len(), 1, "key {key} named orders {orders:?}");
+        }
+        eprintln!(
+            "storm: {} buyers, {} accepted, buying took {buying:?}, reasons {:?}",
+            spec.buyers,
+            accepted.len(),
+            seen.reasons
+        );
+    }
+
+    // Sold == stock, or every buyer who could pay got their units.
+    let balances: BTreeMap<&str, i64> = buyers.iter().map(|b| (b.name.as_str(), b.balance)).collect();
+    for (id, stock, _) in &spec.items {
+        let sold = report.confirmed_units.get(*id).copied().unwrap_or(0);
+        if sold < i64::from(*stock) {
+            let served: BTreeSet<&str> =
+                report.confirmed_orders().filter(|o| o.item_id == *id).map(|o| o.user_id.as_str()).collect();
+            let unserved: Vec<&Buyer> = buyers
+                .iter()
+                .filter(|b| b.item == *id && b.balance >= cost && !served.contains(b.name.as_str()))
+                .collect();
+            assert!(
+                unserved.is_empty(),
+                "{id}: {sold}/{stock} sold while {} paying buyers went without",
+                unserved.len()
+            );
+        }
+        assert!(sold <= i64::from(*stock), "{id} oversold: {sold}/{stock}");
+    }
+    // Payments were judged right: nobody who could pay was refused for funds,
+    // nobody who could not was charged.
+    for order in &report.orders {
+        let balance = balances.get(order.user_id.as_str()).copied().unwrap_or(0);
+        match (order.status.as_str(), order.reject_reason.as_str()) {
+            ("CONFIRMED", _) => assert!(balance >= order.amount_minor, "{} paid beyond their balance", order.user_id),
+            ("REJECTED", "INSUFFICIENT_FUNDS") => {
+                assert!(balance < order.amount_minor, "{} refused though they could pay", order.user_id)
+            }
+            _ => {}
+        }
+    }
+    Arc::try_unwrap(suite).map_err(|_| anyhow::anyhow!("suite still shared"))?.shutdown().await
+}
+
+#[expect(clippy::too_many_arguments, reason = "one buyer's whole state, spelled out for the test")]
+async fn buyer_loop(
+    mut client: FlashSaleGatewayClient<Channel>,
+    token: String,
+    name: String,
+    item: &'static str,
+    attempts: usize,
+    shared_key: bool,
+    quantity: u32,
+    seen: Arc<Mutex<Seen>>,
+    done: Arc<BTreeMap<&'static str, AtomicBool>>,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let deadline = tokio::time::Instant::now() + BUYING_WINDOW;
+    let mut round = 0;
+    let mut backoff: u64 = 350;
+    loop {
+        round += 1;
+        let keys: Vec<String> = (0..attempts)
+            .map(|i| if shared_key { format!("{name}-r{round}") } else { format!("{name}-r{round}-a{i}") })
+            .collect();
+        let replies = futures::future::join_all(keys.iter().map(|key| {
+            let mut client = client.clone();
+            let request =
+                with_token(PurchaseRequest { item_id: item.into(), quantity, idempotency_key: key.clone() }, &token);
+            async move { client.purchase(request).await }
+        }))
+        .await;
+
+        let mut my_order = None;
+        let mut retry = false;
+        {
+            let mut seen = seen.lock();
+            for (key, reply) in keys.iter().zip(replies) {
+                match reply {
+                    Ok(reply) => {
+                        let reply = reply.into_inner();
+                        seen.accepted.insert(reply.order_id.clone());
+                        seen.orders_per_key.entry(format!("{name}/{key}")).or_default().insert(reply.order_id.clone());
+                        *seen.reasons.entry("ACCEPTED".into()).or_default() += 1;
+                        my_order = Some(reply.order_id);
+                    }
+                    Err(status) => {
+                        let reason = error_reason(&status).unwrap_or_else(|| format!("{:?}", status.code()));
+                        *seen.reasons.entry(reason.clone()).or_default() += 1;
+                        match reason.as_str() {
+                            // What a real client retries: sold out for now, busy, or
+                            // the server too loaded to answer in time.
+                            "SOLD_OUT" | "PURCHASE_IN_PROGRESS" | "UNAVAILABLE" | "Cancelled" | "DeadlineExceeded" => {
+                                retry = true
+                            }
+                            "LIMIT_REACHED" => {}
+                            other => anyhow::bail!("{name}: unexpected refusal {other}: {status:?}"),
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(order_id) = my_order {
+            // Follow the order to its end, as a buyer's app would.
+            let status = loop {
+                let reply = client.get_order(with_token(GetOrderRequest { order_id: order_id.clone() }, &token)).await;
+                match reply {
+                    Ok(reply) => {
+                        let order = reply.into_inner().order.ok_or_else(|| anyhow::anyhow!("no order"))?;
+                        if order.status() != OrderStatus::Pending {
+                            break (order.status(), order.reject_reason);
+                        }
+                    }
+                    // Safe to retry, and what a client does under load.
+                    Err(status)
+                        if matches!(
+                            status.code(),
+                            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+                        ) =>
+                    {
+                        *seen.lock().reasons.entry("GET_ORDER_UNAVAILABLE".into()).or_default() += 1;
+                    }
+                    Err(status) => anyhow::bail!("{name}: GetOrder {order_id} failed: {status:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            match status {
+                (OrderStatus::Confirmed, _) => return Ok(()),
+                // Cannot pay: this buyer gives up (the unit goes back on sale).
+                (OrderStatus::Rejected, reason) if reason == "INSUFFICIENT_FUNDS" => return Ok(()),
+                _ => retry = true,
+            }
+        }
+        if !retry || done[item].load(Ordering::Relaxed) || tokio::time::Instant::now() >= deadline {
+            return Ok(());
+        }
+        // Back off like a considerate client: 0.5 s growing to 4 s, with jitter.
+        backoff = (backoff * 3 / 2).min(4_000);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(backoff / 2..=backoff))).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_of_5000_buyers_sells_exactly_100_units_limit_1() -> anyhow::Result<()> {
+    run_storm(Spec { items: vec![("storm-1", 100, 1)], quantity: 1, buyers: 5_000, seed: 1 }).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_with_limit_2_and_quantity_2() -> anyhow::Result<()> {
+    run_storm(Spec { items: vec![("storm-2", 100, 2)], quantity: 2, buyers: 5_000, seed: 2 }).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_over_three_items_at_once() -> anyhow::Result<()> {
+    run_storm(Spec {
+        items: vec![("storm-a", 100, 1), ("storm-b", 60, 1), ("storm-c", 30, 1)],
+        quantity: 1,
+        buyers: 5_000,
+        seed: 3,
+    })
+    .await
+}
