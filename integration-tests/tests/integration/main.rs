@@ -3,7 +3,9 @@
 //! so the harness runs them in parallel.
 
 mod common;
+mod faults;
 mod lifecycle;
+mod notifications;
 mod purchase;
 mod storm;
 mod wallet;

@@ -38,3 +38,152 @@ async fn unknown_item_is_item_not_found() -> anyhow::Result<()> {
     assert_eq!(error_reason(&status).as_deref(), Some("ITEM_NOT_FOUND"));
     suite.shutdown().await
 }
+
+fn reason_of(status: &tonic::Status) -> String {
+    error_reason(status).unwrap_or_else(|| format!("{:?}", status.code()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buying_again_after_the_limit_is_limit_reached() -> anyhow::Result<()> {
+    let suite = TestSuite::spawn().await?;
+    create_item(&suite, "mug", 500, 10, 1).await?;
+    top_up(&suite, "alice", 5_000).await?;
+    let first = suite.buyers().purchase(suite.as_user("alice", buy("mug", 1))).await?.into_inner();
+    let order = final_order(&suite, "alice", &first.order_id, Duration::from_secs(20)).await?;
+    assert_eq!(order.status(), OrderStatus::Confirmed);
+    let status = suite.buyers().purchase(suite.as_user("alice", buy("mug", 1))).await.expect_err("limit");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(reason_of(&status), "LIMIT_REACHED");
+    suite.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_purchase_while_one_is_in_flight_is_purchase_in_progress() -> anyhow::Result<()> {
+    let mut suite = TestSuite::spawn().await?;
+    create_item(&suite, "pen", 100, 10, 3).await?;
+    top_up(&suite, "bob", 5_000).await?;
+    // With the wallet down the first order cannot settle, so it stays in flight.
+    suite.stop_wallet().await?;
+    let first = suite.buyers().purchase(suite.as_user("bob", buy("pen", 1))).await?.into_inner();
+    let status = suite.buyers().purchase(suite.as_user("bob", buy("pen", 1))).await.expect_err("in flight");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(reason_of(&status), "PURCHASE_IN_PROGRESS");
+    suite.start_wallet().await?;
+    let order = final_order(&suite, "bob", &first.order_id, Duration::from_secs(30)).await?;
+    assert_eq!(order.status(), OrderStatus::Confirmed);
+    suite.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_who_cannot_pay_is_rejected_and_the_unit_sells_to_someone_else() -> anyhow::Result<()> {
+    let suite = TestSuite::spawn().await?;
+    create_item(&suite, "watch", 1_000, 1, 1).await?;
+    top_up(&suite, "carol", 999).await?;
+    top_up(&suite, "dave", 1_000).await?;
+    let carols = suite.buyers().purchase(suite.as_user("carol", buy("watch", 1))).await?.into_inner();
+    let order = final_order(&suite, "carol", &carols.order_id, Duration::from_secs(20)).await?;
+    assert_eq!(order.status(), OrderStatus::Rejected);
+    assert_eq!(order.reject_reason, "INSUFFICIENT_FUNDS");
+    let carol_balance =
+        suite.buyers().get_balance(suite.as_user("carol", GetBalanceRequest { currency: "USD".into() })).await?;
+    assert_eq!(carol_balance.into_inner().balances[0].amount_minor, 999, "a refused buyer is not charged");
+
+    // The unit went back on sale: dave gets it (SOLD_OUT until the release lands).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let daves = loop {
+        match suite.buyers().purchase(suite.as_user("dave", buy("watch", 1))).await {
+            Ok(reply) => break reply.into_inner(),
+            Err(status) if reason_of(&status) == "SOLD_OUT" && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => anyhow::bail!("dave refused: {status:?}"),
+        }
+    };
+    let order = final_order(&suite, "dave", &daves.order_id, Duration::from_secs(20)).await?;
+    assert_eq!(order.status(), OrderStatus::Confirmed);
+    suite.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quantities_outside_one_to_the_limit_are_invalid() -> anyhow::Result<()> {
+    let suite = TestSuite::spawn().await?;
+    create_item(&suite, "cap", 100, 10, 2).await?;
+    for quantity in [0, 3, u32::MAX] {
+        let status = suite.buyers().purchase(suite.as_user("erin", buy("cap", quantity))).await.expect_err("quantity");
+        assert_eq!(status.code(), Code::InvalidArgument, "quantity {quantity}");
+        assert_eq!(reason_of(&status), "INVALID_ARGUMENT");
+    }
+    for (item, key) in [("", ""), ("bad id!", ""), ("cap", "has space"), ("cap", &*"k".repeat(129))] {
+        let request = PurchaseRequest { item_id: item.into(), quantity: 1, idempotency_key: key.into() };
+        let status = suite.buyers().purchase(suite.as_user("erin", request)).await.expect_err("invalid");
+        assert_eq!(status.code(), Code::InvalidArgument, "{item:?} {key:?}");
+    }
+    suite.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purchases_outside_the_sale_window_are_refused() -> anyhow::Result<()> {
+    use crate::common::{at, create_item_between};
+    let suite = TestSuite::spawn().await?;
+    let hour = Duration::from_secs(3600);
+    create_item_between(&suite, "later", 100, 10, 1, at(hour, true), at(2 * hour, true)).await?;
+    create_item_between(&suite, "earlier", 100, 10, 1, at(2 * hour, false), at(hour, false)).await?;
+    let status = suite.buyers().purchase(suite.as_user("fay", buy("later", 1))).await.expect_err("early");
+    assert_eq!((status.code(), reason_of(&status)), (Code::FailedPrecondition, "SALE_NOT_STARTED".into()));
+    let status = suite.buyers().purchase(suite.as_user("fay", buy("earlier", 1))).await.expect_err("late");
+    assert_eq!((status.code(), reason_of(&status)), (Code::FailedPrecondition, "SALE_ENDED".into()));
+    suite.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_with_one_key_name_one_order_and_a_changed_request_is_refused() -> anyhow::Result<()> {
+    let suite = TestSuite::spawn().await?;
+    create_item(&suite, "bag", 300, 10, 2).await?;
+    top_up(&suite, "gus", 5_000).await?;
+    let request = |quantity| PurchaseRequest { item_id: "bag".into(), quantity, idempotency_key: "gus-1".into() };
+    let first = suite.buyers().purchase(suite.as_user("gus", request(1))).await?.into_inner();
+    let again = suite.buyers().purchase(suite.as_user("gus", request(1))).await?.into_inner();
+    assert_eq!(first.order_id, again.order_id);
+    let status = suite.buyers().purchase(suite.as_user("gus", request(2))).await.expect_err("changed");
+    assert_eq!((status.code(), reason_of(&status)), (Code::AlreadyExists, "IDEMPOTENCY_KEY_REUSED".into()));
+    let order = final_order(&suite, "gus", &first.order_id, Duration::from_secs(20)).await?;
+    assert_eq!(order.status(), OrderStatus::Confirmed);
+    // After settling, the same key still names the same (now final) order.
+    let later = suite.buyers().purchase(suite.as_user("gus", request(1))).await?.into_inner();
+    assert_eq!((later.status(), later.order_id), (OrderStatus::Confirmed, first.order_id));
+    suite.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_need_a_valid_token_and_see_only_their_own_orders() -> anyhow::Result<()> {
+    use flashsale_integration_tests::suite::with_token;
+    use flashsale_proto::gateway::v1::{CreateItemRequest, GetOrderRequest};
+    let suite = TestSuite::spawn().await?;
+    create_item(&suite, "hat", 100, 10, 1).await?;
+    top_up(&suite, "hana", 1_000).await?;
+
+    let no_token = suite.buyers().purchase(tonic::Request::new(buy("hat", 1))).await.expect_err("no token");
+    assert_eq!((no_token.code(), reason_of(&no_token)), (Code::Unauthenticated, "UNAUTHENTICATED".into()));
+    let forged =
+        flashsale_gateway::auth::mint("another-secret-of-at-least-32-bytes!!", "hana", true, Duration::from_secs(60))?;
+    let status = suite.buyers().purchase(with_token(buy("hat", 1), &forged)).await.expect_err("forged");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let expired =
+        flashsale_gateway::auth::mint(flashsale_integration_tests::suite::JWT_SECRET, "hana", false, Duration::ZERO)?;
+    tokio::time::sleep(Duration::from_secs(6)).await; // past the 5 s leeway
+    let status = suite.buyers().purchase(with_token(buy("hat", 1), &expired)).await.expect_err("expired");
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    let status =
+        suite.admin().create_item(suite.as_user("hana", CreateItemRequest::default())).await.expect_err("not an admin");
+    assert_eq!((status.code(), reason_of(&status)), (Code::PermissionDenied, "FORBIDDEN".into()));
+
+    let order = suite.buyers().purchase(suite.as_user("hana", buy("hat", 1))).await?.into_inner();
+    let status = suite
+        .buyers()
+        .get_order(suite.as_user("ivan", GetOrderRequest { order_id: order.order_id.clone() }))
+        .await
+        .expect_err("someone else's order");
+    assert_eq!((status.code(), reason_of(&status)), (Code::NotFound, "ORDER_NOT_FOUND".into()));
+    suite.shutdown().await
+}

@@ -1,0 +1,119 @@
+//! Faults the purchase path must absorb: duplicate deliveries, a wallet outage,
+//! and (in storm.rs) a Redis flush mid-sale.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use flashsale_integration_tests::TestSuite;
+use flashsale_integration_tests::audit::{audit, wait_until_settled};
+use flashsale_proto::common::v1::{Money, OrderStatus};
+use flashsale_proto::gateway::v1::PurchaseRequest;
+use flashsale_proto::inventory::v1::OrderPlaced;
+use prost::Message;
+
+use crate::common::{create_item, final_order, top_up};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_order_placed_twice_makes_one_order_and_one_debit() -> anyhow::Result<()> {
+    let suite = TestSuite::spawn().await?;
+    create_item(&suite, "dup", 700, 5, 1).await?;
+    top_up(&suite, "alice", 5_000).await?;
+    let reply = suite
+        .buyers()
+        .purchase(
+            suite.as_user("alice", PurchaseRequest { item_id: "dup".into(), quantity: 1, idempotency_key: "k".into() }),
+        )
+        .await?
+        .into_inner();
+    let order = final_order(&suite, "alice", &reply.order_id, Duration::from_secs(20)).await?;
+    assert_eq!(order.status(), OrderStatus::Confirmed);
+
+    // The broker delivers the same message again (a redelivery after a lost ack).
+    let duplicate = OrderPlaced {
+        order_id: reply.order_id.clone(),
+        user_id: "alice".into(),
+        item_id: "dup".into(),
+        quantity: 1,
+        amount: Some(Money { currency: "USD".into(), amount_minor: 700 }),
+        idempotency_key: "k".into(),
+        placed_at: None,
+    };
+    for _ in 0..2 {
+        suite.publish_order_placed(&duplicate.encode_to_vec()).await?;
+    }
+    // Another buyer's order behind the duplicates; once it settles, they were consumed.
+    top_up(&suite, "bob", 5_000).await?;
+    let bobs = suite
+        .buyers()
+        .purchase(
+            suite
+                .as_user("bob", PurchaseRequest { item_id: "dup".into(), quantity: 1, idempotency_key: String::new() }),
+        )
+        .await?
+        .into_inner();
+    final_order(&suite, "bob", &bobs.order_id, Duration::from_secs(20)).await?;
+    wait_for_empty_orders_queue(&suite).await?;
+
+    let accepted = BTreeSet::from([reply.order_id.clone(), bobs.order_id]);
+    wait_until_settled(&suite, &accepted, Duration::from_secs(20)).await?;
+    let report = audit(&suite).await?; // one debit per paid order, no extra charge
+    let alices: Vec<_> = report.orders.iter().filter(|o| o.user_id == "alice").collect();
+    assert_eq!(alices.len(), 1, "one order for alice: {alices:?}");
+    assert_eq!(report.confirmed_units.get("dup"), Some(&2));
+    suite.shutdown().await
+}
+
+async fn wait_for_empty_orders_queue(suite: &TestSuite) -> anyhow::Result<()> {
+    use flashsale_messaging::lapin::options::QueueDeclareOptions;
+    use flashsale_messaging::lapin::types::FieldTable;
+    let addr = std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let connection = flashsale_messaging::connect(&addr, "integration-test-probe").await?;
+    let channel = connection.create_channel().await?;
+    let queue = flashsale_messaging::Topology::with_prefix(&suite.amqp_prefix).orders_queue;
+    for _ in 0..200 {
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        if declared.message_count() == 0 {
+            let _ = connection.close(200, "done".into()).await;
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("orders queue never drained")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_taken_while_the_wallet_is_down_are_confirmed_once_it_returns() -> anyhow::Result<()> {
+    let mut suite = TestSuite::spawn().await?;
+    create_item(&suite, "outage", 250, 20, 1).await?;
+    let buyers: Vec<String> = (0..10).map(|n| format!("buyer-{n}")).collect();
+    for buyer in &buyers {
+        top_up(&suite, buyer, 1_000).await?;
+    }
+    suite.stop_wallet().await?;
+    let mut accepted = BTreeSet::new();
+    for buyer in &buyers {
+        let reply = suite
+            .buyers()
+            .purchase(suite.as_user(
+                buyer,
+                PurchaseRequest { item_id: "outage".into(), quantity: 1, idempotency_key: String::new() },
+            ))
+            .await?
+            .into_inner();
+        accepted.insert(reply.order_id);
+    }
+    // Long enough for the first attempts and a few sweeps to fail.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    suite.start_wallet().await?;
+    wait_until_settled(&suite, &accepted, Duration::from_secs(60)).await?;
+    let report = audit(&suite).await?; // each paid exactly once despite the retries
+    assert_eq!(report.confirmed_units.get("outage"), Some(&10));
+    assert!(report.orders.iter().all(|o| o.status == "CONFIRMED"));
+    suite.shutdown().await
+}
