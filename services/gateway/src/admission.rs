@@ -129,6 +129,7 @@ impl Admission {
             .arg(limit)
             .arg(idempotency_key)
             .arg(order_id)
+            .arg(chrono::Utc::now().timestamp_millis())
             .invoke_async(&mut self.hot.clone())
             .await?;
         Ok(match outcome.as_str() {
@@ -164,6 +165,27 @@ impl Admission {
         // The admission record stays (it expires): a concurrent retry under the same
         // key may have published this order and named it to the buyer already.
         Ok(())
+    }
+
+    /// Admissions of `item_id` older than `older_than_ms` (unix ms) that no final
+    /// event has settled yet: (order id, user, idempotency key).
+    pub async fn unsettled_before(
+        &self,
+        item_id: &str,
+        older_than_ms: i64,
+    ) -> Result<Vec<(String, String, String)>, GatewayError> {
+        let k = self.keys(item_id);
+        let mut conn = self.pool.get().await?;
+        let entries: Vec<(String, String)> = conn.hgetall(&k.admitted).await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(order_id, value)| {
+                let mut fields = value.split('\n');
+                let (user, _quantity, at, key) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
+                let at: i64 = at.parse().ok()?;
+                (at < older_than_ms).then(|| (order_id, user.to_owned(), key.to_owned()))
+            })
+            .collect())
     }
 
     /// Applies a final order state to the admission state (idempotent).

@@ -121,6 +121,10 @@ impl Catalog {
         Some(fresh)
     }
 
+    pub fn all(&self) -> Vec<Arc<CatalogItem>> {
+        self.items.read().values().cloned().collect()
+    }
+
     pub fn sold_out_items(&self) -> Vec<Arc<CatalogItem>> {
         self.items.read().values().filter(|item| item.is_sold_out()).cloned().collect()
     }

@@ -28,8 +28,8 @@ pub struct Purchases {
 }
 
 /// A validated purchase.
-struct Attempt<'a> {
-    item: &'a CatalogItem,
+struct Attempt {
+    item: Arc<CatalogItem>,
     quantity: u32,
     idempotency_key: String,
     order_id: String,
@@ -46,7 +46,7 @@ impl Purchases {
     }
 
     pub async fn purchase(
-        &self,
+        self: &Arc<Self>,
         buyer: &Principal,
         request: PurchaseRequest,
     ) -> Result<PurchaseResponse, GatewayError> {
@@ -82,9 +82,21 @@ impl Purchases {
 
         let order_id = uuid::Uuid::now_v7().to_string();
         let idempotency_key = if idempotency_key.is_empty() { order_id.clone() } else { idempotency_key };
-        let attempt = Attempt { item: &item, quantity, idempotency_key, order_id };
+        let attempt = Attempt { item, quantity, idempotency_key, order_id };
 
+        // From here on Redis may change, so the rest runs in a task of its own:
+        // a client that disconnects (or a server timeout) must not drop the
+        // request between taking the tokens and publishing or giving them back.
+        let this = self.clone();
+        let buyer = buyer.clone();
+        tokio::spawn(async move { this.admit_and_place(&buyer, attempt).await })
+            .await
+            .map_err(|e| GatewayError::Internal(Box::new(e)))?
+    }
+
+    async fn admit_and_place(&self, buyer: &Principal, attempt: Attempt) -> Result<PurchaseResponse, GatewayError> {
         // Step 2: one Redis round trip (two when the state must be rebuilt first).
+        let item = &attempt.item;
         let mut decision = self.admit(buyer, &attempt).await?;
         if decision == Admit::NotReady {
             self.rebuild(&item.id).await?;
@@ -98,7 +110,7 @@ impl Purchases {
                 self.place(buyer, &attempt).await
             }
             Admit::Duplicate { order_id, quantity: earlier } => {
-                if earlier != quantity {
+                if earlier != attempt.quantity {
                     return Err(GatewayError::IdempotencyKeyReused);
                 }
                 self.replay(buyer, &attempt, order_id).await
@@ -113,7 +125,36 @@ impl Purchases {
         }
     }
 
-    async fn admit(&self, buyer: &Principal, attempt: &Attempt<'_>) -> Result<Admit, GatewayError> {
+    /// Gives back reservations that never became orders: the gateway died (or
+    /// lost its Redis reply) between the script and the publish. An admission
+    /// that inventory has not recorded after `grace` is released; should its
+    /// message still arrive later, PostgreSQL judges it like any other.
+    pub async fn release_stranded(&self, grace: std::time::Duration) -> Result<usize, GatewayError> {
+        let cutoff = now_ms() - i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        let mut released = 0;
+        for item in self.catalog.all() {
+            for (order_id, user_id, key) in self.admission.unsettled_before(&item.id, cutoff).await? {
+                let known = self
+                    .upstreams
+                    .inventory
+                    .clone()
+                    .get_order(request(GetOrderRequest { order_id: order_id.clone() }))
+                    .await;
+                match known {
+                    Ok(_) => {} // recorded; its final event will settle Redis
+                    Err(status) if status.code() == tonic::Code::NotFound => {
+                        self.admission.unadmit(&item.id, &order_id, &user_id, &key).await?;
+                        tracing::warn!(order.id = %order_id, item.id = %item.id, "released a stranded reservation");
+                        released += 1;
+                    }
+                    Err(status) => return Err(GatewayError::from_upstream(status)),
+                }
+            }
+        }
+        Ok(released)
+    }
+
+    async fn admit(&self, buyer: &Principal, attempt: &Attempt) -> Result<Admit, GatewayError> {
         self.admission
             .admit(
                 &attempt.item.id,
@@ -127,7 +168,7 @@ impl Purchases {
     }
 
     /// Steps 3–4 for a fresh reservation.
-    async fn place(&self, buyer: &Principal, attempt: &Attempt<'_>) -> Result<PurchaseResponse, GatewayError> {
+    async fn place(&self, buyer: &Principal, attempt: &Attempt) -> Result<PurchaseResponse, GatewayError> {
         let record = self.record(buyer, attempt, &attempt.order_id)?;
         let published = async {
             self.admission.save_record(&record).await?;
@@ -156,7 +197,7 @@ impl Purchases {
     async fn replay(
         &self,
         buyer: &Principal,
-        attempt: &Attempt<'_>,
+        attempt: &Attempt,
         order_id: String,
     ) -> Result<PurchaseResponse, GatewayError> {
         let known =
@@ -182,12 +223,7 @@ impl Purchases {
         Ok(PurchaseResponse { order_id, status: status.into() })
     }
 
-    fn record(
-        &self,
-        buyer: &Principal,
-        attempt: &Attempt<'_>,
-        order_id: &str,
-    ) -> Result<AdmissionRecord, GatewayError> {
+    fn record(&self, buyer: &Principal, attempt: &Attempt, order_id: &str) -> Result<AdmissionRecord, GatewayError> {
         let amount_minor = attempt
             .item
             .price_minor

@@ -25,6 +25,10 @@ use crate::order_publisher::OrderPublisher;
 use crate::purchase::Purchases;
 use crate::upstream::Upstreams;
 
+/// How often, and after how long, reservations that never became orders are released.
+const STRANDED_CHECK: Duration = Duration::from_secs(15);
+const STRANDED_AFTER: Duration = Duration::from_secs(60);
+
 /// Shortest accepted HS256 secret (RFC 7518 §3.2: at least the hash size).
 const MIN_SECRET_BYTES: usize = 32;
 
@@ -85,7 +89,24 @@ impl Application {
             watchers: grpc.watchers.clone(),
         };
         let admission = grpc.purchases.admission.clone();
+        let reconciler = {
+            let purchases = grpc.purchases.clone();
+            let shutdown = background.clone();
+            async move {
+                let mut ticker = tokio::time::interval(STRANDED_CHECK);
+                loop {
+                    tokio::select! {
+                        _ = ticker.tick() => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    if let Err(e) = purchases.release_stranded(STRANDED_AFTER).await {
+                        tracing::debug!(error = %e, "stranded-reservation check failed");
+                    }
+                }
+            }
+        };
         let tasks = [
+            tokio::spawn(reconciler),
             tokio::spawn(events.run(background.clone())),
             tokio::spawn(grpc.catalog.clone().run_refresher(
                 Duration::from_millis(config.catalog_refresh_ms),

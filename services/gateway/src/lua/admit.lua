@@ -1,7 +1,8 @@
 -- Admits or refuses one purchase attempt, atomically (ARCHITECTURE.md, step 2).
 -- Every key is hash-tagged by item ({ITEM}) so the script runs on Redis Cluster.
 -- KEYS: 1 ready, 2 tokens, 3 held, 4 inflight, 5 idem, 6 admitted
--- ARGV: 1 user, 2 quantity, 3 per-user limit, 4 idempotency key, 5 new order id
+-- ARGV: 1 user, 2 quantity, 3 per-user limit, 4 idempotency key, 5 new order id,
+--       6 now (unix ms, for the reconciler)
 -- Returns {outcome, detail}:
 --   NOT_READY                  the item's admission state is missing: rebuild it first
 --   DUPLICATE, "<order>|<qty>" this buyer used this key before
@@ -35,5 +36,6 @@ redis.call('DECRBY', KEYS[2], quantity)
 redis.call('HINCRBY', KEYS[3], user, quantity)
 redis.call('HSET', KEYS[4], user, order)
 redis.call('HSET', KEYS[5], idem_field, order .. '|' .. ARGV[2])
-redis.call('HSET', KEYS[6], order, user .. '\n' .. ARGV[2])
+-- user, quantity, admitted-at, key: enough to release it if it is never placed.
+redis.call('HSET', KEYS[6], order, table.concat({user, ARGV[2], ARGV[6], ARGV[4]}, '\n'))
 return {'RESERVED', tostring(tokens - quantity)}

@@ -1,5 +1,6 @@
 -- Undoes an admission whose OrderPlaced never reached the broker (no confirm),
--- so the buyer's retry with the same idempotency key starts afresh.
+-- or that the reconciler found stranded (never recorded by inventory), so the
+-- units go back on sale and the buyer's retry with the same key starts afresh.
 -- Idempotent: does nothing unless the order's admission record is present.
 -- KEYS: 1 tokens, 2 held, 3 inflight, 4 idem, 5 admitted
 -- ARGV: 1 order id, 2 user, 3 idempotency key
@@ -7,7 +8,7 @@ local record = redis.call('HGET', KEYS[5], ARGV[1])
 if not record then
   return 0
 end
-local quantity = tonumber(string.match(record, '\n(%d+)$'))
+local quantity = tonumber(string.match(record, '^[^\n]*\n(%d+)\n'))
 redis.call('INCRBY', KEYS[1], quantity)
 if redis.call('HINCRBY', KEYS[2], ARGV[2], -quantity) <= 0 then
   redis.call('HDEL', KEYS[2], ARGV[2])
