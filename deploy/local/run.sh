@@ -25,6 +25,13 @@ mkdir -p "$LOGS"
 PG=${PG_SERVER_URL:-postgres://postgres@127.0.0.1:5432}
 export RUST_LOG=${RUST_LOG:-info}
 WALLET_DB="$PG/wallet"
+INVENTORY_DB="$PG/inventory"
+# A development signing secret, made once per checkout and kept out of git.
+if [ -z "${JWT_SECRET:-}" ]; then
+  [ -s "$LOGS/jwt-secret" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$LOGS/jwt-secret"
+  JWT_SECRET=$(cat "$LOGS/jwt-secret")
+fi
+export JWT_SECRET
 
 # Stop what an earlier run left behind.
 if [ -f "$LOGS/pids" ]; then
@@ -34,6 +41,7 @@ if [ -f "$LOGS/pids" ]; then
 fi
 
 DATABASE_URL="$WALLET_DB" "$BIN/flashsale-wallet" migrate >>"$LOGS/wallet.log"
+DATABASE_URL="$INVENTORY_DB" "$BIN/flashsale-inventory" migrate >>"$LOGS/inventory.log"
 
 start() { # name, then env assignments
   local name=$1; shift
@@ -41,8 +49,10 @@ start() { # name, then env assignments
   echo $! >>"$LOGS/pids"
 }
 start wallet DATABASE_URL="$WALLET_DB" WALLET_LISTEN_ADDR=127.0.0.1:50053
-start inventory INVENTORY_LISTEN_ADDR=127.0.0.1:50052
-start gateway GATEWAY_LISTEN_ADDR=127.0.0.1:50051
+start inventory DATABASE_URL="$INVENTORY_DB" INVENTORY_LISTEN_ADDR=127.0.0.1:50052 \
+  WALLET_URL=http://127.0.0.1:50053
+start gateway GATEWAY_LISTEN_ADDR=127.0.0.1:50051 INVENTORY_URL=http://127.0.0.1:50052 \
+  WALLET_URL=http://127.0.0.1:50053
 
 stop_all() {
   echo "[run] stopping services" >&2
@@ -63,18 +73,24 @@ for port in 50053 50052 50051; do
   fi
 done
 
-"$BIN/flashsale-demo" seed --wallet-url http://127.0.0.1:50053
+"$BIN/flashsale-demo" seed --gateway-url http://127.0.0.1:50051
 
 cat <<INFO
 
 Flash-sale suite is running (logs: $LOGS/*.log, JSON lines):
-  gateway    grpc://127.0.0.1:50051   (health + reflection today; the buyer API lands with the purchase path)
-  inventory  grpc://127.0.0.1:50052   (health + reflection)
-  wallet     grpc://127.0.0.1:50053   flashsale.wallet.v1.WalletService
-Demo buyers alice, bob, carol have USD balances. Try (buf reads the API through reflection):
-  buf curl --protocol grpc --http2-prior-knowledge \\
-    -d '{"user_id":"alice","currency":"USD"}' \\
-    http://127.0.0.1:50053/flashsale.wallet.v1.WalletService/GetBalance
+  gateway    grpc://127.0.0.1:50051   flashsale.gateway.v1.FlashSaleGateway, flashsale.gateway.v1.AdminService
+  inventory  grpc://127.0.0.1:50052   flashsale.inventory.v1.InventoryService (internal)
+  wallet     grpc://127.0.0.1:50053   flashsale.wallet.v1.WalletService (internal)
+Demo sale "demo-drop" (100 units, 25.00 USD, limit 1); buyers alice, bob, carol have balances.
+Buy from the command line (buf reads the API through reflection):
+  export JWT_SECRET=\$(cat $LOGS/jwt-secret)
+  TOKEN=\$($BIN/flashsale-gateway token --sub alice)
+  buf curl --protocol grpc --http2-prior-knowledge -H "authorization: Bearer \$TOKEN" \\
+    -d '{"item_id":"demo-drop","quantity":1}' \\
+    http://127.0.0.1:50051/flashsale.gateway.v1.FlashSaleGateway/Purchase
+  buf curl --protocol grpc --http2-prior-knowledge -H "authorization: Bearer \$TOKEN" \\
+    -d '{"order_id":"<order_id from above>"}' \\
+    http://127.0.0.1:50051/flashsale.gateway.v1.FlashSaleGateway/WatchOrder
 INFO
 
 if [ "$DETACH" -eq 1 ]; then

@@ -66,6 +66,17 @@ impl TestSuite {
         })
     }
 
+    /// `http://127.0.0.1:<port>` of each running service, by name.
+    pub fn url(&self, service: &str) -> Option<String> {
+        match service {
+            "wallet" => self.wallet.as_ref(),
+            "inventory" => self.inventory.as_ref(),
+            "gateway" => self.gateway.as_ref(),
+            _ => None,
+        }
+        .map(Running::url)
+    }
+
     pub fn buyers(&self) -> FlashSaleGatewayClient<Channel> {
         FlashSaleGatewayClient::new(self.gateway_channel.clone())
     }

@@ -1,15 +1,20 @@
-//! `flashsale-demo seed`: puts demo data into a running suite through its public
-//! gRPC APIs (never its tables), idempotently, so the run script can call it on
-//! every start.
+//! `flashsale-demo seed`: puts a demo sale into a running suite through the
+//! gateway's admin API (never the tables), idempotently, so the run script can
+//! call it on every start.
+
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use flashsale_integration_tests::suite::with_token;
 use flashsale_proto::common::v1::Money;
-use flashsale_proto::wallet::v1::CreditRequest;
-use flashsale_proto::wallet::v1::wallet_service_client::WalletServiceClient;
+use flashsale_proto::gateway::v1::admin_service_client::AdminServiceClient;
+use flashsale_proto::gateway::v1::{CreateItemRequest, TopUpRequest};
+use tonic::Code;
 
 /// Demo buyers and what each starts with, in USD cents.
 const DEMO_BALANCES: [(&str, i64); 3] = [("alice", 10_000), ("bob", 2_500), ("carol", 500)];
+const DEMO_ITEM: &str = "demo-drop";
 
 #[derive(Debug, Parser)]
 #[command(about = "Seeds demo data into a running flash-sale suite")]
@@ -20,39 +25,65 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Tops up the demo buyers' wallets (once: reruns are no-ops).
+    /// Creates the demo sale and tops up the demo buyers (once: reruns change nothing).
     Seed {
-        #[arg(long, env = "WALLET_URL", default_value = "http://127.0.0.1:50053")]
-        wallet_url: String,
+        #[arg(long, env = "GATEWAY_URL", default_value = "http://127.0.0.1:50051")]
+        gateway_url: String,
+        /// The gateway's signing secret, to mint an operator token.
+        #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+        jwt_secret: String,
     },
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Seed { wallet_url } => seed(wallet_url).await,
+        Command::Seed { gateway_url, jwt_secret } => seed(gateway_url, &jwt_secret).await,
     }
 }
 
-async fn seed(wallet_url: String) -> anyhow::Result<()> {
-    let mut wallet = WalletServiceClient::connect(wallet_url.clone())
+async fn seed(gateway_url: String, secret: &str) -> anyhow::Result<()> {
+    let token = flashsale_gateway::auth::mint(secret, "demo-operator", true, Duration::from_secs(300))?;
+    let mut admin = AdminServiceClient::connect(gateway_url.clone())
         .await
-        .with_context(|| format!("connecting to the wallet at {wallet_url}"))?;
+        .with_context(|| format!("connecting to the gateway at {gateway_url}"))?;
+
+    let now = SystemTime::now();
+    let created = admin
+        .create_item(with_token(
+            CreateItemRequest {
+                id: DEMO_ITEM.into(),
+                name: "Limited sneakers (demo drop)".into(),
+                price: Some(Money { currency: "USD".into(), amount_minor: 2_500 }),
+                stock_total: 100,
+                per_user_limit: 1,
+                starts_at: Some(now.into()),
+                ends_at: Some((now + Duration::from_secs(7 * 24 * 3600)).into()),
+            },
+            &token,
+        ))
+        .await;
+    match created {
+        Ok(_) => eprintln!("created sale {DEMO_ITEM}: 100 units at 25.00 USD, limit 1, open for a week"),
+        Err(status) if status.code() == Code::AlreadyExists => eprintln!("sale {DEMO_ITEM} exists already"),
+        Err(status) => return Err(status).context("creating the demo sale"),
+    }
     for (user, cents) in DEMO_BALANCES {
         // A fixed key per user: the first run credits, later runs replay.
-        let reply = wallet
-            .credit(CreditRequest {
-                idempotency_key: format!("demo-top-up:{user}"),
-                user_id: user.into(),
-                amount: Some(Money { currency: "USD".into(), amount_minor: cents }),
-                reference: "demo seed".into(),
-            })
+        let reply = admin
+            .top_up(with_token(
+                TopUpRequest {
+                    user_id: user.into(),
+                    amount: Some(Money { currency: "USD".into(), amount_minor: cents }),
+                    idempotency_key: format!("demo-seed:{user}"),
+                },
+                &token,
+            ))
             .await
             .with_context(|| format!("topping up {user}"))?
             .into_inner();
-        let entry = reply.transaction.context("wallet answered without a transaction")?;
-        let balance = entry.balance_after.map(|m| m.amount_minor).unwrap_or_default();
-        eprintln!("seeded {user}: ledger entry {} (balance after it: {balance} USD cents)", entry.id);
+        let balance = reply.balance.map(|m| m.amount_minor).unwrap_or_default();
+        eprintln!("topped up {user}: balance after the demo credit {balance} USD cents");
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use flashsale_integration_tests::{TestDatabase, TestWallet, service_binary};
+use flashsale_integration_tests::{TestDatabase, TestSuite, TestWallet, service_binary};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_stream::StreamExt;
 use tonic_health::pb::HealthCheckRequest;
@@ -102,4 +102,23 @@ async fn wallet_binary_exits_cleanly_on_sigterm() -> anyhow::Result<()> {
     }
     assert!(saw_stop, "no 'wallet stopped' log line");
     db.drop_now().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_reports_its_apis_serving() -> anyhow::Result<()> {
+    let suite = TestSuite::spawn().await?;
+    let expected = [
+        ("wallet", vec!["", "flashsale.wallet.v1.WalletService"]),
+        ("inventory", vec!["", "flashsale.inventory.v1.InventoryService"]),
+        ("gateway", vec!["", "flashsale.gateway.v1.FlashSaleGateway", "flashsale.gateway.v1.AdminService"]),
+    ];
+    for (service, names) in expected {
+        let url = suite.url(service).ok_or_else(|| anyhow::anyhow!("{service} not running"))?;
+        let mut health = HealthClient::new(tonic::transport::Channel::from_shared(url)?.connect().await?);
+        for name in names {
+            let status = health.check(HealthCheckRequest { service: name.into() }).await?.into_inner().status();
+            assert_eq!(status, ServingStatus::Serving, "{service}: {name:?}");
+        }
+    }
+    suite.shutdown().await
 }
