@@ -26,8 +26,21 @@ pub struct TestSuite {
     gateway_channel: Channel,
 }
 
+/// Variations of a suite.
+#[derive(Debug, Clone, Default)]
+pub struct SuiteOptions {
+    /// The gateway reaches RabbitMQ here instead of `AMQP_ADDR` (a fault proxy).
+    pub gateway_amqp_addr: Option<String>,
+    /// How long the gateway waits for a publisher confirm.
+    pub publish_timeout_ms: Option<u64>,
+}
+
 impl TestSuite {
     pub async fn spawn() -> anyhow::Result<Self> {
+        Self::spawn_with(SuiteOptions::default()).await
+    }
+
+    pub async fn spawn_with(options: SuiteOptions) -> anyhow::Result<Self> {
         init_test_logging();
         let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let wallet_db = TestDatabase::create("wallet").await?;
@@ -42,13 +55,19 @@ impl TestSuite {
         let app = flashsale_inventory::Application::build(&config).await?;
         let inventory = Running::start(app.port(), |stop| app.run_until_stopped(stop));
 
-        let config = flashsale_gateway::Config::for_tests(
+        let mut config = flashsale_gateway::Config::for_tests(
             inventory.url(),
             wallet.url(),
             &redis_prefix,
             &amqp_prefix,
             JWT_SECRET,
         );
+        if let Some(addr) = options.gateway_amqp_addr {
+            config.amqp_addr = addr;
+        }
+        if let Some(ms) = options.publish_timeout_ms {
+            config.publish_timeout_ms = ms;
+        }
         let app = flashsale_gateway::Application::build(&config).await?;
         let gateway = Running::start(app.port(), |stop| app.run_until_stopped(stop));
         let gateway_channel = Channel::from_shared(gateway.url())?.connect().await?;
@@ -180,7 +199,7 @@ fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-fn amqp_addr() -> String {
+pub fn amqp_addr() -> String {
     std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 

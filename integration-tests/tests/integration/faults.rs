@@ -117,3 +117,51 @@ async fn orders_taken_while_the_wallet_is_down_are_confirmed_once_it_returns() -
     assert!(report.orders.iter().all(|o| o.status == "CONFIRMED"));
     suite.shutdown().await
 }
+
+/// The broker is unreachable for the gateway: the purchase answers UNAVAILABLE,
+/// the reservation is given back, and a retry with the same key, once the broker
+/// is back, buys the unit exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_publish_confirm_the_reservation_is_released_and_a_retry_is_safe() -> anyhow::Result<()> {
+    use flashsale_integration_tests::proxy::FaultProxy;
+    use flashsale_integration_tests::suite::{SuiteOptions, amqp_addr};
+
+    let broker: std::net::SocketAddr = "127.0.0.1:5672".parse()?;
+    let proxy = FaultProxy::start(broker).await?;
+    let proxied = amqp_addr().replace(":5672", &format!(":{}", proxy.port));
+    let suite =
+        TestSuite::spawn_with(SuiteOptions { gateway_amqp_addr: Some(proxied), publish_timeout_ms: Some(1_000) })
+            .await?;
+    create_item(&suite, "solo", 900, 1, 1).await?;
+    top_up(&suite, "alice", 1_000).await?;
+    let request = || PurchaseRequest { item_id: "solo".into(), quantity: 1, idempotency_key: "alice-1".into() };
+
+    proxy.cut();
+    let status = suite.buyers().purchase(suite.as_user("alice", request())).await.expect_err("broker unreachable");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(flashsale_integration_tests::error_reason(&status).as_deref(), Some("UNAVAILABLE"));
+
+    // The unit is on offer again and alice is not marked in flight.
+    let client = redis::Client::open(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))?;
+    let mut redis = client.get_multiplexed_async_connection().await?;
+    let prefix = format!("{}:{{solo}}", suite.redis_prefix);
+    let (tokens, inflight): (Option<i64>, i64) = redis::pipe()
+        .get(format!("{prefix}:tokens"))
+        .hlen(format!("{prefix}:inflight"))
+        .query_async(&mut redis)
+        .await?;
+    assert_eq!((tokens, inflight), (Some(1), 0));
+
+    proxy.restore();
+    let reply = suite.buyers().purchase(suite.as_user("alice", request())).await?.into_inner();
+    let order = final_order(&suite, "alice", &reply.order_id, Duration::from_secs(20)).await?;
+    assert_eq!(order.status(), OrderStatus::Confirmed);
+    let again = suite.buyers().purchase(suite.as_user("alice", request())).await?.into_inner();
+    assert_eq!(again.order_id, reply.order_id, "the same key names the same order");
+
+    wait_until_settled(&suite, &BTreeSet::from([reply.order_id]), Duration::from_secs(20)).await?;
+    let report = audit(&suite).await?;
+    assert_eq!(report.orders.len(), 1);
+    assert_eq!(report.confirmed_units.get("solo"), Some(&1));
+    suite.shutdown().await
+}

@@ -146,6 +146,21 @@ impl Admission {
         })
     }
 
+    /// The order an earlier purchase under this buyer's key created, with its quantity.
+    pub async fn prior_order(
+        &self,
+        item_id: &str,
+        user_id: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<(String, u32)>, GatewayError> {
+        let k = self.keys(item_id);
+        let value: Option<String> = self.hot.clone().hget(&k.idem, format!("{user_id}\n{idempotency_key}")).await?;
+        Ok(value.and_then(|value| {
+            let (order_id, quantity) = value.split_once('|')?;
+            Some((order_id.to_owned(), quantity.parse().ok()?))
+        }))
+    }
+
     /// Undoes an admission whose order never reached the broker.
     pub async fn unadmit(&self, item_id: &str, order_id: &str, user_id: &str, key: &str) -> Result<(), GatewayError> {
         let k = self.keys(item_id);

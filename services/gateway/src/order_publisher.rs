@@ -34,9 +34,16 @@ impl OrderPublisher {
         if let Some((_, publisher)) = current.as_ref().filter(|(_, p)| p.is_usable()) {
             return Ok(publisher.clone());
         }
-        let connection = flashsale_messaging::connect(&self.amqp_addr, "gateway-order-publisher").await?;
-        let publisher = ConfirmedPublisher::new(&connection, self.timeout).await?;
-        self.topology.declare(publisher.channel()).await?;
+        // Bounded like the publish itself: a broker that accepts TCP but never
+        // answers must not hold buyers (and this lock) for ever.
+        let connect = async {
+            let connection = flashsale_messaging::connect(&self.amqp_addr, "gateway-order-publisher").await?;
+            let publisher = ConfirmedPublisher::new(&connection, self.timeout).await?;
+            self.topology.declare(publisher.channel()).await?;
+            Ok::<_, PublishError>((connection, publisher))
+        };
+        let (connection, publisher) =
+            tokio::time::timeout(self.timeout, connect).await.map_err(|_| PublishError::Timeout(self.timeout))??;
         *current = Some((connection, publisher.clone()));
         Ok(publisher)
     }

@@ -76,13 +76,34 @@ impl Purchases {
                 format!("must be at most the per-user limit of {}", item.per_user_limit),
             ));
         }
-        if item.is_sold_out() {
+        // A sold-out item turns the crowd away here, except a buyer retrying a
+        // key: that may be a purchase that succeeded (its reply lost), and the
+        // answer must be that order, not SOLD_OUT. One cheap lookup, no script.
+        let explicit_key = !idempotency_key.is_empty();
+        if item.is_sold_out() && !explicit_key {
             return Err(GatewayError::SoldOut);
         }
 
         let order_id = uuid::Uuid::now_v7().to_string();
-        let idempotency_key = if idempotency_key.is_empty() { order_id.clone() } else { idempotency_key };
+        let idempotency_key = if explicit_key { idempotency_key } else { order_id.clone() };
         let attempt = Attempt { item, quantity, idempotency_key, order_id };
+        if attempt.item.is_sold_out() {
+            let this = self.clone();
+            let buyer = buyer.clone();
+            return tokio::spawn(async move {
+                let prior =
+                    this.admission.prior_order(&attempt.item.id, &buyer.user_id, &attempt.idempotency_key).await?;
+                match prior {
+                    Some((order_id, earlier)) if earlier == attempt.quantity => {
+                        this.replay(&buyer, &attempt, order_id).await
+                    }
+                    Some(_) => Err(GatewayError::IdempotencyKeyReused),
+                    None => Err(GatewayError::SoldOut),
+                }
+            })
+            .await
+            .map_err(|e| GatewayError::Internal(Box::new(e)))?;
+        }
 
         // From here on Redis may change, so the rest runs in a task of its own:
         // a client that disconnects (or a server timeout) must not drop the
@@ -185,6 +206,8 @@ impl Purchases {
             {
                 tracing::error!(error = %undo, order.id = %attempt.order_id, "could not release a reservation");
             }
+            // The units are on offer again: this gateway must not keep saying SOLD_OUT.
+            attempt.item.set_sold_out(false);
             return Err(error);
         }
         tracing::debug!(order.id = %attempt.order_id, item.id = %attempt.item.id, user.id = %buyer.user_id, "order accepted");
