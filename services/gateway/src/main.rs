@@ -70,23 +70,9 @@ async fn main() -> std::process::ExitCode {
         };
     }
     let config = cli.config;
-    let _telemetry = match flashsale_telemetry::init("gateway") {
-        Ok(guard) => guard,
-        Err(e) => {
-            eprintln!("flashsale-gateway: cannot start telemetry: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let result = async {
+    flashsale_server::run_service("gateway", || async move {
         let app = Application::build(&config).await?;
         app.run_until_stopped(flashsale_server::shutdown_signal()).await
-    }
-    .await;
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "flashsale-gateway failed");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    })
+    .await
 }

@@ -118,22 +118,16 @@ impl Application {
             )),
         ];
 
-        let (mut health, health_service) = flashsale_server::Health::new();
+        let (mut health, router) = flashsale_server::standard_router()?;
         health.track(<FlashSaleGatewayServer<GatewayGrpc> as NamedService>::NAME);
         health.track(<AdminServiceServer<GatewayGrpc> as NamedService>::NAME);
-        let (reflection_v1, reflection_v1alpha) = flashsale_server::reflection()?;
         let buyers = FlashSaleGatewayServer::new(grpc.clone())
             .max_decoding_message_size(flashsale_server::MAX_DECODING_MESSAGE_SIZE)
             .max_encoding_message_size(flashsale_server::MAX_ENCODING_MESSAGE_SIZE);
         let admins = AdminServiceServer::new(grpc.clone())
             .max_decoding_message_size(flashsale_server::MAX_DECODING_MESSAGE_SIZE)
             .max_encoding_message_size(flashsale_server::MAX_ENCODING_MESSAGE_SIZE);
-        let router = flashsale_server::server_builder()
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(buyers)
-            .add_service(admins);
+        let router = router.add_service(buyers).add_service(admins);
         tracing::info!(port = self.port, "gateway serving gRPC");
         let listener = self.listener;
         let grace = config.shutdown_grace();

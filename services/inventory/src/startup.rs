@@ -82,17 +82,12 @@ impl Application {
             tokio::spawn(settlement.run_sweeper(Duration::from_millis(config.sweep_interval_ms), background.clone())),
         ];
 
-        let (mut health, health_service) = flashsale_server::Health::new();
+        let (mut health, router) = flashsale_server::standard_router()?;
         health.track(<InventoryServiceServer<InventoryGrpc> as NamedService>::NAME);
-        let (reflection_v1, reflection_v1alpha) = flashsale_server::reflection()?;
         let inventory = InventoryServiceServer::new(InventoryGrpc::new(self.pool, self.wallet, outbox_ready))
             .max_decoding_message_size(flashsale_server::MAX_DECODING_MESSAGE_SIZE)
             .max_encoding_message_size(flashsale_server::MAX_ENCODING_MESSAGE_SIZE);
-        let router = flashsale_server::server_builder()
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(inventory);
+        let router = router.add_service(inventory);
         tracing::info!(port = self.port, "inventory serving gRPC");
         let listener = self.listener;
         let grace = config.shutdown_grace();

@@ -43,17 +43,12 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then drains within the grace period.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let (mut health, health_service) = flashsale_server::Health::new();
+        let (mut health, router) = flashsale_server::standard_router()?;
         health.track(<WalletServiceServer<WalletGrpc> as NamedService>::NAME);
-        let (reflection_v1, reflection_v1alpha) = flashsale_server::reflection()?;
         let wallet = WalletServiceServer::new(WalletGrpc::new(self.pool))
             .max_decoding_message_size(flashsale_server::MAX_DECODING_MESSAGE_SIZE)
             .max_encoding_message_size(flashsale_server::MAX_ENCODING_MESSAGE_SIZE);
-        let router = flashsale_server::server_builder()
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(wallet);
+        let router = router.add_service(wallet);
         tracing::info!(port = self.port, "wallet serving gRPC");
         let listener = self.listener;
         flashsale_server::serve_until_stopped(health, shutdown, self.grace, |stop| {

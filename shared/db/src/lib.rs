@@ -127,6 +127,12 @@ pub async fn create_database_if_missing(database_url: &str) -> Result<(), DbSetu
     Ok(())
 }
 
+/// `migrate` subcommands: creates the database if needed, then applies migrations.
+pub async fn create_and_migrate(database_url: &str, migrations: EmbeddedMigrations) -> Result<(), DbSetupError> {
+    create_database_if_missing(database_url).await?;
+    run_migrations(database_url, migrations).await
+}
+
 /// Drops the database named in `database_url` (tests clean up with this).
 pub async fn drop_database(database_url: &str) -> Result<(), DbSetupError> {
     let (server_url, name) = split_database_url(database_url)?;

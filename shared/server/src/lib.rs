@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -86,6 +86,39 @@ pub fn reflection() -> Result<
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     Ok((builder().build_v1()?, builder().build_v1alpha()?))
+}
+
+/// A server with our settings already serving health and reflection; add the
+/// service's own APIs (and `Health::track` their names) before serving.
+pub fn standard_router() -> Result<(Health, Router), tonic_reflection::server::Error> {
+    let (health, health_service) = Health::new();
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
+    let router =
+        server_builder().add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
+    Ok((health, router))
+}
+
+/// The body of every service's `main`: telemetry first, then `run`; a failure
+/// becomes one error line (in the JSON log) and a non-zero exit code.
+pub async fn run_service<F, Fut>(service: &'static str, run: F) -> std::process::ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let _telemetry = match flashsale_telemetry::init(service) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("flashsale-{service}: cannot start telemetry: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), service, "service failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// Accepted connections from `listener`, with TCP_NODELAY (small gRPC frames
