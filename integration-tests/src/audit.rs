@@ -7,8 +7,14 @@ use std::time::{Duration, Instant};
 use diesel::sql_types::{BigInt, Integer, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
-use crate::TestSuite;
 use crate::wallet::audit_ledger;
+
+/// Where the audit reads: the inventory's and the wallet's databases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Databases {
+    pub inventory_url: String,
+    pub wallet_url: String,
+}
 
 #[derive(Debug, Clone, diesel::QueryableByName)]
 pub struct OrderRow {
@@ -83,12 +89,12 @@ impl AuditReport {
 /// Waits until inventory has recorded every order in `accepted` and nothing is
 /// PAYMENT_PENDING or waiting in the outbox.
 pub async fn wait_until_settled(
-    suite: &TestSuite,
+    databases: &Databases,
     accepted: &BTreeSet<String>,
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
-    let mut conn = AsyncPgConnection::establish(suite.inventory_db.url()).await?;
+    let mut conn = AsyncPgConnection::establish(&databases.inventory_url).await?;
     loop {
         let orders: Vec<OrderRow> = load_orders(&mut conn).await?;
         let recorded: BTreeSet<&str> = orders.iter().map(|o| o.id.as_str()).collect();
@@ -123,8 +129,8 @@ async fn load_orders(conn: &mut AsyncPgConnection) -> anyhow::Result<Vec<OrderRo
 
 /// Checks every invariant of ARCHITECTURE.md against the tables of inventory
 /// and wallet. Call after [`wait_until_settled`].
-pub async fn audit(suite: &TestSuite) -> anyhow::Result<AuditReport> {
-    let mut conn = AsyncPgConnection::establish(suite.inventory_db.url()).await?;
+pub async fn audit(databases: &Databases) -> anyhow::Result<AuditReport> {
+    let mut conn = AsyncPgConnection::establish(&databases.inventory_url).await?;
     let orders = load_orders(&mut conn).await?;
     let items: Vec<ItemRow> =
         diesel::sql_query("SELECT id, stock_total, stock_remaining, per_user_limit FROM items").load(&mut conn).await?;
@@ -184,8 +190,8 @@ pub async fn audit(suite: &TestSuite) -> anyhow::Result<AuditReport> {
 
     // Money: conserved per currency, never negative (audit_ledger replays every account),
     // each paid order debited exactly once, each refund credited exactly once, nothing else charged.
-    audit_ledger(suite.wallet_db.url()).await?;
-    let mut wallet = AsyncPgConnection::establish(suite.wallet_db.url()).await?;
+    audit_ledger(&databases.wallet_url).await?;
+    let mut wallet = AsyncPgConnection::establish(&databases.wallet_url).await?;
     let ledger: Vec<LedgerRow> =
         diesel::sql_query("SELECT idempotency_key, kind, amount_minor FROM ledger_entries").load(&mut wallet).await?;
     let debits: BTreeMap<&str, i64> =
@@ -220,13 +226,13 @@ pub async fn audit(suite: &TestSuite) -> anyhow::Result<AuditReport> {
 /// After settling, Redis must agree with PostgreSQL: no in-flight marks left and
 /// exactly the units PostgreSQL still has on offer. (Holds when Redis kept its
 /// state through the sale; after a flush, PostgreSQL alone is the reference.)
-pub async fn redis_agrees(suite: &TestSuite, report: &AuditReport, timeout: Duration) -> anyhow::Result<()> {
+pub async fn redis_agrees(redis_prefix: &str, report: &AuditReport, timeout: Duration) -> anyhow::Result<()> {
     let client = redis::Client::open(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let deadline = Instant::now() + timeout;
     for (item, remaining) in &report.remaining {
         loop {
-            let prefix = format!("{}:{{{item}}}", suite.redis_prefix);
+            let prefix = format!("{redis_prefix}:{{{item}}}");
             let (tokens, inflight): (Option<i64>, i64) = redis::pipe()
                 .get(format!("{prefix}:tokens"))
                 .hlen(format!("{prefix}:inflight"))

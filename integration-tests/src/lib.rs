@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod db;
+pub mod load;
 pub mod proxy;
 pub mod running;
 pub mod suite;

@@ -96,6 +96,14 @@ impl TestSuite {
         .map(Running::url)
     }
 
+    /// The suite's databases, for the audit.
+    pub fn databases(&self) -> crate::audit::Databases {
+        crate::audit::Databases {
+            inventory_url: self.inventory_db.url().to_owned(),
+            wallet_url: self.wallet_db.url().to_owned(),
+        }
+    }
+
     pub fn buyers(&self) -> FlashSaleGatewayClient<Channel> {
         FlashSaleGatewayClient::new(self.gateway_channel.clone())
     }

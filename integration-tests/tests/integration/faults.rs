@@ -55,8 +55,8 @@ async fn the_same_order_placed_twice_makes_one_order_and_one_debit() -> anyhow::
     wait_for_empty_orders_queue(&suite).await?;
 
     let accepted = BTreeSet::from([reply.order_id.clone(), bobs.order_id]);
-    wait_until_settled(&suite, &accepted, Duration::from_secs(20)).await?;
-    let report = audit(&suite).await?; // one debit per paid order, no extra charge
+    wait_until_settled(&suite.databases(), &accepted, Duration::from_secs(20)).await?;
+    let report = audit(&suite.databases()).await?; // one debit per paid order, no extra charge
     let alices: Vec<_> = report.orders.iter().filter(|o| o.user_id == "alice").collect();
     assert_eq!(alices.len(), 1, "one order for alice: {alices:?}");
     assert_eq!(report.confirmed_units.get("dup"), Some(&2));
@@ -111,8 +111,8 @@ async fn orders_taken_while_the_wallet_is_down_are_confirmed_once_it_returns() -
     // Long enough for the first attempts and a few sweeps to fail.
     tokio::time::sleep(Duration::from_secs(2)).await;
     suite.start_wallet().await?;
-    wait_until_settled(&suite, &accepted, Duration::from_secs(60)).await?;
-    let report = audit(&suite).await?; // each paid exactly once despite the retries
+    wait_until_settled(&suite.databases(), &accepted, Duration::from_secs(60)).await?;
+    let report = audit(&suite.databases()).await?; // each paid exactly once despite the retries
     assert_eq!(report.confirmed_units.get("outage"), Some(&10));
     assert!(report.orders.iter().all(|o| o.status == "CONFIRMED"));
     suite.shutdown().await
@@ -159,8 +159,8 @@ async fn without_a_publish_confirm_the_reservation_is_released_and_a_retry_is_sa
     let again = suite.buyers().purchase(suite.as_user("alice", request())).await?.into_inner();
     assert_eq!(again.order_id, reply.order_id, "the same key names the same order");
 
-    wait_until_settled(&suite, &BTreeSet::from([reply.order_id]), Duration::from_secs(20)).await?;
-    let report = audit(&suite).await?;
+    wait_until_settled(&suite.databases(), &BTreeSet::from([reply.order_id]), Duration::from_secs(20)).await?;
+    let report = audit(&suite.databases()).await?;
     assert_eq!(report.orders.len(), 1);
     assert_eq!(report.confirmed_units.get("solo"), Some(&1));
     suite.shutdown().await

@@ -160,12 +160,12 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
     let buying = started.elapsed();
 
     let accepted = seen.lock().accepted.clone();
-    wait_until_settled(&suite, &accepted, Duration::from_secs(60)).await?;
-    let report = audit(&suite).await?;
+    wait_until_settled(&suite.databases(), &accepted, Duration::from_secs(60)).await?;
+    let report = audit(&suite.databases()).await?;
     if spec.flush_redis_after.is_some() {
         assert!(flushed.load(Ordering::Relaxed), "the sale ended before Redis was flushed");
     } else {
-        redis_agrees(&suite, &report, Duration::from_secs(20)).await?;
+        redis_agrees(&suite.redis_prefix, &report, Duration::from_secs(20)).await?;
     }
 
     // One order per idempotency key, whatever the concurrency.

@@ -1,0 +1,125 @@
+//! `flashsale-load`: seed a sale, storm it, audit the outcome.
+//!
+//! ```text
+//! flashsale-load seed  --users 5000 [--stock 100] > sale.json
+//! flashsale-load run   --sale sale.json --phase 30s@5 --phase 60s@5-100 --phase 180s@100 --report run.json
+//! flashsale-load run   --sale sale.json --users 256 --duration 30s
+//! flashsale-load audit --inventory-db postgres://…/inventory --wallet-db postgres://…/wallet
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use flashsale_integration_tests::audit::{Databases, audit, wait_until_settled};
+use flashsale_integration_tests::load::run::{Mode, RunOptions, run};
+use flashsale_integration_tests::load::seed::{Sale, SeedOptions, seed};
+use flashsale_integration_tests::load::{Phase, parse_duration};
+
+#[derive(Debug, Parser)]
+#[command(about = "Load generator and auditor for the flash-sale suite")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a sale and fund its buyers through the admin API; prints the sale as JSON.
+    Seed {
+        #[arg(long, env = "GATEWAY_URL", default_value = "http://127.0.0.1:50051")]
+        gateway_url: String,
+        #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+        jwt_secret: String,
+        #[arg(long, default_value_t = 5_000)]
+        users: u32,
+        /// Units on sale (default: random 1..=500, as the original fixtures).
+        #[arg(long)]
+        stock: Option<u32>,
+        #[arg(long, default_value_t = 1)]
+        limit: u32,
+        /// Unit price in cents.
+        #[arg(long, default_value_t = 2_500)]
+        price: i64,
+    },
+    /// Drive buyers at a seeded sale and print a summary.
+    Run {
+        #[arg(long, env = "GATEWAY_URL", default_value = "http://127.0.0.1:50051")]
+        gateway_url: String,
+        #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+        jwt_secret: String,
+        /// The JSON `seed` printed.
+        #[arg(long)]
+        sale: PathBuf,
+        /// Open loop: DURATION@RATE or DURATION@FROM-TO arrivals/s, repeatable, in order.
+        #[arg(long = "phase")]
+        phases: Vec<Phase>,
+        /// Closed loop: this many buyers, each buying again as soon as answered.
+        #[arg(long, conflicts_with = "phases")]
+        users: Option<usize>,
+        /// Closed loop: for this long.
+        #[arg(long, value_parser = parse_duration, default_value = "30s")]
+        duration: Duration,
+        /// HTTP/2 connections to spread requests over.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        /// Write the summary (with a per-second timeline) here as JSON.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Wait until every order is final, then check every invariant; non-zero exit on a breach.
+    Audit {
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/inventory")]
+        inventory_db: String,
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/wallet")]
+        wallet_db: String,
+        #[arg(long, value_parser = parse_duration, default_value = "120s")]
+        timeout: Duration,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Seed { gateway_url, jwt_secret, users, stock, limit, price } => {
+            let sale =
+                seed(&SeedOptions { gateway_url, jwt_secret, users, stock, per_user_limit: limit, price_minor: price })
+                    .await?;
+            #[expect(clippy::print_stdout, reason = "the sale is this command's output")]
+            {
+                println!("{}", serde_json::to_string_pretty(&sale)?);
+            }
+            Ok(())
+        }
+        Command::Run { gateway_url, jwt_secret, sale, phases, users, duration, connections, report } => {
+            let sale: Sale =
+                serde_json::from_slice(&std::fs::read(&sale).with_context(|| format!("{}", sale.display()))?)?;
+            let mode = match users {
+                Some(users) => Mode::Closed { users, duration },
+                None if phases.is_empty() => anyhow::bail!("give --phase … (open loop) or --users N (closed loop)"),
+                None => Mode::Open(phases),
+            };
+            let options = RunOptions { gateway_url, jwt_secret, connections, mode, show_progress: true };
+            let summary = run(sale, &options).await?;
+            eprint!("{}", summary.render());
+            if let Some(path) = report {
+                std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
+                eprintln!("report written to {}", path.display());
+            }
+            Ok(())
+        }
+        Command::Audit { inventory_db, wallet_db, timeout } => {
+            let databases = Databases { inventory_url: inventory_db, wallet_url: wallet_db };
+            wait_until_settled(&databases, &Default::default(), timeout).await?;
+            let report = audit(&databases).await?;
+            eprintln!(
+                "audit clean: {} orders, confirmed units per item {:?}, units left {:?}",
+                report.orders.len(),
+                report.confirmed_units,
+                report.remaining
+            );
+            Ok(())
+        }
+    }
+}

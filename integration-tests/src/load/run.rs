@@ -1,0 +1,185 @@
+//! `run`: buyers at a seeded sale over gRPC, open loop (arrivals per second in
+//! phases, like Artillery) or closed loop (N users as fast as they can). A buyer
+//! retries `UNAVAILABLE` with the same idempotency key, as real clients should.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flashsale_proto::gateway::v1::PurchaseRequest;
+use flashsale_proto::gateway::v1::flash_sale_gateway_client::FlashSaleGatewayClient;
+use indicatif::{ProgressBar, ProgressStyle};
+use parking_lot::Mutex;
+use rand::Rng;
+use tokio::sync::Semaphore;
+use tonic::transport::Channel;
+
+use super::Phase;
+use super::seed::Sale;
+use super::stats::{Report, Stats};
+use crate::error_reason;
+use crate::suite::with_token;
+
+/// Most requests an open-loop run keeps in flight; arrivals beyond it are
+/// counted as CLIENT_SATURATED instead of piling up without bound.
+const MAX_IN_FLIGHT: usize = 20_000;
+
+#[derive(Debug, Clone)]
+pub enum Mode {
+    Open(Vec<Phase>),
+    Closed { users: usize, duration: Duration },
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub gateway_url: String,
+    pub jwt_secret: String,
+    pub connections: usize,
+    pub mode: Mode,
+    pub show_progress: bool,
+}
+
+struct Shared {
+    sale: Sale,
+    tokens: Vec<String>,
+    clients: Vec<FlashSaleGatewayClient<Channel>>,
+    stats: Mutex<Stats>,
+    started: Instant,
+}
+
+pub async fn run(sale: Sale, options: &RunOptions) -> anyhow::Result<Report> {
+    let mut clients = Vec::new();
+    for _ in 0..options.connections.max(1) {
+        let channel = Channel::from_shared(options.gateway_url.clone())?.tcp_nodelay(true).connect().await?;
+        clients.push(FlashSaleGatewayClient::new(channel));
+    }
+    let tokens = (0..sale.users)
+        .map(|n| flashsale_gateway::auth::mint(&options.jwt_secret, &sale.user(n), false, Duration::from_secs(3600)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let shared =
+        Arc::new(Shared { sale, tokens, clients, stats: Mutex::new(Stats::default()), started: Instant::now() });
+
+    let progress = progress_bar(options.show_progress);
+    let ticker = {
+        let shared = shared.clone();
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let stats = shared.stats.lock();
+                let outcomes: Vec<String> = stats.outcomes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                progress.set_message(format!("{}/s  {}", stats.completed - last, outcomes.join(" ")));
+                last = stats.completed;
+            }
+        })
+    };
+
+    match &options.mode {
+        Mode::Open(phases) => open_loop(&shared, phases).await,
+        Mode::Closed { users, duration } => closed_loop(&shared, *users, *duration).await,
+    }
+    ticker.abort();
+    progress.finish_and_clear();
+    let elapsed = shared.started.elapsed();
+    let report = shared.stats.lock().report(elapsed);
+    Ok(report)
+}
+
+fn progress_bar(visible: bool) -> ProgressBar {
+    if !visible {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}") {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+async fn open_loop(shared: &Arc<Shared>, phases: &[Phase]) {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut phase_start = Instant::now();
+    for phase in phases {
+        let length = phase.duration.as_secs_f64();
+        let mut t = 0.0;
+        while t < length {
+            let rate = phase.from_rate + (phase.to_rate - phase.from_rate) * (t / length.max(f64::EPSILON));
+            if rate <= 0.0 {
+                t += 0.01;
+                continue;
+            }
+            let due = phase_start + Duration::from_secs_f64(t);
+            tokio::time::sleep_until(due.into()).await;
+            shared.stats.lock().launched += 1;
+            match in_flight.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let shared = shared.clone();
+                    tasks.spawn(async move {
+                        attempt(&shared, due).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => record(shared, due, "CLIENT_SATURATED"),
+            }
+            t += 1.0 / rate;
+            // Reap finished tasks so the set does not grow for the whole run.
+            while tasks.try_join_next().is_some() {}
+        }
+        phase_start += phase.duration;
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn closed_loop(shared: &Arc<Shared>, users: usize, duration: Duration) {
+    let deadline = Instant::now() + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..users.max(1) {
+        let shared = shared.clone();
+        tasks.spawn(async move {
+            while Instant::now() < deadline {
+                shared.stats.lock().launched += 1;
+                attempt(&shared, Instant::now()).await;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// One buyer's purchase, retried on UNAVAILABLE under the same key. Latency is
+/// measured from when the arrival was due (no coordinated omission).
+async fn attempt(shared: &Shared, due: Instant) {
+    let (user, client) = {
+        let mut rng = rand::rng();
+        let user = rng.random_range(0..shared.sale.users) as usize;
+        (user, rng.random_range(0..shared.clients.len()))
+    };
+    let mut client = shared.clients[client].clone();
+    let key = uuid::Uuid::new_v4().simple().to_string();
+    let mut outcome = String::from("UNAVAILABLE");
+    for retry in 0..3 {
+        let request =
+            PurchaseRequest { item_id: shared.sale.item_id.clone(), quantity: 1, idempotency_key: key.clone() };
+        match client.purchase(with_token(request, &shared.tokens[user])).await {
+            Ok(_) => {
+                outcome = "ACCEPTED".into();
+                break;
+            }
+            Err(status) => {
+                outcome = error_reason(&status).unwrap_or_else(|| format!("{:?}", status.code()));
+                if outcome != "UNAVAILABLE" || retry == 2 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    record(shared, due, &outcome);
+}
+
+fn record(shared: &Shared, due: Instant, outcome: &str) {
+    let now = Instant::now();
+    let second = now.duration_since(shared.started).as_secs() as usize;
+    shared.stats.lock().record(second, now.saturating_duration_since(due), outcome);
+}
