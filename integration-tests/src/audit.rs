@@ -250,3 +250,47 @@ pub async fn redis_agrees(redis_prefix: &str, report: &AuditReport, timeout: Dur
     }
     Ok(())
 }
+
+/// Per item: orders, and milliseconds from the first order's acceptance (the
+/// timestamp inside its UUIDv7, minted by the gateway) to the last final state.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SettlementSpan {
+    pub item_id: String,
+    pub orders: u64,
+    pub first_accepted_to_last_final_ms: i64,
+}
+
+pub async fn settlement_spans(databases: &Databases) -> anyhow::Result<Vec<SettlementSpan>> {
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        item_id: String,
+        #[diesel(sql_type = Text)]
+        first_id: String,
+        #[diesel(sql_type = BigInt)]
+        orders: i64,
+        #[diesel(sql_type = BigInt)]
+        last_final_ms: i64,
+    }
+    let mut conn = AsyncPgConnection::establish(&databases.inventory_url).await?;
+    let rows: Vec<Row> = diesel::sql_query(
+        "SELECT item_id, min(id::text) AS first_id, count(*) AS orders,
+                (extract(epoch FROM max(updated_at)) * 1000)::bigint AS last_final_ms
+           FROM orders GROUP BY item_id ORDER BY item_id",
+    )
+    .load(&mut conn)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            let first = uuid::Uuid::parse_str(&row.first_id)?;
+            let (seconds, nanos) =
+                first.get_timestamp().ok_or_else(|| anyhow::anyhow!("order {first} is not a UUIDv7"))?.to_unix();
+            let accepted_ms = i64::try_from(seconds)? * 1000 + i64::from(nanos / 1_000_000);
+            Ok(SettlementSpan {
+                item_id: row.item_id,
+                orders: u64::try_from(row.orders)?,
+                first_accepted_to_last_final_ms: row.last_final_ms - accepted_ms,
+            })
+        })
+        .collect()
+}

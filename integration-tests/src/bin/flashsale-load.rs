@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flashsale_integration_tests::audit::{Databases, audit, wait_until_settled};
-use flashsale_integration_tests::load::run::{Mode, RunOptions, run};
+use flashsale_integration_tests::load::run::{Mode, Rpc, RunOptions, run};
 use flashsale_integration_tests::load::seed::{Sale, SeedOptions, seed};
 use flashsale_integration_tests::load::{Phase, parse_duration};
 
@@ -67,6 +67,12 @@ enum Command {
         /// Write the summary (with a per-second timeline) here as JSON.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// What to call: a purchase, or the health check (the null-RPC ceiling).
+        #[arg(long, value_enum, default_value = "purchase")]
+        rpc: Rpc,
+        /// No progress line (for scripts).
+        #[arg(long)]
+        quiet: bool,
     },
     /// Wait until every order is final, then check every invariant; non-zero exit on a breach.
     Audit {
@@ -92,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { gateway_url, jwt_secret, sale, phases, users, duration, connections, report } => {
+        Command::Run { gateway_url, jwt_secret, sale, phases, users, duration, connections, report, rpc, quiet } => {
             let sale: Sale =
                 serde_json::from_slice(&std::fs::read(&sale).with_context(|| format!("{}", sale.display()))?)?;
             let mode = match users {
@@ -100,7 +106,7 @@ async fn main() -> anyhow::Result<()> {
                 None if phases.is_empty() => anyhow::bail!("give --phase … (open loop) or --users N (closed loop)"),
                 None => Mode::Open(phases),
             };
-            let options = RunOptions { gateway_url, jwt_secret, connections, mode, show_progress: true };
+            let options = RunOptions { rpc, gateway_url, jwt_secret, connections, mode, show_progress: !quiet };
             let summary = run(sale, &options).await?;
             eprint!("{}", summary.render());
             if let Some(path) = report {
@@ -119,6 +125,11 @@ async fn main() -> anyhow::Result<()> {
                 report.confirmed_units,
                 report.remaining
             );
+            let spans = flashsale_integration_tests::audit::settlement_spans(&databases).await?;
+            #[expect(clippy::print_stdout, reason = "machine-readable result for scripts")]
+            {
+                println!("{}", serde_json::to_string(&spans)?);
+            }
             Ok(())
         }
     }

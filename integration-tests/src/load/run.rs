@@ -12,6 +12,8 @@ use parking_lot::Mutex;
 use rand::Rng;
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 use super::Phase;
 use super::seed::Sale;
@@ -29,8 +31,18 @@ pub enum Mode {
     Closed { users: usize, duration: Duration },
 }
 
+/// What each arrival calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Rpc {
+    /// `FlashSaleGateway/Purchase`, as a buyer.
+    Purchase,
+    /// `grpc.health.v1.Health/Check`: the null RPC, the ceiling the purchase path is compared with.
+    Health,
+}
+
 #[derive(Debug, Clone)]
 pub struct RunOptions {
+    pub rpc: Rpc,
     pub gateway_url: String,
     pub jwt_secret: String,
     pub connections: usize,
@@ -39,24 +51,36 @@ pub struct RunOptions {
 }
 
 struct Shared {
+    rpc: Rpc,
     sale: Sale,
     tokens: Vec<String>,
     clients: Vec<FlashSaleGatewayClient<Channel>>,
+    health: Vec<HealthClient<Channel>>,
     stats: Mutex<Stats>,
     started: Instant,
 }
 
 pub async fn run(sale: Sale, options: &RunOptions) -> anyhow::Result<Report> {
     let mut clients = Vec::new();
+    let mut channels = Vec::new();
     for _ in 0..options.connections.max(1) {
         let channel = Channel::from_shared(options.gateway_url.clone())?.tcp_nodelay(true).connect().await?;
+        channels.push(channel.clone());
         clients.push(FlashSaleGatewayClient::new(channel));
     }
     let tokens = (0..sale.users)
         .map(|n| flashsale_gateway::auth::mint(&options.jwt_secret, &sale.user(n), false, Duration::from_secs(3600)))
         .collect::<Result<Vec<_>, _>>()?;
-    let shared =
-        Arc::new(Shared { sale, tokens, clients, stats: Mutex::new(Stats::default()), started: Instant::now() });
+    let health = channels.into_iter().map(HealthClient::new).collect();
+    let shared = Arc::new(Shared {
+        rpc: options.rpc,
+        sale,
+        tokens,
+        clients,
+        health,
+        stats: Mutex::new(Stats::default()),
+        started: Instant::now(),
+    });
 
     let progress = progress_bar(options.show_progress);
     let ticker = {
@@ -155,6 +179,14 @@ async fn attempt(shared: &Shared, due: Instant) {
         let user = rng.random_range(0..shared.sale.users) as usize;
         (user, rng.random_range(0..shared.clients.len()))
     };
+    if shared.rpc == Rpc::Health {
+        let outcome = match shared.health[client].clone().check(HealthCheckRequest::default()).await {
+            Ok(_) => "OK".to_owned(),
+            Err(status) => format!("{:?}", status.code()),
+        };
+        record(shared, due, &outcome);
+        return;
+    }
     let mut client = shared.clients[client].clone();
     let key = uuid::Uuid::new_v4().simple().to_string();
     let mut outcome = String::from("UNAVAILABLE");
