@@ -320,3 +320,27 @@ async fn transactions_are_listed_newest_first_one_page_at_a_time() -> anyhow::Re
     assert_eq!(status.code(), Code::InvalidArgument);
     wallet.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_debit_stays_refused_for_its_key_even_after_a_top_up() -> anyhow::Result<()> {
+    let wallet = TestWallet::spawn().await?;
+    let mut client = wallet.client();
+    credit(&mut client, "top-up-1", "gil", money("USD", 100)).await?;
+    let status = client.debit(debit_request("order-7", "gil", money("USD", 500))).await.expect_err("too little");
+    assert_eq!(error_reason(&status).as_deref(), Some("INSUFFICIENT_FUNDS"));
+
+    // The buyer tops up; a late retry of the refused payment (its order was
+    // rejected meanwhile) must not charge them now.
+    credit(&mut client, "top-up-2", "gil", money("USD", 1_000)).await?;
+    let status = client.debit(debit_request("order-7", "gil", money("USD", 500))).await.expect_err("replayed");
+    assert_eq!(error_reason(&status).as_deref(), Some("INSUFFICIENT_FUNDS"));
+    assert_eq!(balance(&mut client, "gil", "USD").await?, 1_100);
+    // A changed request under that key is still a reuse.
+    let status = client.debit(debit_request("order-7", "gil", money("USD", 50))).await.expect_err("reuse");
+    assert_eq!(error_reason(&status).as_deref(), Some("IDEMPOTENCY_KEY_REUSED"));
+    // A new key pays.
+    client.debit(debit_request("order-8", "gil", money("USD", 500))).await?;
+    assert_eq!(balance(&mut client, "gil", "USD").await?, 600);
+    audit_ledger(wallet.db.url()).await?;
+    wallet.shutdown().await
+}

@@ -2,39 +2,38 @@
 //! PostgreSQL, and this code only chooses statements that let it:
 //! - no overdraft: the debit is `UPDATE … WHERE balance_minor >= amount`, and
 //!   `balance_minor >= 0` is a CHECK besides;
-//! - no double application: `ledger_entries.idempotency_key` is UNIQUE and the
-//!   entry is inserted in the same transaction as the balance change, so a
-//!   second request with the same key rolls back its balance change;
+//! - one outcome per idempotency key: the movement first inserts its key into
+//!   `idempotency_keys` (primary key), in the transaction that moves the money,
+//!   so a concurrent request with the same key waits for it and then replays
+//!   what it recorded: the ledger entry, or the refusal for insufficient funds;
 //! - no overflow: the credit adds only `WHERE balance_minor <= i64::MAX - amount`.
 
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
-use super::models::{Balance, LedgerEntry, NewAccount, NewLedgerEntry};
-use super::schema::{accounts, ledger_entries};
+use super::models::{Balance, KeyClaim, LedgerEntry, NewAccount, NewKeyClaim, NewLedgerEntry};
+use super::schema::{accounts, idempotency_keys, ledger_entries};
 use crate::domain::{Currency, Kind, Movement, Page, UserId};
 use crate::error::WalletError;
+
+const APPLIED: &str = "applied";
+const INSUFFICIENT_FUNDS: &str = "insufficient_funds";
+
+/// How a movement's transaction ended.
+#[derive(Debug)]
+enum Settled {
+    Applied(LedgerEntry),
+    /// Committed as a refusal: the key now answers INSUFFICIENT_FUNDS for good.
+    Refused,
+    /// Another request holds the key (committed first); replay what it recorded.
+    KeyTaken,
+}
 
 /// Why a movement's transaction was rolled back.
 #[derive(Debug)]
 enum Abort {
-    Refused(Refusal),
-    Db(diesel::result::Error),
-}
-
-/// A rollback decided by a guard in our statements rather than by an error.
-#[derive(Debug)]
-enum Refusal {
-    /// Another request holds this idempotency key (committed before our insert).
-    KeyTaken,
-    InsufficientFunds,
     Overflow,
-}
-
-impl From<Refusal> for Abort {
-    fn from(refusal: Refusal) -> Self {
-        Self::Refused(refusal)
-    }
+    Db(diesel::result::Error),
 }
 
 impl From<diesel::result::Error> for Abort {
@@ -44,62 +43,89 @@ impl From<diesel::result::Error> for Abort {
 }
 
 /// Applies a credit or debit exactly once per idempotency key and returns its
-/// ledger entry. A replay of the same request returns the first entry; the same
-/// key with any other field changed is refused.
+/// ledger entry. Replaying the same request returns the first outcome (the
+/// entry, or INSUFFICIENT_FUNDS); the same key with any field changed is refused.
 pub async fn apply(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<LedgerEntry, WalletError> {
     // Replays (client retries, sweeper retries) are answered without a transaction.
-    if let Some(entry) = find_by_key(conn, movement.key.as_str()).await? {
-        return replay(entry, movement);
+    if let Some(claim) = find_claim(conn, movement.key.as_str()).await? {
+        return replay(conn, claim, movement).await;
     }
-    let applied = conn
+    let settled = conn
         .transaction::<_, Abort, _>(async |conn| {
+            let claimed = diesel::insert_into(idempotency_keys::table)
+                .values(NewKeyClaim {
+                    idempotency_key: movement.key.as_str(),
+                    user_id: movement.user.as_str(),
+                    currency: movement.currency.code(),
+                    kind: movement.kind.as_db(),
+                    amount_minor: movement.amount.minor(),
+                    reference: movement.reference.as_str(),
+                })
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?;
+            if claimed == 0 {
+                return Ok(Settled::KeyTaken);
+            }
             let balance_after = match movement.kind {
                 Kind::Debit => debit_balance(conn, movement).await?,
-                Kind::Credit => credit_balance(conn, movement).await?,
+                Kind::Credit => Some(credit_balance(conn, movement).await?),
             };
-            let entry = NewLedgerEntry {
-                idempotency_key: movement.key.as_str(),
-                user_id: movement.user.as_str(),
-                currency: movement.currency.code(),
-                kind: movement.kind.as_db(),
-                amount_minor: movement.amount.minor(),
-                balance_after_minor: balance_after,
-                reference: movement.reference.as_str(),
+            let Some(balance_after) = balance_after else {
+                record_outcome(conn, movement, INSUFFICIENT_FUNDS, None).await?;
+                return Ok(Settled::Refused);
             };
-            diesel::insert_into(ledger_entries::table)
-                .values(&entry)
-                .on_conflict(ledger_entries::idempotency_key)
-                .do_nothing()
+            let entry = diesel::insert_into(ledger_entries::table)
+                .values(NewLedgerEntry {
+                    idempotency_key: movement.key.as_str(),
+                    user_id: movement.user.as_str(),
+                    currency: movement.currency.code(),
+                    kind: movement.kind.as_db(),
+                    amount_minor: movement.amount.minor(),
+                    balance_after_minor: balance_after,
+                    reference: movement.reference.as_str(),
+                })
                 .returning(LedgerEntry::as_returning())
                 .get_result(conn)
-                .await
-                .optional()?
-                .ok_or(Refusal::KeyTaken.into())
+                .await?;
+            record_outcome(conn, movement, APPLIED, Some(entry.id)).await?;
+            Ok(Settled::Applied(entry))
         })
         .await;
 
-    match applied {
-        Ok(entry) => Ok(entry),
+    match settled {
+        Ok(Settled::Applied(entry)) => Ok(entry),
+        Ok(Settled::Refused) => Err(WalletError::InsufficientFunds),
+        Ok(Settled::KeyTaken) => {
+            let claim = find_claim(conn, movement.key.as_str())
+                .await?
+                // Claims are never deleted, so a key that conflicted exists.
+                .ok_or_else(|| WalletError::Internal("idempotency key missing after a conflict".into()))?;
+            replay(conn, claim, movement).await
+        }
+        Err(Abort::Overflow) => Err(WalletError::BalanceOverflow),
         Err(Abort::Db(error)) => Err(error.into()),
-        // Every other abort may be the shadow of a concurrent request with the
-        // same key that committed while we waited for the account row or the key:
-        // if that request is ours, its result is the answer.
-        Err(Abort::Refused(refusal)) => match find_by_key(conn, movement.key.as_str()).await? {
-            Some(entry) => replay(entry, movement),
-            None => Err(match refusal {
-                Refusal::InsufficientFunds => WalletError::InsufficientFunds,
-                Refusal::Overflow => WalletError::BalanceOverflow,
-                // Ledger entries are never deleted, so a key that conflicted exists.
-                Refusal::KeyTaken => WalletError::Internal("idempotency key missing after a conflict".into()),
-            }),
-        },
     }
 }
 
-/// Takes `amount` from the account if it covers it; returns the new balance.
-async fn debit_balance(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<i64, Abort> {
+async fn record_outcome(
+    conn: &mut AsyncPgConnection,
+    movement: &Movement,
+    outcome: &str,
+    entry_id: Option<i64>,
+) -> QueryResult<()> {
+    diesel::update(idempotency_keys::table.find(movement.key.as_str()))
+        .set((idempotency_keys::outcome.eq(outcome), idempotency_keys::ledger_entry_id.eq(entry_id)))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Takes `amount` from the account if it covers it; returns the new balance,
+/// or `None` when the balance (or the account) does not cover it.
+async fn debit_balance(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<Option<i64>, Abort> {
     let amount = movement.amount.minor();
-    diesel::update(accounts::table)
+    Ok(diesel::update(accounts::table)
         .filter(accounts::user_id.eq(movement.user.as_str()))
         .filter(accounts::currency.eq(movement.currency.code()))
         .filter(accounts::balance_minor.ge(amount))
@@ -107,8 +133,7 @@ async fn debit_balance(conn: &mut AsyncPgConnection, movement: &Movement) -> Res
         .returning(accounts::balance_minor)
         .get_result::<i64>(conn)
         .await
-        .optional()?
-        .ok_or(Refusal::InsufficientFunds.into())
+        .optional()?)
 }
 
 /// Adds `amount` to the account, opening it first if needed; returns the new balance.
@@ -128,26 +153,35 @@ async fn credit_balance(conn: &mut AsyncPgConnection, movement: &Movement) -> Re
         .get_result::<i64>(conn)
         .await
         .optional()?
-        .ok_or(Refusal::Overflow.into())
+        .ok_or(Abort::Overflow)
 }
 
-async fn find_by_key(conn: &mut AsyncPgConnection, key: &str) -> Result<Option<LedgerEntry>, WalletError> {
-    Ok(ledger_entries::table
-        .filter(ledger_entries::idempotency_key.eq(key))
-        .select(LedgerEntry::as_select())
-        .first(conn)
-        .await
-        .optional()?)
+async fn find_claim(conn: &mut AsyncPgConnection, key: &str) -> Result<Option<KeyClaim>, WalletError> {
+    Ok(idempotency_keys::table.find(key).select(KeyClaim::as_select()).first(conn).await.optional()?)
 }
 
-/// The stored entry answers the request only if the request is the same one.
-fn replay(entry: LedgerEntry, movement: &Movement) -> Result<LedgerEntry, WalletError> {
-    let same = entry.user_id == movement.user.as_str()
-        && entry.currency == movement.currency.code()
-        && entry.kind == movement.kind.as_db()
-        && entry.amount_minor == movement.amount.minor()
-        && entry.reference == movement.reference.as_str();
-    if same { Ok(entry) } else { Err(WalletError::IdempotencyKeyReused) }
+/// The recorded outcome answers the request only if the request is the same one.
+async fn replay(
+    conn: &mut AsyncPgConnection,
+    claim: KeyClaim,
+    movement: &Movement,
+) -> Result<LedgerEntry, WalletError> {
+    let same = claim.user_id == movement.user.as_str()
+        && claim.currency == movement.currency.code()
+        && claim.kind == movement.kind.as_db()
+        && claim.amount_minor == movement.amount.minor()
+        && claim.reference == movement.reference.as_str();
+    if !same {
+        return Err(WalletError::IdempotencyKeyReused);
+    }
+    match (claim.outcome.as_deref(), claim.ledger_entry_id) {
+        (Some(APPLIED), Some(id)) => {
+            Ok(ledger_entries::table.find(id).select(LedgerEntry::as_select()).first(conn).await?)
+        }
+        (Some(INSUFFICIENT_FUNDS), _) => Err(WalletError::InsufficientFunds),
+        // Committed claims always carry an outcome (NULL only inside its transaction).
+        _ => Err(WalletError::Internal(format!("key claim without an outcome: {:?}", claim.outcome).into())),
+    }
 }
 
 /// A user's balances: in one currency (zero when the account does not exist

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 
-use super::schema::{accounts, ledger_entries};
+use super::schema::{accounts, idempotency_keys, ledger_entries};
 
 /// One immutable ledger entry.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
@@ -47,4 +47,29 @@ pub struct Balance {
 pub struct NewAccount<'a> {
     pub user_id: &'a str,
     pub currency: &'a str,
+}
+
+/// The claim a money movement made on its idempotency key, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = idempotency_keys, check_for_backend(diesel::pg::Pg))]
+pub struct KeyClaim {
+    pub idempotency_key: String,
+    pub user_id: String,
+    pub currency: String,
+    pub kind: String,
+    pub amount_minor: i64,
+    pub reference: String,
+    pub outcome: Option<String>,
+    pub ledger_entry_id: Option<i64>,
+}
+
+#[derive(Debug, Insertable)]
+#[diesel(table_name = idempotency_keys, check_for_backend(diesel::pg::Pg))]
+pub struct NewKeyClaim<'a> {
+    pub idempotency_key: &'a str,
+    pub user_id: &'a str,
+    pub currency: &'a str,
+    pub kind: &'a str,
+    pub amount_minor: i64,
+    pub reference: &'a str,
 }

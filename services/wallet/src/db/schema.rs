@@ -24,4 +24,20 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(accounts, ledger_entries);
+diesel::table! {
+    idempotency_keys (idempotency_key) {
+        idempotency_key -> Text,
+        user_id -> Text,
+        currency -> Text,
+        kind -> Text,
+        amount_minor -> Int8,
+        reference -> Text,
+        outcome -> Nullable<Text>,
+        ledger_entry_id -> Nullable<Int8>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::joinable!(idempotency_keys -> ledger_entries (ledger_entry_id));
+
+diesel::allow_tables_to_appear_in_same_query!(accounts, idempotency_keys, ledger_entries);
