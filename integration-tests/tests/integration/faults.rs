@@ -165,3 +165,49 @@ async fn without_a_publish_confirm_the_reservation_is_released_and_a_retry_is_sa
     assert_eq!(report.confirmed_units.get("solo"), Some(&1));
     suite.shutdown().await
 }
+
+/// Redis counts one unit more than PostgreSQL has; a two-unit order is then
+/// refused by PostgreSQL (SOLD_OUT) and consumes two tokens, leaving Redis at 0
+/// while one unit remains. The gateway resyncs, and the unit still sells.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_redis_lost_track_of_is_offered_again() -> anyhow::Result<()> {
+    let suite = TestSuite::spawn().await?;
+    create_item(&suite, "pair", 100, 3, 3).await?;
+    for buyer in ["ann", "ben", "cat"] {
+        top_up(&suite, buyer, 1_000).await?;
+    }
+    let buy = |quantity| PurchaseRequest { item_id: "pair".into(), quantity, idempotency_key: String::new() };
+    let first = suite.buyers().purchase(suite.as_user("ann", buy(2))).await?.into_inner();
+    assert_eq!(final_order(&suite, "ann", &first.order_id, Duration::from_secs(20)).await?.status(), OrderStatus::Confirmed);
+
+    // Drift: Redis believes two units remain; PostgreSQL has one.
+    let client = redis::Client::open(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))?;
+    let mut redis = client.get_multiplexed_async_connection().await?;
+    let tokens = format!("{}:{{pair}}:tokens", suite.redis_prefix);
+    let _: () = redis::cmd("SET").arg(&tokens).arg(2).query_async(&mut redis).await?;
+
+    let second = suite.buyers().purchase(suite.as_user("ben", buy(2))).await?.into_inner();
+    let order = final_order(&suite, "ben", &second.order_id, Duration::from_secs(20)).await?;
+    assert_eq!((order.status(), order.reject_reason.as_str()), (OrderStatus::Rejected, "SOLD_OUT"));
+
+    // The last unit sells (SOLD_OUT until the gateway notices and resyncs).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let third = loop {
+        match suite.buyers().purchase(suite.as_user("cat", buy(1))).await {
+            Ok(reply) => break reply.into_inner(),
+            Err(status)
+                if flashsale_integration_tests::error_reason(&status).as_deref() == Some("SOLD_OUT")
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => anyhow::bail!("the last unit was not offered: {status:?}"),
+        }
+    };
+    assert_eq!(final_order(&suite, "cat", &third.order_id, Duration::from_secs(20)).await?.status(), OrderStatus::Confirmed);
+    let accepted = BTreeSet::from([first.order_id, second.order_id, third.order_id]);
+    wait_until_settled(&suite.databases(), &accepted, Duration::from_secs(20)).await?;
+    let report = audit(&suite.databases()).await?;
+    assert_eq!(report.confirmed_units.get("pair"), Some(&3));
+    suite.shutdown().await
+}

@@ -62,6 +62,7 @@ pub struct Admission {
     unadmit: Script,
     apply_event: Script,
     rebuild: Script,
+    resync: Script,
 }
 
 impl Admission {
@@ -84,6 +85,7 @@ impl Admission {
             unadmit: Script::new(include_str!("lua/unadmit.lua")),
             apply_event: Script::new(include_str!("lua/apply_event.lua")),
             rebuild: Script::new(include_str!("lua/rebuild.lua")),
+            resync: Script::new(include_str!("lua/resync.lua")),
         })
     }
 
@@ -261,6 +263,14 @@ impl Admission {
         let mut conn = self.pool.get().await?;
         let rebuilt: i64 = invocation.invoke_async(&mut *conn).await?;
         Ok(rebuilt == 1)
+    }
+
+    /// Raises the item's tokens to PostgreSQL's `remaining` if nothing is in
+    /// flight and Redis offers fewer; returns the tokens added.
+    pub async fn resync(&self, item_id: &str, remaining: u32) -> Result<i64, GatewayError> {
+        let k = self.keys(item_id);
+        let mut conn = self.pool.get().await?;
+        Ok(self.resync.key(&k.ready).key(&k.tokens).key(&k.admitted).arg(remaining).invoke_async(&mut *conn).await?)
     }
 
     /// Units Redis still offers, or `None` when the item's state is missing.

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use flashsale_proto::common::v1 as pb;
@@ -33,6 +33,8 @@ pub struct CatalogItem {
     pub ends_at_ms: i64,
     /// Set when Redis said SOLD_OUT; cleared when units may have come back.
     pub sold_out: AtomicBool,
+    /// PostgreSQL's units left as of the last refresh.
+    pub pg_remaining: AtomicU32,
 }
 
 impl CatalogItem {
@@ -46,6 +48,7 @@ impl CatalogItem {
             starts_at_ms: millis(item.starts_at.as_ref()?),
             ends_at_ms: millis(item.ends_at.as_ref()?),
             sold_out: AtomicBool::new(false),
+            pg_remaining: AtomicU32::new(item.stock_remaining),
         })
     }
 

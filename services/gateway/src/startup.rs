@@ -148,8 +148,22 @@ impl Application {
 
 /// A sold-out flag is a cache of Redis's answer. Clear it when Redis offers
 /// units again, or when the item's state is gone (the next attempt rebuilds it).
+/// When PostgreSQL still has units that Redis no longer offers and nothing is in
+/// flight, bring Redis back up to PostgreSQL first.
 async fn clear_stale_sold_out_flags(catalog: &Catalog, admission: &Admission) {
     for item in catalog.sold_out_items() {
+        let remaining = item.pg_remaining.load(std::sync::atomic::Ordering::Relaxed);
+        if remaining > 0 {
+            match admission.resync(&item.id, remaining).await {
+                Ok(0) => {}
+                Ok(added) => tracing::warn!(
+                    item.id = %item.id,
+                    tokens.added = added,
+                    "Redis offered fewer units than PostgreSQL has; resynced"
+                ),
+                Err(e) => tracing::debug!(error = %e, item.id = %item.id, "resync failed"),
+            }
+        }
         match admission.tokens(&item.id).await {
             Ok(Some(tokens)) if tokens <= 0 => {}
             Ok(_) => item.set_sold_out(false),
