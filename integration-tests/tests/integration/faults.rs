@@ -137,6 +137,9 @@ async fn without_a_publish_confirm_the_reservation_is_released_and_a_retry_is_sa
     let request = || PurchaseRequest { item_id: "solo".into(), quantity: 1, idempotency_key: "alice-1".into() };
 
     proxy.cut();
+    // Let the gateway's client notice the closed connection, so the purchase
+    // finds no broker (certainly not queued) rather than a dead socket (unknown).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let status = suite.buyers().purchase(suite.as_user("alice", request())).await.expect_err("broker unreachable");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert_eq!(flashsale_integration_tests::error_reason(&status).as_deref(), Some("UNAVAILABLE"));
@@ -178,7 +181,10 @@ async fn a_unit_redis_lost_track_of_is_offered_again() -> anyhow::Result<()> {
     }
     let buy = |quantity| PurchaseRequest { item_id: "pair".into(), quantity, idempotency_key: String::new() };
     let first = suite.buyers().purchase(suite.as_user("ann", buy(2))).await?.into_inner();
-    assert_eq!(final_order(&suite, "ann", &first.order_id, Duration::from_secs(20)).await?.status(), OrderStatus::Confirmed);
+    assert_eq!(
+        final_order(&suite, "ann", &first.order_id, Duration::from_secs(20)).await?.status(),
+        OrderStatus::Confirmed
+    );
 
     // Drift: Redis believes two units remain; PostgreSQL has one.
     let client = redis::Client::open(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))?;
@@ -204,7 +210,10 @@ async fn a_unit_redis_lost_track_of_is_offered_again() -> anyhow::Result<()> {
             Err(status) => anyhow::bail!("the last unit was not offered: {status:?}"),
         }
     };
-    assert_eq!(final_order(&suite, "cat", &third.order_id, Duration::from_secs(20)).await?.status(), OrderStatus::Confirmed);
+    assert_eq!(
+        final_order(&suite, "cat", &third.order_id, Duration::from_secs(20)).await?.status(),
+        OrderStatus::Confirmed
+    );
     let accepted = BTreeSet::from([first.order_id, second.order_id, third.order_id]);
     wait_until_settled(&suite.databases(), &accepted, Duration::from_secs(20)).await?;
     let report = audit(&suite.databases()).await?;

@@ -185,12 +185,12 @@ impl Admission {
     }
 
     /// Admissions of `item_id` older than `older_than_ms` (unix ms) that no final
-    /// event has settled yet: (order id, user, idempotency key).
+    /// event has settled yet: (order id, user, quantity, idempotency key).
     pub async fn unsettled_before(
         &self,
         item_id: &str,
         older_than_ms: i64,
-    ) -> Result<Vec<(String, String, String)>, GatewayError> {
+    ) -> Result<Vec<(String, String, u32, String)>, GatewayError> {
         let k = self.keys(item_id);
         let mut conn = self.pool.get().await?;
         let entries: Vec<(String, String)> = conn.hgetall(&k.admitted).await?;
@@ -198,9 +198,9 @@ impl Admission {
             .into_iter()
             .filter_map(|(order_id, value)| {
                 let mut fields = value.split('\n');
-                let (user, _quantity, at, key) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
-                let at: i64 = at.parse().ok()?;
-                (at < older_than_ms).then(|| (order_id, user.to_owned(), key.to_owned()))
+                let (user, quantity, at, key) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
+                let (quantity, at): (u32, i64) = (quantity.parse().ok()?, at.parse().ok()?);
+                (at < older_than_ms).then(|| (order_id, user.to_owned(), quantity, key.to_owned()))
             })
             .collect())
     }

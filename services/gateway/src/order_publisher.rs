@@ -11,6 +11,17 @@ use flashsale_proto::inventory::v1::OrderPlaced;
 use prost::Message;
 use tokio::sync::Mutex;
 
+/// Why an `OrderPlaced` may not be in the queue.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishFailure {
+    /// Certainly not queued: no connection, or the broker refused or returned it.
+    #[error("not published: {0}")]
+    NotSent(PublishError),
+    /// Sent, but no confirm came back: it may or may not be queued.
+    #[error("publish outcome unknown: {0}")]
+    Unknown(PublishError),
+}
+
 pub struct OrderPublisher {
     amqp_addr: String,
     topology: Topology,
@@ -48,15 +59,24 @@ impl OrderPublisher {
         Ok(publisher)
     }
 
-    pub async fn publish(&self, order: &OrderPlaced) -> Result<(), PublishError> {
-        let publisher = self.publisher().await?;
+    /// Publishes and waits for the confirm. On failure, says whether the broker
+    /// certainly does not have the message ([`PublishFailure::NotSent`]) or might
+    /// ([`PublishFailure::Unknown`]: sent, but no answer).
+    pub async fn publish(&self, order: &OrderPlaced) -> Result<(), PublishFailure> {
+        let publisher = self.publisher().await.map_err(PublishFailure::NotSent)?;
         let payload = order.encode_to_vec();
         let result = publisher.publish("", &self.topology.orders_queue, &payload, FieldTable::default()).await;
         if result.is_err() {
             // Start over on a fresh channel next time; a half-broken one may never confirm.
             self.current.lock().await.take();
         }
-        result
+        result.map_err(|error| match error {
+            // The broker answered: it did not take the message.
+            PublishError::Nacked | PublishError::Unroutable => PublishFailure::NotSent(error),
+            PublishError::Timeout(_) | PublishError::Broker(_) | PublishError::NotConfirmed => {
+                PublishFailure::Unknown(error)
+            }
+        })
     }
 
     pub async fn close(&self) {

@@ -14,7 +14,7 @@ use crate::admission::{Admission, AdmissionRecord, Admit};
 use crate::auth::Principal;
 use crate::catalog::{Catalog, CatalogItem, now_ms};
 use crate::error::GatewayError;
-use crate::order_publisher::OrderPublisher;
+use crate::order_publisher::{OrderPublisher, PublishFailure};
 use crate::upstream::{Upstreams, request};
 
 pub struct Purchases {
@@ -146,15 +146,16 @@ impl Purchases {
         }
     }
 
-    /// Gives back reservations that never became orders: the gateway died (or
-    /// lost its Redis reply) between the script and the publish. An admission
-    /// that inventory has not recorded after `grace` is released; should its
-    /// message still arrive later, PostgreSQL judges it like any other.
-    pub async fn release_stranded(&self, grace: std::time::Duration) -> Result<usize, GatewayError> {
+    /// Finishes admissions that never became orders as far as inventory knows:
+    /// the gateway died (or lost its Redis reply, or its confirm) between the
+    /// script and the broker. Each is published again after `grace`; inventory
+    /// keeps one copy per order id and judges it like any other, so every
+    /// admission reaches a final state and no units stay stranded in Redis.
+    pub async fn republish_unrecorded(&self, grace: std::time::Duration) -> Result<usize, GatewayError> {
         let cutoff = now_ms() - i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
-        let mut released = 0;
+        let mut republished = 0;
         for item in self.catalog.all() {
-            for (order_id, user_id, key) in self.admission.unsettled_before(&item.id, cutoff).await? {
+            for (order_id, user_id, quantity, key) in self.admission.unsettled_before(&item.id, cutoff).await? {
                 let known = self
                     .upstreams
                     .inventory
@@ -164,15 +165,32 @@ impl Purchases {
                 match known {
                     Ok(_) => {} // recorded; its final event will settle Redis
                     Err(status) if status.code() == tonic::Code::NotFound => {
-                        self.admission.unadmit(&item.id, &order_id, &user_id, &key).await?;
-                        tracing::warn!(order.id = %order_id, item.id = %item.id, "released a stranded reservation");
-                        released += 1;
+                        let record = match self.admission.load_record(&order_id).await? {
+                            Some(record) => record,
+                            None => AdmissionRecord {
+                                amount_minor: item.price_minor.saturating_mul(i64::from(quantity)),
+                                order_id: order_id.clone(),
+                                user_id,
+                                item_id: item.id.clone(),
+                                quantity,
+                                currency: item.currency.clone(),
+                                idempotency_key: key,
+                                created_at_ms: now_ms(),
+                            },
+                        };
+                        self.admission.save_record(&record).await?;
+                        self.publisher
+                            .publish(&placed_message(&record))
+                            .await
+                            .map_err(|e| GatewayError::Unavailable(Box::new(e)))?;
+                        tracing::warn!(order.id = %order_id, item.id = %item.id, "published an unrecorded admission again");
+                        republished += 1;
                     }
                     Err(status) => return Err(GatewayError::from_upstream(status)),
                 }
             }
         }
-        Ok(released)
+        Ok(republished)
     }
 
     async fn admit(&self, buyer: &Principal, attempt: &Attempt) -> Result<Admit, GatewayError> {
@@ -191,24 +209,29 @@ impl Purchases {
     /// Steps 3–4 for a fresh reservation.
     async fn place(&self, buyer: &Principal, attempt: &Attempt) -> Result<PurchaseResponse, GatewayError> {
         let record = self.record(buyer, attempt, &attempt.order_id)?;
-        let published = async {
-            self.admission.save_record(&record).await?;
-            self.publish(&record).await
-        }
-        .await;
-        if let Err(error) = published {
-            // No confirm: the order may not exist anywhere, so give the units
-            // back and let the buyer retry under the same key.
-            if let Err(undo) = self
-                .admission
-                .unadmit(&attempt.item.id, &attempt.order_id, &buyer.user_id, &attempt.idempotency_key)
-                .await
-            {
-                tracing::error!(error = %undo, order.id = %attempt.order_id, "could not release a reservation");
+        self.admission.save_record(&record).await?;
+        match self.publisher.publish(&placed_message(&record)).await {
+            Ok(()) => {}
+            Err(PublishFailure::NotSent(error)) => {
+                // Certainly not queued: give the units back, so the buyer's retry
+                // under the same key starts afresh.
+                if let Err(undo) = self
+                    .admission
+                    .unadmit(&attempt.item.id, &attempt.order_id, &buyer.user_id, &attempt.idempotency_key)
+                    .await
+                {
+                    tracing::error!(error = %undo, order.id = %attempt.order_id, "could not release a reservation");
+                }
+                // The units are on offer again: this gateway must not keep saying SOLD_OUT.
+                attempt.item.set_sold_out(false);
+                return Err(GatewayError::Unavailable(Box::new(error)));
             }
-            // The units are on offer again: this gateway must not keep saying SOLD_OUT.
-            attempt.item.set_sold_out(false);
-            return Err(error);
+            Err(PublishFailure::Unknown(error)) => {
+                // Perhaps queued. Keep the reservation and the key: a retry under the
+                // same key publishes this very order again (inventory keeps one copy),
+                // and the reconciler does the same if the buyer never retries.
+                return Err(GatewayError::Unavailable(Box::new(error)));
+            }
         }
         tracing::debug!(order.id = %attempt.order_id, item.id = %attempt.item.id, user.id = %buyer.user_id, "order accepted");
         Ok(PurchaseResponse { order_id: attempt.order_id.clone(), status: OrderStatus::Pending.into() })
@@ -238,7 +261,10 @@ impl Purchases {
                         record
                     }
                 };
-                self.publish(&record).await?;
+                self.publisher
+                    .publish(&placed_message(&record))
+                    .await
+                    .map_err(|e| GatewayError::Unavailable(Box::new(e)))?;
                 OrderStatus::Pending
             }
             Err(status) => return Err(GatewayError::from_upstream(status)),
@@ -262,22 +288,6 @@ impl Purchases {
             idempotency_key: attempt.idempotency_key.clone(),
             created_at_ms: now_ms(),
         })
-    }
-
-    async fn publish(&self, record: &AdmissionRecord) -> Result<(), GatewayError> {
-        let placed = OrderPlaced {
-            order_id: record.order_id.clone(),
-            user_id: record.user_id.clone(),
-            item_id: record.item_id.clone(),
-            quantity: record.quantity,
-            amount: Some(Money { currency: record.currency.clone(), amount_minor: record.amount_minor }),
-            idempotency_key: record.idempotency_key.clone(),
-            placed_at: Some(prost_types::Timestamp {
-                seconds: record.created_at_ms.div_euclid(1000),
-                nanos: i32::try_from(record.created_at_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-            }),
-        };
-        self.publisher.publish(&placed).await.map_err(|e| GatewayError::Unavailable(Box::new(e)))
     }
 
     /// Rebuilds an item's Redis state from inventory's snapshot.
@@ -306,6 +316,22 @@ impl Purchases {
             );
         }
         Ok(())
+    }
+}
+
+/// The queue message for an admitted order.
+fn placed_message(record: &AdmissionRecord) -> OrderPlaced {
+    OrderPlaced {
+        order_id: record.order_id.clone(),
+        user_id: record.user_id.clone(),
+        item_id: record.item_id.clone(),
+        quantity: record.quantity,
+        amount: Some(Money { currency: record.currency.clone(), amount_minor: record.amount_minor }),
+        idempotency_key: record.idempotency_key.clone(),
+        placed_at: Some(prost_types::Timestamp {
+            seconds: record.created_at_ms.div_euclid(1000),
+            nanos: i32::try_from(record.created_at_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+        }),
     }
 }
 

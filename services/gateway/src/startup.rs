@@ -25,7 +25,7 @@ use crate::order_publisher::OrderPublisher;
 use crate::purchase::Purchases;
 use crate::upstream::Upstreams;
 
-/// How often, and after how long, reservations that never became orders are released.
+/// How often, and after how long, admissions inventory never recorded are published again.
 const STRANDED_CHECK: Duration = Duration::from_secs(15);
 const STRANDED_AFTER: Duration = Duration::from_secs(60);
 
@@ -99,8 +99,8 @@ impl Application {
                         _ = ticker.tick() => {}
                         () = shutdown.cancelled() => return,
                     }
-                    if let Err(e) = purchases.release_stranded(STRANDED_AFTER).await {
-                        tracing::debug!(error = %e, "stranded-reservation check failed");
+                    if let Err(e) = purchases.republish_unrecorded(STRANDED_AFTER).await {
+                        tracing::debug!(error = %e, "unrecorded-admission check failed");
                     }
                 }
             }

@@ -1,6 +1,6 @@
--- Undoes an admission whose OrderPlaced never reached the broker (no confirm),
--- or that the reconciler found stranded (never recorded by inventory), so the
--- units go back on sale and the buyer's retry with the same key starts afresh.
+-- Undoes an admission whose OrderPlaced certainly never reached the broker (no
+-- connection, or the broker refused it), so the units go back on sale and the
+-- buyer's retry with the same idempotency key starts afresh.
 -- Idempotent: does nothing unless the order's admission record is present.
 -- KEYS: 1 tokens, 2 held, 3 inflight, 4 idem, 5 admitted
 -- ARGV: 1 order id, 2 user, 3 idempotency key
