@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
 use crate::catalog::Catalog;
+use crate::error::GatewayError;
 
 pub struct OrderEvents {
     pub amqp_addr: String,
@@ -123,10 +124,15 @@ impl OrderEvents {
             Ok(_) => {
                 let _ = delivery.ack(BasicAckOptions::default()).await;
             }
-            Err(e) => {
+            Err(e @ GatewayError::Unavailable(_)) => {
                 tracing::warn!(error = %e, "applying an order event to Redis failed; requeueing");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+            }
+            Err(e) => {
+                // A malformed event will not improve on redelivery.
+                tracing::error!(error = ?e, "order event cannot be applied; dropping it");
+                let _ = delivery.ack(BasicAckOptions::default()).await;
             }
         }
     }

@@ -161,15 +161,17 @@ impl OrderConsumer {
                     }
                 }
             }
-            Err(e) => {
-                if e.is_transient() {
-                    tracing::warn!(error = %e, order.id = %placed.id, "recording failed; requeueing");
-                } else {
-                    tracing::error!(error = ?e, order.id = %placed.id, "recording failed; requeueing");
-                }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, order.id = %placed.id, "recording failed; requeueing");
                 // A pause keeps a failing database from turning into a hot redelivery loop.
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+            }
+            Err(e) => {
+                // Not going to succeed on redelivery: reject it (a dead-letter
+                // exchange configured on the queue keeps it for inspection).
+                tracing::error!(error = ?e, order.id = %placed.id, "recording failed for good; rejecting the message");
+                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
             }
         }
     }
@@ -186,6 +188,12 @@ pub fn decode(data: &[u8]) -> Result<Placed, InventoryError> {
         .ok_or_else(|| InventoryError::invalid("quantity", "must be 1..=1000"))?;
     if idempotency_key.is_empty() || idempotency_key.len() > 128 {
         return Err(InventoryError::invalid("idempotency_key", "must be 1..=128 characters"));
+    }
+    // What the orders table's CHECKs demand, checked here so a malformed message
+    // is rejected once instead of failing its insert for ever.
+    let currency = crate::domain::parse_currency(&currency)?.to_owned();
+    if amount_minor <= 0 {
+        return Err(InventoryError::invalid("amount.amount_minor", "must be positive"));
     }
     Ok(Placed {
         id: parse_order_id(&order_id)?,
