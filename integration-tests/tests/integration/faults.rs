@@ -220,3 +220,58 @@ async fn a_unit_redis_lost_track_of_is_offered_again() -> anyhow::Result<()> {
     assert_eq!(report.confirmed_units.get("pair"), Some(&3));
     suite.shutdown().await
 }
+
+/// A refund asked for while the wallet is down answers UNAVAILABLE but is not
+/// forgotten: once the wallet is back, the sweeper finishes it exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_interrupted_by_a_wallet_outage_is_finished_later() -> anyhow::Result<()> {
+    use flashsale_proto::gateway::v1::{GetBalanceRequest, GetOrderRequest, RefundOrderRequest};
+    let mut suite = TestSuite::spawn().await?;
+    create_item(&suite, "lamp2", 400, 2, 1).await?;
+    top_up(&suite, "dora", 1_000).await?;
+    let reply =
+        suite
+            .buyers()
+            .purchase(suite.as_user(
+                "dora",
+                PurchaseRequest { item_id: "lamp2".into(), quantity: 1, idempotency_key: String::new() },
+            ))
+            .await?
+            .into_inner();
+    assert_eq!(
+        final_order(&suite, "dora", &reply.order_id, Duration::from_secs(20)).await?.status(),
+        OrderStatus::Confirmed
+    );
+
+    suite.stop_wallet().await?;
+    let status = suite
+        .buyers()
+        .refund_order(suite.as_user("dora", RefundOrderRequest { order_id: reply.order_id.clone() }))
+        .await
+        .expect_err("wallet down");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    suite.start_wallet().await?;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let order = suite
+            .buyers()
+            .get_order(suite.as_user("dora", GetOrderRequest { order_id: reply.order_id.clone() }))
+            .await?
+            .into_inner()
+            .order
+            .ok_or_else(|| anyhow::anyhow!("no order"))?;
+        if order.status() == OrderStatus::Refunded {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "refund never finished: {:?}", order.status());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let balance =
+        suite.buyers().get_balance(suite.as_user("dora", GetBalanceRequest { currency: "USD".into() })).await?;
+    assert_eq!(balance.into_inner().balances[0].amount_minor, 1_000);
+    wait_until_settled(&suite.databases(), &BTreeSet::from([reply.order_id]), Duration::from_secs(20)).await?;
+    let report = audit(&suite.databases()).await?; // one debit, one refund credit
+    assert_eq!(report.remaining.get("lamp2"), Some(&2));
+    suite.shutdown().await
+}

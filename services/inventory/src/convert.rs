@@ -109,6 +109,7 @@ pub(crate) fn order_to_proto(order: Order) -> pb::Order {
         next_attempt_at: _,
         created_at,
         updated_at,
+        refund_requested_at: _,
     } = order;
     let status = match OrderStatus::from_db(&status) {
         Some(OrderStatus::PaymentPending) => pb::OrderStatus::PaymentPending,

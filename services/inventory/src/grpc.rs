@@ -1,8 +1,6 @@
 //! The `flashsale.inventory.v1.InventoryService` handlers: decode, call the
 //! database layer, encode.
 
-use std::sync::Arc;
-
 use chrono::Utc;
 use flashsale_db::PgPool;
 use flashsale_proto::inventory::v1::inventory_service_server::InventoryService;
@@ -12,7 +10,6 @@ use flashsale_proto::inventory::v1::{
     ListItemsRequest, ListItemsResponse, ListOrdersRequest, ListOrdersResponse, RefundOrderRequest,
     RefundOrderResponse,
 };
-use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
 use crate::convert::{item_to_proto, order_to_proto, timestamp};
@@ -20,18 +17,17 @@ use crate::db::models::Order;
 use crate::db::{items, orders};
 use crate::domain::{ItemSpec, OrderStatus, Page, parse_item_id, parse_order_id, parse_user_id};
 use crate::error::InventoryError;
-use crate::wallet_client::{WalletCallError, WalletClient};
+use crate::settlement::Settlement;
 
 #[derive(Clone)]
 pub struct InventoryGrpc {
     pool: PgPool,
-    wallet: WalletClient,
-    outbox_ready: Arc<Notify>,
+    settlement: Settlement,
 }
 
 impl InventoryGrpc {
-    pub fn new(pool: PgPool, wallet: WalletClient, outbox_ready: Arc<Notify>) -> Self {
-        Self { pool, wallet, outbox_ready }
+    pub fn new(pool: PgPool, settlement: Settlement) -> Self {
+        Self { pool, settlement }
     }
 
     async fn refund(&self, order_id: uuid::Uuid, user_id: Option<String>) -> Result<Order, InventoryError> {
@@ -43,21 +39,16 @@ impl InventoryGrpc {
         if user_id.is_some_and(|user| user != order.user_id) {
             return Err(InventoryError::OrderNotFound);
         }
-        match OrderStatus::from_db(&order.status) {
-            Some(OrderStatus::Refunded) => return Ok(order),
-            Some(OrderStatus::Confirmed) => {}
-            _ => return Err(InventoryError::NotRefundable),
+        // Recorded first: if the credit or the update below is interrupted, the
+        // sweeper finishes the refund (the credit is idempotent by its key).
+        let order = {
+            let mut conn = self.pool.get().await?;
+            orders::request_refund(&mut conn, order_id).await?
+        };
+        if order.status == OrderStatus::Refunded.as_db() {
+            return Ok(order);
         }
-        // Money first, under a key that makes it happen once; then the order.
-        // A crash in between leaves a CONFIRMED order whose retry credits nothing new.
-        self.wallet.refund(&order).await.map_err(|e| match e {
-            WalletCallError::Transient(status) => InventoryError::Unavailable(Box::new(status)),
-            WalletCallError::Refused(status) => InventoryError::Internal(Box::new(status)),
-        })?;
-        let mut conn = self.pool.get().await?;
-        let refunded = orders::mark_refunded(&mut conn, order_id).await?;
-        self.outbox_ready.notify_one();
-        Ok(refunded)
+        self.settlement.complete_refund(&order).await
     }
 }
 

@@ -51,6 +51,19 @@ impl Settlement {
         }
     }
 
+    /// Completes a requested refund: credits the wallet under `refund:<order id>`
+    /// (once, whatever the retries), then marks the order and returns its units.
+    pub async fn complete_refund(&self, order: &Order) -> Result<Order, InventoryError> {
+        self.wallet.refund(order).await.map_err(|e| match e {
+            WalletCallError::Transient(status) => InventoryError::Unavailable(Box::new(status)),
+            WalletCallError::Refused(status) => InventoryError::Internal(Box::new(status)),
+        })?;
+        let mut conn = self.pool.get().await?;
+        let refunded = orders::mark_refunded(&mut conn, order.id).await?;
+        self.outbox_ready.notify_one();
+        Ok(refunded)
+    }
+
     /// Retries due payments every `interval` until `shutdown` fires.
     pub async fn run_sweeper(self, interval: Duration, shutdown: CancellationToken) {
         let mut ticker = tokio::time::interval(interval);
@@ -68,13 +81,22 @@ impl Settlement {
         }
     }
 
-    /// Claims due orders and tries to pay each; returns how many were tried.
+    /// Claims due orders and tries to pay each, and finishes refunds that were
+    /// interrupted; returns how many orders were tried.
     pub async fn sweep_once(&self) -> Result<usize, InventoryError> {
-        let due = {
+        let (due, refunds) = {
             let mut conn = self.pool.get().await?;
-            orders::claim_due_payments(&mut conn, 200).await?
+            let due = orders::claim_due_payments(&mut conn, 200).await?;
+            let refunds = orders::refunds_due(&mut conn, chrono::Duration::seconds(5), 100).await?;
+            (due, refunds)
         };
-        let tried = due.len();
+        for order in &refunds {
+            match self.complete_refund(order).await {
+                Ok(_) => tracing::info!(order.id = %order.id, "finished an interrupted refund"),
+                Err(e) => tracing::warn!(error = %e, order.id = %order.id, "refund still not finished"),
+            }
+        }
+        let tried = due.len() + refunds.len();
         let attempts = due.iter().map(|order| self.pay(order));
         for result in futures::future::join_all(attempts).await {
             if let Err(e) = result {

@@ -59,6 +59,7 @@ impl Application {
         let background = CancellationToken::new();
 
         let settlement = Settlement::new(self.pool.clone(), self.wallet.clone(), outbox_ready.clone());
+        let api_settlement = settlement.clone();
         let consumer = OrderConsumer::new(
             self.pool.clone(),
             settlement.clone(),
@@ -84,7 +85,7 @@ impl Application {
 
         let (mut health, router) = flashsale_server::standard_router()?;
         health.track(<InventoryServiceServer<InventoryGrpc> as NamedService>::NAME);
-        let inventory = InventoryServiceServer::new(InventoryGrpc::new(self.pool, self.wallet, outbox_ready))
+        let inventory = InventoryServiceServer::new(InventoryGrpc::new(self.pool, api_settlement))
             .max_decoding_message_size(flashsale_server::MAX_DECODING_MESSAGE_SIZE)
             .max_encoding_message_size(flashsale_server::MAX_ENCODING_MESSAGE_SIZE);
         let router = router.add_service(inventory);

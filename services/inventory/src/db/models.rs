@@ -52,6 +52,7 @@ pub struct Order {
     pub next_attempt_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub refund_requested_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Insertable)]

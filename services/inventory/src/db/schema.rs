@@ -40,6 +40,7 @@ diesel::table! {
         next_attempt_at -> Timestamptz,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        refund_requested_at -> Nullable<Timestamptz>,
     }
 }
 

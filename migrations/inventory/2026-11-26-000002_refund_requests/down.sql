@@ -1,0 +1,2 @@
+DROP INDEX orders_refund_due;
+ALTER TABLE orders DROP COLUMN refund_requested_at;
