@@ -42,6 +42,9 @@ enum Command {
         /// Unit price in cents.
         #[arg(long, default_value_t = 2_500)]
         price: i64,
+        /// Do not fund the buyers (admission-only measurements).
+        #[arg(long)]
+        unfunded: bool,
     },
     /// Drive buyers at a seeded sale and print a summary.
     Run {
@@ -88,10 +91,17 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Seed { gateway_url, jwt_secret, users, stock, limit, price } => {
-            let sale =
-                seed(&SeedOptions { gateway_url, jwt_secret, users, stock, per_user_limit: limit, price_minor: price })
-                    .await?;
+        Command::Seed { gateway_url, jwt_secret, users, stock, limit, price, unfunded } => {
+            let options = SeedOptions {
+                gateway_url,
+                jwt_secret,
+                users,
+                stock,
+                per_user_limit: limit,
+                price_minor: price,
+                unfunded,
+            };
+            let sale = seed(&options).await?;
             #[expect(clippy::print_stdout, reason = "the sale is this command's output")]
             {
                 println!("{}", serde_json::to_string_pretty(&sale)?);

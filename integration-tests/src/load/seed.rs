@@ -39,6 +39,8 @@ pub struct SeedOptions {
     pub stock: Option<u32>,
     pub per_user_limit: u32,
     pub price_minor: i64,
+    /// Skip the top-ups (admission-only measurements need no money).
+    pub unfunded: bool,
 }
 
 pub async fn seed(options: &SeedOptions) -> anyhow::Result<Sale> {
@@ -79,6 +81,7 @@ pub async fn seed(options: &SeedOptions) -> anyhow::Result<Sale> {
     // Balances between half the price and three times it: about four in five can pay.
     let balances: Vec<i64> =
         (0..sale.users).map(|_| rng.random_range(sale.price_minor / 2..=sale.price_minor * 3)).collect();
+    let balances = if options.unfunded { Vec::new() } else { balances };
     let results: Vec<anyhow::Result<()>> = futures::stream::iter(balances.into_iter().enumerate())
         .map(|(n, balance)| {
             let mut admin = admin.clone();

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# One benchmark run on this machine: the ceilings (C1 Redis running our admission
+# script, C2 a null gRPC RPC, C3 a one-order PostgreSQL transaction) and the
+# suite against them (S1 admission, S2 crowd after sell-out, S3 settlement,
+# S4 time to settle a 100-unit sale, the Artillery-shaped scenario), with peak
+# RSS per service. Prints a table and ratios; BENCHMARKS.md explains them.
+#   QUICK=1 integration-tests/bench.sh   shorter phases, smaller sales (a smoke run)
+#   S3_UNITS=20000 integration-tests/bench.sh   a smaller settlement sale
+# Everything runs on 127.0.0.1, on databases, keys and queues named for this run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=${QUICK:-0}
+if [ "$QUICK" = 1 ]; then
+  DUR=5s; S3_UNITS=${S3_UNITS:-5000}; S4_USERS=10000; PHASES=(--phase 5s@5 --phase 10s@5-100 --phase 15s@100)
+else
+  DUR=20s; S3_UNITS=${S3_UNITS:-100000}; S4_USERS=50000; PHASES=(--phase 30s@5 --phase 60s@5-100 --phase 180s@100)
+fi
+VUS=${VUS:-256}
+
+deploy/local/backing-services.sh
+echo "[bench] cargo build --release" >&2
+cargo build --release --workspace --quiet
+BIN=target/release
+TAG=bench$(date +%s)
+OUT=target/bench/$TAG
+mkdir -p "$OUT"
+PG=${PG_SERVER_URL:-postgres://postgres@127.0.0.1:5432}
+JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+export JWT_SECRET RUST_LOG=warn AMQP_PREFIX=$TAG REDIS_KEY_PREFIX=$TAG
+WALLET_DB=$PG/${TAG}_wallet INVENTORY_DB=$PG/${TAG}_inventory
+GW=http://127.0.0.1:51051
+PIDS=()
+
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for db in ${TAG}_wallet ${TAG}_inventory ${TAG}_pgbench; do
+    psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+  done
+  redis-cli --scan --pattern "$TAG:*" | xargs -r redis-cli del >/dev/null
+  redis-cli --scan --pattern "c1:*" | xargs -r redis-cli del >/dev/null
+  for q in orders order-events.admission; do rabbitmqctl -q delete_queue "$TAG.$q" >/dev/null 2>&1 || true; done
+}
+trap cleanup EXIT
+
+DATABASE_URL=$WALLET_DB "$BIN/flashsale-wallet" migrate >"$OUT/wallet.log" 2>&1
+DATABASE_URL=$INVENTORY_DB "$BIN/flashsale-inventory" migrate >"$OUT/inventory.log" 2>&1
+DATABASE_URL=$WALLET_DB WALLET_LISTEN_ADDR=127.0.0.1:51053 "$BIN/flashsale-wallet" >>"$OUT/wallet.log" 2>&1 &
+PIDS+=($!); WALLET_PID=$!
+DATABASE_URL=$INVENTORY_DB INVENTORY_LISTEN_ADDR=127.0.0.1:51052 WALLET_URL=http://127.0.0.1:51053 \
+  "$BIN/flashsale-inventory" >>"$OUT/inventory.log" 2>&1 &
+PIDS+=($!); INVENTORY_PID=$!
+sleep 1
+GATEWAY_LISTEN_ADDR=127.0.0.1:51051 INVENTORY_URL=http://127.0.0.1:51052 WALLET_URL=http://127.0.0.1:51053 \
+  "$BIN/flashsale-gateway" >"$OUT/gateway.log" 2>&1 &
+PIDS+=($!); GATEWAY_PID=$!
+for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/51051) 2>/dev/null && break; sleep 0.2; done
+
+load() { "$BIN/flashsale-load" "$@"; }
+rps() { python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['mean_rps']))" "$1"; }
+field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'r': r}))" "$1" "$2"; }
+
+echo "[bench] C1: redis-benchmark running admit.lua (EVALSHA), 50 clients" >&2
+SHA=$(redis-cli SCRIPT LOAD "$(cat services/gateway/src/lua/admit.lua)")
+redis-cli HSET 'c1:{x}:ready' version 1 >/dev/null
+redis-cli SET 'c1:{x}:tokens' 1000000000 >/dev/null
+C1=$(redis-benchmark -c 50 -n 300000 -r 100000000 --csv EVALSHA "$SHA" 6 \
+  'c1:{x}:ready' 'c1:{x}:tokens' 'c1:{x}:held' 'c1:{x}:inflight' 'c1:{x}:idem' 'c1:{x}:admitted' \
+  u:__rand_int__ 1 1000000 k:__rand_int__ o:__rand_int__ 0 | tail -n 1 | cut -d, -f2 | tr -d '"' | cut -d. -f1)
+
+echo "[bench] S1/C2: seed an admission sale (10^9 units, unfunded buyers)" >&2
+load seed --gateway-url $GW --users 5000 --stock 1000000000 --limit 1000 --unfunded >"$OUT/sale-s1.json"
+echo "[bench] C2: null RPC (health Check) through the gateway, $VUS users, $DUR" >&2
+load run --gateway-url $GW --sale "$OUT/sale-s1.json" --rpc health --users "$VUS" --duration $DUR --quiet --report "$OUT/c2.json" 2>/dev/null
+echo "[bench] S1: purchases while stock remains, $VUS users, $DUR" >&2
+load run --gateway-url $GW --sale "$OUT/sale-s1.json" --users "$VUS" --duration $DUR --quiet --report "$OUT/s1.json" 2>/dev/null
+
+drain() { load audit --inventory-db "$INVENTORY_DB" --wallet-db "$WALLET_DB" --timeout 600s >/dev/null 2>&1; }
+echo "[bench] letting the orders S1 admitted settle before the next measurement" >&2
+drain
+
+echo "[bench] S2: the crowd after sell-out" >&2
+load seed --gateway-url $GW --users 5000 --stock 0 --unfunded >"$OUT/sale-s2.json"
+load run --gateway-url $GW --sale "$OUT/sale-s2.json" --users "$VUS" --duration 2s --quiet 2>/dev/null >/dev/null
+load run --gateway-url $GW --sale "$OUT/sale-s2.json" --users "$VUS" --duration $DUR --quiet --report "$OUT/s2.json" 2>/dev/null
+
+echo "[bench] C3: pgbench, one order (insert + conditional hot-row update) per transaction" >&2
+DATABASE_URL=$PG/${TAG}_pgbench "$BIN/flashsale-inventory" migrate >/dev/null 2>&1
+psql "$PG/${TAG}_pgbench" -qc "INSERT INTO items (id, name, price_currency, price_minor, stock_total, stock_remaining, per_user_limit, starts_at, ends_at) VALUES ('bench', 'bench', 'USD', 100, 1000000000, 1000000000, 1, now(), now() + interval '1 day')"
+cat >"$OUT/order.sql" <<'SQL'
+BEGIN;
+INSERT INTO orders (id, user_id, item_id, quantity, amount_currency, amount_minor, status, idempotency_key)
+  VALUES (gen_random_uuid(), 'u', 'bench', 1, 'USD', 100, 'PAYMENT_PENDING', gen_random_uuid()::text);
+UPDATE items SET stock_remaining = stock_remaining - 1, version = version + 1 WHERE id = 'bench' AND stock_remaining >= 1;
+COMMIT;
+SQL
+C3=$(pgbench -n -c 16 -j 2 -T "${DUR%s}" -f "$OUT/order.sql" "$PG/${TAG}_pgbench" 2>/dev/null | awk '/^tps/ {print int($3)}')
+
+echo "[bench] S4: 100 units, $S4_USERS funded buyers" >&2
+load seed --gateway-url $GW --users "$S4_USERS" --stock 100 >"$OUT/sale-s4.json"
+load run --gateway-url $GW --sale "$OUT/sale-s4.json" --users "$VUS" --duration 5s --quiet --report "$OUT/s4.json" 2>/dev/null
+
+drain
+echo "[bench] S3: $S3_UNITS units, one buyer each" >&2
+load seed --gateway-url $GW --users "$S3_UNITS" --stock "$S3_UNITS" --price 100 >"$OUT/sale-s3.json"
+load run --gateway-url $GW --sale "$OUT/sale-s3.json" --users "$VUS" --duration $DUR --quiet --report "$OUT/s3.json" 2>/dev/null
+
+echo "[bench] Artillery-shaped scenario: ${PHASES[*]}" >&2
+load seed --gateway-url $GW --users 5000 >"$OUT/sale-art.json"
+load run --gateway-url $GW --sale "$OUT/sale-art.json" "${PHASES[@]}" --quiet --report "$OUT/artillery.json" 2>"$OUT/artillery.txt"
+
+echo "[bench] audit (waits for every order to settle)" >&2
+load audit --inventory-db "$INVENTORY_DB" --wallet-db "$WALLET_DB" --timeout 600s >"$OUT/spans.json" 2>"$OUT/audit.txt"
+cat "$OUT/audit.txt" >&2
+
+rss() { awk '/VmHWM/ {print int($2/1024)}' "/proc/$1/status"; }
+RSS="gateway $(rss $GATEWAY_PID) MiB, inventory $(rss $INVENTORY_PID) MiB, wallet $(rss $WALLET_PID) MiB"
+span() { python3 -c "
+import json,sys
+sale=json.load(open(sys.argv[2]))['item_id']
+for s in json.load(open(sys.argv[1])):
+    if s['item_id']==sale: print(s['orders'], s['first_accepted_to_last_final_ms'])" "$OUT/spans.json" "$1"; }
+read -r S3_ORDERS S3_MS < <(span "$OUT/sale-s3.json")
+read -r S4_ORDERS S4_MS < <(span "$OUT/sale-s4.json")
+C2=$(rps "$OUT/c2.json"); S1=$(rps "$OUT/s1.json"); S2=$(rps "$OUT/s2.json")
+S3=$(python3 -c "print(round($S3_ORDERS / max($S3_MS, 1) * 1000))")
+ratio() { python3 -c "print(f'{$1 / max($2, 1):.2f}')"; }
+
+{
+  echo "| figure | value | target |"
+  echo "|---|---|---|"
+  echo "| C1 redis-benchmark EVALSHA admit.lua, 50 clients | $C1 /s | |"
+  echo "| C2 null RPC (health Check via the gateway), $VUS users | $C2 /s | |"
+  echo "| C3 pgbench one-order transaction, 16 clients | $C3 /s | |"
+  echo "| S1 purchase attempts while stock remains | $S1 /s | S1/C1 = $(ratio "$S1" "$C1") (≥ 0.35) |"
+  echo "| S2 purchase attempts after sell-out | $S2 /s | S2/C2 = $(ratio "$S2" "$C2") (≥ 0.9) |"
+  echo "| S3 orders settled per second ($S3_ORDERS orders in $S3_MS ms) | $S3 /s | S3/C3 = $(ratio "$S3" "$C3") (≥ 2) |"
+  echo "| S4 first accepted → last final, 100 units, $S4_USERS buyers ($S4_ORDERS orders) | $S4_MS ms | < 500 ms |"
+  echo "| Artillery-shaped run: mean req/s, p50 / p95 / p99 / max ms | $(field "$OUT/artillery.json" "r['mean_rps']") ; $(field "$OUT/artillery.json" "r['latency_ms']['median']") / $(field "$OUT/artillery.json" "r['latency_ms']['p95']") / $(field "$OUT/artillery.json" "r['latency_ms']['p99']") / $(field "$OUT/artillery.json" "r['latency_ms']['max']") | p99 < 5 ms |"
+  echo "| peak RSS | $RSS | |"
+} | tee "$OUT/summary.md"
+echo "[bench] reports in $OUT" >&2
