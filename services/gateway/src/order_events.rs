@@ -8,11 +8,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flashsale_messaging::Topology;
 use flashsale_messaging::lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use flashsale_messaging::lapin::types::FieldTable;
+use flashsale_messaging::{ConsumeError, Topology};
 use flashsale_proto::common::v1::OrderStatus;
 use flashsale_proto::inventory::v1::OrderEvent;
 use futures::StreamExt;
@@ -32,28 +32,9 @@ pub struct OrderEvents {
     pub watchers: broadcast::Sender<Arc<OrderEvent>>,
 }
 
-#[derive(Debug, thiserror::Error)]
-enum ConsumeError {
-    #[error("broker: {0}")]
-    Broker(#[from] flashsale_messaging::lapin::Error),
-    #[error("a consumer stream ended")]
-    StreamEnded,
-}
-
 impl OrderEvents {
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.consume(&shutdown).await {
-                Ok(()) => return,
-                Err(e) => tracing::warn!(error = %e, "order-event consumer stopped; reconnecting"),
-            }
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                () = shutdown.cancelled() => return,
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
+        flashsale_messaging::supervise("gateway order-event consumer", &shutdown, || self.consume(&shutdown)).await;
     }
 
     async fn consume(&self, shutdown: &CancellationToken) -> Result<(), ConsumeError> {

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flashsale_db::PgPool;
-use flashsale_messaging::Topology;
 use flashsale_messaging::lapin::message::Delivery;
 use flashsale_messaging::lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
 };
 use flashsale_messaging::lapin::types::FieldTable;
+use flashsale_messaging::{ConsumeError, Topology};
 use flashsale_proto::common::v1::Money;
 use flashsale_proto::inventory::v1::OrderPlaced;
 use futures::StreamExt;
@@ -27,16 +27,6 @@ use crate::db::orders::{self, Placed, Recorded};
 use crate::domain::{OrderStatus, parse_item_id, parse_order_id, parse_user_id};
 use crate::error::InventoryError;
 use crate::settlement::Settlement;
-
-/// Why consuming stopped short of a shutdown.
-#[derive(Debug, thiserror::Error)]
-enum ConsumeError {
-    #[error("broker: {0}")]
-    Broker(#[from] flashsale_messaging::lapin::Error),
-    /// The broker cancelled the consumer (queue deleted, node failover): a fault.
-    #[error("the consumer stream ended")]
-    StreamEnded,
-}
 
 /// Consumer settings.
 #[derive(Debug, Clone)]
@@ -64,20 +54,7 @@ impl OrderConsumer {
 
     /// Consumes until `shutdown`, reconnecting after every fault.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.consume(&shutdown).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "order consumer stopped; reconnecting")
-                }
-            }
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                () = shutdown.cancelled() => return,
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
+        flashsale_messaging::supervise("inventory order consumer", &shutdown, || self.consume(&shutdown)).await;
     }
 
     async fn consume(&self, shutdown: &CancellationToken) -> Result<(), ConsumeError> {

@@ -29,18 +29,7 @@ pub struct OutboxRelay {
 impl OutboxRelay {
     /// Relays until `shutdown`, reconnecting after faults.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.relay(&shutdown).await {
-                Ok(()) => return,
-                Err(e) => tracing::warn!(error = %e, "outbox relay stopped; reconnecting"),
-            }
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                () = shutdown.cancelled() => return,
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
+        flashsale_messaging::supervise("inventory outbox relay", &shutdown, || self.relay(&shutdown)).await;
     }
 
     async fn relay(&self, shutdown: &CancellationToken) -> Result<(), InventoryError> {

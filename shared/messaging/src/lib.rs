@@ -2,6 +2,8 @@
 //! topology both sides must agree on, connecting, and publishing that waits for
 //! the broker's confirm. Payloads are proto messages encoded by the callers.
 
+use std::fmt::Display;
+use std::future::Future;
 use std::time::Duration;
 
 use lapin::Confirmation;
@@ -12,6 +14,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 pub use lapin;
+use tokio_util::sync::CancellationToken;
 
 /// Routing key prefix of order events: `order.<status>` (e.g. `order.confirmed`).
 pub const ORDER_EVENT_ROUTING_PREFIX: &str = "order.";
@@ -151,5 +154,41 @@ impl ConfirmedPublisher {
 
     pub fn is_usable(&self) -> bool {
         self.channel.status().connected()
+    }
+}
+
+/// Why a consumer stopped short of a shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    /// The broker cancelled the consumer (queue deleted, node failover): a fault.
+    #[error("the consumer stream ended")]
+    StreamEnded,
+}
+
+/// Runs `attempt` until `shutdown`, starting it again after every failure with
+/// exponential back-off (100 ms, doubling, at most 5 s). Consumers and relays
+/// treat a broken connection or an ended stream as a fault and reconnect;
+/// lapin's own recovery is not relied on (PITFALLS.md).
+pub async fn supervise<F, Fut, E>(task: &'static str, shutdown: &CancellationToken, mut attempt: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(task, error = %e, retry_in_ms = backoff.as_millis() as u64, "stopped; reconnecting")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
