@@ -88,21 +88,20 @@ impl Purchases {
         let idempotency_key = if explicit_key { idempotency_key } else { order_id.clone() };
         let attempt = Attempt { item, quantity, idempotency_key, order_id };
         if attempt.item.is_sold_out() {
-            let this = self.clone();
-            let buyer = buyer.clone();
-            return tokio::spawn(async move {
-                let prior =
-                    this.admission.prior_order(&attempt.item.id, &buyer.user_id, &attempt.idempotency_key).await?;
-                match prior {
-                    Some((order_id, earlier)) if earlier == attempt.quantity => {
-                        this.replay(&buyer, &attempt, order_id).await
-                    }
-                    Some(_) => Err(GatewayError::IdempotencyKeyReused),
-                    None => Err(GatewayError::SoldOut),
+            // A read: nothing to finish if the request is dropped, so no task of its own.
+            let prior = self.admission.prior_order(&attempt.item.id, &buyer.user_id, &attempt.idempotency_key).await?;
+            return match prior {
+                None => Err(GatewayError::SoldOut),
+                Some((_, earlier)) if earlier != attempt.quantity => Err(GatewayError::IdempotencyKeyReused),
+                Some((order_id, _)) => {
+                    // Replaying may publish again, which must not be cut short.
+                    let this = self.clone();
+                    let buyer = buyer.clone();
+                    tokio::spawn(async move { this.replay(&buyer, &attempt, order_id).await })
+                        .await
+                        .map_err(|e| GatewayError::Internal(Box::new(e)))?
                 }
-            })
-            .await
-            .map_err(|e| GatewayError::Internal(Box::new(e)))?;
+            };
         }
 
         // From here on Redis may change, so the rest runs in a task of its own:
