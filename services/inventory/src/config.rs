@@ -32,8 +32,9 @@ pub struct Config {
     /// Unacknowledged orders RabbitMQ may push ahead.
     #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = 200, value_parser = clap::value_parser!(u16).range(2..))]
     pub consumer_prefetch: u16,
-    /// Orders processed at once. Orders for one item queue on its row lock, so
-    /// more than about half the pool only ties up connections that reads need.
+    /// First payment attempts running at once (orders are recorded in batches,
+    /// one transaction per batch). Keep it under the pool size: reads need
+    /// connections too.
     #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub consumer_concurrency: u32,
     /// Milliseconds between sweeps for payments to retry.

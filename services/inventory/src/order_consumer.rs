@@ -28,6 +28,11 @@ use crate::domain::{OrderStatus, parse_item_id, parse_order_id, parse_user_id};
 use crate::error::InventoryError;
 use crate::settlement::Settlement;
 
+/// Most orders recorded in one transaction.
+const BATCH_SIZE: usize = 100;
+/// How long a batch waits for more deliveries once it has one.
+const BATCH_LINGER: Duration = Duration::from_millis(2);
+
 /// Consumer settings.
 #[derive(Debug, Clone)]
 pub struct ConsumerOptions {
@@ -35,7 +40,7 @@ pub struct ConsumerOptions {
     pub topology: Topology,
     /// Unacknowledged messages the broker may push ahead (never 1: see PITFALLS.md).
     pub prefetch: u16,
-    /// Messages processed at once.
+    /// First payment attempts running at once.
     pub concurrency: usize,
 }
 
@@ -71,86 +76,113 @@ impl OrderConsumer {
             )
             .await?;
         tracing::info!(queue = %self.options.topology.orders_queue, "consuming orders");
-        let slots = Arc::new(Semaphore::new(self.options.concurrency));
+        // Payments run beside the consumer, at most `concurrency` at once.
+        let payments = Arc::new(Semaphore::new(self.options.concurrency));
         loop {
-            let delivery = tokio::select! {
+            let first = tokio::select! {
                 delivery = deliveries.next() => delivery,
                 () = shutdown.cancelled() => {
-                    // Let the messages in hand finish; unacked ones return to the queue.
+                    // Let payments in hand finish; unacked messages return to the queue.
                     let _ = tokio::time::timeout(
                         Duration::from_secs(5),
-                        slots.acquire_many(self.options.concurrency as u32),
+                        payments.acquire_many(self.options.concurrency as u32),
                     ).await;
                     let _ = connection.close(200, "shutdown".into()).await;
                     return Ok(());
                 }
             };
-            let delivery = match delivery {
-                Some(Ok(delivery)) => delivery,
-                Some(Err(e)) => return Err(e.into()),
-                None => return Err(ConsumeError::StreamEnded),
-            };
-            let Ok(slot) = slots.clone().acquire_owned().await else { return Ok(()) };
-            let this = self.clone();
-            tokio::spawn(async move {
-                this.handle(delivery).await;
-                drop(slot);
-            });
+            let mut batch = vec![first.ok_or(ConsumeError::StreamEnded)??];
+            // Then whatever else has already arrived, up to a batch, waiting at most
+            // BATCH_LINGER: one transaction and one ack for all of them.
+            let linger = tokio::time::sleep(BATCH_LINGER);
+            tokio::pin!(linger);
+            while batch.len() < BATCH_SIZE {
+                tokio::select! {
+                    biased;
+                    delivery = deliveries.next() => batch.push(delivery.ok_or(ConsumeError::StreamEnded)??),
+                    () = &mut linger => break,
+                }
+            }
+            self.handle_batch(batch, &payments).await;
         }
     }
 
-    async fn handle(&self, delivery: Delivery) {
-        let placed = match decode(&delivery.data) {
-            Ok(placed) => placed,
+    /// Records a batch in one transaction, acks it with one multiple-ack, then
+    /// starts the first payment attempt of every order it now holds.
+    async fn handle_batch(&self, batch: Vec<Delivery>, payments: &Arc<Semaphore>) {
+        let mut accepted = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            match decode(&delivery.data) {
+                Ok(placed) => accepted.push((delivery, placed)),
+                Err(e) => {
+                    tracing::error!(error = %e, "undecodable OrderPlaced; rejecting it");
+                    let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                }
+            }
+        }
+        let Some((last, _)) = accepted.last() else { return };
+        let last_tag = last.delivery_tag;
+        let acker = last.acker.clone();
+        let placed: Vec<Placed> = accepted.iter().map(|(_, placed)| placed.clone()).collect();
+        let recorded = async {
+            let mut conn = self.pool.get().await?;
+            orders::record_batch(&mut conn, &placed).await
+        }
+        .await;
+        let recorded = match recorded {
+            Ok(recorded) => recorded,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, orders = placed.len(), "recording a batch failed; requeueing it");
+                // A pause keeps a failing database from turning into a hot redelivery loop.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = acker.nack(BasicNackOptions { multiple: true, requeue: true }).await;
+                return;
+            }
             Err(e) => {
-                tracing::error!(error = %e, "undecodable OrderPlaced; rejecting it");
-                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                // Not going to succeed on redelivery: reject them (a dead-letter
+                // exchange on the queue keeps them; the gateway's reconciler
+                // republishes any admission inventory never recorded).
+                tracing::error!(error = ?e, orders = placed.len(), "recording a batch failed for good; rejecting it");
+                let _ = acker.nack(BasicNackOptions { multiple: true, requeue: false }).await;
                 return;
             }
         };
-        let recorded = async {
-            let mut conn = self.pool.get().await?;
-            orders::record_placed(&mut conn, &placed).await
+        // Every earlier delivery on this channel is settled already (batches are
+        // handled one at a time), so one multiple-ack covers exactly this batch.
+        if let Err(e) = acker.ack(BasicAckOptions { multiple: true }).await {
+            // Recorded already: redeliveries will find the orders and do nothing.
+            tracing::warn!(error = %e, delivery.tag = last_tag, "ack failed after commit");
         }
-        .await;
-        match recorded {
-            Ok(recorded) => {
-                if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                    // Recorded already: the redelivery will find it and do nothing.
-                    tracing::warn!(error = %e, order.id = %placed.id, "ack failed after commit");
+        let mut released_units = false;
+        for outcome in recorded {
+            match outcome {
+                Recorded::Held(order) => self.pay_later(order, payments).await,
+                Recorded::Existing(order) if order.status == OrderStatus::PaymentPending.as_db() => {
+                    self.pay_later(order, payments).await
                 }
-                match recorded {
-                    Recorded::Held(order) => {
-                        if let Err(e) = self.settlement.pay(&order).await {
-                            tracing::warn!(error = %e, order.id = %order.id, "first payment attempt failed");
-                        }
-                    }
-                    Recorded::Existing(order) if order.status == OrderStatus::PaymentPending.as_db() => {
-                        let _ = self.settlement.pay(&order).await;
-                    }
-                    Recorded::Rejected(order) => {
-                        tracing::info!(order.id = %order.id, reason = %order.reject_reason, "order rejected by inventory");
-                        self.outbox_ready.notify_one();
-                    }
-                    Recorded::Existing(_) => {}
-                    Recorded::UnknownItem => {
-                        tracing::error!(order.id = %placed.id, item.id = %placed.item_id, "order for an unknown item dropped");
-                    }
+                Recorded::Rejected(order) => {
+                    tracing::info!(order.id = %order.id, reason = %order.reject_reason, "order rejected by inventory");
+                    released_units = true;
                 }
-            }
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, order.id = %placed.id, "recording failed; requeueing");
-                // A pause keeps a failing database from turning into a hot redelivery loop.
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
-            }
-            Err(e) => {
-                // Not going to succeed on redelivery: reject it (a dead-letter
-                // exchange configured on the queue keeps it for inspection).
-                tracing::error!(error = ?e, order.id = %placed.id, "recording failed for good; rejecting the message");
-                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                Recorded::Existing(_) => {}
+                Recorded::UnknownItem => tracing::error!("order for an unknown item dropped"),
             }
         }
+        if released_units {
+            self.outbox_ready.notify_one();
+        }
+    }
+
+    /// The first payment attempt, beside the consumer (bounded).
+    async fn pay_later(&self, order: crate::db::models::Order, payments: &Arc<Semaphore>) {
+        let Ok(slot) = payments.clone().acquire_owned().await else { return };
+        let settlement = self.settlement.clone();
+        tokio::spawn(async move {
+            if let Err(e) = settlement.pay(&order).await {
+                tracing::warn!(error = %e, order.id = %order.id, "first payment attempt failed");
+            }
+            drop(slot);
+        });
     }
 }
 

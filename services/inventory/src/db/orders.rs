@@ -6,8 +6,9 @@
 //! - one order per id (primary key: redelivery is a no-op) and one live order per
 //!   (buyer, item, idempotency key) (partial unique index).
 //!
-//! Lock order is always `holdings` row, then `items` row, in every transaction
-//! that touches both, so concurrent orders cannot deadlock.
+//! Lock order is always the `items` row, then `holdings` rows, in every
+//! transaction that touches both (and items by id within a batch), so
+//! concurrent transactions cannot deadlock.
 
 use chrono::{Duration, Utc};
 use diesel::prelude::*;
@@ -72,6 +73,41 @@ pub async fn record_placed(conn: &mut AsyncPgConnection, placed: &Placed) -> Res
     }
 }
 
+/// Records a batch of admitted orders in one transaction (one commit for the
+/// batch instead of one per order), in item-id order so that concurrent
+/// batches lock item rows in the same order. Returns the outcomes in the
+/// batch's order. If a concurrent delivery of one of them wins a unique key,
+/// the whole batch rolls back and each order is recorded on its own.
+pub async fn record_batch(conn: &mut AsyncPgConnection, batch: &[Placed]) -> Result<Vec<Recorded>, InventoryError> {
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by(|a, b| (&batch[*a].item_id, batch[*a].id).cmp(&(&batch[*b].item_id, batch[*b].id)));
+    let together = conn
+        .transaction::<_, DieselError, _>(async |conn| {
+            let mut outcomes: Vec<Option<Recorded>> = vec![None; batch.len()];
+            for &i in &order {
+                let placed = &batch[i];
+                let existing = orders::table.find(placed.id).select(Order::as_select()).first(conn).await.optional()?;
+                outcomes[i] = Some(match existing {
+                    Some(order) => Recorded::Existing(order),
+                    None => record_in_tx(conn, placed).await?,
+                });
+            }
+            Ok(outcomes.into_iter().flatten().collect::<Vec<_>>())
+        })
+        .await;
+    match together {
+        Ok(outcomes) => Ok(outcomes),
+        Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => {
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for placed in batch {
+                outcomes.push(record_placed(conn, placed).await?);
+            }
+            Ok(outcomes)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
 async fn record_in_tx(conn: &mut AsyncPgConnection, placed: &Placed) -> QueryResult<Recorded> {
     let Some((price_currency, price_minor, per_user_limit, mut version)) = items::table
         .find(&placed.item_id)
@@ -92,14 +128,14 @@ async fn record_in_tx(conn: &mut AsyncPgConnection, placed: &Placed) -> QueryRes
         reason = Some(RejectReason::LimitReached);
     } else if live_order_with_key(conn, placed).await? {
         reason = Some(RejectReason::DuplicateKey);
-    } else if !hold_for_buyer(conn, placed, per_user_limit).await? {
-        reason = Some(RejectReason::LimitReached);
     } else {
         match take_stock(conn, &placed.item_id, quantity).await? {
-            Some(new_version) => version = new_version,
-            None => {
-                release_for_buyer(conn, &placed.item_id, &placed.user_id, quantity).await?;
-                reason = Some(RejectReason::SoldOut);
+            None => reason = Some(RejectReason::SoldOut),
+            Some(taken) if hold_for_buyer(conn, placed, per_user_limit).await? => version = taken,
+            Some(_) => {
+                // Over the limit: put the units back (the item row is ours already).
+                version = return_stock(conn, &placed.item_id, quantity).await?;
+                reason = Some(RejectReason::LimitReached);
             }
         }
     }
@@ -245,8 +281,8 @@ pub async fn settle(conn: &mut AsyncPgConnection, id: Uuid, payment: Payment) ->
                 }
                 Payment::InsufficientFunds => {
                     // The unit goes back on sale and the buyer may try again.
-                    release_for_buyer(conn, &order.item_id, &order.user_id, order.quantity).await?;
                     let version = return_stock(conn, &order.item_id, order.quantity).await?;
+                    release_for_buyer(conn, &order.item_id, &order.user_id, order.quantity).await?;
                     outbox::enqueue(conn, &order, order.quantity, version).await?;
                 }
             }
@@ -304,8 +340,8 @@ pub async fn mark_refunded(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Ord
             .optional()?;
         match refunded {
             Some(order) => {
-                release_for_buyer(conn, &order.item_id, &order.user_id, order.quantity).await?;
                 let version = return_stock(conn, &order.item_id, order.quantity).await?;
+                release_for_buyer(conn, &order.item_id, &order.user_id, order.quantity).await?;
                 outbox::enqueue(conn, &order, order.quantity, version).await?;
                 Ok(order)
             }
