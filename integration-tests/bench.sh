@@ -76,7 +76,15 @@ load run --gateway-url $GW --sale "$OUT/sale-s1.json" --rpc health --users "$VUS
 echo "[bench] S1: purchases while stock remains, $VUS users, $DUR" >&2
 load run --gateway-url $GW --sale "$OUT/sale-s1.json" --users "$VUS" --duration $DUR --quiet --report "$OUT/s1.json" 2>/dev/null
 
-drain() { load audit --inventory-db "$INVENTORY_DB" --wallet-db "$WALLET_DB" --timeout 600s >/dev/null 2>&1; }
+drain() {
+  # The queue first (orders not yet recorded), then every recorded order final.
+  for _ in $(seq 600); do
+    depth=$(rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v q="$TAG.orders" '$1 == q {print $2}')
+    [ "${depth:-0}" = 0 ] && break
+    sleep 1
+  done
+  load audit --inventory-db "$INVENTORY_DB" --wallet-db "$WALLET_DB" --timeout 600s >/dev/null 2>&1
+}
 echo "[bench] letting the orders S1 admitted settle before the next measurement" >&2
 drain
 
