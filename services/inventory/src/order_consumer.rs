@@ -139,11 +139,11 @@ impl OrderConsumer {
                 return;
             }
             Err(e) => {
-                // Not going to succeed on redelivery: reject them (a dead-letter
-                // exchange on the queue keeps them; the gateway's reconciler
-                // republishes any admission inventory never recorded).
-                tracing::error!(error = ?e, orders = placed.len(), "recording a batch failed for good; rejecting it");
-                let _ = acker.nack(BasicNackOptions { multiple: true, requeue: false }).await;
+                // One bad order must not sink the others: record them one by one.
+                tracing::error!(error = ?e, orders = placed.len(), "recording a batch failed; recording its orders one by one");
+                for (delivery, placed) in accepted {
+                    self.handle_one(delivery, placed, payments).await;
+                }
                 return;
             }
         };
@@ -170,6 +170,40 @@ impl OrderConsumer {
         }
         if released_units {
             self.outbox_ready.notify_one();
+        }
+    }
+
+    /// Records one order on its own transaction and acks or rejects its delivery alone.
+    async fn handle_one(&self, delivery: Delivery, placed: Placed, payments: &Arc<Semaphore>) {
+        let recorded = async {
+            let mut conn = self.pool.get().await?;
+            orders::record_placed(&mut conn, &placed).await
+        }
+        .await;
+        match recorded {
+            Ok(recorded) => {
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+                match recorded {
+                    Recorded::Held(order) => self.pay_later(order, payments).await,
+                    Recorded::Existing(order) if order.status == OrderStatus::PaymentPending.as_db() => {
+                        self.pay_later(order, payments).await
+                    }
+                    Recorded::Rejected(_) => self.outbox_ready.notify_one(),
+                    Recorded::Existing(_) | Recorded::UnknownItem => {}
+                }
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, order.id = %placed.id, "recording failed; requeueing");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+            }
+            Err(e) => {
+                // Not going to succeed on redelivery: reject it (a dead-letter exchange
+                // on the queue keeps it; the gateway's reconciler republishes any
+                // admission inventory never recorded).
+                tracing::error!(error = ?e, order.id = %placed.id, "recording failed for good; rejecting the message");
+                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+            }
         }
     }
 
