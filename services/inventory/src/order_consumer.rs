@@ -153,23 +153,25 @@ impl OrderConsumer {
             // Recorded already: redeliveries will find the orders and do nothing.
             tracing::warn!(error = %e, delivery.tag = last_tag, "ack failed after commit");
         }
-        let mut released_units = false;
         for outcome in recorded {
-            match outcome {
-                Recorded::Held(order) => self.pay_later(order, payments).await,
-                Recorded::Existing(order) if order.status == OrderStatus::PaymentPending.as_db() => {
-                    self.pay_later(order, payments).await
-                }
-                Recorded::Rejected(order) => {
-                    tracing::info!(order.id = %order.id, reason = %order.reject_reason, "order rejected by inventory");
-                    released_units = true;
-                }
-                Recorded::Existing(_) => {}
-                Recorded::UnknownItem => tracing::error!("order for an unknown item dropped"),
-            }
+            self.after_recording(outcome, payments).await;
         }
-        if released_units {
-            self.outbox_ready.notify_one();
+    }
+
+    /// What follows a recorded order: its first payment attempt if it holds
+    /// stock, a wake-up for the outbox relay if it was rejected.
+    async fn after_recording(&self, outcome: Recorded, payments: &Arc<Semaphore>) {
+        match outcome {
+            Recorded::Held(order) => self.pay_later(order, payments).await,
+            Recorded::Existing(order) if order.status == OrderStatus::PaymentPending.as_db() => {
+                self.pay_later(order, payments).await
+            }
+            Recorded::Rejected(order) => {
+                tracing::info!(order.id = %order.id, reason = %order.reject_reason, "order rejected by inventory");
+                self.outbox_ready.notify_one();
+            }
+            Recorded::Existing(_) => {}
+            Recorded::UnknownItem => tracing::error!("order for an unknown item dropped"),
         }
     }
 
@@ -183,14 +185,7 @@ impl OrderConsumer {
         match recorded {
             Ok(recorded) => {
                 let _ = delivery.ack(BasicAckOptions::default()).await;
-                match recorded {
-                    Recorded::Held(order) => self.pay_later(order, payments).await,
-                    Recorded::Existing(order) if order.status == OrderStatus::PaymentPending.as_db() => {
-                        self.pay_later(order, payments).await
-                    }
-                    Recorded::Rejected(_) => self.outbox_ready.notify_one(),
-                    Recorded::Existing(_) | Recorded::UnknownItem => {}
-                }
+                self.after_recording(recorded, payments).await;
             }
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, order.id = %placed.id, "recording failed; requeueing");
