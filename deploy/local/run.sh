@@ -51,8 +51,9 @@ start() { # name, then env assignments
 start wallet DATABASE_URL="$WALLET_DB" WALLET_LISTEN_ADDR=127.0.0.1:50053
 start inventory DATABASE_URL="$INVENTORY_DB" INVENTORY_LISTEN_ADDR=127.0.0.1:50052 \
   WALLET_URL=http://127.0.0.1:50053
-start gateway GATEWAY_LISTEN_ADDR=127.0.0.1:50051 INVENTORY_URL=http://127.0.0.1:50052 \
-  WALLET_URL=http://127.0.0.1:50053
+# DEV_TOKENS: the storefront's sign-in signs a token for any name. Development only.
+start gateway GATEWAY_LISTEN_ADDR=127.0.0.1:50051 GATEWAY_HTTP_ADDR=127.0.0.1:8080 DEV_TOKENS=true \
+  INVENTORY_URL=http://127.0.0.1:50052 WALLET_URL=http://127.0.0.1:50053
 
 stop_all() {
   echo "[run] stopping services" >&2
@@ -61,7 +62,7 @@ stop_all() {
   rm -f "$LOGS/pids"
 }
 
-for port in 50053 50052 50051; do
+for port in 50053 50052 50051 8080; do
   for _ in $(seq 50); do
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
     sleep 0.2
@@ -78,13 +79,19 @@ done
 cat <<INFO
 
 Flash-sale suite is running (logs: $LOGS/*.log, JSON lines):
+  storefront http://127.0.0.1:8080/          open in a browser; sign in as alice (or "ops" + admin)
+  REST API   http://127.0.0.1:8080/v1/...    OpenAPI: /openapi.json, Swagger UI: /docs
   gateway    grpc://127.0.0.1:50051   flashsale.gateway.v1.FlashSaleGateway, flashsale.gateway.v1.AdminService
   inventory  grpc://127.0.0.1:50052   flashsale.inventory.v1.InventoryService (internal)
   wallet     grpc://127.0.0.1:50053   flashsale.wallet.v1.WalletService (internal)
 Demo sale "demo-drop" (100 units, 25.00 USD, limit 1); buyers alice, bob, carol have balances.
-Buy from the command line (buf reads the API through reflection):
+Buy from the command line, over REST:
   export JWT_SECRET=\$(cat $LOGS/jwt-secret)
   TOKEN=\$($BIN/flashsale-gateway token --sub alice)
+  curl -si -H "authorization: Bearer \$TOKEN" -H 'content-type: application/json' \\
+    -d '{"item_id":"demo-drop","quantity":1}' http://127.0.0.1:8080/v1/purchases
+  curl -sN -H "authorization: Bearer \$TOKEN" http://127.0.0.1:8080/v1/orders/<order_id>/events
+or over gRPC (buf reads the API through reflection):
   buf curl --protocol grpc --http2-prior-knowledge -H "authorization: Bearer \$TOKEN" \\
     -d '{"item_id":"demo-drop","quantity":1}' \\
     http://127.0.0.1:50051/flashsale.gateway.v1.FlashSaleGateway/Purchase

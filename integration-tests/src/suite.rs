@@ -23,6 +23,7 @@ pub struct TestSuite {
     wallet_port: u16,
     inventory: Option<Running>,
     gateway: Option<Running>,
+    gateway_http_port: u16,
     gateway_channel: Channel,
 }
 
@@ -33,6 +34,8 @@ pub struct SuiteOptions {
     pub gateway_amqp_addr: Option<String>,
     /// How long the gateway waits for a publisher confirm.
     pub publish_timeout_ms: Option<u64>,
+    /// Per-buyer purchase rate limit (attempts/s, burst); off by default.
+    pub purchase_rate: Option<(u32, u32)>,
 }
 
 impl TestSuite {
@@ -68,7 +71,12 @@ impl TestSuite {
         if let Some(ms) = options.publish_timeout_ms {
             config.publish_timeout_ms = ms;
         }
+        if let Some((rate, burst)) = options.purchase_rate {
+            config.purchase_rate_per_second = rate;
+            config.purchase_burst = burst;
+        }
         let app = flashsale_gateway::Application::build(&config).await?;
+        let gateway_http_port = app.http_port();
         let gateway = Running::start(app.port(), |stop| app.run_until_stopped(stop));
         let gateway_channel = Channel::from_shared(gateway.url())?.connect().await?;
 
@@ -81,6 +89,7 @@ impl TestSuite {
             wallet_port,
             inventory: Some(inventory),
             gateway: Some(gateway),
+            gateway_http_port,
             gateway_channel,
         })
     }
@@ -94,6 +103,11 @@ impl TestSuite {
             _ => None,
         }
         .map(Running::url)
+    }
+
+    /// `http://127.0.0.1:<port>` of the gateway's HTTP server (REST, storefront, OpenAPI).
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.gateway_http_port)
     }
 
     /// The suite's databases, for the audit.

@@ -129,9 +129,12 @@ async fn without_a_publish_confirm_the_reservation_is_released_and_a_retry_is_sa
     let broker: std::net::SocketAddr = "127.0.0.1:5672".parse()?;
     let proxy = FaultProxy::start(broker).await?;
     let proxied = amqp_addr().replace(":5672", &format!(":{}", proxy.port));
-    let suite =
-        TestSuite::spawn_with(SuiteOptions { gateway_amqp_addr: Some(proxied), publish_timeout_ms: Some(1_000) })
-            .await?;
+    let suite = TestSuite::spawn_with(SuiteOptions {
+        gateway_amqp_addr: Some(proxied),
+        publish_timeout_ms: Some(1_000),
+        ..SuiteOptions::default()
+    })
+    .await?;
     create_item(&suite, "solo", 900, 1, 1).await?;
     top_up(&suite, "alice", 1_000).await?;
     let request = || PurchaseRequest { item_id: "solo".into(), quantity: 1, idempotency_key: "alice-1".into() };

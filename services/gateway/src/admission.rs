@@ -108,6 +108,13 @@ impl Admission {
     }
 
     /// One purchase attempt: one round trip.
+    /// Readiness: Redis answers on the hot-path connection.
+    pub async fn ping(&self) -> Result<(), GatewayError> {
+        let mut conn = self.hot.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
     pub async fn admit(
         &self,
         item_id: &str,

@@ -9,6 +9,12 @@ pub struct Config {
     /// Address the gRPC server listens on (port 0 picks a free port).
     #[arg(long, env = "GATEWAY_LISTEN_ADDR", default_value = "127.0.0.1:50051")]
     pub listen_addr: SocketAddr,
+    /// Address of the HTTP server: REST/JSON, the storefront, /openapi.json, /docs, /healthz, /readyz.
+    #[arg(long, env = "GATEWAY_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// Serve `POST /v1/dev/token`, which signs a token for any user name. Development only.
+    #[arg(long, env = "DEV_TOKENS", default_value_t = false)]
+    pub dev_tokens: bool,
     /// The inventory's gRPC URL.
     #[arg(long, env = "INVENTORY_URL", default_value = "http://127.0.0.1:50052")]
     pub inventory_url: String,
@@ -39,6 +45,13 @@ pub struct Config {
     /// How long a purchase waits for the broker's confirm before answering UNAVAILABLE.
     #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(10..))]
     pub publish_timeout_ms: u64,
+    /// Purchase attempts per second each buyer may make past the local checks
+    /// (sustained; 0 turns the limit off). Excess attempts get RATE_LIMITED.
+    #[arg(long, env = "PURCHASE_RATE_PER_SECOND", default_value_t = 5)]
+    pub purchase_rate_per_second: u32,
+    /// Attempts a buyer may make at once before the per-second rate applies.
+    #[arg(long, env = "PURCHASE_BURST", default_value_t = 10)]
+    pub purchase_burst: u32,
     /// How often the local item cache is refreshed from inventory.
     #[arg(long, env = "CATALOG_REFRESH_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
     pub catalog_refresh_ms: u64,
@@ -58,6 +71,8 @@ impl Config {
     ) -> Self {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dev_tokens: true,
             inventory_url: inventory_url.into(),
             wallet_url: wallet_url.into(),
             redis_url: std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
@@ -69,8 +84,18 @@ impl Config {
             jwt_audience: None,
             publish_timeout_ms: 3000,
             catalog_refresh_ms: 200,
+            // Off: storms replay many attempts per buyer on purpose; the rate-limit test turns it on.
+            purchase_rate_per_second: 0,
+            purchase_burst: 10,
             shutdown_grace_seconds: 5,
         }
+    }
+
+    /// The per-buyer purchase quota, if any.
+    pub fn purchase_quota(&self) -> Option<governor::Quota> {
+        let rate = std::num::NonZeroU32::new(self.purchase_rate_per_second)?;
+        let burst = std::num::NonZeroU32::new(self.purchase_burst).unwrap_or(rate);
+        Some(governor::Quota::per_second(rate).allow_burst(burst))
     }
 
     pub fn shutdown_grace(&self) -> Duration {

@@ -26,6 +26,8 @@ pub enum GatewayError {
     LimitReached,
     #[error("purchase in progress")]
     PurchaseInProgress { order_id: String },
+    #[error("rate limited")]
+    RateLimited,
     #[error("idempotency key reused for another request")]
     IdempotencyKeyReused,
     /// A business rejection from inventory or wallet, passed on as it came:
@@ -105,6 +107,19 @@ impl From<GatewayError> for Status {
                 "IDEMPOTENCY_KEY_REUSED",
                 "this idempotency key was used for a different request",
             ),
+            GatewayError::RateLimited => {
+                let mut details = tonic_types::ErrorDetails::with_error_info(
+                    "RATE_LIMITED",
+                    flashsale_server::ERROR_DOMAIN,
+                    std::collections::HashMap::new(),
+                );
+                details.set_retry_info(Some(std::time::Duration::from_secs(1)));
+                <Status as tonic_types::StatusExt>::with_error_details(
+                    Code::ResourceExhausted,
+                    "too many purchase attempts; retry in a second",
+                    details,
+                )
+            }
             GatewayError::Upstream(status) => status,
             GatewayError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "request failed: dependency unavailable");

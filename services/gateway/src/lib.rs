@@ -1,9 +1,11 @@
 //! The public gateway: authenticates buyers (bearer JWTs), turns away the crowd
 //! from memory once an item is sold out, admits each remaining attempt with one
 //! atomic Redis script, publishes winners to RabbitMQ with confirms, and tells
-//! buyers the outcome (GetOrder, WatchOrder). gRPC API: `flashsale.gateway.v1`.
+//! buyers the outcome (GetOrder, WatchOrder, server-sent events). gRPC API:
+//! `flashsale.gateway.v1`; the same operations over REST/JSON, and a storefront page.
 
 pub mod admission;
+pub mod api;
 pub mod auth;
 pub mod catalog;
 pub mod config;
@@ -12,6 +14,7 @@ pub mod grpc;
 pub mod order_events;
 pub mod order_publisher;
 pub mod purchase;
+pub mod rest;
 pub mod startup;
 pub mod upstream;
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use flashsale_proto::common::v1::{Money, OrderStatus};
 use flashsale_proto::gateway::v1::{PurchaseRequest, PurchaseResponse};
 use flashsale_proto::inventory::v1::{GetAdmissionSnapshotRequest, GetOrderRequest, OrderPlaced};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use parking_lot::Mutex;
 
 use crate::admission::{Admission, AdmissionRecord, Admit};
@@ -25,6 +26,10 @@ pub struct Purchases {
     /// One rebuild at a time per item in this process: a crowd arriving at an
     /// item with no admission state asks inventory for one snapshot, not thousands.
     rebuilds: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Attempts per buyer that may reach Redis (GCRA in memory; `None`: no limit).
+    /// A script hammering the purchase button is turned away here, before it
+    /// costs a Redis round trip; the crowd after sell-out never gets this far.
+    rate: Option<DefaultKeyedRateLimiter<String>>,
 }
 
 /// A validated purchase.
@@ -41,8 +46,24 @@ impl Purchases {
         admission: Arc<Admission>,
         publisher: Arc<OrderPublisher>,
         upstreams: Upstreams,
+        rate: Option<Quota>,
     ) -> Self {
-        Self { catalog, admission, publisher, upstreams, rebuilds: Mutex::new(HashMap::new()) }
+        Self {
+            catalog,
+            admission,
+            publisher,
+            upstreams,
+            rebuilds: Mutex::new(HashMap::new()),
+            rate: rate.map(RateLimiter::keyed),
+        }
+    }
+
+    /// Forgets buyers whose rate state has fully recovered (bounds the limiter's memory).
+    pub fn forget_idle_buyers(&self) {
+        if let Some(rate) = &self.rate {
+            rate.retain_recent();
+            rate.shrink_to_fit();
+        }
     }
 
     pub async fn purchase(
@@ -82,6 +103,12 @@ impl Purchases {
         let explicit_key = !idempotency_key.is_empty();
         if item.is_sold_out() && !explicit_key {
             return Err(GatewayError::SoldOut);
+        }
+
+        if let Some(rate) = &self.rate
+            && rate.check_key(&buyer.user_id).is_err()
+        {
+            return Err(GatewayError::RateLimited);
         }
 
         let order_id = uuid::Uuid::now_v7().to_string();

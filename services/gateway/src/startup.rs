@@ -2,7 +2,7 @@
 //! and RabbitMQ, bind (port 0 works), then serve while the order-event consumer
 //! and the catalog refresher run beside it.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 
 use crate::admission::Admission;
+use crate::api::Gateway;
 use crate::auth::Authenticator;
 use crate::catalog::Catalog;
 use crate::config::Config;
@@ -23,6 +24,7 @@ use crate::grpc::GatewayGrpc;
 use crate::order_events::OrderEvents;
 use crate::order_publisher::OrderPublisher;
 use crate::purchase::Purchases;
+use crate::rest::RestState;
 use crate::upstream::Upstreams;
 
 /// How often, and after how long, admissions inventory never recorded are published again.
@@ -35,7 +37,9 @@ const MIN_SECRET_BYTES: usize = 32;
 pub struct Application {
     listener: TcpListener,
     port: u16,
-    grpc: GatewayGrpc,
+    http_listener: TcpListener,
+    http_port: u16,
+    api: Arc<Gateway>,
     config: Config,
 }
 
@@ -57,40 +61,56 @@ impl Application {
         publisher.warm_up().await.context("connecting to RabbitMQ")?;
         let catalog = Arc::new(Catalog::new(upstreams.clone()));
         let (watchers, _) = broadcast::channel(4096);
-        let grpc = GatewayGrpc {
+        let api = Arc::new(Gateway {
             auth: Authenticator::new(secret, config.jwt_issuer.as_deref(), config.jwt_audience.as_deref()),
-            purchases: Arc::new(Purchases::new(catalog.clone(), admission, publisher, upstreams.clone())),
+            purchases: Arc::new(Purchases::new(
+                catalog.clone(),
+                admission,
+                publisher,
+                upstreams.clone(),
+                config.purchase_quota(),
+            )),
             catalog,
             upstreams,
             watchers,
-        };
+        });
         let listener =
             TcpListener::bind(config.listen_addr).await.with_context(|| format!("binding {}", config.listen_addr))?;
         let port = listener.local_addr()?.port();
-        Ok(Self { listener, port, grpc, config: config.clone() })
+        let http_listener =
+            TcpListener::bind(config.http_addr).await.with_context(|| format!("binding {}", config.http_addr))?;
+        let http_port = http_listener.local_addr()?.port();
+        Ok(Self { listener, port, http_listener, http_port, api, config: config.clone() })
     }
 
+    /// The gRPC port.
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// The HTTP port (REST, storefront, OpenAPI, health).
+    pub fn http_port(&self) -> u16 {
+        self.http_port
+    }
+
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let config = self.config;
-        let grpc = self.grpc;
+        let api = self.api;
+        let grpc = GatewayGrpc { api: api.clone() };
         let background = CancellationToken::new();
-        if let Err(e) = grpc.catalog.refresh().await {
+        if let Err(e) = api.catalog.refresh().await {
             tracing::warn!(error = %e, "initial catalog load failed; items load on first use");
         }
         let events = OrderEvents {
             amqp_addr: config.amqp_addr.clone(),
             topology: Topology::with_prefix(&config.amqp_prefix),
-            admission: grpc.purchases.admission.clone(),
-            catalog: grpc.catalog.clone(),
-            watchers: grpc.watchers.clone(),
+            admission: api.purchases.admission.clone(),
+            catalog: api.catalog.clone(),
+            watchers: api.watchers.clone(),
         };
-        let admission = grpc.purchases.admission.clone();
+        let admission = api.purchases.admission.clone();
         let reconciler = {
-            let purchases = grpc.purchases.clone();
+            let purchases = api.purchases.clone();
             let shutdown = background.clone();
             async move {
                 let mut ticker = tokio::time::interval(STRANDED_CHECK);
@@ -99,6 +119,7 @@ impl Application {
                         _ = ticker.tick() => {}
                         () = shutdown.cancelled() => return,
                     }
+                    purchases.forget_idle_buyers();
                     if let Err(e) = purchases.republish_unrecorded(STRANDED_AFTER).await {
                         tracing::debug!(error = %e, "unrecorded-admission check failed");
                     }
@@ -108,7 +129,7 @@ impl Application {
         let tasks = [
             tokio::spawn(reconciler),
             tokio::spawn(events.run(background.clone())),
-            tokio::spawn(grpc.catalog.clone().run_refresher(
+            tokio::spawn(api.catalog.clone().run_refresher(
                 Duration::from_millis(config.catalog_refresh_ms),
                 background.clone(),
                 move |catalog| {
@@ -128,22 +149,62 @@ impl Application {
             .max_decoding_message_size(flashsale_server::MAX_DECODING_MESSAGE_SIZE)
             .max_encoding_message_size(flashsale_server::MAX_ENCODING_MESSAGE_SIZE);
         let router = router.add_service(buyers).add_service(admins);
-        tracing::info!(port = self.port, "gateway serving gRPC");
-        let listener = self.listener;
         let grace = config.shutdown_grace();
+
+        // REST and the storefront: stop accepting when shutdown begins, then give
+        // open requests (server-sent event streams included) the grace period.
+        let stopping = CancellationToken::new();
+        let rest = crate::rest::router(RestState {
+            api: api.clone(),
+            dev_token_secret: config.dev_tokens.then(|| Arc::from(secret_of(&config))),
+            stopping: stopping.clone(),
+        });
+        let http = {
+            let stopping = stopping.clone();
+            let listener = self.http_listener;
+            tokio::spawn(async move {
+                let served = axum::serve(listener, rest).with_graceful_shutdown(stopping.cancelled_owned());
+                match tokio::time::timeout(grace + Duration::from_secs(1), served.into_future()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),
+                    Err(_) => tracing::warn!("HTTP connections still open after the grace period; closing them"),
+                }
+            })
+        };
+        if config.dev_tokens {
+            tracing::warn!("DEV_TOKENS is on: POST /v1/dev/token signs a token for any user name");
+        }
+
+        tracing::info!(port = self.port, http_port = self.http_port, "gateway serving gRPC and HTTP");
+        let listener = self.listener;
+        let shutdown = {
+            let stopping = stopping.clone();
+            async move {
+                shutdown.await;
+                stopping.cancel();
+            }
+        };
         let served = flashsale_server::serve_until_stopped(health, shutdown, grace, |stop| {
             router.serve_with_incoming_shutdown(flashsale_server::incoming(listener), stop)
         })
         .await;
+        stopping.cancel();
+        if let Err(e) = http.await {
+            tracing::error!(error = %e, "HTTP server task failed");
+        }
         background.cancel();
         if tokio::time::timeout(grace, futures::future::join_all(tasks)).await.is_err() {
             tracing::warn!("background tasks did not stop within the grace period");
         }
-        grpc.purchases.publisher.close().await;
+        api.purchases.publisher.close().await;
         served?;
         tracing::info!("gateway stopped");
         Ok(())
     }
+}
+
+fn secret_of(config: &Config) -> &str {
+    config.jwt_secret.as_deref().unwrap_or_default()
 }
 
 /// A sold-out flag is a cache of Redis's answer. Clear it when Redis offers

@@ -1,0 +1,335 @@
+//! The gateway's operations, one implementation each, shared by both encodings:
+//! `grpc.rs` (protobuf over HTTP/2) and `rest/` (JSON over HTTP/1.1 and 2). Every
+//! operation takes the authenticated caller and a request in the proto's types
+//! and answers in them, so a rule (who may see an order, what a buyer sees of
+//! PAYMENT_PENDING, when an item is refreshed in the local catalog) lives here once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flashsale_proto::common::v1::{self as pb, OrderStatus};
+use flashsale_proto::gateway::v1::*;
+use flashsale_proto::inventory::v1 as inventory;
+use flashsale_proto::inventory::v1::OrderEvent;
+use flashsale_proto::wallet::v1 as wallet;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::auth::{Authenticator, Principal};
+use crate::catalog::Catalog;
+use crate::error::GatewayError;
+use crate::purchase::{Purchases, public_status, validate_item_id};
+use crate::upstream::{Upstreams, request};
+
+/// How often an order watch re-reads the order in case an event was missed
+/// (consumer reconnecting, broadcast lag).
+const WATCH_RECHECK: Duration = Duration::from_secs(2);
+
+pub struct Gateway {
+    pub auth: Authenticator,
+    pub purchases: Arc<Purchases>,
+    pub catalog: Arc<Catalog>,
+    pub upstreams: Upstreams,
+    pub watchers: broadcast::Sender<Arc<OrderEvent>>,
+}
+
+impl Gateway {
+    /// The caller named by an `Authorization: Bearer …` value (gRPC metadata or HTTP header).
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, GatewayError> {
+        self.auth.authenticate_header(authorization)
+    }
+
+    pub async fn list_items(
+        &self,
+        _caller: &Principal,
+        req: ListItemsRequest,
+    ) -> Result<ListItemsResponse, GatewayError> {
+        let ListItemsRequest { page_size, page_token } = req;
+        let reply = self
+            .upstreams
+            .inventory
+            .clone()
+            .list_items(request(inventory::ListItemsRequest { page_size, page_token }))
+            .await
+            .map_err(GatewayError::from_upstream)?
+            .into_inner();
+        for item in &reply.items {
+            self.catalog.upsert(item);
+        }
+        Ok(ListItemsResponse { items: reply.items, next_page_token: reply.next_page_token })
+    }
+
+    pub async fn get_item(&self, _caller: &Principal, req: GetItemRequest) -> Result<GetItemResponse, GatewayError> {
+        let GetItemRequest { item_id } = req;
+        validate_item_id(&item_id)?;
+        let reply = self
+            .upstreams
+            .inventory
+            .clone()
+            .get_item(request(inventory::GetItemRequest { item_id }))
+            .await
+            .map_err(GatewayError::from_upstream)?
+            .into_inner();
+        Ok(GetItemResponse { item: reply.item })
+    }
+
+    pub async fn purchase(&self, buyer: &Principal, req: PurchaseRequest) -> Result<PurchaseResponse, GatewayError> {
+        self.purchases.purchase(buyer, req).await
+    }
+
+    /// The caller's order as buyers see it: from inventory once recorded, from
+    /// the admission record before that (PENDING, never NOT_FOUND).
+    pub async fn get_order(&self, buyer: &Principal, order_id: &str) -> Result<pb::Order, GatewayError> {
+        validate_order_id(order_id)?;
+        // The admission record is read before asking inventory: it is deleted only
+        // after inventory has committed the order, so one of the two always answers.
+        // (Asking inventory first leaves a gap: not there yet, then record deleted.)
+        let record = self.purchases.admission.load_record(order_id).await?;
+        let found = self
+            .upstreams
+            .inventory
+            .clone()
+            .get_order(request(inventory::GetOrderRequest { order_id: order_id.to_owned() }))
+            .await;
+        match found {
+            Ok(reply) => {
+                let order = reply.into_inner().order.ok_or(GatewayError::OrderNotFound)?;
+                // Someone else's order does not exist, as far as this caller can tell.
+                if order.user_id != buyer.user_id && !buyer.admin {
+                    return Err(GatewayError::OrderNotFound);
+                }
+                Ok(public_order(order))
+            }
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                let record = record.ok_or(GatewayError::OrderNotFound)?;
+                if record.user_id != buyer.user_id && !buyer.admin {
+                    return Err(GatewayError::OrderNotFound);
+                }
+                let created = timestamp_ms(record.created_at_ms);
+                Ok(pb::Order {
+                    id: record.order_id,
+                    user_id: record.user_id,
+                    item_id: record.item_id,
+                    quantity: record.quantity,
+                    amount: Some(pb::Money { currency: record.currency, amount_minor: record.amount_minor }),
+                    status: OrderStatus::Pending.into(),
+                    reject_reason: String::new(),
+                    created_at: Some(created),
+                    updated_at: Some(created),
+                    idempotency_key: record.idempotency_key,
+                })
+            }
+            Err(status) => Err(GatewayError::from_upstream(status)),
+        }
+    }
+
+    pub async fn list_orders(
+        &self,
+        buyer: &Principal,
+        req: ListOrdersRequest,
+    ) -> Result<ListOrdersResponse, GatewayError> {
+        let ListOrdersRequest { page_size, page_token } = req;
+        let reply = self
+            .upstreams
+            .inventory
+            .clone()
+            .list_orders(request(inventory::ListOrdersRequest {
+                user_id: buyer.user_id.clone(),
+                item_id: String::new(),
+                page_size,
+                page_token,
+            }))
+            .await
+            .map_err(GatewayError::from_upstream)?
+            .into_inner();
+        Ok(ListOrdersResponse {
+            orders: reply.orders.into_iter().map(public_order).collect(),
+            next_page_token: reply.next_page_token,
+        })
+    }
+
+    /// The order's current state, then each change, ending after a final state.
+    /// Subscribes first, then reads: a final state cannot slip between the two.
+    /// The receiver closes when the order is final or the watch fails.
+    pub async fn watch_order(
+        self: &Arc<Self>,
+        buyer: &Principal,
+        order_id: &str,
+    ) -> Result<mpsc::Receiver<pb::Order>, GatewayError> {
+        let mut events = self.watchers.subscribe();
+        let current = self.get_order(buyer, order_id).await?;
+        let (tx, rx) = mpsc::channel(8);
+        let this = self.clone();
+        let buyer = buyer.clone();
+        let order_id = order_id.to_owned();
+        tokio::spawn(async move {
+            let mut last = current;
+            if tx.send(last.clone()).await.is_err() || is_final(&last) {
+                return;
+            }
+            let mut recheck = tokio::time::interval(WATCH_RECHECK);
+            recheck.tick().await;
+            loop {
+                let next = tokio::select! {
+                    event = events.recv() => match event {
+                        Ok(event) => match &event.order {
+                            Some(order) if order.id == order_id => Some(public_order(order.clone())),
+                            _ => None,
+                        },
+                        Err(broadcast::error::RecvError::Lagged(_)) => this.get_order(&buyer, &order_id).await.ok(),
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = recheck.tick() => this.get_order(&buyer, &order_id).await.ok(),
+                    () = tx.closed() => return,
+                };
+                let Some(order) = next else { continue };
+                if order.status == last.status {
+                    continue;
+                }
+                last = order;
+                if tx.send(last.clone()).await.is_err() || is_final(&last) {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    pub async fn refund_order(&self, buyer: &Principal, order_id: &str) -> Result<pb::Order, GatewayError> {
+        validate_order_id(order_id)?;
+        let reply = self
+            .upstreams
+            .inventory
+            .clone()
+            .refund_order(request(inventory::RefundOrderRequest {
+                order_id: order_id.to_owned(),
+                user_id: buyer.user_id.clone(),
+            }))
+            .await
+            .map_err(GatewayError::from_upstream)?
+            .into_inner();
+        reply.order.map(public_order).ok_or(GatewayError::OrderNotFound)
+    }
+
+    pub async fn get_balance(
+        &self,
+        buyer: &Principal,
+        req: GetBalanceRequest,
+    ) -> Result<GetBalanceResponse, GatewayError> {
+        let GetBalanceRequest { currency } = req;
+        let reply = self
+            .upstreams
+            .wallet
+            .clone()
+            .get_balance(request(wallet::GetBalanceRequest { user_id: buyer.user_id.clone(), currency }))
+            .await
+            .map_err(GatewayError::from_upstream)?
+            .into_inner();
+        Ok(GetBalanceResponse { balances: reply.balances })
+    }
+
+    pub async fn create_item(
+        &self,
+        caller: &Principal,
+        req: CreateItemRequest,
+    ) -> Result<CreateItemResponse, GatewayError> {
+        caller.require_admin()?;
+        let CreateItemRequest { id, name, price, stock_total, per_user_limit, starts_at, ends_at } = req;
+        let reply = self
+            .upstreams
+            .inventory
+            .clone()
+            .create_item(request(inventory::CreateItemRequest {
+                id,
+                name,
+                price,
+                stock_total,
+                per_user_limit,
+                starts_at,
+                ends_at,
+            }))
+            .await
+            .map_err(GatewayError::from_upstream)?
+            .into_inner();
+        if let Some(item) = &reply.item {
+            self.catalog.upsert(item);
+        }
+        Ok(CreateItemResponse { item: reply.item })
+    }
+
+    pub async fn top_up(&self, caller: &Principal, req: TopUpRequest) -> Result<TopUpResponse, GatewayError> {
+        caller.require_admin()?;
+        let TopUpRequest { user_id, amount, idempotency_key } = req;
+        let idempotency_key =
+            if idempotency_key.is_empty() { format!("top-up:{}", uuid::Uuid::now_v7()) } else { idempotency_key };
+        let reply = self
+            .upstreams
+            .wallet
+            .clone()
+            .credit(request(wallet::CreditRequest { idempotency_key, user_id, amount, reference: "top-up".into() }))
+            .await
+            .map_err(GatewayError::from_upstream)?
+            .into_inner();
+        Ok(TopUpResponse { balance: reply.transaction.and_then(|t| t.balance_after) })
+    }
+
+    pub async fn get_item_stats(
+        &self,
+        caller: &Principal,
+        req: GetItemStatsRequest,
+    ) -> Result<GetItemStatsResponse, GatewayError> {
+        caller.require_admin()?;
+        let GetItemStatsRequest { item_id } = req;
+        validate_item_id(&item_id)?;
+        let inventory::GetItemStatsResponse {
+            item,
+            orders_pending,
+            orders_confirmed,
+            orders_rejected,
+            orders_refunded,
+            buyers,
+            units_sold,
+        } = self
+            .upstreams
+            .inventory
+            .clone()
+            .get_item_stats(request(inventory::GetItemStatsRequest { item_id }))
+            .await
+            .map_err(GatewayError::from_upstream)?
+            .into_inner();
+        Ok(GetItemStatsResponse {
+            item,
+            orders_pending,
+            orders_confirmed,
+            orders_rejected,
+            orders_refunded,
+            buyers,
+            units_sold,
+        })
+    }
+}
+
+fn validate_order_id(order_id: &str) -> Result<(), GatewayError> {
+    match uuid::Uuid::parse_str(order_id) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(GatewayError::invalid("order_id", "must be a UUID")),
+    }
+}
+
+fn timestamp_ms(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+fn public_order(mut order: pb::Order) -> pb::Order {
+    order.status = public_status(order.status).into();
+    order
+}
+
+pub fn is_final(order: &pb::Order) -> bool {
+    matches!(
+        OrderStatus::try_from(order.status),
+        Ok(OrderStatus::Confirmed | OrderStatus::Rejected | OrderStatus::Refunded)
+    )
+}
