@@ -7,5 +7,6 @@ mod faults;
 mod lifecycle;
 mod notifications;
 mod purchase;
+mod rest;
 mod storm;
 mod wallet;

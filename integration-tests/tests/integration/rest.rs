@@ -1,0 +1,465 @@
+//! REST/JSON on the gateway's HTTP port: every route, every reason code with
+//! its HTTP status, and one set of rules shared with gRPC.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use flashsale_integration_tests::TestSuite;
+use flashsale_integration_tests::audit::{audit, wait_until_settled};
+use flashsale_integration_tests::suite::SuiteOptions;
+use flashsale_proto::gateway::v1::PurchaseRequest;
+use futures::StreamExt;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::common::{create_item, create_item_between, top_up};
+
+/// A REST client for one suite.
+struct Rest {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Rest {
+    fn new(suite: &TestSuite) -> Self {
+        Self { http: reqwest::Client::new(), base: suite.http_url() }
+    }
+
+    fn request(&self, method: Method, path: &str, token: Option<&str>) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, format!("{}{path}", self.base));
+        match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<(StatusCode, Value)> {
+        let response = request.send().await?;
+        let status = response.status();
+        let text = response.text().await?;
+        let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? };
+        Ok((status, body))
+    }
+
+    async fn get(&self, path: &str, token: &str) -> anyhow::Result<(StatusCode, Value)> {
+        self.send(self.request(Method::GET, path, Some(token))).await
+    }
+
+    async fn post(&self, path: &str, token: &str, body: Value) -> anyhow::Result<(StatusCode, Value)> {
+        self.send(self.request(Method::POST, path, Some(token)).json(&body)).await
+    }
+
+    async fn buy(
+        &self,
+        token: &str,
+        item: &str,
+        quantity: u32,
+        key: Option<&str>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let mut request = self
+            .request(Method::POST, "/v1/purchases", Some(token))
+            .json(&json!({"item_id": item, "quantity": quantity}));
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        self.send(request).await
+    }
+
+    /// Polls `GET /v1/orders/{id}` until the order leaves PENDING.
+    async fn final_order(&self, token: &str, order_id: &str) -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, order) = self.get(&format!("/v1/orders/{order_id}"), token).await?;
+            anyhow::ensure!(status == StatusCode::OK, "GET order: {status} {order}");
+            if order["status"] != "PENDING" {
+                return Ok(order);
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "order {order_id} still pending");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no error code>")
+}
+
+/// Asserts an error reply: the HTTP status, the reason code and a message.
+#[track_caller]
+fn expect((status, body): (StatusCode, Value), want: StatusCode, reason: &str) {
+    assert_eq!((status, code(&body)), (want, reason), "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+}
+
+/// Reads a server-sent event stream to its end: the `data` of each `order` event.
+async fn order_events(response: reqwest::Response) -> anyhow::Result<Vec<Value>> {
+    let mut events = Vec::new();
+    let mut buffer = String::new();
+    let mut body = response.bytes_stream();
+    let read = async {
+        while let Some(chunk) = body.next().await {
+            buffer.push_str(std::str::from_utf8(&chunk?)?);
+            while let Some(end) = buffer.find("\n\n") {
+                let frame: String = buffer.drain(..end + 2).collect();
+                let mut name = "message";
+                let mut data = String::new();
+                for line in frame.lines() {
+                    if let Some(value) = line.strip_prefix("event:") {
+                        name = if value.trim() == "order" { "order" } else { "other" };
+                    } else if let Some(value) = line.strip_prefix("data:") {
+                        data.push_str(value.trim_start());
+                    }
+                }
+                if name == "order" {
+                    events.push(serde_json::from_str(&data)?);
+                }
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(30), read).await??;
+    Ok(events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rest_route_serves_the_purchase_lifecycle() -> anyhow::Result<()> {
+    let suite = TestSuite::spawn().await?;
+    let rest = Rest::new(&suite);
+    let admin = suite.token("operator", true);
+    let ann = suite.token("ann", false);
+
+    // Admin: create a sale, top up a buyer (a replayed key credits once).
+    let starts = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let ends = starts + chrono::Duration::hours(1);
+    let sale = json!({"id": "lamp", "name": "Desk lamp", "price": {"currency": "USD", "amount_minor": 1_250},
+        "stock_total": 3, "per_user_limit": 1, "starts_at": starts, "ends_at": ends});
+    let (status, item) = rest.post("/v1/admin/items", &admin, sale.clone()).await?;
+    assert_eq!(status, StatusCode::CREATED, "{item}");
+    assert_eq!((item["id"].as_str(), item["stock_remaining"].as_u64()), (Some("lamp"), Some(3)));
+    assert_eq!(item["status"], "ON_SALE");
+    let top_up = json!({"amount": {"currency": "USD", "amount_minor": 5_000}, "idempotency_key": "gift-1"});
+    for _ in 0..2 {
+        let (status, reply) = rest.post("/v1/admin/users/ann/top-up", &admin, top_up.clone()).await?;
+        assert_eq!((status, reply["balance"]["amount_minor"].as_i64()), (StatusCode::OK, Some(5_000)), "{reply}");
+    }
+
+    // Buyer: browse, buy with a key (a retry names the same order), follow it live.
+    let (status, list) = rest.get("/v1/items?page_size=10", &ann).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(list["items"].as_array().is_some_and(|items| items.iter().any(|i| i["id"] == "lamp")), "{list}");
+    let (status, one) = rest.get("/v1/items/lamp", &ann).await?;
+    assert_eq!((status, one["price"]["amount_minor"].as_i64()), (StatusCode::OK, Some(1_250)));
+
+    let (status, accepted) = rest.buy(&ann, "lamp", 1, Some("ann-lamp-1")).await?;
+    assert_eq!((status, accepted["status"].as_str()), (StatusCode::ACCEPTED, Some("PENDING")), "{accepted}");
+    let order_id = accepted["order_id"].as_str().unwrap_or_default().to_owned();
+    let (status, again) = rest.buy(&ann, "lamp", 1, Some("ann-lamp-1")).await?;
+    assert_eq!((status, again["order_id"].as_str()), (StatusCode::ACCEPTED, Some(order_id.as_str())));
+
+    let response = rest.request(Method::GET, &format!("/v1/orders/{order_id}/events"), Some(&ann)).send().await?;
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+    let events = order_events(response).await?;
+    let statuses: Vec<&str> = events.iter().filter_map(|e| e["status"].as_str()).collect();
+    assert_eq!(statuses.last(), Some(&"CONFIRMED"), "the stream ends on the final state: {statuses:?}");
+    assert!(statuses.iter().all(|s| ["PENDING", "CONFIRMED"].contains(s)), "{statuses:?}");
+
+    let (status, order) = rest.get(&format!("/v1/orders/{order_id}"), &ann).await?;
+    assert_eq!((status, order["status"].as_str()), (StatusCode::OK, Some("CONFIRMED")));
+    assert_eq!(
+        (order["amount"]["amount_minor"].as_i64(), order["idempotency_key"].as_str()),
+        (Some(1_250), Some("ann-lamp-1"))
+    );
+    let (status, orders) = rest.get("/v1/orders", &ann).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(orders["orders"].as_array().map(Vec::len), Some(1), "{orders}");
+    let (_, wallet) = rest.get("/v1/wallet", &ann).await?;
+    assert_eq!(wallet["balances"][0]["amount_minor"].as_i64(), Some(5_000 - 1_250), "{wallet}");
+    let (_, wallet) = rest.get("/v1/wallet?currency=EUR", &ann).await?;
+    assert_eq!(
+        (wallet["balances"][0]["currency"].as_str(), wallet["balances"][0]["amount_minor"].as_i64()),
+        (Some("EUR"), Some(0)),
+        "{wallet}"
+    );
+
+    // Refund: money back, the unit on sale again, the stats agree.
+    let (status, refunded) =
+        rest.send(rest.request(Method::POST, &format!("/v1/orders/{order_id}/refund"), Some(&ann))).await?;
+    assert_eq!((status, refunded["status"].as_str()), (StatusCode::OK, Some("REFUNDED")), "{refunded}");
+    let (_, wallet) = rest.get("/v1/wallet", &ann).await?;
+    assert_eq!(wallet["balances"][0]["amount_minor"].as_i64(), Some(5_000));
+    let (status, stats) = rest.get("/v1/admin/items/lamp/stats", &admin).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((stats["orders_refunded"].as_u64(), stats["units_sold"].as_u64()), (Some(1), Some(0)), "{stats}");
+    assert_eq!(stats["item"]["stock_remaining"].as_u64(), Some(3));
+
+    // Health, the spec, Swagger UI and the storefront.
+    for path in ["/healthz", "/readyz"] {
+        let (status, _) = rest.send(rest.request(Method::GET, path, None)).await?;
+        assert_eq!(status, StatusCode::OK, "{path}");
+    }
+    let (status, spec) = rest.send(rest.request(Method::GET, "/openapi.json", None)).await?;
+    assert_eq!(status, StatusCode::OK);
+    for path in [
+        "/v1/items",
+        "/v1/items/{item_id}",
+        "/v1/purchases",
+        "/v1/orders",
+        "/v1/orders/{order_id}",
+        "/v1/orders/{order_id}/events",
+        "/v1/orders/{order_id}/refund",
+        "/v1/wallet",
+        "/v1/admin/items",
+        "/v1/admin/users/{user_id}/top-up",
+        "/v1/admin/items/{item_id}/stats",
+    ] {
+        assert!(spec["paths"][path].is_object(), "{path} missing from /openapi.json");
+    }
+    for (path, kind) in [("/docs/", "text/html"), ("/", "text/html"), ("/app.js", "text/javascript")] {
+        let response = rest.request(Method::GET, path, None).send().await?;
+        let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        assert!(content_type.starts_with(kind), "{path}: {content_type}");
+    }
+    suite.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_errors_carry_the_reason_and_http_status_of_the_table() -> anyhow::Result<()> {
+    use crate::common::at;
+    let mut suite = TestSuite::spawn().await?;
+    let rest = Rest::new(&suite);
+    let admin = suite.token("operator", true);
+    let bob = suite.token("bob", false);
+    let hour = Duration::from_secs(3600);
+    create_item(&suite, "mug", 500, 1, 1).await?;
+    create_item(&suite, "cap", 300, 10, 2).await?;
+    create_item(&suite, "pen", 100, 10, 3).await?;
+    create_item_between(&suite, "later", 100, 10, 1, at(hour, true), at(2 * hour, true)).await?;
+    create_item_between(&suite, "earlier", 100, 10, 1, at(2 * hour, false), at(hour, false)).await?;
+    top_up(&suite, "bob", 10_000).await?;
+    top_up(&suite, "poor", 10).await?;
+
+    // 401: no token, a forged one, an expired one.
+    expect(rest.send(rest.request(Method::GET, "/v1/items", None)).await?, StatusCode::UNAUTHORIZED, "UNAUTHENTICATED");
+    let forged = flashsale_gateway::auth::mint("another-secret-another-secret-0123", "bob", true, hour)?;
+    expect(rest.get("/v1/wallet", &forged).await?, StatusCode::UNAUTHORIZED, "UNAUTHENTICATED");
+    // 403: buyers are not operators.
+    expect(rest.get("/v1/admin/items/mug/stats", &bob).await?, StatusCode::FORBIDDEN, "FORBIDDEN");
+    let sale = json!({"id": "x", "name": "x", "price": {"currency": "USD", "amount_minor": 1}, "stock_total": 1,
+        "per_user_limit": 1, "starts_at": "2026-01-01T00:00:00Z", "ends_at": "2027-01-01T00:00:00Z"});
+    expect(rest.post("/v1/admin/items", &bob, sale.clone()).await?, StatusCode::FORBIDDEN, "FORBIDDEN");
+
+    // 400: malformed requests of every kind, and each changes nothing.
+    let bad = StatusCode::BAD_REQUEST;
+    let raw = |body: &'static str| {
+        rest.request(Method::POST, "/v1/purchases", Some(&bob)).header("content-type", "application/json").body(body)
+    };
+    expect(rest.send(raw("{\"item_id\": \"mug\",")).await?, bad, "INVALID_ARGUMENT");
+    expect(rest.send(raw("{\"item_id\": \"mug\", \"quantity\": \"one\"}")).await?, bad, "INVALID_ARGUMENT");
+    expect(rest.send(raw("{\"item_id\": \"mug\", \"quantity\": -1}")).await?, bad, "INVALID_ARGUMENT");
+    expect(
+        rest.send(raw("{\"item_id\": \"mug\", \"quantity\": 1, \"user_id\": \"eve\"}")).await?,
+        bad,
+        "INVALID_ARGUMENT",
+    );
+    expect(rest.send(raw("[]")).await?, bad, "INVALID_ARGUMENT");
+    let huge = format!("{{\"item_id\": \"{}\", \"quantity\": 1}}", "m".repeat(64 * 1024));
+    let request =
+        rest.request(Method::POST, "/v1/purchases", Some(&bob)).header("content-type", "application/json").body(huge);
+    expect(rest.send(request).await?, bad, "INVALID_ARGUMENT");
+    let request =
+        rest.request(Method::POST, "/v1/purchases", Some(&bob)).body("{\"item_id\": \"mug\", \"quantity\": 1}");
+    expect(rest.send(request).await?, bad, "INVALID_ARGUMENT");
+    expect(rest.buy(&bob, "mug", 0, None).await?, bad, "INVALID_ARGUMENT");
+    expect(rest.buy(&bob, "mug", 2, None).await?, bad, "INVALID_ARGUMENT");
+    expect(rest.buy(&bob, "no such/item", 1, None).await?, bad, "INVALID_ARGUMENT");
+    expect(rest.buy(&bob, "mug", 1, Some("has space")).await?, bad, "INVALID_ARGUMENT");
+    expect(rest.get("/v1/orders/not-a-uuid", &bob).await?, bad, "INVALID_ARGUMENT");
+    expect(rest.get("/v1/orders?page_size=many", &bob).await?, bad, "INVALID_ARGUMENT");
+    let mut wrong_date = sale.clone();
+    wrong_date["starts_at"] = json!("yesterday");
+    expect(rest.post("/v1/admin/items", &admin, wrong_date).await?, bad, "INVALID_ARGUMENT");
+    let (_, wallet) = rest.get("/v1/wallet", &bob).await?;
+    assert_eq!(wallet["balances"][0]["amount_minor"].as_i64(), Some(10_000), "no bad request charged anything");
+
+    // 404: unknown item, unknown order, someone else's order, unknown route.
+    let nf = StatusCode::NOT_FOUND;
+    expect(rest.buy(&bob, "ghost", 1, None).await?, nf, "ITEM_NOT_FOUND");
+    expect(rest.get("/v1/items/ghost", &bob).await?, nf, "ITEM_NOT_FOUND");
+    let unknown = uuid::Uuid::now_v7();
+    expect(rest.get(&format!("/v1/orders/{unknown}"), &bob).await?, nf, "ORDER_NOT_FOUND");
+    expect(rest.send(rest.request(Method::GET, "/v1/nothing-here", Some(&bob))).await?, nf, "NOT_FOUND");
+
+    // 409: outside the window, sold out, limit, already exists, not refundable.
+    let conflict = StatusCode::CONFLICT;
+    expect(rest.buy(&bob, "later", 1, None).await?, conflict, "SALE_NOT_STARTED");
+    expect(rest.buy(&bob, "earlier", 1, None).await?, conflict, "SALE_ENDED");
+    let (status, first) = rest.buy(&bob, "mug", 1, None).await?;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let first_id = first["order_id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(rest.final_order(&bob, &first_id).await?["status"], "CONFIRMED");
+    let carl = suite.token("carl", false);
+    expect(rest.buy(&carl, "mug", 1, None).await?, conflict, "SOLD_OUT");
+    expect(rest.get(&format!("/v1/orders/{first_id}"), &carl).await?, nf, "ORDER_NOT_FOUND");
+    let (status, cap) = rest.buy(&bob, "cap", 2, None).await?;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    rest.final_order(&bob, cap["order_id"].as_str().unwrap_or_default()).await?;
+    expect(rest.buy(&bob, "cap", 1, None).await?, conflict, "LIMIT_REACHED");
+    let mut duplicate = sale.clone();
+    duplicate["id"] = json!("mug");
+    expect(rest.post("/v1/admin/items", &admin, duplicate).await?, conflict, "ITEM_ALREADY_EXISTS");
+
+    // A buyer who cannot pay: accepted (202), then REJECTED with INSUFFICIENT_FUNDS,
+    // the reason code that reaches REST users as the order's reject_reason (402 in
+    // the table is for synchronous payments; purchases pay after the 202).
+    let poor = suite.token("poor", false);
+    let (status, order) = rest.buy(&poor, "pen", 1, None).await?;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let rejected = rest.final_order(&poor, order["order_id"].as_str().unwrap_or_default()).await?;
+    assert_eq!(
+        (rejected["status"].as_str(), rejected["reject_reason"].as_str()),
+        (Some("REJECTED"), Some("INSUFFICIENT_FUNDS"))
+    );
+    let path = format!("/v1/orders/{}/refund", rejected["id"].as_str().unwrap_or_default());
+    expect(rest.send(rest.request(Method::POST, &path, Some(&poor))).await?, conflict, "ORDER_NOT_REFUNDABLE");
+
+    // 422: one key, two different requests.
+    let (status, _) = rest.buy(&bob, "pen", 1, Some("bob-pen")).await?;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    expect(
+        rest.buy(&bob, "pen", 2, Some("bob-pen")).await?,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "IDEMPOTENCY_KEY_REUSED",
+    );
+    let gift = |amount: i64| json!({"amount": {"currency": "USD", "amount_minor": amount}, "idempotency_key": "gift"});
+    assert_eq!(rest.post("/v1/admin/users/dan/top-up", &admin, gift(100)).await?.0, StatusCode::OK);
+    expect(
+        rest.post("/v1/admin/users/dan/top-up", &admin, gift(200)).await?,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "IDEMPOTENCY_KEY_REUSED",
+    );
+
+    // 409 PURCHASE_IN_PROGRESS and 503 UNAVAILABLE (with Retry-After), wallet down.
+    top_up(&suite, "eve", 1_000).await?;
+    let eve = suite.token("eve", false);
+    suite.stop_wallet().await?;
+    let (status, pending) = rest.buy(&eve, "pen", 1, None).await?;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    expect(rest.buy(&eve, "pen", 1, None).await?, conflict, "PURCHASE_IN_PROGRESS");
+    let response = rest.request(Method::GET, "/v1/wallet", Some(&eve)).send().await?;
+    assert_eq!(response.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    let status = response.status();
+    expect((status, response.json().await?), StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE");
+    suite.start_wallet().await?;
+    assert_eq!(rest.final_order(&eve, pending["order_id"].as_str().unwrap_or_default()).await?["status"], "CONFIRMED");
+    suite.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_past_the_attempt_rate_gets_429_with_retry_after() -> anyhow::Result<()> {
+    let suite = TestSuite::spawn_with(SuiteOptions { purchase_rate: Some((1, 2)), ..SuiteOptions::default() }).await?;
+    let rest = Rest::new(&suite);
+    create_item(&suite, "tea", 100, 10, 5).await?;
+    top_up(&suite, "gus", 1_000).await?;
+    let gus = suite.token("gus", false);
+    // A burst of 2 passes the limit (each may then be admitted or refused by Redis);
+    // the third attempt in the same second is turned away before Redis.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let response = rest
+            .request(Method::POST, "/v1/purchases", Some(&gus))
+            .json(&json!({"item_id": "tea", "quantity": 1}))
+            .send()
+            .await?;
+        let retry_after = response.headers().get("retry-after").is_some();
+        let status = response.status();
+        let body: Value = response.json().await?;
+        statuses.push((status, code(&body).to_owned(), retry_after));
+    }
+    assert_ne!(statuses[0].0, StatusCode::TOO_MANY_REQUESTS, "{statuses:?}");
+    assert_ne!(statuses[1].0, StatusCode::TOO_MANY_REQUESTS, "{statuses:?}");
+    assert_eq!(statuses[2], (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED".to_owned(), true), "{statuses:?}");
+    // Over gRPC the same limiter answers RESOURCE_EXHAUSTED with the same reason.
+    let request = PurchaseRequest { item_id: "tea".into(), quantity: 1, idempotency_key: String::new() };
+    let status = suite.buyers().purchase(suite.as_user("gus", request)).await.expect_err("rate limited");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(flashsale_integration_tests::error_reason(&status).as_deref(), Some("RATE_LIMITED"));
+    // Other buyers are not affected.
+    top_up(&suite, "hal", 1_000).await?;
+    let (status, _) = rest.buy(&suite.token("hal", false), "tea", 1, None).await?;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    suite.shutdown().await
+}
+
+/// One buyer firing purchases over both encodings at once: the per-user limit
+/// counts them together, because both call the same admission and PostgreSQL
+/// holds the same guard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_and_grpc_purchases_share_one_per_user_limit() -> anyhow::Result<()> {
+    let suite = TestSuite::spawn().await?;
+    let rest = Rest::new(&suite);
+    create_item(&suite, "vinyl", 200, 50, 2).await?;
+    let buyers = ["ida", "jon", "kim", "lea"];
+    for buyer in buyers {
+        top_up(&suite, buyer, 10_000).await?;
+    }
+    let mut accepted = BTreeSet::new();
+    // Rounds until every buyer is at the limit: each round fires 3 REST and 3
+    // gRPC attempts per buyer at once; in-flight refusals make later rounds needed.
+    for _round in 0..40 {
+        let mut attempts = Vec::new();
+        for buyer in buyers {
+            let token = suite.token(buyer, false);
+            for _ in 0..3 {
+                let rest = &rest;
+                let token = token.clone();
+                attempts.push(Box::pin(async move {
+                    let (status, body) = rest.buy(&token, "vinyl", 1, None).await?;
+                    anyhow::Ok(match status {
+                        StatusCode::ACCEPTED => Ok(body["order_id"].as_str().unwrap_or_default().to_owned()),
+                        _ => Err(code(&body).to_owned()),
+                    })
+                })
+                    as std::pin::Pin<
+                        Box<dyn std::future::Future<Output = anyhow::Result<Result<String, String>>> + Send>,
+                    >);
+                let suite = &suite;
+                attempts.push(Box::pin(async move {
+                    let request =
+                        PurchaseRequest { item_id: "vinyl".into(), quantity: 1, idempotency_key: String::new() };
+                    anyhow::Ok(match suite.buyers().purchase(suite.as_user(buyer, request)).await {
+                        Ok(reply) => Ok(reply.into_inner().order_id),
+                        Err(status) => Err(flashsale_integration_tests::error_reason(&status).unwrap_or_default()),
+                    })
+                }));
+            }
+        }
+        let mut at_limit = true;
+        for outcome in futures::future::join_all(attempts).await {
+            match outcome? {
+                Ok(order_id) => {
+                    accepted.insert(order_id);
+                    at_limit = false;
+                }
+                Err(reason) if reason == "LIMIT_REACHED" => {}
+                Err(reason) if reason == "PURCHASE_IN_PROGRESS" => at_limit = false,
+                Err(reason) => anyhow::bail!("unexpected refusal {reason}"),
+            }
+        }
+        if at_limit {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_until_settled(&suite.databases(), &accepted, Duration::from_secs(30)).await?;
+    let report = audit(&suite.databases()).await?;
+    for buyer in buyers {
+        let units: i32 = report.confirmed_orders().filter(|o| o.user_id == buyer).map(|o| o.quantity).sum();
+        assert_eq!(units, 2, "{buyer} holds exactly the limit, bought over REST and gRPC together");
+    }
+    // The last word over either encoding is LIMIT_REACHED.
+    expect(rest.buy(&suite.token("ida", false), "vinyl", 1, None).await?, StatusCode::CONFLICT, "LIMIT_REACHED");
+    suite.shutdown().await
+}
