@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of the repository, the same way on a laptop and in CI:
 # backing services up, proto lint, format and lint checks, the Rust unit and
-# integration tests (real PostgreSQL, Redis, RabbitMQ), and the independent
-# Python gRPC client.
+# integration tests (real PostgreSQL, Redis, RabbitMQ; the storefront in headless
+# Chromium; schemathesis against /openapi.json), and the independent Python gRPC client.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -25,10 +25,11 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 step "cargo build --workspace (the tests start the real binaries)"
 cargo build --workspace --quiet
 
-step "cargo test --workspace"
-cargo test --workspace
-
-step "Python client (grpcio stubs generated from proto/)"
+step "test tools: Chromium, playwright-core, Python venv (grpcio, pytest, schemathesis)"
+if ! [ -x "${CHROMIUM_PATH:-/usr/bin/chromium}" ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+npm ci --prefix integration-tests/browser --silent --no-audit --no-fund
 VENV=integration-tests/python/.venv
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV" || {
@@ -37,4 +38,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   }
 fi
 "$VENV/bin/pip" install --quiet --disable-pip-version-check -r integration-tests/python/requirements.txt
+
+step "cargo test --workspace (screenshots and reports: target/test-output/)"
+cargo test --workspace
+
+step "Python client (grpcio stubs generated from proto/)"
 "$VENV/bin/python" -m pytest -q integration-tests/python

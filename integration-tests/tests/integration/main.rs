@@ -10,3 +10,4 @@ mod purchase;
 mod rest;
 mod storm;
 mod wallet;
+mod web;

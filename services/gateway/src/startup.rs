@@ -163,11 +163,17 @@ impl Application {
             let stopping = stopping.clone();
             let listener = self.http_listener;
             tokio::spawn(async move {
-                let served = axum::serve(listener, rest).with_graceful_shutdown(stopping.cancelled_owned());
-                match tokio::time::timeout(grace + Duration::from_secs(1), served.into_future()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),
-                    Err(_) => tracing::warn!("HTTP connections still open after the grace period; closing them"),
+                let served = axum::serve(listener, rest).with_graceful_shutdown(stopping.clone().cancelled_owned());
+                let mut served = std::pin::pin!(served.into_future());
+                let outcome = tokio::select! {
+                    outcome = &mut served => Some(outcome),
+                    // The grace period starts when shutdown does.
+                    () = stopping.cancelled() => tokio::time::timeout(grace, &mut served).await.ok(),
+                };
+                match outcome {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),
+                    None => tracing::warn!("HTTP connections still open after the grace period; closing them"),
                 }
             })
         };

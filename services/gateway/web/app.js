@@ -38,7 +38,7 @@ async function errorFrom(res) {
   return new ApiError(res.status, err?.code || `HTTP_${res.status}`, err?.message || res.statusText || 'request failed');
 }
 
-async function request(path, { method = 'GET', body, headers = {}, signal = state.aborter.signal } = {}) {
+async function api(path, { method = 'GET', body, headers = {}, signal = state.aborter.signal } = {}) {
   const h = { Accept: 'application/json', ...headers };
   if (state.token) h.Authorization = `Bearer ${state.token}`;
   if (body !== undefined) h['Content-Type'] = 'application/json';
@@ -56,7 +56,6 @@ async function request(path, { method = 'GET', body, headers = {}, signal = stat
   }
   return res.status === 204 ? null : res.json();
 }
-const api = (path, opts) => request(path, opts);
 const enc = encodeURIComponent;
 
 // ---- formatting ----
@@ -160,7 +159,11 @@ function selectTab(name, focus = false) {
     if (on && focus) tab.focus();
   }
   clearInterval(state.itemsTimer);
-  if (name === 'shop') { refreshItems(); state.itemsTimer = setInterval(() => { if (!document.hidden) refreshItems(); }, 2000); }
+  if (name === 'shop') {
+    refreshItems();
+    let ticks = 0; // stock every 2 s; the balance every 10 s in case it changed elsewhere
+    state.itemsTimer = setInterval(() => { if (!document.hidden) { refreshItems(); if (++ticks % 5 === 0) refreshWallet(); } }, 2000);
+  }
   if (name === 'history') loadHistory();
   if (name === 'admin') { if (!$('admin-create-starts').value) $('admin-create-starts').value = localNow(); } else stopStats();
 }
@@ -191,12 +194,15 @@ async function refreshItems() {
 }
 function renderItems(items) {
   const list = $('items'), seen = new Set();
+  let prev = null;
   for (const item of items) {
     seen.add(item.id);
     let entry = state.items.get(item.id);
     if (!entry) { entry = createCard(item); state.items.set(item.id, entry); }
     entry.item = item;
-    list.append(entry.card); // keeps the server's order; moving a node keeps its state
+    const want = prev ? prev.nextSibling : list.firstChild;
+    if (entry.card !== want) list.insertBefore(entry.card, want); // move only when the order changed: keeps focus
+    prev = entry.card;
     updateCard(entry);
   }
   for (const [id, entry] of state.items) if (!seen.has(id)) { entry.card.remove(); state.items.delete(id); }

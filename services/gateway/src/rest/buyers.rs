@@ -36,7 +36,7 @@ pub(super) async fn list_items(
 
 #[utoipa::path(
     get, path = "/v1/items/{item_id}", tag = "buyers",
-    params(("item_id" = String, Path, description = "The item's id")),
+    params(("item_id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "The item's id")),
     responses(
         (status = 200, body = Item),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -57,13 +57,14 @@ pub(super) async fn get_item(
 #[utoipa::path(
     post, path = "/v1/purchases", tag = "buyers",
     request_body = PurchaseBody,
-    params(("Idempotency-Key" = Option<String>, Header,
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,128}$",
         description = "Retrying with the same key returns the same order instead of buying again (1..=128 visible ASCII)")),
     responses(
         (status = 202, description = "Admitted; follow the order to its final state", body = PurchaseAccepted),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, description = "ITEM_NOT_FOUND", body = ErrorBody),
         (status = 409, description = "SALE_NOT_STARTED, SALE_ENDED, SOLD_OUT, LIMIT_REACHED, PURCHASE_IN_PROGRESS", body = ErrorBody),
+        (status = 422, description = "IDEMPOTENCY_KEY_REUSED: this key named a different purchase", body = ErrorBody),
         (status = 429, description = "RATE_LIMITED", body = ErrorBody),
         (status = 503, description = "UNAVAILABLE: nothing was bought; retry with the same key", body = ErrorBody),
     ),
@@ -110,7 +111,7 @@ pub(super) async fn list_orders(
 
 #[utoipa::path(
     get, path = "/v1/orders/{order_id}", tag = "buyers",
-    params(("order_id" = String, Path, description = "The order's id (a UUID)")),
+    params(("order_id" = String, Path, pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$", description = "The order's id (a UUID)")),
     responses(
         (status = 200, body = Order),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -129,12 +130,12 @@ pub(super) async fn get_order(
 
 #[utoipa::path(
     get, path = "/v1/orders/{order_id}/events", tag = "buyers",
-    params(("order_id" = String, Path, description = "The order's id (a UUID)")),
+    params(("order_id" = String, Path, pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$", description = "The order's id (a UUID)")),
     responses(
         (status = 200, content_type = "text/event-stream",
             description = "Server-sent events named `order`, each data line an Order as JSON: the current state, \
                 then every change; the stream ends after CONFIRMED, REJECTED or REFUNDED",
-            body = String),
+            body = OrderEventFrame),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, description = "ORDER_NOT_FOUND", body = ErrorBody), (status = 503, body = ErrorBody),
     ),
@@ -161,7 +162,7 @@ pub(super) async fn order_events(
 
 #[utoipa::path(
     post, path = "/v1/orders/{order_id}/refund", tag = "buyers",
-    params(("order_id" = String, Path, description = "The order's id (a UUID)")),
+    params(("order_id" = String, Path, pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$", description = "The order's id (a UUID)")),
     responses(
         (status = 200, description = "Refunded (or already refunded: refunds are idempotent)", body = Order),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -194,6 +195,9 @@ pub(super) async fn wallet(
     Query(query): Query<WalletQuery>,
 ) -> Result<Json<Wallet>, ApiError> {
     let WalletQuery { currency } = query;
+    if currency.as_deref() == Some("") {
+        return Err(ApiError::invalid("invalid currency: must be an ISO 4217 code such as \"USD\", or absent"));
+    }
     let reply =
         state.api.get_balance(&caller, gw::GetBalanceRequest { currency: currency.unwrap_or_default() }).await?;
     Ok(Json(Wallet { balances: reply.balances.into_iter().map(Money::from).collect() }))

@@ -29,9 +29,38 @@ impl From<pb::Money> for Money {
     }
 }
 
-impl From<Money> for pb::Money {
-    fn from(money: Money) -> Self {
-        let Money { currency, amount_minor } = money;
+/// A sale's price: 1..=10^12 minor units.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// ISO 4217 code, e.g. `USD`.
+    #[schema(example = "USD", pattern = "^[A-Z]{3}$")]
+    pub currency: String,
+    #[schema(example = 2500, minimum = 1, maximum = 1_000_000_000_000_i64)]
+    pub amount_minor: i64,
+}
+
+/// A credit: 1..=10^15 minor units.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Amount {
+    /// ISO 4217 code, e.g. `USD`.
+    #[schema(example = "USD", pattern = "^[A-Z]{3}$")]
+    pub currency: String,
+    #[schema(example = 10_000, minimum = 1, maximum = 1_000_000_000_000_000_i64)]
+    pub amount_minor: i64,
+}
+
+impl From<Price> for pb::Money {
+    fn from(price: Price) -> Self {
+        let Price { currency, amount_minor } = price;
+        Self { currency, amount_minor }
+    }
+}
+
+impl From<Amount> for pb::Money {
+    fn from(amount: Amount) -> Self {
+        let Amount { currency, amount_minor } = amount;
         Self { currency, amount_minor }
     }
 }
@@ -175,9 +204,11 @@ impl From<pb::Order> for Order {
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct Page {
-    /// At most this many entries (the server caps it).
+    /// At most this many entries (0 or absent: the default).
+    #[param(maximum = 500)]
     pub page_size: Option<u32>,
-    /// `next_page_token` of the previous page.
+    /// `next_page_token` of the previous page (opaque; only tokens this API issued are accepted).
+    #[param(max_length = 512)]
     pub page_token: Option<String>,
 }
 
@@ -213,9 +244,10 @@ impl From<gw::ListOrdersResponse> for OrderList {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PurchaseBody {
-    #[schema(example = "demo-drop")]
+    #[schema(example = "demo-drop", pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub item_id: String,
-    #[schema(example = 1)]
+    /// 1 up to the item's per-user limit.
+    #[schema(example = 1, minimum = 1, maximum = 1000)]
     pub quantity: u32,
 }
 
@@ -243,6 +275,7 @@ pub struct Wallet {
 #[into_params(parameter_in = Query)]
 pub struct WalletQuery {
     /// Only this ISO 4217 currency.
+    #[param(pattern = "^[A-Z]{3}$")]
     pub currency: Option<String>,
 }
 
@@ -251,13 +284,18 @@ pub struct WalletQuery {
 #[serde(deny_unknown_fields)]
 pub struct CreateItemBody {
     /// 1..=64 characters of `[A-Za-z0-9_-]`.
-    #[schema(example = "drop-42")]
+    #[schema(example = "drop-42", pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub id: String,
+    /// 1..=200 characters, no control characters.
+    #[schema(example = "Limited sneakers", pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]{1,200}$")]
     pub name: String,
-    pub price: Money,
+    pub price: Price,
+    #[schema(maximum = 1_000_000_000)]
     pub stock_total: u32,
+    #[schema(minimum = 1, maximum = 1000)]
     pub per_user_limit: u32,
     pub starts_at: DateTime<Utc>,
+    /// After `starts_at`.
     pub ends_at: DateTime<Utc>,
 }
 
@@ -280,9 +318,10 @@ impl From<CreateItemBody> for gw::CreateItemRequest {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TopUpBody {
-    pub amount: Money,
+    pub amount: Amount,
     /// Makes a retried top-up credit once; a fresh key is made when absent.
     #[serde(default)]
+    #[schema(pattern = "^[!-~]{1,128}$")]
     pub idempotency_key: Option<String>,
 }
 
@@ -324,6 +363,17 @@ impl From<gw::GetItemStatsResponse> for ItemStats {
             units_sold,
         }
     }
+}
+
+/// One server-sent event of `GET /v1/orders/{order_id}/events`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OrderEventFrame {
+    /// Always `order`.
+    #[schema(example = "order")]
+    pub event: String,
+    /// The order (an `Order` object) as JSON.
+    #[schema(content_media_type = "application/json")]
+    pub data: String,
 }
 
 /// Every error: `{"error": {"code": "SOLD_OUT", "message": "sold out"}}`.
