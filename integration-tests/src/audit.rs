@@ -223,6 +223,37 @@ pub async fn audit(databases: &Databases) -> anyhow::Result<AuditReport> {
     Ok(report)
 }
 
+/// Waits until the gateway has seen every order it admitted for `items` reach a
+/// final state (each item's `admitted` and `inflight` hashes are empty). This
+/// covers orders the test never saw accepted: under load a buyer can be told
+/// UNAVAILABLE (no confirm in time) while the order is in the queue after all.
+/// Call before [`wait_until_settled`] and the audit, or they judge a sale still
+/// in progress.
+pub async fn wait_until_admissions_final(redis_prefix: &str, items: &[&str], timeout: Duration) -> anyhow::Result<()> {
+    let client = redis::Client::open(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let deadline = Instant::now() + timeout;
+    for item in items {
+        let prefix = format!("{redis_prefix}:{{{item}}}");
+        loop {
+            let (admitted, inflight): (i64, i64) = redis::pipe()
+                .hlen(format!("{prefix}:admitted"))
+                .hlen(format!("{prefix}:inflight"))
+                .query_async(&mut conn)
+                .await?;
+            if admitted == 0 && inflight == 0 {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{item}: {admitted} admitted orders ({inflight} in flight) not final after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
 /// After settling, Redis must agree with PostgreSQL: no in-flight marks left and
 /// exactly the units PostgreSQL still has on offer. (Holds when Redis kept its
 /// state through the sale; after a flush, PostgreSQL alone is the reference.)

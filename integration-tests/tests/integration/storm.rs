@@ -54,11 +54,8 @@ struct Buyer {
     shared_key: bool,
 }
 
-/// Storms run one at a time: each wants the whole machine for its crowd.
-static ONE_STORM_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 async fn run_storm(spec: Spec) -> anyhow::Result<()> {
-    let _turn = ONE_STORM_AT_A_TIME.lock().await;
+    let _turn = crate::common::ONE_HEAVY_TEST_AT_A_TIME.lock().await;
     let suite = Arc::new(TestSuite::spawn().await?);
     for (id, stock, limit) in &spec.items {
         create_item(&suite, id, PRICE, *stock, *limit).await?;
@@ -160,6 +157,15 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
     let buying = started.elapsed();
 
     let accepted = seen.lock().accepted.clone();
+    if spec.flush_redis_after.is_none() {
+        let items: Vec<&str> = spec.items.iter().map(|(id, _, _)| *id).collect();
+        flashsale_integration_tests::audit::wait_until_admissions_final(
+            &suite.redis_prefix,
+            &items,
+            Duration::from_secs(90),
+        )
+        .await?;
+    }
     wait_until_settled(&suite.databases(), &accepted, Duration::from_secs(60)).await?;
     let report = audit(&suite.databases()).await?;
     if spec.flush_redis_after.is_some() {
