@@ -84,6 +84,7 @@ Flash-sale suite is running (logs: $LOGS/*.log, JSON lines):
   gateway    grpc://127.0.0.1:50051   flashsale.gateway.v1.FlashSaleGateway, flashsale.gateway.v1.AdminService
   inventory  grpc://127.0.0.1:50052   flashsale.inventory.v1.InventoryService (internal)
   wallet     grpc://127.0.0.1:50053   flashsale.wallet.v1.WalletService (internal)
+  metrics    http://127.0.0.1:9091/metrics (gateway), :9092 (inventory), :9093 (wallet); dashboards: deploy/observability/
 Demo sale "demo-drop" (100 units, 25.00 USD, limit 1); buyers alice, bob, carol have balances.
 Buy from the command line, over REST:
   export JWT_SECRET=\$(cat $LOGS/jwt-secret)

@@ -4,6 +4,7 @@
 //! its own per test), so tests run in parallel.
 
 pub mod audit;
+pub mod binaries;
 pub mod db;
 pub mod load;
 pub mod proxy;

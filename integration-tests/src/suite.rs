@@ -167,14 +167,7 @@ impl TestSuite {
 
     /// Deletes every Redis key of this suite, as a Redis restart would.
     pub async fn flush_redis(&self) -> anyhow::Result<usize> {
-        let client = redis::Client::open(redis_url())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        let keys: Vec<String> =
-            redis::cmd("KEYS").arg(format!("{}:*", self.redis_prefix)).query_async(&mut conn).await?;
-        if !keys.is_empty() {
-            let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
-        }
-        Ok(keys.len())
+        flush_redis_prefix(&self.redis_prefix).await
     }
 
     /// Publishes raw bytes to this suite's orders queue (a duplicate delivery).
@@ -217,6 +210,17 @@ pub fn with_token<T>(message: T, token: &str) -> Request<T> {
     request
 }
 
+/// Deletes every Redis key under `prefix`; returns how many there were.
+pub async fn flush_redis_prefix(prefix: &str) -> anyhow::Result<usize> {
+    let client = redis::Client::open(redis_url())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await?;
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
+    }
+    Ok(keys.len())
+}
+
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
@@ -232,7 +236,7 @@ async fn start_wallet(database_url: &str, port: u16) -> anyhow::Result<Running> 
     Ok(Running::start(app.port(), |stop| app.run_until_stopped(stop)))
 }
 
-async fn delete_amqp_names(prefix: &str) -> anyhow::Result<()> {
+pub async fn delete_amqp_names(prefix: &str) -> anyhow::Result<()> {
     use flashsale_messaging::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
     let topology = flashsale_messaging::Topology::with_prefix(prefix);
     let connection = flashsale_messaging::connect(&amqp_addr(), "integration-test-cleanup").await?;

@@ -6,6 +6,7 @@ mod common;
 mod faults;
 mod lifecycle;
 mod notifications;
+mod observability;
 mod purchase;
 mod rest;
 mod storm;

@@ -108,6 +108,15 @@ impl Admission {
     }
 
     /// One purchase attempt: one round trip.
+    /// `flashsale_redis_pool_connections{state}` of the background pool (call when scraped).
+    pub fn record_pool_state(&self) {
+        let state = self.pool.state();
+        let idle = f64::from(state.idle_connections);
+        metrics::gauge!("flashsale_redis_pool_connections", "state" => "idle").set(idle);
+        metrics::gauge!("flashsale_redis_pool_connections", "state" => "in_use")
+            .set(f64::from(state.connections) - idle);
+    }
+
     /// Readiness: Redis answers on the hot-path connection.
     pub async fn ping(&self) -> Result<(), GatewayError> {
         let mut conn = self.hot.clone();

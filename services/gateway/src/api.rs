@@ -73,7 +73,13 @@ impl Gateway {
     }
 
     pub async fn purchase(&self, buyer: &Principal, req: PurchaseRequest) -> Result<PurchaseResponse, GatewayError> {
-        self.purchases.purchase(buyer, req).await
+        let result = self.purchases.purchase(buyer, req).await;
+        let outcome = match &result {
+            Ok(_) => "ACCEPTED",
+            Err(error) => error.reason(),
+        };
+        metrics::counter!("flashsale_purchase_attempts_total", "outcome" => outcome).increment(1);
+        result
     }
 
     /// The caller's order as buyers see it: from inventory once recorded, from

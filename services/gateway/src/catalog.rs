@@ -114,6 +114,8 @@ impl Catalog {
     /// Adds or refreshes an item, keeping its sold-out flag.
     pub fn upsert(&self, item: &pb::Item) -> Option<Arc<CatalogItem>> {
         let fresh = CatalogItem::from_proto(item)?;
+        // Units PostgreSQL still has, as of the last refresh (the catalog refreshes every second).
+        metrics::gauge!("flashsale_stock_remaining", "item" => item.id.clone()).set(f64::from(item.stock_remaining));
         let mut items = self.items.write();
         if let Some(existing) = items.get(&item.id) {
             fresh.set_sold_out(existing.is_sold_out());

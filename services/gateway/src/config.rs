@@ -9,6 +9,9 @@ pub struct Config {
     /// Address the gRPC server listens on (port 0 picks a free port).
     #[arg(long, env = "GATEWAY_LISTEN_ADDR", default_value = "127.0.0.1:50051")]
     pub listen_addr: SocketAddr,
+    /// Address of the admin endpoint serving Prometheus `/metrics` (port 0 picks a free port).
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9091")]
+    pub metrics_addr: SocketAddr,
     /// Address of the HTTP server: REST/JSON, the storefront, /openapi.json, /docs, /healthz, /readyz.
     #[arg(long, env = "GATEWAY_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
@@ -71,6 +74,7 @@ impl Config {
     ) -> Self {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             dev_tokens: true,
             inventory_url: inventory_url.into(),

@@ -41,6 +41,28 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
+    /// The reason code clients see (`UPSTREAM` for a rejection passed on from
+    /// inventory or wallet), for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unauthenticated => "UNAUTHENTICATED",
+            Self::Forbidden => "FORBIDDEN",
+            Self::InvalidArgument { .. } => "INVALID_ARGUMENT",
+            Self::ItemNotFound => "ITEM_NOT_FOUND",
+            Self::OrderNotFound => "ORDER_NOT_FOUND",
+            Self::SaleNotStarted => "SALE_NOT_STARTED",
+            Self::SaleEnded => "SALE_ENDED",
+            Self::SoldOut => "SOLD_OUT",
+            Self::LimitReached => "LIMIT_REACHED",
+            Self::PurchaseInProgress { .. } => "PURCHASE_IN_PROGRESS",
+            Self::RateLimited => "RATE_LIMITED",
+            Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
+            Self::Upstream(_) => "UPSTREAM",
+            Self::Unavailable(_) => "UNAVAILABLE",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
+
     pub fn invalid(field: &'static str, description: impl Into<String>) -> Self {
         Self::InvalidArgument { field, description: description.into() }
     }

@@ -65,7 +65,15 @@ impl OrderPublisher {
     pub async fn publish(&self, order: &OrderPlaced) -> Result<(), PublishFailure> {
         let publisher = self.publisher().await.map_err(PublishFailure::NotSent)?;
         let payload = order.encode_to_vec();
+        let started = std::time::Instant::now();
         let result = publisher.publish("", &self.topology.orders_queue, &payload, FieldTable::default()).await;
+        let outcome = match &result {
+            Ok(()) => "confirmed",
+            Err(PublishError::Nacked | PublishError::Unroutable) => "refused",
+            Err(_) => "unknown",
+        };
+        // Publish plus broker confirm, the one wait on a winner's path after Redis.
+        metrics::histogram!("flashsale_publish_seconds", "result" => outcome).record(started.elapsed().as_secs_f64());
         if result.is_err() {
             // Start over on a fresh channel next time; a half-broken one may never confirm.
             self.current.lock().await.take();

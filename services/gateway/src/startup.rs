@@ -39,6 +39,7 @@ pub struct Application {
     port: u16,
     http_listener: TcpListener,
     http_port: u16,
+    metrics: flashsale_server::MetricsEndpoint,
     api: Arc<Gateway>,
     config: Config,
 }
@@ -46,6 +47,18 @@ pub struct Application {
 impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let secret = config.jwt_secret.as_deref().context("JWT_SECRET is required")?;
+        if config.dev_tokens {
+            // Development sign-in mints tokens, admin ones included, for anyone who
+            // can reach the port: only ever on this machine's loopback.
+            anyhow::ensure!(
+                config.http_addr.ip().is_loopback(),
+                "DEV_TOKENS needs GATEWAY_HTTP_ADDR on a loopback address (it signs tokens for anyone)"
+            );
+            anyhow::ensure!(
+                config.jwt_issuer.is_none() && config.jwt_audience.is_none(),
+                "DEV_TOKENS cannot be combined with JWT_ISSUER or JWT_AUDIENCE (development tokens carry neither)"
+            );
+        }
         anyhow::ensure!(secret.len() >= MIN_SECRET_BYTES, "JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes");
         let upstreams =
             Upstreams::new(&config.inventory_url, &config.wallet_url).context("INVENTORY_URL or WALLET_URL")?;
@@ -80,12 +93,20 @@ impl Application {
         let http_listener =
             TcpListener::bind(config.http_addr).await.with_context(|| format!("binding {}", config.http_addr))?;
         let http_port = http_listener.local_addr()?.port();
-        Ok(Self { listener, port, http_listener, http_port, api, config: config.clone() })
+        let mut metrics = flashsale_server::MetricsEndpoint::bind(config.metrics_addr).await?;
+        let scraped = api.purchases.admission.clone();
+        metrics.collect(move || scraped.record_pool_state());
+        Ok(Self { listener, port, http_listener, http_port, metrics, api, config: config.clone() })
     }
 
     /// The gRPC port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The port of the Prometheus `/metrics` endpoint.
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics.port()
     }
 
     /// The HTTP port (REST, storefront, OpenAPI, health).
@@ -126,7 +147,9 @@ impl Application {
                 }
             }
         };
+        let metrics_port = self.metrics.port();
         let tasks = [
+            self.metrics.spawn(background.clone()),
             tokio::spawn(reconciler),
             tokio::spawn(events.run(background.clone())),
             tokio::spawn(api.catalog.clone().run_refresher(
@@ -134,7 +157,12 @@ impl Application {
                 background.clone(),
                 move |catalog| {
                     let admission = admission.clone();
-                    async move { clear_stale_sold_out_flags(&catalog, &admission).await }
+                    async move {
+                        // `flashsale_redis_up`: 1 when Redis answered this second's ping.
+                        let up = admission.ping().await.is_ok();
+                        metrics::gauge!("flashsale_redis_up").set(if up { 1.0 } else { 0.0 });
+                        clear_stale_sold_out_flags(&catalog, &admission).await
+                    }
                 },
             )),
         ];
@@ -173,7 +201,9 @@ impl Application {
                 match outcome {
                     Some(Ok(())) => {}
                     Some(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),
-                    None => tracing::warn!("HTTP connections still open after the grace period; closing them"),
+                    None => {
+                        tracing::warn!("HTTP connections still open after the grace period; no longer waiting for them")
+                    }
                 }
             })
         };
@@ -181,7 +211,7 @@ impl Application {
             tracing::warn!("DEV_TOKENS is on: POST /v1/dev/token signs a token for any user name");
         }
 
-        tracing::info!(port = self.port, http_port = self.http_port, "gateway serving gRPC and HTTP");
+        tracing::info!(port = self.port, http_port = self.http_port, metrics_port, "gateway serving gRPC and HTTP");
         let listener = self.listener;
         let shutdown = {
             let stopping = stopping.clone();

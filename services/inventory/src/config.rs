@@ -17,6 +17,9 @@ pub struct Config {
     /// Address the gRPC server listens on (port 0 picks a free port).
     #[arg(long, env = "INVENTORY_LISTEN_ADDR", default_value = "127.0.0.1:50052")]
     pub listen_addr: SocketAddr,
+    /// Address of the admin endpoint serving Prometheus `/metrics` (port 0 picks a free port).
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9092")]
+    pub metrics_addr: SocketAddr,
     /// The wallet's gRPC URL.
     #[arg(long, env = "WALLET_URL", default_value = "http://127.0.0.1:50053")]
     pub wallet_url: String,
@@ -58,6 +61,7 @@ impl Config {
         Self {
             database_url: database_url.into(),
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             wallet_url: wallet_url.into(),
             amqp_addr: std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
             amqp_prefix: amqp_prefix.into(),

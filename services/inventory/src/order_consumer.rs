@@ -76,6 +76,7 @@ impl OrderConsumer {
             )
             .await?;
         tracing::info!(queue = %self.options.topology.orders_queue, "consuming orders");
+        let _up = crate::metrics::ConsumerUp::mark();
         // Payments run beside the consumer, at most `concurrency` at once.
         let payments = Arc::new(Semaphore::new(self.options.concurrency));
         loop {
@@ -113,7 +114,10 @@ impl OrderConsumer {
         let mut accepted = Vec::with_capacity(batch.len());
         for delivery in batch {
             match decode(&delivery.data) {
-                Ok(placed) => accepted.push((delivery, placed)),
+                Ok(placed) => {
+                    crate::metrics::delivered(placed.id, delivery.redelivered);
+                    accepted.push((delivery, placed));
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "undecodable OrderPlaced; rejecting it");
                     let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
@@ -167,6 +171,7 @@ impl OrderConsumer {
                 self.pay_later(order, payments).await
             }
             Recorded::Rejected(order) => {
+                crate::metrics::final_state(&order);
                 tracing::info!(order.id = %order.id, reason = %order.reject_reason, "order rejected by inventory");
                 self.outbox_ready.notify_one();
             }

@@ -33,7 +33,8 @@ impl Settlement {
         match self.wallet.pay(order).await {
             Ok(payment) => {
                 let mut conn = self.pool.get().await?;
-                if orders::settle(&mut conn, order.id, payment).await?.is_some() {
+                if let Some(settled) = orders::settle(&mut conn, order.id, payment).await? {
+                    crate::metrics::final_state(&settled);
                     self.outbox_ready.notify_one();
                 }
                 Ok(())
@@ -60,6 +61,7 @@ impl Settlement {
         })?;
         let mut conn = self.pool.get().await?;
         let refunded = orders::mark_refunded(&mut conn, order.id).await?;
+        crate::metrics::final_state(&refunded);
         self.outbox_ready.notify_one();
         Ok(refunded)
     }

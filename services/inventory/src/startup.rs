@@ -26,6 +26,7 @@ use crate::wallet_client::WalletClient;
 pub struct Application {
     listener: TcpListener,
     port: u16,
+    metrics: flashsale_server::MetricsEndpoint,
     pool: PgPool,
     wallet: WalletClient,
     config: Config,
@@ -45,11 +46,19 @@ impl Application {
         let listener =
             TcpListener::bind(config.listen_addr).await.with_context(|| format!("binding {}", config.listen_addr))?;
         let port = listener.local_addr()?.port();
-        Ok(Self { listener, port, pool, wallet, config: config.clone() })
+        let mut metrics = flashsale_server::MetricsEndpoint::bind(config.metrics_addr).await?;
+        let (scraped_pool, max_size) = (pool.clone(), config.db_pool_size);
+        metrics.collect(move || flashsale_db::record_pool_state(&scraped_pool, max_size));
+        Ok(Self { listener, port, metrics, pool, wallet, config: config.clone() })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The port of the Prometheus `/metrics` endpoint.
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics.port()
     }
 
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -77,7 +86,10 @@ impl Application {
             topology,
             ready: outbox_ready.clone(),
         };
+        let metrics_port = self.metrics.port();
+        let metrics = self.metrics.spawn(background.clone());
         let tasks = [
+            metrics,
             tokio::spawn(consumer.run(background.clone())),
             tokio::spawn(relay.run(background.clone())),
             tokio::spawn(settlement.run_sweeper(Duration::from_millis(config.sweep_interval_ms), background.clone())),
@@ -89,7 +101,7 @@ impl Application {
             .max_decoding_message_size(flashsale_server::MAX_DECODING_MESSAGE_SIZE)
             .max_encoding_message_size(flashsale_server::MAX_ENCODING_MESSAGE_SIZE);
         let router = router.add_service(inventory);
-        tracing::info!(port = self.port, "inventory serving gRPC");
+        tracing::info!(port = self.port, metrics_port, "inventory serving gRPC");
         let listener = self.listener;
         let grace = config.shutdown_grace();
         let served = flashsale_server::serve_until_stopped(health, shutdown, grace, |stop| {

@@ -17,6 +17,9 @@ pub struct Config {
     /// Address the gRPC server listens on (port 0 picks a free port).
     #[arg(long, env = "WALLET_LISTEN_ADDR", default_value = "127.0.0.1:50053")]
     pub listen_addr: SocketAddr,
+    /// Address of the admin endpoint serving Prometheus `/metrics` (port 0 picks a free port).
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9093")]
+    pub metrics_addr: SocketAddr,
     /// Largest number of PostgreSQL connections.
     #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub db_pool_size: u32,
@@ -31,6 +34,7 @@ impl Config {
         Self {
             database_url: database_url.into(),
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             db_pool_size: 16,
             shutdown_grace_seconds: 5,
         }

@@ -17,6 +17,7 @@ use crate::grpc::WalletGrpc;
 pub struct Application {
     listener: TcpListener,
     port: u16,
+    metrics: flashsale_server::MetricsEndpoint,
     pool: PgPool,
     grace: Duration,
 }
@@ -33,12 +34,20 @@ impl Application {
         let listener =
             TcpListener::bind(config.listen_addr).await.with_context(|| format!("binding {}", config.listen_addr))?;
         let port = listener.local_addr()?.port();
-        Ok(Self { listener, port, pool, grace: config.shutdown_grace() })
+        let mut metrics = flashsale_server::MetricsEndpoint::bind(config.metrics_addr).await?;
+        let (scraped_pool, max_size) = (pool.clone(), config.db_pool_size);
+        metrics.collect(move || flashsale_db::record_pool_state(&scraped_pool, max_size));
+        Ok(Self { listener, port, metrics, pool, grace: config.shutdown_grace() })
     }
 
     /// The port actually bound (useful when the configured port was 0).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The port of the Prometheus `/metrics` endpoint.
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics.port()
     }
 
     /// Serves until `shutdown` resolves, then drains within the grace period.
@@ -49,12 +58,17 @@ impl Application {
             .max_decoding_message_size(flashsale_server::MAX_DECODING_MESSAGE_SIZE)
             .max_encoding_message_size(flashsale_server::MAX_ENCODING_MESSAGE_SIZE);
         let router = router.add_service(wallet);
-        tracing::info!(port = self.port, "wallet serving gRPC");
+        tracing::info!(port = self.port, metrics_port = self.metrics.port(), "wallet serving gRPC");
+        let metrics_stop = tokio_util::sync::CancellationToken::new();
+        let metrics = self.metrics.spawn(metrics_stop.clone());
         let listener = self.listener;
-        flashsale_server::serve_until_stopped(health, shutdown, self.grace, |stop| {
+        let served = flashsale_server::serve_until_stopped(health, shutdown, self.grace, |stop| {
             router.serve_with_incoming_shutdown(flashsale_server::incoming(listener), stop)
         })
-        .await?;
+        .await;
+        metrics_stop.cancel();
+        let _ = metrics.await;
+        served?;
         tracing::info!("wallet stopped");
         Ok(())
     }

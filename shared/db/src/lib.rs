@@ -62,11 +62,24 @@ struct LogErrors;
 impl<E: std::fmt::Display> bb8::ErrorSink<E> for LogErrors {
     fn sink(&self, error: E) {
         tracing::warn!(error = %error, "postgres pool connection error");
+        metrics::counter!("flashsale_db_connection_errors_total").increment(1);
     }
 
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<E>> {
         Box::new(*self)
     }
+}
+
+/// Sets the pool's gauges, `flashsale_db_pool_connections{state="idle"|"in_use"}`
+/// and `flashsale_db_pool_max_connections` (call when metrics are scraped).
+pub fn record_pool_state(pool: &PgPool, max_size: u32) {
+    // Exported from the first scrape (at 0), so alerts on its rate have a series to read.
+    metrics::counter!("flashsale_db_connection_errors_total").increment(0);
+    let state = pool.state();
+    let idle = f64::from(state.idle_connections);
+    metrics::gauge!("flashsale_db_pool_connections", "state" => "idle").set(idle);
+    metrics::gauge!("flashsale_db_pool_connections", "state" => "in_use").set(f64::from(state.connections) - idle);
+    metrics::gauge!("flashsale_db_pool_max_connections").set(f64::from(max_size));
 }
 
 /// Builds a pool. Connections are opened lazily, so this succeeds while the

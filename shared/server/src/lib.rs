@@ -3,6 +3,7 @@
 //! shutdown under one deadline, and statuses that carry a `google.rpc.ErrorInfo`.
 //! No business rules live here.
 
+mod metrics;
 mod shutdown;
 mod status;
 
@@ -16,6 +17,7 @@ use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+pub use metrics::{GrpcMetricsLayer, MetricsEndpoint, prometheus};
 pub use shutdown::shutdown_signal;
 pub use status::{ERROR_DOMAIN, internal, invalid_argument, rejection, unavailable};
 
@@ -24,8 +26,11 @@ pub const MAX_DECODING_MESSAGE_SIZE: usize = 256 * 1024;
 /// Responses above this size are refused (tonic caps decoding only by default).
 pub const MAX_ENCODING_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 
+/// The router every service serves: tonic's, with the gRPC metrics layer.
+pub type StandardRouter = Router<tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>>;
+
 /// A tonic server builder with the settings every service shares.
-pub fn server_builder() -> Server {
+pub fn server_builder() -> Server<tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>> {
     Server::builder()
         // Without it a slow handler holds the caller for ever; callers should
         // still send their own `grpc-timeout`, which tonic honours when shorter.
@@ -37,6 +42,9 @@ pub fn server_builder() -> Server {
         // Rotate connections so clients behind a plain Kubernetes Service spread
         // over new replicas instead of pinning one pod for ever.
         .max_connection_age(Duration::from_secs(300))
+        // Outermost, so it times the whole call and sees every status, including
+        // the ones tonic itself produces (timeouts, oversized messages).
+        .layer(GrpcMetricsLayer)
 }
 
 /// The health service plus the names of the services it reports on, so shutdown
@@ -90,7 +98,7 @@ pub fn reflection() -> Result<
 
 /// A server with our settings already serving health and reflection; add the
 /// service's own APIs (and `Health::track` their names) before serving.
-pub fn standard_router() -> Result<(Health, Router), tonic_reflection::server::Error> {
+pub fn standard_router() -> Result<(Health, StandardRouter), tonic_reflection::server::Error> {
     let (health, health_service) = Health::new();
     let (reflection_v1, reflection_v1alpha) = reflection()?;
     let router =

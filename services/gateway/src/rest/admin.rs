@@ -27,7 +27,9 @@ pub(super) async fn create_item(
     Json(body): Json<CreateItemBody>,
 ) -> Result<impl IntoResponse, ApiError> {
     let reply = state.api.create_item(&caller, body.into()).await?;
-    let item = reply.item.ok_or_else(|| ApiError::from(GatewayError::ItemNotFound))?;
+    // Inventory always returns the item it created; its absence is a fault, not a 404.
+    let item =
+        reply.item.ok_or_else(|| ApiError::from(GatewayError::Internal("CreateItem reply without an item".into())))?;
     Ok((StatusCode::CREATED, Json(Item::from(item))))
 }
 

@@ -147,7 +147,9 @@ pub(super) async fn order_events(
     Path(order_id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let updates = state.api.watch_order(&caller, &order_id).await?;
-    let events = ReceiverStream::new(updates).map(|order| {
+    // A stream ends when the gateway starts to stop, so shutdown never waits on
+    // it; the client reconnects elsewhere (the storefront falls back to polling).
+    let events = ReceiverStream::new(updates).take_until(state.stopping.clone().cancelled_owned()).map(|order| {
         let event = Event::default().event("order");
         Ok::<_, Infallible>(match event.json_data(Order::from(order)) {
             Ok(event) => event,

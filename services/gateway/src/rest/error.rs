@@ -81,8 +81,13 @@ pub fn http_status(reason: &str, code: tonic::Code) -> StatusCode {
     }
 }
 
+/// The code for a status that carries no `ErrorInfo` (none of ours; a neighbour's
+/// or tonic's own), named after its gRPC code.
 fn fallback_reason(code: tonic::Code) -> &'static str {
     match code {
+        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
+        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
+        tonic::Code::Aborted => "ABORTED",
         tonic::Code::InvalidArgument | tonic::Code::OutOfRange => "INVALID_ARGUMENT",
         tonic::Code::Unauthenticated => "UNAUTHENTICATED",
         tonic::Code::PermissionDenied => "FORBIDDEN",

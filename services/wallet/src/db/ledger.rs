@@ -48,6 +48,7 @@ impl From<diesel::result::Error> for Abort {
 pub async fn apply(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<LedgerEntry, WalletError> {
     // Replays (client retries, sweeper retries) are answered without a transaction.
     if let Some(claim) = find_claim(conn, movement.key.as_str()).await? {
+        count(movement, "replayed");
         return replay(conn, claim, movement).await;
     }
     let settled = conn
@@ -94,9 +95,16 @@ pub async fn apply(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<
         .await;
 
     match settled {
-        Ok(Settled::Applied(entry)) => Ok(entry),
-        Ok(Settled::Refused) => Err(WalletError::InsufficientFunds),
+        Ok(Settled::Applied(entry)) => {
+            count(movement, "applied");
+            Ok(entry)
+        }
+        Ok(Settled::Refused) => {
+            count(movement, "insufficient_funds");
+            Err(WalletError::InsufficientFunds)
+        }
         Ok(Settled::KeyTaken) => {
+            count(movement, "replayed");
             let claim = find_claim(conn, movement.key.as_str())
                 .await?
                 // Claims are never deleted, so a key that conflicted exists.
@@ -106,6 +114,13 @@ pub async fn apply(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<
         Err(Abort::Overflow) => Err(WalletError::BalanceOverflow),
         Err(Abort::Db(error)) => Err(error.into()),
     }
+}
+
+/// `flashsale_wallet_movements_total{kind, result}`: each Credit or Debit by how
+/// it ended (applied, insufficient_funds, replayed: answered from its key).
+fn count(movement: &Movement, result: &'static str) {
+    metrics::counter!("flashsale_wallet_movements_total", "kind" => movement.kind.as_db(), "result" => result)
+        .increment(1);
 }
 
 async fn record_outcome(

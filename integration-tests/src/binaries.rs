@@ -1,0 +1,174 @@
+//! The whole suite as three real processes (the release artefacts operators
+//! run), each on its own databases, Redis prefix and RabbitMQ names. Tests that
+//! read one service's process-wide state, such as its `/metrics`, use this
+//! instead of the in-process [`crate::TestSuite`], where every service shares
+//! one metrics recorder.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use flashsale_proto::gateway::v1::admin_service_client::AdminServiceClient;
+use flashsale_proto::gateway::v1::flash_sale_gateway_client::FlashSaleGatewayClient;
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+use crate::suite::{JWT_SECRET, amqp_addr, delete_amqp_names, flush_redis_prefix};
+use crate::{TestDatabase, service_binary};
+
+/// One service process and its ports.
+pub struct ServiceProcess {
+    child: Child,
+    pub grpc_port: u16,
+    pub metrics_port: u16,
+}
+
+impl ServiceProcess {
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.metrics_port)
+    }
+}
+
+pub struct BinarySuite {
+    pub wallet_db: TestDatabase,
+    pub inventory_db: TestDatabase,
+    pub redis_prefix: String,
+    pub amqp_prefix: String,
+    pub wallet: ServiceProcess,
+    pub inventory: ServiceProcess,
+    pub gateway: ServiceProcess,
+    gateway_channel: Channel,
+}
+
+/// A port that was free a moment ago (the binary binds it; a clash fails loudly).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn start(binary: &str, env: &[(&str, String)]) -> anyhow::Result<ServiceProcess> {
+    let grpc_port = free_port()?;
+    let metrics_port = free_port()?;
+    let listen_var = match binary {
+        "flashsale-wallet" => "WALLET_LISTEN_ADDR",
+        "flashsale-inventory" => "INVENTORY_LISTEN_ADDR",
+        _ => "GATEWAY_LISTEN_ADDR",
+    };
+    let mut command = Command::new(service_binary(binary)?);
+    command
+        .env(listen_var, format!("127.0.0.1:{grpc_port}"))
+        .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "error".into()))
+        .env("AMQP_ADDR", amqp_addr())
+        .stdout(if std::env::var_os("TEST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let child = command.spawn()?;
+    let process = ServiceProcess { child, grpc_port, metrics_port };
+    wait_for_port(grpc_port, binary).await?;
+    wait_for_port(metrics_port, binary).await?;
+    Ok(process)
+}
+
+async fn wait_for_port(port: u16, what: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok(());
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{what} is not listening on {port}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl BinarySuite {
+    pub async fn spawn() -> anyhow::Result<Self> {
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let wallet_db = TestDatabase::create("wallet").await?;
+        let inventory_db = TestDatabase::create("inventory").await?;
+        let redis_prefix = format!("fs-bin-{tag}");
+        let amqp_prefix = format!("fs-bin-{tag}");
+        let wallet = start("flashsale-wallet", &[("DATABASE_URL", wallet_db.url().to_owned())]).await?;
+        let wallet_url = format!("http://127.0.0.1:{}", wallet.grpc_port);
+        let inventory = start(
+            "flashsale-inventory",
+            &[
+                ("DATABASE_URL", inventory_db.url().to_owned()),
+                ("WALLET_URL", wallet_url.clone()),
+                ("AMQP_PREFIX", amqp_prefix.clone()),
+                ("SWEEP_INTERVAL_MS", "200".into()),
+            ],
+        )
+        .await?;
+        let gateway = start(
+            "flashsale-gateway",
+            &[
+                ("INVENTORY_URL", format!("http://127.0.0.1:{}", inventory.grpc_port)),
+                ("WALLET_URL", wallet_url),
+                ("AMQP_PREFIX", amqp_prefix.clone()),
+                ("REDIS_KEY_PREFIX", redis_prefix.clone()),
+                ("JWT_SECRET", JWT_SECRET.into()),
+                ("GATEWAY_HTTP_ADDR", "127.0.0.1:0".into()),
+                ("CATALOG_REFRESH_MS", "200".into()),
+                ("PURCHASE_RATE_PER_SECOND", "0".into()),
+            ],
+        )
+        .await?;
+        let gateway_channel =
+            Channel::from_shared(format!("http://127.0.0.1:{}", gateway.grpc_port))?.connect().await?;
+        Ok(Self { wallet_db, inventory_db, redis_prefix, amqp_prefix, wallet, inventory, gateway, gateway_channel })
+    }
+
+    pub fn buyers(&self) -> FlashSaleGatewayClient<Channel> {
+        FlashSaleGatewayClient::new(self.gateway_channel.clone())
+    }
+
+    pub fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.gateway_channel.clone())
+    }
+
+    pub fn databases(&self) -> crate::audit::Databases {
+        crate::audit::Databases {
+            inventory_url: self.inventory_db.url().to_owned(),
+            wallet_url: self.wallet_db.url().to_owned(),
+        }
+    }
+
+    /// Stops the processes, then removes the suite's queues, keys and databases.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        for process in [&mut self.gateway, &mut self.inventory, &mut self.wallet] {
+            process.child.kill().await?;
+        }
+        flush_redis_prefix(&self.redis_prefix).await?;
+        delete_amqp_names(&self.amqp_prefix).await?;
+        self.wallet_db.drop_now().await?;
+        self.inventory_db.drop_now().await?;
+        Ok(())
+    }
+}
+
+/// Fetches a Prometheus text page and returns its samples as (series, value),
+/// where series is the name with its labels exactly as printed.
+pub async fn scrape(url: &str) -> anyhow::Result<Vec<(String, f64)>> {
+    let text = reqwest::get(url).await?.error_for_status()?.text().await?;
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let (series, value) = line.rsplit_once(' ').ok_or_else(|| anyhow::anyhow!("bad sample line {line:?}"))?;
+        samples.push((series.to_owned(), value.parse()?));
+    }
+    Ok(samples)
+}
+
+/// The sum of every sample of `name` whose labels include all of `labels`
+/// (each as `key="value"`).
+pub fn sum(samples: &[(String, f64)], name: &str, labels: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(series, _)| {
+            let (metric, rest) = series.split_once('{').unwrap_or((series.as_str(), ""));
+            metric == name && labels.iter().all(|label| rest.contains(label))
+        })
+        .map(|(_, value)| value)
+        .sum()
+}

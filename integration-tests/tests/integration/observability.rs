@@ -1,0 +1,208 @@
+//! Metrics: the three real binaries (each its own recorder) after a small storm,
+//! their `/metrics` counts checked against the audit of the databases; and the
+//! dashboard and alert files checked against what the services really export.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flashsale_integration_tests::audit::{audit, wait_until_settled};
+use flashsale_integration_tests::binaries::{BinarySuite, scrape, sum};
+use flashsale_integration_tests::suite::with_token;
+use flashsale_proto::common::v1::Money;
+use flashsale_proto::gateway::v1::{CreateItemRequest, PurchaseRequest, TopUpRequest};
+
+use crate::common::{at, usd};
+
+fn token(user: &str, admin: bool) -> String {
+    let secret = flashsale_integration_tests::suite::JWT_SECRET;
+    flashsale_gateway::auth::mint(secret, user, admin, Duration::from_secs(3600)).unwrap_or_default()
+}
+
+/// Runs a small sale against the binaries: `buyers` buyers, every tenth unable
+/// to pay, each trying twice at once. Returns how many attempts were made and
+/// the ids of the accepted ones.
+async fn small_storm(suite: &BinarySuite, stock: u32, buyers: usize) -> anyhow::Result<(usize, BTreeSet<String>)> {
+    let admin = token("operator", true);
+    suite
+        .admin()
+        .create_item(with_token(
+            CreateItemRequest {
+                id: "gauge".into(),
+                name: "metrics drop".into(),
+                price: usd(700),
+                stock_total: stock,
+                per_user_limit: 1,
+                starts_at: at(Duration::from_secs(1), false),
+                ends_at: at(Duration::from_secs(3600), true),
+            },
+            &admin,
+        ))
+        .await?;
+    for n in 0..buyers {
+        let amount = if n % 10 == 0 { 100 } else { 10_000 };
+        let request = TopUpRequest {
+            user_id: format!("m{n}"),
+            amount: Some(Money { currency: "USD".into(), amount_minor: amount }),
+            idempotency_key: String::new(),
+        };
+        suite.admin().top_up(with_token(request, &admin)).await?;
+    }
+    let attempts = (0..buyers).flat_map(|n| [n, n]).map(|n| {
+        let mut client = suite.buyers();
+        async move {
+            let request = PurchaseRequest { item_id: "gauge".into(), quantity: 1, idempotency_key: String::new() };
+            client
+                .purchase(with_token(request, &token(&format!("m{n}"), false)))
+                .await
+                .ok()
+                .map(|r| r.into_inner().order_id)
+        }
+    });
+    let outcomes = futures::future::join_all(attempts).await;
+    let made = outcomes.len();
+    Ok((made, outcomes.into_iter().flatten().collect()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_of_each_service_agree_with_the_audit_after_a_storm() -> anyhow::Result<()> {
+    let _turn = crate::common::ONE_HEAVY_TEST_AT_A_TIME.lock().await;
+    let suite = BinarySuite::spawn().await?;
+    let (attempts, accepted) = small_storm(&suite, 40, 120).await?;
+    flashsale_integration_tests::audit::wait_until_admissions_final(
+        &suite.redis_prefix,
+        &["gauge"],
+        Duration::from_secs(60),
+    )
+    .await?;
+    wait_until_settled(&suite.databases(), &accepted, Duration::from_secs(60)).await?;
+    let report = audit(&suite.databases()).await?;
+    let count = |status: &str| report.orders.iter().filter(|o| o.status == status).count() as f64;
+    let (confirmed, rejected) = (count("CONFIRMED"), count("REJECTED"));
+    assert!(confirmed > 0.0 && rejected > 0.0, "the storm should both sell and reject ({confirmed}, {rejected})");
+
+    let gateway = scrape(&suite.gateway.metrics_url()).await?;
+    assert_eq!(sum(&gateway, "flashsale_purchase_attempts_total", &[]), attempts as f64, "every attempt counted once");
+    assert_eq!(sum(&gateway, "flashsale_purchase_attempts_total", &["outcome=\"ACCEPTED\""]), accepted.len() as f64);
+    assert_eq!(accepted.len(), report.orders.len(), "each accepted order recorded once");
+    let purchase = ["grpc_service=\"flashsale.gateway.v1.FlashSaleGateway\"", "grpc_method=\"Purchase\""];
+    assert_eq!(sum(&gateway, "grpc_server_handled_total", &purchase), attempts as f64);
+    assert_eq!(sum(&gateway, "grpc_server_handling_seconds_count", &purchase), attempts as f64);
+    assert_eq!(
+        sum(&gateway, "flashsale_publish_seconds_count", &["result=\"confirmed\""]),
+        accepted.len() as f64,
+        "one confirmed publish per accepted order"
+    );
+    assert_eq!(sum(&gateway, "flashsale_redis_up", &[]), 1.0);
+
+    let inventory = scrape(&suite.inventory.metrics_url()).await?;
+    assert_eq!(sum(&inventory, "flashsale_orders_final_total", &["status=\"CONFIRMED\""]), confirmed);
+    assert_eq!(sum(&inventory, "flashsale_orders_final_total", &["status=\"REJECTED\""]), rejected);
+    assert_eq!(sum(&inventory, "flashsale_settlement_seconds_count", &["status=\"CONFIRMED\""]), confirmed);
+    assert_eq!(sum(&inventory, "flashsale_orders_delivered_total", &[]), report.orders.len() as f64);
+    assert_eq!(sum(&inventory, "flashsale_consumer_up", &[]), 1.0);
+    let wallet_calls = sum(&inventory, "grpc_server_handled_total", &[]);
+    assert!(wallet_calls > 0.0, "inventory's own API served the gateway's reads");
+
+    let wallet = scrape(&suite.wallet.metrics_url()).await?;
+    let debits = |result: &str| {
+        let label = format!("result=\"{result}\"");
+        sum(&wallet, "flashsale_wallet_movements_total", &["kind=\"debit\"", label.as_str()])
+    };
+    assert_eq!(debits("applied"), confirmed, "one applied debit per confirmed order");
+    let refused_for_funds = report.orders.iter().filter(|o| o.reject_reason == "INSUFFICIENT_FUNDS").count() as f64;
+    assert_eq!(debits("insufficient_funds"), refused_for_funds);
+    assert_eq!(sum(&wallet, "flashsale_wallet_movements_total", &["kind=\"credit\"", "result=\"applied\""]), 120.0);
+    assert!(sum(&wallet, "flashsale_db_pool_max_connections", &[]) > 0.0);
+
+    // The stock gauge follows PostgreSQL (the catalog refreshes every 200 ms here).
+    let remaining = report.remaining.get("gauge").copied().unwrap_or(-1) as f64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let gateway = scrape(&suite.gateway.metrics_url()).await?;
+        let gauge = sum(&gateway, "flashsale_stock_remaining", &["item=\"gauge\""]);
+        if gauge == remaining {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "stock gauge {gauge}, PostgreSQL {remaining}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    suite.shutdown().await
+}
+
+/// Metric names a PromQL expression refers to (ours and gRPC's), with the
+/// `_bucket`/`_sum`/`_count` of histograms reduced to the histogram's name.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|token| token.starts_with("flashsale_") || token.starts_with("grpc_server_"))
+        .map(|token| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| token.strip_suffix(suffix))
+                .unwrap_or(token)
+                .to_owned()
+        })
+        .collect()
+}
+
+fn deploy_file(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/observability").join(path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboards_and_alerts_name_only_exported_metrics() -> anyhow::Result<()> {
+    // Every query in the dashboard and every alert expression.
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(deploy_file("grafana/flashsale-live-sale.json"))?)?;
+    let mut queries = BTreeMap::new();
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().ok_or_else(|| anyhow::anyhow!("panel target without expr"))?;
+            queries.insert(format!("panel {:?}", panel["title"]), expr.to_owned());
+        }
+    }
+    let rules: serde_json::Value =
+        serde_norway::from_str(&std::fs::read_to_string(deploy_file("prometheus/alerts.yml"))?)?;
+    let mut alerts = 0;
+    for group in rules["groups"].as_array().into_iter().flatten() {
+        for rule in group["rules"].as_array().into_iter().flatten() {
+            let name = rule["alert"].as_str().ok_or_else(|| anyhow::anyhow!("rule without a name"))?;
+            let expr = rule["expr"].as_str().ok_or_else(|| anyhow::anyhow!("{name} has no expr"))?;
+            queries.insert(format!("alert {name}"), expr.to_owned());
+            alerts += 1;
+        }
+    }
+    anyhow::ensure!(alerts >= 5 && queries.len() > alerts, "dashboard or rules empty");
+    let prometheus: serde_json::Value =
+        serde_norway::from_str(&std::fs::read_to_string(deploy_file("prometheus/prometheus.yml"))?)?;
+    assert_eq!(prometheus["rule_files"][0], "alerts.yml");
+
+    // What the services export once they have done some work.
+    let suite = BinarySuite::spawn().await?;
+    let (_, accepted) = small_storm(&suite, 5, 20).await?;
+    flashsale_integration_tests::audit::wait_until_admissions_final(
+        &suite.redis_prefix,
+        &["gauge"],
+        Duration::from_secs(60),
+    )
+    .await?;
+    wait_until_settled(&suite.databases(), &accepted, Duration::from_secs(60)).await?;
+    let mut exported = BTreeSet::new();
+    for process in [&suite.gateway, &suite.inventory, &suite.wallet] {
+        let text = reqwest::get(process.metrics_url()).await?.text().await?;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                exported.extend(rest.split_whitespace().next().map(str::to_owned));
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    for (place, expr) in &queries {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "{place} names no flash-sale metric: {expr}");
+        missing
+            .extend(names.into_iter().filter(|name| !exported.contains(name)).map(|name| format!("{place}: {name}")));
+    }
+    assert!(missing.is_empty(), "metrics named in deploy/observability but not exported: {missing:#?}");
+    suite.shutdown().await
+}

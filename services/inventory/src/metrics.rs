@@ -1,0 +1,59 @@
+//! The inventory's own metrics (Prometheus names; the recorder and `/metrics`
+//! endpoint live in `flashsale-server`). Order ids are UUIDv7 minted by the
+//! gateway at admission, so an order's age since the buyer was accepted is read
+//! from its id, with no extra field on the queue.
+
+use uuid::Uuid;
+
+use crate::db::models::Order;
+
+/// Seconds since the gateway accepted order `id`, if the id carries a time.
+fn accepted_age(id: Uuid) -> Option<f64> {
+    let (seconds, nanos) = id.get_timestamp()?.to_unix();
+    let accepted = std::time::UNIX_EPOCH + std::time::Duration::new(seconds, nanos);
+    Some(std::time::SystemTime::now().duration_since(accepted).unwrap_or_default().as_secs_f64())
+}
+
+/// A delivery of `OrderPlaced`: `flashsale_orders_delivered_total{redelivered}`
+/// and the consumer's lag behind admission, `flashsale_order_queue_lag_seconds`.
+pub fn delivered(order_id: Uuid, redelivered: bool) {
+    metrics::counter!("flashsale_orders_delivered_total", "redelivered" => if redelivered { "true" } else { "false" })
+        .increment(1);
+    if let Some(age) = accepted_age(order_id) {
+        metrics::histogram!("flashsale_order_queue_lag_seconds").record(age);
+    }
+}
+
+/// An order reached a final state: `flashsale_orders_final_total{status}` and,
+/// for CONFIRMED and REJECTED, the time from admission, `flashsale_settlement_seconds{status}`.
+pub fn final_state(order: &Order) {
+    let status = match order.status.as_str() {
+        "CONFIRMED" => "CONFIRMED",
+        "REJECTED" => "REJECTED",
+        "REFUNDED" => "REFUNDED",
+        _ => return,
+    };
+    metrics::counter!("flashsale_orders_final_total", "status" => status).increment(1);
+    if status != "REFUNDED"
+        && let Some(age) = accepted_age(order.id)
+    {
+        metrics::histogram!("flashsale_settlement_seconds", "status" => status).record(age);
+    }
+}
+
+/// `flashsale_consumer_up`: 1 while the order consumer holds a subscription,
+/// 0 from the moment it loses it (dropped on every exit path of a session).
+pub struct ConsumerUp(());
+
+impl ConsumerUp {
+    pub fn mark() -> Self {
+        metrics::gauge!("flashsale_consumer_up").set(1.0);
+        Self(())
+    }
+}
+
+impl Drop for ConsumerUp {
+    fn drop(&mut self) {
+        metrics::gauge!("flashsale_consumer_up").set(0.0);
+    }
+}
