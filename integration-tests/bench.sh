@@ -46,13 +46,17 @@ trap cleanup EXIT
 
 DATABASE_URL=$WALLET_DB "$BIN/flashsale-wallet" migrate >"$OUT/wallet.log" 2>&1
 DATABASE_URL=$INVENTORY_DB "$BIN/flashsale-inventory" migrate >"$OUT/inventory.log" 2>&1
-DATABASE_URL=$WALLET_DB WALLET_LISTEN_ADDR=127.0.0.1:51053 "$BIN/flashsale-wallet" >>"$OUT/wallet.log" 2>&1 &
+# Own ports (gRPC, metrics, HTTP), so a suite started by run.sh can keep running.
+DATABASE_URL=$WALLET_DB WALLET_LISTEN_ADDR=127.0.0.1:51053 METRICS_ADDR=127.0.0.1:51093 "$BIN/flashsale-wallet" >>"$OUT/wallet.log" 2>&1 &
 PIDS+=($!); WALLET_PID=$!
-DATABASE_URL=$INVENTORY_DB INVENTORY_LISTEN_ADDR=127.0.0.1:51052 WALLET_URL=http://127.0.0.1:51053 \
+DATABASE_URL=$INVENTORY_DB INVENTORY_LISTEN_ADDR=127.0.0.1:51052 METRICS_ADDR=127.0.0.1:51092 WALLET_URL=http://127.0.0.1:51053 \
   "$BIN/flashsale-inventory" >>"$OUT/inventory.log" 2>&1 &
 PIDS+=($!); INVENTORY_PID=$!
 sleep 1
-GATEWAY_LISTEN_ADDR=127.0.0.1:51051 INVENTORY_URL=http://127.0.0.1:51052 WALLET_URL=http://127.0.0.1:51053 \
+# The per-buyer rate limit is off: virtual users reuse buyers far faster than people do,
+# and S1 measures the admission path itself.
+GATEWAY_LISTEN_ADDR=127.0.0.1:51051 METRICS_ADDR=127.0.0.1:51091 GATEWAY_HTTP_ADDR=127.0.0.1:51080 \
+  PURCHASE_RATE_PER_SECOND=0 INVENTORY_URL=http://127.0.0.1:51052 WALLET_URL=http://127.0.0.1:51053 \
   "$BIN/flashsale-gateway" >"$OUT/gateway.log" 2>&1 &
 PIDS+=($!); GATEWAY_PID=$!
 for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/51051) 2>/dev/null && break; sleep 0.2; done
