@@ -14,6 +14,23 @@ use crate::running::Running;
 
 pub const JWT_SECRET: &str = "integration-tests-secret-0123456789abcdef";
 
+/// The machine, shared by ordinary suites and taken whole by heavy tests
+/// (storms, the browser, the fuzzer): on two cores a storm beside other suites
+/// starves everyone, and buyers then see timeouts instead of the sale.
+static MACHINE: std::sync::LazyLock<std::sync::Arc<tokio::sync::RwLock<()>>> =
+    std::sync::LazyLock::new(|| std::sync::Arc::new(tokio::sync::RwLock::new(())));
+
+/// Waits until no other suite runs, and keeps them out while the guard lives.
+/// Spawn the suite with [`SuiteOptions::holds_machine`] set.
+pub async fn whole_machine() -> tokio::sync::OwnedRwLockWriteGuard<()> {
+    MACHINE.clone().write_owned().await
+}
+
+/// A share of the machine (ordinary suites take one on spawn).
+pub async fn machine_share() -> tokio::sync::OwnedRwLockReadGuard<()> {
+    MACHINE.clone().read_owned().await
+}
+
 pub struct TestSuite {
     pub wallet_db: TestDatabase,
     pub inventory_db: TestDatabase,
@@ -25,6 +42,7 @@ pub struct TestSuite {
     gateway: Option<Running>,
     gateway_http_port: u16,
     gateway_channel: Channel,
+    _share: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
 }
 
 /// Variations of a suite.
@@ -36,6 +54,8 @@ pub struct SuiteOptions {
     pub publish_timeout_ms: Option<u64>,
     /// Per-buyer purchase rate limit (attempts/s, burst); off by default.
     pub purchase_rate: Option<(u32, u32)>,
+    /// The caller holds [`whole_machine`]; do not wait for a share.
+    pub holds_machine: bool,
 }
 
 impl TestSuite {
@@ -45,6 +65,7 @@ impl TestSuite {
 
     pub async fn spawn_with(options: SuiteOptions) -> anyhow::Result<Self> {
         init_test_logging();
+        let share = if options.holds_machine { None } else { Some(machine_share().await) };
         let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let wallet_db = TestDatabase::create("wallet").await?;
         let inventory_db = TestDatabase::create("inventory").await?;
@@ -91,6 +112,7 @@ impl TestSuite {
             gateway: Some(gateway),
             gateway_http_port,
             gateway_channel,
+            _share: share,
         })
     }
 

@@ -6,10 +6,6 @@ use flashsale_integration_tests::TestSuite;
 use flashsale_proto::common::v1::{Item, Money, Order, OrderStatus};
 use flashsale_proto::gateway::v1::{CreateItemRequest, GetOrderRequest, TopUpRequest};
 
-/// Storms, the browser and the fuzzer each want the whole machine: they run one
-/// at a time (the rest of the tests run beside them).
-pub(crate) static ONE_HEAVY_TEST_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 pub(crate) fn usd(amount_minor: i64) -> Option<Money> {
     Some(Money { currency: "USD".into(), amount_minor })
 }

@@ -66,7 +66,7 @@ async fn small_storm(suite: &BinarySuite, stock: u32, buyers: usize) -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_of_each_service_agree_with_the_audit_after_a_storm() -> anyhow::Result<()> {
-    let _turn = crate::common::ONE_HEAVY_TEST_AT_A_TIME.lock().await;
+    let _machine = flashsale_integration_tests::suite::whole_machine().await;
     let suite = BinarySuite::spawn().await?;
     let (attempts, accepted) = small_storm(&suite, 40, 120).await?;
     flashsale_integration_tests::audit::wait_until_admissions_final(
@@ -178,6 +178,7 @@ async fn dashboards_and_alerts_name_only_exported_metrics() -> anyhow::Result<()
     assert_eq!(prometheus["rule_files"][0], "alerts.yml");
 
     // What the services export once they have done some work.
+    let _share = flashsale_integration_tests::suite::machine_share().await;
     let suite = BinarySuite::spawn().await?;
     let (_, accepted) = small_storm(&suite, 5, 20).await?;
     flashsale_integration_tests::audit::wait_until_admissions_final(

@@ -55,8 +55,9 @@ struct Buyer {
 }
 
 async fn run_storm(spec: Spec) -> anyhow::Result<()> {
-    let _turn = crate::common::ONE_HEAVY_TEST_AT_A_TIME.lock().await;
-    let suite = Arc::new(TestSuite::spawn().await?);
+    let _machine = flashsale_integration_tests::suite::whole_machine().await;
+    let options = flashsale_integration_tests::suite::SuiteOptions { holds_machine: true, ..Default::default() };
+    let suite = Arc::new(TestSuite::spawn_with(options).await?);
     for (id, stock, limit) in &spec.items {
         create_item(&suite, id, PRICE, *stock, *limit).await?;
     }

@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use flashsale_integration_tests::TestSuite;
+use flashsale_integration_tests::suite::SuiteOptions;
 
 use crate::common::{create_item, top_up};
 
@@ -40,8 +41,8 @@ async fn run_tool(mut command: tokio::process::Command, what: &str, limit: Durat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_buyer_buys_and_refunds_in_the_storefront_without_reloading() -> anyhow::Result<()> {
-    let _turn = crate::common::ONE_HEAVY_TEST_AT_A_TIME.lock().await;
-    let suite = TestSuite::spawn().await?;
+    let _machine = flashsale_integration_tests::suite::whole_machine().await;
+    let suite = TestSuite::spawn_with(SuiteOptions { holds_machine: true, ..SuiteOptions::default() }).await?;
     create_item(&suite, "poster", 1_500, 10, 1).await?;
     top_up(&suite, "browser-buyer", 5_000).await?;
     let dir = repo_root().join("integration-tests").join("browser");
@@ -66,8 +67,8 @@ async fn a_buyer_buys_and_refunds_in_the_storefront_without_reloading() -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_server_error_and_no_response_off_the_spec() -> anyhow::Result<()> {
-    let _turn = crate::common::ONE_HEAVY_TEST_AT_A_TIME.lock().await;
-    let suite = TestSuite::spawn().await?;
+    let _machine = flashsale_integration_tests::suite::whole_machine().await;
+    let suite = TestSuite::spawn_with(SuiteOptions { holds_machine: true, ..SuiteOptions::default() }).await?;
     // Something to buy, look at and refund, so requests reach past "not found".
     // The spec's examples name `demo-drop`: with it on sale, generated requests
     // reach past "not found" into purchases, orders and refunds.
