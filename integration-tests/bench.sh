@@ -61,6 +61,7 @@ GATEWAY_LISTEN_ADDR=127.0.0.1:51051 METRICS_ADDR=127.0.0.1:51091 GATEWAY_HTTP_AD
 PIDS+=($!); GATEWAY_PID=$!
 for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/51051) 2>/dev/null && break; sleep 0.2; done
 
+HTTP=http://127.0.0.1:51080
 load() { "$BIN/flashsale-load" "$@"; }
 rps() { python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['mean_rps']))" "$1"; }
 field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'r': r}))" "$1" "$2"; }
@@ -96,6 +97,9 @@ echo "[bench] S2: the crowd after sell-out" >&2
 load seed --gateway-url $GW --users 5000 --stock 0 --unfunded >"$OUT/sale-s2.json"
 load run --gateway-url $GW --sale "$OUT/sale-s2.json" --users "$VUS" --duration 2s --quiet 2>/dev/null >/dev/null
 load run --gateway-url $GW --sale "$OUT/sale-s2.json" --users "$VUS" --duration $DUR --quiet --report "$OUT/s2.json" 2>/dev/null
+echo "[bench] REST: null call (GET /healthz) and the crowd after sell-out, $VUS users, $DUR" >&2
+load run --target rest --http-url $HTTP --sale "$OUT/sale-s2.json" --rpc health --users "$VUS" --duration $DUR --quiet --report "$OUT/c2-rest.json" 2>/dev/null
+load run --target rest --http-url $HTTP --sale "$OUT/sale-s2.json" --users "$VUS" --duration $DUR --quiet --report "$OUT/s2-rest.json" 2>/dev/null
 
 echo "[bench] C3: pgbench, one order (insert + conditional hot-row update) per transaction" >&2
 DATABASE_URL=$PG/${TAG}_pgbench "$BIN/flashsale-inventory" migrate >/dev/null 2>&1
@@ -121,6 +125,9 @@ load run --gateway-url $GW --sale "$OUT/sale-s3.json" --users "$VUS" --duration 
 echo "[bench] Artillery-shaped scenario: ${PHASES[*]}" >&2
 load seed --gateway-url $GW --users 5000 >"$OUT/sale-art.json"
 load run --gateway-url $GW --sale "$OUT/sale-art.json" "${PHASES[@]}" --quiet --report "$OUT/artillery.json" 2>"$OUT/artillery.txt"
+echo "[bench] Artillery-shaped scenario over REST: ${PHASES[*]}" >&2
+load seed --gateway-url $GW --users 5000 >"$OUT/sale-art-rest.json"
+load run --target rest --http-url $HTTP --sale "$OUT/sale-art-rest.json" "${PHASES[@]}" --quiet --report "$OUT/artillery-rest.json" 2>"$OUT/artillery-rest.txt"
 
 echo "[bench] audit (waits for every order to settle)" >&2
 load audit --inventory-db "$INVENTORY_DB" --wallet-db "$WALLET_DB" --timeout 600s >"$OUT/spans.json" 2>"$OUT/audit.txt"
@@ -136,6 +143,7 @@ for s in json.load(open(sys.argv[1])):
 read -r S3_ORDERS S3_MS < <(span "$OUT/sale-s3.json")
 read -r S4_ORDERS S4_MS < <(span "$OUT/sale-s4.json")
 C2=$(rps "$OUT/c2.json"); S1=$(rps "$OUT/s1.json"); S2=$(rps "$OUT/s2.json")
+C2R=$(rps "$OUT/c2-rest.json"); S2R=$(rps "$OUT/s2-rest.json")
 S3=$(python3 -c "print(round($S3_ORDERS / max($S3_MS, 1) * 1000))")
 ratio() { python3 -c "print(f'{$1 / max($2, 1):.2f}')"; }
 
@@ -149,7 +157,11 @@ ratio() { python3 -c "print(f'{$1 / max($2, 1):.2f}')"; }
   echo "| S2 purchase attempts after sell-out | $S2 /s | S2/C2 = $(ratio "$S2" "$C2") (≥ 0.9) |"
   echo "| S3 orders settled per second ($S3_ORDERS orders in $S3_MS ms) | $S3 /s | S3/C3 = $(ratio "$S3" "$C3") (≥ 2) |"
   echo "| S4 first accepted → last final, 100 units, $S4_USERS buyers ($S4_ORDERS orders) | $S4_MS ms | < 500 ms |"
-  echo "| Artillery-shaped run: mean req/s, p50 / p95 / p99 / max ms | $(field "$OUT/artillery.json" "r['mean_rps']") ; $(field "$OUT/artillery.json" "r['latency_ms']['median']") / $(field "$OUT/artillery.json" "r['latency_ms']['p95']") / $(field "$OUT/artillery.json" "r['latency_ms']['p99']") / $(field "$OUT/artillery.json" "r['latency_ms']['max']") | p99 < 5 ms |"
+  echo "| REST null call (GET /healthz), $VUS users | $C2R /s | |"
+  echo "| REST purchase attempts after sell-out | $S2R /s | S2/C2 over REST = $(ratio "$S2R" "$C2R") |"
+  art() { echo "$(field "$1" "r['mean_rps']") ; $(field "$1" "r['latency_ms']['median']") / $(field "$1" "r['latency_ms']['p95']") / $(field "$1" "r['latency_ms']['p99']") / $(field "$1" "r['latency_ms']['max']")"; }
+  echo "| Artillery-shaped run, gRPC: mean req/s ; p50 / p95 / p99 / max ms | $(art "$OUT/artillery.json") | p99 < 5 ms |"
+  echo "| Artillery-shaped run, REST: mean req/s ; p50 / p95 / p99 / max ms | $(art "$OUT/artillery-rest.json") | p99 < 5 ms |"
   echo "| peak RSS | $RSS | |"
 } | tee "$OUT/summary.md"
 echo "[bench] reports in $OUT" >&2

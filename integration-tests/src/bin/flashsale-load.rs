@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flashsale_integration_tests::audit::{Databases, audit, wait_until_settled};
-use flashsale_integration_tests::load::run::{Mode, Rpc, RunOptions, run};
+use flashsale_integration_tests::load::run::{Mode, Rpc, RunOptions, Target, run};
 use flashsale_integration_tests::load::seed::{Sale, SeedOptions, seed};
 use flashsale_integration_tests::load::{Phase, parse_duration};
 
@@ -73,6 +73,12 @@ enum Command {
         /// What to call: a purchase, or the health check (the null-RPC ceiling).
         #[arg(long, value_enum, default_value = "purchase")]
         rpc: Rpc,
+        /// The API to call: gRPC (`--gateway-url`) or REST (`--http-url`).
+        #[arg(long, value_enum, default_value = "grpc")]
+        target: Target,
+        /// The gateway's HTTP base URL, for `--target rest`.
+        #[arg(long, env = "GATEWAY_HTTP_URL", default_value = "http://127.0.0.1:8080")]
+        http_url: String,
         /// No progress line (for scripts).
         #[arg(long)]
         quiet: bool,
@@ -108,7 +114,20 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { gateway_url, jwt_secret, sale, phases, users, duration, connections, report, rpc, quiet } => {
+        Command::Run {
+            gateway_url,
+            jwt_secret,
+            sale,
+            phases,
+            users,
+            duration,
+            connections,
+            report,
+            rpc,
+            target,
+            http_url,
+            quiet,
+        } => {
             let sale: Sale =
                 serde_json::from_slice(&std::fs::read(&sale).with_context(|| format!("{}", sale.display()))?)?;
             let mode = match users {
@@ -116,7 +135,8 @@ async fn main() -> anyhow::Result<()> {
                 None if phases.is_empty() => anyhow::bail!("give --phase … (open loop) or --users N (closed loop)"),
                 None => Mode::Open(phases),
             };
-            let options = RunOptions { rpc, gateway_url, jwt_secret, connections, mode, show_progress: !quiet };
+            let options =
+                RunOptions { rpc, target, http_url, gateway_url, jwt_secret, connections, mode, show_progress: !quiet };
             let summary = run(sale, &options).await?;
             eprint!("{}", summary.render());
             if let Some(path) = report {

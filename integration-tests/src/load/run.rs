@@ -1,4 +1,4 @@
-//! `run`: buyers at a seeded sale over gRPC, open loop (arrivals per second in
+//! `run`: buyers at a seeded sale over gRPC or REST, open loop (arrivals per second in
 //! phases, like Artillery) or closed loop (N users as fast as they can). A buyer
 //! retries `UNAVAILABLE` with the same idempotency key, as real clients should.
 
@@ -40,9 +40,21 @@ pub enum Rpc {
     Health,
 }
 
+/// Which API the buyers call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    /// gRPC over HTTP/2 (`--connections` channels, requests multiplexed on each).
+    Grpc,
+    /// REST/JSON over HTTP/1.1 keep-alive connections (`POST /v1/purchases`, `GET /healthz`).
+    Rest,
+}
+
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub rpc: Rpc,
+    pub target: Target,
+    /// The gateway's HTTP base URL (REST target).
+    pub http_url: String,
     pub gateway_url: String,
     pub jwt_secret: String,
     pub connections: usize,
@@ -52,6 +64,10 @@ pub struct RunOptions {
 
 struct Shared {
     rpc: Rpc,
+    target: Target,
+    http: reqwest::Client,
+    purchases_url: String,
+    healthz_url: String,
     sale: Sale,
     tokens: Vec<String>,
     clients: Vec<FlashSaleGatewayClient<Channel>>,
@@ -72,8 +88,14 @@ pub async fn run(sale: Sale, options: &RunOptions) -> anyhow::Result<Report> {
         .map(|n| flashsale_gateway::auth::mint(&options.jwt_secret, &sale.user(n), false, Duration::from_secs(3600)))
         .collect::<Result<Vec<_>, _>>()?;
     let health = channels.into_iter().map(HealthClient::new).collect();
+    let http = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(MAX_IN_FLIGHT).build()?;
+    let base = options.http_url.trim_end_matches('/');
     let shared = Arc::new(Shared {
         rpc: options.rpc,
+        target: options.target,
+        http,
+        purchases_url: format!("{base}/v1/purchases"),
+        healthz_url: format!("{base}/healthz"),
         sale,
         tokens,
         clients,
@@ -179,6 +201,11 @@ async fn attempt(shared: &Shared, due: Instant) {
         let user = rng.random_range(0..shared.sale.users) as usize;
         (user, rng.random_range(0..shared.clients.len()))
     };
+    if shared.target == Target::Rest {
+        let outcome = rest_attempt(shared, user).await;
+        record(shared, due, &outcome);
+        return;
+    }
     if shared.rpc == Rpc::Health {
         let outcome = match shared.health[client].clone().check(HealthCheckRequest::default()).await {
             Ok(_) => "OK".to_owned(),
@@ -208,6 +235,43 @@ async fn attempt(shared: &Shared, due: Instant) {
         }
     }
     record(shared, due, &outcome);
+}
+
+/// The REST twin of a purchase attempt (or of the null call: `GET /healthz`).
+async fn rest_attempt(shared: &Shared, user: usize) -> String {
+    if shared.rpc == Rpc::Health {
+        return match shared.http.get(&shared.healthz_url).send().await {
+            Ok(response) if response.status().is_success() => "OK".into(),
+            Ok(response) => format!("HTTP_{}", response.status().as_u16()),
+            Err(_) => "CLIENT_ERROR".into(),
+        };
+    }
+    let key = uuid::Uuid::new_v4().simple().to_string();
+    let body = serde_json::json!({"item_id": shared.sale.item_id, "quantity": 1});
+    let mut outcome = String::from("UNAVAILABLE");
+    for retry in 0..3 {
+        let sent = shared
+            .http
+            .post(&shared.purchases_url)
+            .bearer_auth(&shared.tokens[user])
+            .header("idempotency-key", &key)
+            .json(&body)
+            .send()
+            .await;
+        outcome = match sent {
+            Ok(response) if response.status() == reqwest::StatusCode::ACCEPTED => "ACCEPTED".into(),
+            Ok(response) => match response.json::<serde_json::Value>().await {
+                Ok(error) => error["error"]["code"].as_str().unwrap_or("HTTP_ERROR").to_owned(),
+                Err(_) => "HTTP_ERROR".into(),
+            },
+            Err(_) => "CLIENT_ERROR".into(),
+        };
+        if outcome != "UNAVAILABLE" || retry == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    outcome
 }
 
 fn record(shared: &Shared, due: Instant, outcome: &str) {
