@@ -29,7 +29,7 @@ PG=${PG_SERVER_URL:-postgres://postgres@127.0.0.1:5432}
 JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 export JWT_SECRET RUST_LOG=warn AMQP_PREFIX=$TAG REDIS_KEY_PREFIX=$TAG
 WALLET_DB=$PG/${TAG}_wallet INVENTORY_DB=$PG/${TAG}_inventory
-GW=http://127.0.0.1:51051
+GW=http://127.0.0.1:18051
 PIDS=()
 
 cleanup() {
@@ -46,22 +46,23 @@ trap cleanup EXIT
 
 DATABASE_URL=$WALLET_DB "$BIN/flashsale-wallet" migrate >"$OUT/wallet.log" 2>&1
 DATABASE_URL=$INVENTORY_DB "$BIN/flashsale-inventory" migrate >"$OUT/inventory.log" 2>&1
-# Own ports (gRPC, metrics, HTTP), so a suite started by run.sh can keep running.
-DATABASE_URL=$WALLET_DB WALLET_LISTEN_ADDR=127.0.0.1:51053 METRICS_ADDR=127.0.0.1:51093 "$BIN/flashsale-wallet" >>"$OUT/wallet.log" 2>&1 &
+# Own ports (gRPC, metrics, HTTP), so a suite started by run.sh can keep running;
+# all below the ephemeral range (32768+), which the load clients' sockets use.
+DATABASE_URL=$WALLET_DB WALLET_LISTEN_ADDR=127.0.0.1:18053 METRICS_ADDR=127.0.0.1:19093 "$BIN/flashsale-wallet" >>"$OUT/wallet.log" 2>&1 &
 PIDS+=($!); WALLET_PID=$!
-DATABASE_URL=$INVENTORY_DB INVENTORY_LISTEN_ADDR=127.0.0.1:51052 METRICS_ADDR=127.0.0.1:51092 WALLET_URL=http://127.0.0.1:51053 \
+DATABASE_URL=$INVENTORY_DB INVENTORY_LISTEN_ADDR=127.0.0.1:18052 METRICS_ADDR=127.0.0.1:19092 WALLET_URL=http://127.0.0.1:18053 \
   "$BIN/flashsale-inventory" >>"$OUT/inventory.log" 2>&1 &
 PIDS+=($!); INVENTORY_PID=$!
 sleep 1
 # The per-buyer rate limit is off: virtual users reuse buyers far faster than people do,
 # and S1 measures the admission path itself.
-GATEWAY_LISTEN_ADDR=127.0.0.1:51051 METRICS_ADDR=127.0.0.1:51091 GATEWAY_HTTP_ADDR=127.0.0.1:51080 \
-  PURCHASE_RATE_PER_SECOND=0 INVENTORY_URL=http://127.0.0.1:51052 WALLET_URL=http://127.0.0.1:51053 \
+GATEWAY_LISTEN_ADDR=127.0.0.1:18051 METRICS_ADDR=127.0.0.1:19091 GATEWAY_HTTP_ADDR=127.0.0.1:18080 \
+  PURCHASE_RATE_PER_SECOND=0 INVENTORY_URL=http://127.0.0.1:18052 WALLET_URL=http://127.0.0.1:18053 \
   "$BIN/flashsale-gateway" >"$OUT/gateway.log" 2>&1 &
 PIDS+=($!); GATEWAY_PID=$!
-for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/51051) 2>/dev/null && break; sleep 0.2; done
+for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/18051) 2>/dev/null && break; sleep 0.2; done
 
-HTTP=http://127.0.0.1:51080
+HTTP=http://127.0.0.1:18080
 load() { "$BIN/flashsale-load" "$@"; }
 rps() { python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['mean_rps']))" "$1"; }
 field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'r': r}))" "$1" "$2"; }
@@ -98,8 +99,8 @@ load seed --gateway-url $GW --users 5000 --stock 0 --unfunded >"$OUT/sale-s2.jso
 load run --gateway-url $GW --sale "$OUT/sale-s2.json" --users "$VUS" --duration 2s --quiet 2>/dev/null >/dev/null
 load run --gateway-url $GW --sale "$OUT/sale-s2.json" --users "$VUS" --duration $DUR --quiet --report "$OUT/s2.json" 2>/dev/null
 echo "[bench] REST: null call (GET /healthz) and the crowd after sell-out, $VUS users, $DUR" >&2
-load run --target rest --http-url $HTTP --sale "$OUT/sale-s2.json" --rpc health --users "$VUS" --duration $DUR --quiet --report "$OUT/c2-rest.json" 2>/dev/null
-load run --target rest --http-url $HTTP --sale "$OUT/sale-s2.json" --users "$VUS" --duration $DUR --quiet --report "$OUT/s2-rest.json" 2>/dev/null
+load run --target rest --http-url $HTTP --gateway-url $GW --sale "$OUT/sale-s2.json" --rpc health --users "$VUS" --duration $DUR --quiet --report "$OUT/c2-rest.json" 2>/dev/null
+load run --target rest --http-url $HTTP --gateway-url $GW --sale "$OUT/sale-s2.json" --users "$VUS" --duration $DUR --quiet --report "$OUT/s2-rest.json" 2>/dev/null
 
 echo "[bench] C3: pgbench, one order (insert + conditional hot-row update) per transaction" >&2
 DATABASE_URL=$PG/${TAG}_pgbench "$BIN/flashsale-inventory" migrate >/dev/null 2>&1
@@ -127,7 +128,7 @@ load seed --gateway-url $GW --users 5000 >"$OUT/sale-art.json"
 load run --gateway-url $GW --sale "$OUT/sale-art.json" "${PHASES[@]}" --quiet --report "$OUT/artillery.json" 2>"$OUT/artillery.txt"
 echo "[bench] Artillery-shaped scenario over REST: ${PHASES[*]}" >&2
 load seed --gateway-url $GW --users 5000 >"$OUT/sale-art-rest.json"
-load run --target rest --http-url $HTTP --sale "$OUT/sale-art-rest.json" "${PHASES[@]}" --quiet --report "$OUT/artillery-rest.json" 2>"$OUT/artillery-rest.txt"
+load run --target rest --http-url $HTTP --gateway-url $GW --sale "$OUT/sale-art-rest.json" "${PHASES[@]}" --quiet --report "$OUT/artillery-rest.json" 2>"$OUT/artillery-rest.txt"
 
 echo "[bench] audit (waits for every order to settle)" >&2
 load audit --inventory-db "$INVENTORY_DB" --wallet-db "$WALLET_DB" --timeout 600s >"$OUT/spans.json" 2>"$OUT/audit.txt"
