@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use flashsale_integration_tests::audit::{audit, redis_agrees, wait_until_settled};
+use flashsale_integration_tests::audit::{AuditReport, audit, redis_agrees, wait_until_settled};
 use flashsale_integration_tests::suite::with_token;
 use flashsale_integration_tests::{TestSuite, error_reason};
 use flashsale_proto::common::v1::OrderStatus;
@@ -99,80 +99,39 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
 
     // Stop buyers of an item once all its units are confirmed; flush Redis when asked.
     let flushed = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let suite = suite.clone();
-        let done = done.clone();
-        let seen = seen.clone();
-        let flushed = flushed.clone();
-        let flush_after = spec.flush_redis_after;
-        tokio::spawn(async move {
-            loop {
-                if let Some(after) = flush_after
-                    && !flushed.load(Ordering::Relaxed)
-                    && seen.lock().accepted.len() >= after
-                {
-                    let keys = suite.flush_redis().await.unwrap_or(0);
-                    flushed.store(true, Ordering::Relaxed);
-                    eprintln!("storm: flushed {keys} Redis keys mid-sale");
-                }
-                for (id, flag) in done.iter() {
-                    let stats = suite
-                        .admin()
-                        .get_item_stats(suite.as_admin(GetItemStatsRequest { item_id: (*id).into() }))
-                        .await;
-                    if let Ok(stats) = stats {
-                        let stats = stats.into_inner();
-                        let total = stats.item.map(|i| i.stock_total).unwrap_or(u32::MAX);
-                        if stats.units_sold >= u64::from(total) {
-                            flag.store(true, Ordering::Relaxed);
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-    };
+    let watcher = spawn_watcher(&suite, &done, &seen, &flushed, spec.flush_redis_after);
 
     let started = tokio::time::Instant::now();
-    let tasks: Vec<_> = buyers
-        .iter()
-        .enumerate()
-        .map(|(n, buyer)| {
-            let client = FlashSaleGatewayClient::new(channels[n % channels.len()].clone());
-            let token = suite.token(&buyer.name, false);
-            let seen = seen.clone();
-            let done = done.clone();
-            let flushed = flushed.clone();
-            let (name, item, attempts, shared_key, quantity) =
-                (buyer.name.clone(), buyer.item, buyer.attempts, buyer.shared_key, spec.quantity);
-            tokio::spawn(async move {
-                buyer_loop(client, token, name, item, attempts, shared_key, quantity, seen, done, flushed, n as u64)
-                    .await
-            })
-        })
-        .collect();
-    for task in futures::future::join_all(tasks).await {
-        task??;
-    }
+    let everyone: Vec<&Buyer> = buyers.iter().collect();
+    buy(&everyone, &channels, &suite, &seen, &done, &flushed, spec.quantity, 0).await?;
     watcher.abort();
     let buying = started.elapsed();
 
-    let accepted = seen.lock().accepted.clone();
-    if spec.flush_redis_after.is_none() {
-        let items: Vec<&str> = spec.items.iter().map(|(id, _, _)| *id).collect();
-        flashsale_integration_tests::audit::wait_until_admissions_final(
-            &suite.redis_prefix,
-            &items,
-            Duration::from_secs(90),
-        )
-        .await?;
+    let items: Vec<&str> = spec.items.iter().map(|(id, _, _)| *id).collect();
+    let mut report = settle(&suite, &spec, &items, &seen).await?;
+
+    // Units that came back after the crowd left (a buyer who could not pay, an
+    // admission republished late on a starved machine) must still be on sale:
+    // the paying buyers who went without come back once, as real ones refresh
+    // the page later. A unit lost for good fails the check below either way.
+    let late: Vec<&Buyer> = buyers
+        .iter()
+        .filter(|b| {
+            let stock = spec.items.iter().find(|(id, _, _)| *id == b.item).map_or(0, |(_, stock, _)| *stock);
+            report.confirmed_units.get(b.item).copied().unwrap_or(0) < i64::from(stock)
+                && b.balance >= cost
+                && !report.confirmed_orders().any(|o| o.user_id == b.name)
+        })
+        .collect();
+    if !late.is_empty() {
+        eprintln!("storm: {} paying buyers come back for units released after the crowd left", late.len());
+        let watcher = spawn_watcher(&suite, &done, &seen, &flushed, None);
+        buy(&late, &channels, &suite, &seen, &done, &flushed, spec.quantity, 1).await?;
+        watcher.abort();
+        report = settle(&suite, &spec, &items, &seen).await?;
     }
-    wait_until_settled(&suite.databases(), &accepted, Duration::from_secs(60)).await?;
-    let report = audit(&suite.databases()).await?;
     if spec.flush_redis_after.is_some() {
         assert!(flushed.load(Ordering::Relaxed), "the sale ended before Redis was flushed");
-    } else {
-        redis_agrees(&suite.redis_prefix, &report, Duration::from_secs(20)).await?;
     }
 
     // One order per idempotency key, whatever the concurrency.
@@ -184,7 +143,7 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
         eprintln!(
             "storm: {} buyers, {} accepted, buying took {buying:?}, reasons {:?}",
             spec.buyers,
-            accepted.len(),
+            seen.accepted.len(),
             seen.reasons
         );
     }
@@ -223,28 +182,132 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
     Arc::try_unwrap(suite).map_err(|_| anyhow::anyhow!("suite still shared"))?.shutdown().await
 }
 
-#[expect(clippy::too_many_arguments, reason = "one buyer's whole state, spelled out for the test")]
-async fn buyer_loop(
-    mut client: FlashSaleGatewayClient<Channel>,
-    token: String,
+/// Every buyer in `who` shops at once until served, refused for good, or out of time.
+#[expect(clippy::too_many_arguments, reason = "the storm's shared state, spelled out for the test")]
+async fn buy(
+    who: &[&Buyer],
+    channels: &[Channel],
+    suite: &TestSuite,
+    seen: &Arc<Mutex<Seen>>,
+    done: &Arc<BTreeMap<&'static str, AtomicBool>>,
+    flushed: &Arc<AtomicBool>,
+    quantity: u32,
+    pass: u32,
+) -> anyhow::Result<()> {
+    let tasks: Vec<_> = who
+        .iter()
+        .enumerate()
+        .map(|(n, buyer)| {
+            let client = FlashSaleGatewayClient::new(channels[n % channels.len()].clone());
+            let token = suite.token(&buyer.name, false);
+            let shopper = Shopper {
+                name: buyer.name.clone(),
+                // Keys of a later pass never collide with the first pass's keys.
+                keys: format!("{}-p{pass}", buyer.name),
+                item: buyer.item,
+                attempts: buyer.attempts,
+                shared_key: buyer.shared_key,
+                quantity,
+            };
+            let (seen, done, flushed) = (seen.clone(), done.clone(), flushed.clone());
+            let seed = (u64::from(pass) << 32) | n as u64;
+            tokio::spawn(async move { buyer_loop(client, token, shopper, seen, done, flushed, seed).await })
+        })
+        .collect();
+    for task in futures::future::join_all(tasks).await {
+        task??;
+    }
+    Ok(())
+}
+
+/// Marks an item done once all its units are confirmed; flushes Redis when asked.
+fn spawn_watcher(
+    suite: &Arc<TestSuite>,
+    done: &Arc<BTreeMap<&'static str, AtomicBool>>,
+    seen: &Arc<Mutex<Seen>>,
+    flushed: &Arc<AtomicBool>,
+    flush_after: Option<usize>,
+) -> tokio::task::JoinHandle<()> {
+    let (suite, done, seen, flushed) = (suite.clone(), done.clone(), seen.clone(), flushed.clone());
+    tokio::spawn(async move {
+        loop {
+            if let Some(after) = flush_after
+                && !flushed.load(Ordering::Relaxed)
+                && seen.lock().accepted.len() >= after
+            {
+                let keys = suite.flush_redis().await.unwrap_or(0);
+                flushed.store(true, Ordering::Relaxed);
+                eprintln!("storm: flushed {keys} Redis keys mid-sale");
+            }
+            for (id, flag) in done.iter() {
+                let stats =
+                    suite.admin().get_item_stats(suite.as_admin(GetItemStatsRequest { item_id: (*id).into() })).await;
+                if let Ok(stats) = stats {
+                    let stats = stats.into_inner();
+                    let total = stats.item.map(|i| i.stock_total).unwrap_or(u32::MAX);
+                    if stats.units_sold >= u64::from(total) {
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+/// Waits until every accepted order is final, audits, and checks Redis agrees.
+async fn settle(suite: &TestSuite, spec: &Spec, items: &[&str], seen: &Mutex<Seen>) -> anyhow::Result<AuditReport> {
+    let accepted = seen.lock().accepted.clone();
+    if spec.flush_redis_after.is_none() {
+        flashsale_integration_tests::audit::wait_until_admissions_final(
+            &suite.redis_prefix,
+            items,
+            Duration::from_secs(90),
+        )
+        .await?;
+    }
+    wait_until_settled(&suite.databases(), &accepted, Duration::from_secs(60)).await?;
+    let report = audit(&suite.databases()).await?;
+    if spec.flush_redis_after.is_none() {
+        redis_agrees(&suite.redis_prefix, &report, Duration::from_secs(20)).await?;
+    }
+    Ok(report)
+}
+
+/// One buyer's fixed traits.
+struct Shopper {
     name: String,
+    /// Prefix of this buyer's idempotency keys.
+    keys: String,
     item: &'static str,
     attempts: usize,
     shared_key: bool,
     quantity: u32,
+}
+
+async fn buyer_loop(
+    mut client: FlashSaleGatewayClient<Channel>,
+    token: String,
+    shopper: Shopper,
     seen: Arc<Mutex<Seen>>,
     done: Arc<BTreeMap<&'static str, AtomicBool>>,
     flushed: Arc<AtomicBool>,
     seed: u64,
 ) -> anyhow::Result<()> {
+    let Shopper { name, keys: key_prefix, item, attempts, shared_key, quantity } = shopper;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let deadline = tokio::time::Instant::now() + BUYING_WINDOW;
     let mut round = 0;
     let mut backoff: u64 = 350;
+    // After UNAVAILABLE a buyer retries under the same keys, as the API asks: the
+    // gateway then republishes an order whose first publish had an unknown outcome.
+    let mut same_keys = false;
     loop {
-        round += 1;
+        if !same_keys {
+            round += 1;
+        }
         let keys: Vec<String> = (0..attempts)
-            .map(|i| if shared_key { format!("{name}-r{round}") } else { format!("{name}-r{round}-a{i}") })
+            .map(|i| if shared_key { format!("{key_prefix}-r{round}") } else { format!("{key_prefix}-r{round}-a{i}") })
             .collect();
         let replies = futures::future::join_all(keys.iter().map(|key| {
             let mut client = client.clone();
@@ -256,6 +319,7 @@ async fn buyer_loop(
 
         let mut my_order = None;
         let mut retry = false;
+        let mut unanswered = false;
         {
             let mut seen = seen.lock();
             for (key, reply) in keys.iter().zip(replies) {
@@ -271,10 +335,12 @@ async fn buyer_loop(
                         let reason = error_reason(&status).unwrap_or_else(|| format!("{:?}", status.code()));
                         *seen.reasons.entry(reason.clone()).or_default() += 1;
                         match reason.as_str() {
-                            // What a real client retries: sold out for now, busy, or
-                            // the server too loaded to answer in time.
-                            "SOLD_OUT" | "PURCHASE_IN_PROGRESS" | "UNAVAILABLE" | "Cancelled" | "DeadlineExceeded" => {
-                                retry = true
+                            // What a real client retries: sold out for now or busy.
+                            "SOLD_OUT" | "PURCHASE_IN_PROGRESS" => retry = true,
+                            // The server too loaded to answer in time: same keys again.
+                            "UNAVAILABLE" | "Cancelled" | "DeadlineExceeded" => {
+                                retry = true;
+                                unanswered = true;
                             }
                             "LIMIT_REACHED" => {}
                             other => anyhow::bail!("{name}: unexpected refusal {other}: {status:?}"),
@@ -283,6 +349,7 @@ async fn buyer_loop(
                 }
             }
         }
+        same_keys = unanswered && my_order.is_none();
         if let Some(order_id) = my_order {
             // Follow the order to its end, as a buyer's app would.
             let status = loop {
