@@ -13,6 +13,7 @@ use flashsale_proto::inventory::v1 as inventory;
 use flashsale_proto::inventory::v1::OrderEvent;
 use flashsale_proto::wallet::v1 as wallet;
 use tokio::sync::{broadcast, mpsc};
+use tracing::Instrument;
 
 use crate::auth::{Authenticator, Principal};
 use crate::catalog::Catalog;
@@ -73,11 +74,23 @@ impl Gateway {
     }
 
     pub async fn purchase(&self, buyer: &Principal, req: PurchaseRequest) -> Result<PurchaseResponse, GatewayError> {
-        let result = self.purchases.purchase(buyer, req).await;
+        let span = tracing::info_span!(
+            "purchase",
+            user.id = %buyer.user_id,
+            item.id = %req.item_id,
+            purchase.quantity = req.quantity,
+            order.id = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let result = self.purchases.purchase(buyer, req).instrument(span.clone()).await;
         let outcome = match &result {
-            Ok(_) => "ACCEPTED",
+            Ok(reply) => {
+                span.record("order.id", reply.order_id.as_str());
+                "ACCEPTED"
+            }
             Err(error) => error.reason(),
         };
+        span.record("outcome", outcome);
         metrics::counter!("flashsale_purchase_attempts_total", "outcome" => outcome).increment(1);
         result
     }

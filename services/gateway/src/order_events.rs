@@ -19,6 +19,7 @@ use futures::StreamExt;
 use prost::Message;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::admission::Admission;
 use crate::catalog::Catalog;
@@ -78,12 +79,18 @@ impl OrderEvents {
         loop {
             tokio::select! {
                 delivery = shared.next() => match delivery {
-                    Some(Ok(delivery)) => self.apply(delivery).await,
+                    Some(Ok(delivery)) => {
+                        let span = event_span("order.event.apply", &delivery);
+                        self.apply(delivery).instrument(span).await;
+                    }
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(ConsumeError::StreamEnded),
                 },
                 delivery = notifications.next() => match delivery {
-                    Some(Ok(delivery)) => self.notify(&delivery.data),
+                    Some(Ok(delivery)) => {
+                        let span = event_span("order.event.notify", &delivery);
+                        span.in_scope(|| self.notify(&delivery.data));
+                    }
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(ConsumeError::StreamEnded),
                 },
@@ -101,6 +108,9 @@ impl OrderEvents {
             let _ = delivery.ack(BasicAckOptions::default()).await;
             return;
         };
+        if let Some(order) = &event.order {
+            tracing::Span::current().record("order.id", order.id.as_str());
+        }
         match self.admission.apply_event(&event).await {
             Ok(_) => {
                 let _ = delivery.ack(BasicAckOptions::default()).await;
@@ -121,6 +131,7 @@ impl OrderEvents {
     fn notify(&self, data: &[u8]) {
         let Ok(event) = OrderEvent::decode(data) else { return };
         if let Some(order) = &event.order {
+            tracing::Span::current().record("order.id", order.id.as_str());
             let may_free_units =
                 matches!(OrderStatus::try_from(order.status), Ok(OrderStatus::Rejected | OrderStatus::Refunded));
             if may_free_units && let Some(item) = self.catalog.get(&order.item_id) {
@@ -130,4 +141,23 @@ impl OrderEvents {
         // No receivers is fine: nobody is watching.
         let _ = self.watchers.send(Arc::new(event));
     }
+}
+
+/// A consume span for an `OrderEvent`, child of the inventory span that wrote
+/// the event (its context came in the message headers).
+fn event_span(name: &'static str, delivery: &flashsale_messaging::lapin::message::Delivery) -> tracing::Span {
+    let span = tracing::info_span!(
+        "order.event",
+        otel.name = name,
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.rabbitmq.destination.routing_key = delivery.routing_key.as_str(),
+        order.id = tracing::field::Empty,
+    );
+    flashsale_telemetry::set_parent(
+        &span,
+        &flashsale_messaging::HeaderExtractor(delivery.properties.headers().as_ref()),
+    );
+    span
 }

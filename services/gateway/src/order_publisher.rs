@@ -10,6 +10,7 @@ use flashsale_messaging::{ConfirmedPublisher, PublishError, Topology};
 use flashsale_proto::inventory::v1::OrderPlaced;
 use prost::Message;
 use tokio::sync::Mutex;
+use tracing::Instrument;
 
 /// Why an `OrderPlaced` may not be in the queue.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +67,18 @@ impl OrderPublisher {
         let publisher = self.publisher().await.map_err(PublishFailure::NotSent)?;
         let payload = order.encode_to_vec();
         let started = std::time::Instant::now();
-        let result = publisher.publish("", &self.topology.orders_queue, &payload, FieldTable::default()).await;
+        // The message carries this span's context; inventory's consume span is its child.
+        let span = tracing::info_span!(
+            "order.publish",
+            otel.kind = "producer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "send",
+            messaging.destination.name = %self.topology.orders_queue,
+            order.id = %order.order_id,
+        );
+        let mut headers = FieldTable::default();
+        flashsale_telemetry::inject(&span, &mut flashsale_messaging::HeaderInjector(&mut headers));
+        let result = publisher.publish("", &self.topology.orders_queue, &payload, headers).instrument(span).await;
         let outcome = match &result {
             Ok(()) => "confirmed",
             Err(PublishError::Nacked | PublishError::Unroutable) => "refused",

@@ -17,6 +17,7 @@ use crate::catalog::{Catalog, CatalogItem, now_ms};
 use crate::error::GatewayError;
 use crate::order_publisher::{OrderPublisher, PublishFailure};
 use crate::upstream::{Upstreams, request};
+use tracing::Instrument;
 
 pub struct Purchases {
     pub catalog: Arc<Catalog>,
@@ -124,7 +125,7 @@ impl Purchases {
                     // Replaying may publish again, which must not be cut short.
                     let this = self.clone();
                     let buyer = buyer.clone();
-                    tokio::spawn(async move { this.replay(&buyer, &attempt, order_id).await })
+                    tokio::spawn(async move { this.replay(&buyer, &attempt, order_id).await }.in_current_span())
                         .await
                         .map_err(|e| GatewayError::Internal(Box::new(e)))?
                 }
@@ -136,7 +137,7 @@ impl Purchases {
         // request between taking the tokens and publishing or giving them back.
         let this = self.clone();
         let buyer = buyer.clone();
-        tokio::spawn(async move { this.admit_and_place(&buyer, attempt).await })
+        tokio::spawn(async move { this.admit_and_place(&buyer, attempt).await }.in_current_span())
             .await
             .map_err(|e| GatewayError::Internal(Box::new(e)))?
     }
@@ -229,6 +230,8 @@ impl Purchases {
                 &attempt.idempotency_key,
                 &attempt.order_id,
             )
+            // The one Redis round trip that decides the purchase.
+            .instrument(tracing::info_span!("admission", db.system.name = "redis", item.id = %attempt.item.id))
             .await
     }
 

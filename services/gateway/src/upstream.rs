@@ -5,16 +5,17 @@ use std::time::Duration;
 
 use flashsale_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use flashsale_proto::wallet::v1::wallet_service_client::WalletServiceClient;
+use flashsale_server::TracedChannel;
 use tonic::Request;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 /// Deadline of one call to inventory or wallet.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Clone)]
 pub struct Upstreams {
-    pub inventory: InventoryServiceClient<Channel>,
-    pub wallet: WalletServiceClient<Channel>,
+    pub inventory: InventoryServiceClient<TracedChannel>,
+    pub wallet: WalletServiceClient<TracedChannel>,
 }
 
 impl Upstreams {
@@ -26,12 +27,14 @@ impl Upstreams {
     }
 }
 
-fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(url.to_owned())?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .connect_lazy())
+fn channel(url: &str) -> Result<TracedChannel, tonic::transport::Error> {
+    Ok(flashsale_server::traced(
+        Endpoint::from_shared(url.to_owned())?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .connect_lazy(),
+    ))
 }
 
 /// A request carrying `grpc-timeout`, so the callee stops when we stop waiting.

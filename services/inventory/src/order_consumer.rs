@@ -6,6 +6,7 @@
 //! fault: the supervisor loop reconnects with back-off. Redelivered messages are
 //! harmless because recording is keyed by the order id.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use futures::StreamExt;
 use prost::Message;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span};
 
 use crate::db::orders::{self, Placed, Recorded};
 use crate::domain::{OrderStatus, parse_item_id, parse_order_id, parse_user_id};
@@ -112,10 +114,30 @@ impl OrderConsumer {
     /// starts the first payment attempt of every order it now holds.
     async fn handle_batch(&self, batch: Vec<Delivery>, payments: &Arc<Semaphore>) {
         let mut accepted = Vec::with_capacity(batch.len());
+        let mut spans = HashMap::with_capacity(batch.len());
         for delivery in batch {
             match decode(&delivery.data) {
-                Ok(placed) => {
+                Ok(mut placed) => {
                     crate::metrics::delivered(placed.id, delivery.redelivered);
+                    // One consume span per order, child of the gateway's publish span
+                    // (its context came in the message headers).
+                    let span = tracing::info_span!(
+                        "order.consume",
+                        otel.kind = "consumer",
+                        messaging.system = "rabbitmq",
+                        messaging.operation.type = "process",
+                        messaging.destination.name = %self.options.topology.orders_queue,
+                        order.id = %placed.id,
+                        item.id = %placed.item_id,
+                        user.id = %placed.user_id,
+                        redelivered = delivery.redelivered,
+                    );
+                    flashsale_telemetry::set_parent(
+                        &span,
+                        &flashsale_messaging::HeaderExtractor(delivery.properties.headers().as_ref()),
+                    );
+                    placed.traceparent = flashsale_telemetry::traceparent(&span);
+                    spans.insert(placed.id, span);
                     accepted.push((delivery, placed));
                 }
                 Err(e) => {
@@ -128,10 +150,24 @@ impl OrderConsumer {
         let last_tag = last.delivery_tag;
         let acker = last.acker.clone();
         let placed: Vec<Placed> = accepted.iter().map(|(_, placed)| placed.clone()).collect();
+        // The batch's one transaction: a child of its first order's consume span,
+        // linked to the others' (OpenTelemetry's shape for batch processing).
+        let record_span = tracing::info_span!(
+            parent: spans.get(&placed[0].id).and_then(|span| span.id()),
+            "orders.record",
+            db.system.name = "postgresql",
+            db.operation.batch.size = placed.len(),
+        );
+        for order in &placed[1..] {
+            if let Some(span) = spans.get(&order.id) {
+                record_span.follows_from(span);
+            }
+        }
         let recorded = async {
             let mut conn = self.pool.get().await?;
             orders::record_batch(&mut conn, &placed).await
         }
+        .instrument(record_span)
         .await;
         let recorded = match recorded {
             Ok(recorded) => recorded,
@@ -146,7 +182,8 @@ impl OrderConsumer {
                 // One bad order must not sink the others: record them one by one.
                 tracing::error!(error = ?e, orders = placed.len(), "recording a batch failed; recording its orders one by one");
                 for (delivery, placed) in accepted {
-                    self.handle_one(delivery, placed, payments).await;
+                    let span = spans.remove(&placed.id).unwrap_or_else(Span::none);
+                    self.handle_one(delivery, placed, payments).instrument(span).await;
                 }
                 return;
             }
@@ -158,7 +195,8 @@ impl OrderConsumer {
             tracing::warn!(error = %e, delivery.tag = last_tag, "ack failed after commit");
         }
         for outcome in recorded {
-            self.after_recording(outcome, payments).await;
+            let span = outcome.order().and_then(|order| spans.get(&order.id)).cloned().unwrap_or_else(Span::none);
+            self.after_recording(outcome, payments).instrument(span).await;
         }
     }
 
@@ -211,12 +249,17 @@ impl OrderConsumer {
     async fn pay_later(&self, order: crate::db::models::Order, payments: &Arc<Semaphore>) {
         let Ok(slot) = payments.clone().acquire_owned().await else { return };
         let settlement = self.settlement.clone();
-        tokio::spawn(async move {
-            if let Err(e) = settlement.pay(&order).await {
-                tracing::warn!(error = %e, order.id = %order.id, "first payment attempt failed");
+        // A child of the order's consume span (the current one).
+        let span = tracing::info_span!("order.pay", order.id = %order.id, amount.minor = order.amount_minor);
+        tokio::spawn(
+            async move {
+                if let Err(e) = settlement.pay(&order).await {
+                    tracing::warn!(error = %e, order.id = %order.id, "first payment attempt failed");
+                }
+                drop(slot);
             }
-            drop(slot);
-        });
+            .instrument(span),
+        );
     }
 }
 
@@ -246,5 +289,6 @@ pub fn decode(data: &[u8]) -> Result<Placed, InventoryError> {
         currency,
         amount_minor,
         idempotency_key,
+        traceparent: None,
     })
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use diesel_async::AsyncConnection;
 use flashsale_db::PgPool;
-use flashsale_messaging::lapin::types::FieldTable;
+use flashsale_messaging::lapin::types::{AMQPValue, FieldTable};
 use flashsale_messaging::{ConfirmedPublisher, Topology};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -67,9 +67,14 @@ impl OutboxRelay {
                 return Ok(0);
             }
             // Issued in outbox order on one channel, confirmed as a pipeline.
-            let publishes = rows
-                .iter()
-                .map(|row| publisher.publish(exchange, &row.routing_key, &row.payload, FieldTable::default()));
+            let publishes = rows.iter().map(|row| {
+                // The event continues the trace of the change that wrote it.
+                let mut headers = FieldTable::default();
+                if let Some(traceparent) = &row.traceparent {
+                    headers.insert("traceparent".into(), AMQPValue::LongString(traceparent.as_str().into()));
+                }
+                publisher.publish(exchange, &row.routing_key, &row.payload, headers)
+            });
             for result in futures::future::join_all(publishes).await {
                 result.map_err(|e| InventoryError::Unavailable(Box::new(e)))?;
             }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use flashsale_db::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::db::models::Order;
 use crate::db::orders;
@@ -32,12 +33,23 @@ impl Settlement {
     pub async fn pay(&self, order: &Order) -> Result<(), InventoryError> {
         match self.wallet.pay(order).await {
             Ok(payment) => {
-                let mut conn = self.pool.get().await?;
-                if let Some(settled) = orders::settle(&mut conn, order.id, payment).await? {
-                    crate::metrics::final_state(&settled);
-                    self.outbox_ready.notify_one();
+                let span = tracing::info_span!(
+                    "orders.settle",
+                    db.system.name = "postgresql",
+                    order.id = %order.id,
+                    order.status = tracing::field::Empty,
+                );
+                async {
+                    let mut conn = self.pool.get().await?;
+                    if let Some(settled) = orders::settle(&mut conn, order.id, payment).await? {
+                        tracing::Span::current().record("order.status", settled.status.as_str());
+                        crate::metrics::final_state(&settled);
+                        self.outbox_ready.notify_one();
+                    }
+                    Ok(())
                 }
-                Ok(())
+                .instrument(span)
+                .await
             }
             Err(WalletCallError::Transient(status)) => {
                 tracing::warn!(order.id = %order.id, code = ?status.code(), "debit not settled; the sweeper will retry");

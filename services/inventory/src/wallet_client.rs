@@ -6,7 +6,8 @@ use std::time::Duration;
 use flashsale_proto::common::v1::Money;
 use flashsale_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use flashsale_proto::wallet::v1::{CreditRequest, DebitRequest};
-use tonic::transport::{Channel, Endpoint};
+use flashsale_server::TracedChannel;
+use tonic::transport::Endpoint;
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
 
@@ -26,7 +27,7 @@ pub enum WalletCallError {
 
 #[derive(Clone)]
 pub struct WalletClient {
-    client: WalletServiceClient<Channel>,
+    client: WalletServiceClient<TracedChannel>,
     timeout: Duration,
 }
 
@@ -37,7 +38,7 @@ impl WalletClient {
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .connect_lazy();
-        Ok(Self { client: WalletServiceClient::new(channel), timeout })
+        Ok(Self { client: WalletServiceClient::new(flashsale_server::traced(channel)), timeout })
     }
 
     /// Debits the order's amount under the order id as idempotency key.

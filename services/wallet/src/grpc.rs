@@ -7,6 +7,7 @@ use flashsale_proto::wallet::v1::{
     ListTransactionsRequest, ListTransactionsResponse,
 };
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::db::ledger;
 use crate::db::models::LedgerEntry;
@@ -29,10 +30,21 @@ impl WalletGrpc {
     /// dropped half-way with its connection left inside an open transaction.
     async fn apply(&self, movement: Movement) -> Result<LedgerEntry, WalletError> {
         let pool = self.pool.clone();
-        tokio::spawn(async move {
-            let mut conn = pool.get().await?;
-            ledger::apply(&mut conn, &movement).await
-        })
+        // A child of the call's server span; `result` as counted in the metrics.
+        let span = tracing::info_span!(
+            "wallet.apply",
+            db.system.name = "postgresql",
+            wallet.movement = movement.kind.as_db(),
+            user.id = movement.user.as_str(),
+            result = tracing::field::Empty,
+        );
+        tokio::spawn(
+            async move {
+                let mut conn = pool.get().await?;
+                ledger::apply(&mut conn, &movement).await
+            }
+            .instrument(span),
+        )
         .await
         .map_err(|join| WalletError::Internal(Box::new(join)))?
     }

@@ -192,3 +192,49 @@ where
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
+
+/// Writes OpenTelemetry context (W3C `traceparent`, `tracestate`) into AMQP
+/// message headers. No crate does this for lapin's `FieldTable`.
+pub struct HeaderInjector<'a>(pub &'a mut FieldTable);
+
+impl opentelemetry::propagation::Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.into(), AMQPValue::LongString(value.into()));
+    }
+}
+
+/// Reads OpenTelemetry context from AMQP message headers.
+pub struct HeaderExtractor<'a>(pub Option<&'a FieldTable>);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match self.0?.inner().get(key)? {
+            AMQPValue::LongString(value) => std::str::from_utf8(value.as_bytes()).ok(),
+            AMQPValue::ShortString(value) => Some(value.as_str()),
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.map(|headers| headers.inner().keys().map(|k| k.as_str()).collect()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod header_tests {
+    use opentelemetry::propagation::{Extractor, Injector};
+
+    use super::*;
+
+    #[test]
+    fn trace_headers_round_trip_through_a_field_table() {
+        let mut headers = FieldTable::default();
+        HeaderInjector(&mut headers)
+            .set("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        let extractor = HeaderExtractor(Some(&headers));
+        assert_eq!(extractor.get("traceparent"), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        assert_eq!(extractor.get("tracestate"), None);
+        assert_eq!(extractor.keys(), vec!["traceparent"]);
+        assert_eq!(HeaderExtractor(None).get("traceparent"), None);
+    }
+}

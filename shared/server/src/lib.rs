@@ -26,11 +26,27 @@ pub const MAX_DECODING_MESSAGE_SIZE: usize = 256 * 1024;
 /// Responses above this size are refused (tonic caps decoding only by default).
 pub const MAX_ENCODING_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 
-/// The router every service serves: tonic's, with the gRPC metrics layer.
-pub type StandardRouter = Router<tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>>;
+/// The layers every service's server runs: metrics outermost, then tracing.
+pub type StandardLayers = tower::layer::util::Stack<
+    tonic_tracing_opentelemetry::middleware::server::OtelGrpcLayer,
+    tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>,
+>;
+
+/// The router every service serves: tonic's, with the gRPC metrics and tracing layers.
+pub type StandardRouter = Router<StandardLayers>;
+
+/// A client channel that carries the caller's trace context (W3C `traceparent`
+/// in the gRPC metadata) and records a client span per call.
+pub type TracedChannel = tonic_tracing_opentelemetry::middleware::client::OtelGrpcService<tonic::transport::Channel>;
+
+/// Wraps `channel` so every call through it carries the current trace.
+pub fn traced(channel: tonic::transport::Channel) -> TracedChannel {
+    use tower::Layer;
+    tonic_tracing_opentelemetry::middleware::client::OtelGrpcLayer.layer(channel)
+}
 
 /// A tonic server builder with the settings every service shares.
-pub fn server_builder() -> Server<tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>> {
+pub fn server_builder() -> Server<StandardLayers> {
     Server::builder()
         // Without it a slow handler holds the caller for ever; callers should
         // still send their own `grpc-timeout`, which tonic honours when shorter.
@@ -45,6 +61,12 @@ pub fn server_builder() -> Server<tower::layer::util::Stack<GrpcMetricsLayer, to
         // Outermost, so it times the whole call and sees every status, including
         // the ones tonic itself produces (timeouts, oversized messages).
         .layer(GrpcMetricsLayer)
+        // One server span per call, child of the caller's `traceparent` when it
+        // sent one. Health checks (probes every few seconds) are not traced.
+        .layer(
+            tonic_tracing_opentelemetry::middleware::server::OtelGrpcLayer::default()
+                .filter(tonic_tracing_opentelemetry::middleware::filters::reject_healthcheck),
+        )
 }
 
 /// The health service plus the names of the services it reports on, so shutdown

@@ -1,33 +1,316 @@
-//! Telemetry setup shared by the services: one JSON object per log event on
-//! stdout, filtered by `RUST_LOG` (default `info`), with the service name on
-//! every line. OpenTelemetry export plugs in here too (see the observability issue).
+//! Telemetry shared by the services.
+//!
+//! - Logs: one JSON object per event on stdout, filtered by `RUST_LOG` (default
+//!   `info`), carrying `trace_id` and `span_id` when the event happens inside a
+//!   traced span.
+//! - Traces: `tracing` spans exported through OpenTelemetry, over OTLP/gRPC, when
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set.
+//!   The standard variables apply: `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG`
+//!   (default `parentbased_always_on`), `OTEL_SERVICE_NAME`,
+//!   `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_SDK_DISABLED`, `OTEL_TRACES_EXPORTER=none`.
+//!   Without an endpoint no OpenTelemetry layer is installed: spans cost what
+//!   logging costs and nothing more.
+//! - Propagation: W3C trace context. [`inject`], [`set_parent`], [`traceparent`]
+//!   carry it over any header map (gRPC metadata, AMQP headers, a database column).
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Level;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-/// Keeps telemetry alive; dropping it flushes what is buffered.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Keeps telemetry alive; dropping it flushes the spans still buffered.
 #[must_use = "dropping the guard stops telemetry"]
 #[derive(Debug)]
 pub struct TelemetryGuard {
-    _private: (),
+    provider: Option<SdkTracerProvider>,
 }
 
-/// Installs the global subscriber. Call once, first thing in `main`.
-/// Fails when a subscriber is already installed or `RUST_LOG` does not parse.
-pub fn init(service_name: &'static str) -> Result<TelemetryGuard, Box<dyn std::error::Error + Send + Sync>> {
-    let filter = EnvFilter::try_from_default_env().or_else(|e| match std::env::var_os("RUST_LOG") {
+impl TelemetryGuard {
+    /// Whether spans are exported (an OTLP endpoint or a test exporter is set).
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports every finished span now (tests read the exporter afterwards).
+    pub fn flush(&self) {
+        if let Some(provider) = &self.provider
+            && let Err(e) = provider.force_flush()
+        {
+            tracing::warn!(error = %e, "flushing spans failed");
+        }
+    }
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            // The subscriber may be gone already: stderr is all that is left.
+            eprintln!("telemetry: shutting the span exporter down failed: {e}");
+        }
+    }
+}
+
+/// Installs the global subscriber. Call once, first thing in `main`, inside the
+/// tokio runtime (the OTLP exporter's channel lives on it).
+/// Fails when a subscriber is already installed, `RUST_LOG` does not parse, or
+/// the OTLP exporter cannot be built from the `OTEL_*` variables.
+pub fn init(service_name: &'static str) -> Result<TelemetryGuard, BoxError> {
+    let provider = if otlp_configured() {
+        let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
+        Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource(service_name)).build())
+    } else {
+        None
+    };
+    install(service_name, provider)
+}
+
+/// For tests: every span of every service in this process goes to `exporter`,
+/// synchronously and unsampled-out, whatever the `OTEL_*` variables say.
+#[cfg(feature = "testing")]
+pub fn init_for_tests(
+    service_name: &'static str,
+    exporter: opentelemetry_sdk::trace::InMemorySpanExporter,
+) -> Result<TelemetryGuard, BoxError> {
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter)
+        .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
+        .with_resource(resource(service_name))
+        .build();
+    install(service_name, Some(provider))
+}
+
+fn otlp_configured() -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+    let is = |name: &str, value: &str| std::env::var(name).is_ok_and(|v| v.trim().eq_ignore_ascii_case(value));
+    (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        && !is("OTEL_SDK_DISABLED", "true")
+        && !is("OTEL_TRACES_EXPORTER", "none")
+}
+
+/// `service.name` is ours unless `OTEL_SERVICE_NAME` says otherwise; the rest
+/// comes from `OTEL_RESOURCE_ATTRIBUTES`.
+fn resource(service_name: &'static str) -> opentelemetry_sdk::Resource {
+    let builder = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_some() {
+        builder.build()
+    } else {
+        builder.with_service_name(format!("flashsale-{service_name}")).build()
+    }
+}
+
+fn install(service_name: &'static str, provider: Option<SdkTracerProvider>) -> Result<TelemetryGuard, BoxError> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let log_filter = EnvFilter::try_from_default_env().or_else(|e| match std::env::var_os("RUST_LOG") {
         // Unset: a sensible default. Set but malformed: tell the operator.
         None => Ok(EnvFilter::new("info")),
         Some(_) => Err(e),
     })?;
-    let json = tracing_subscriber::fmt::layer()
-        .json()
-        .with_current_span(true)
-        .with_span_list(false)
-        .flatten_event(true)
-        .with_target(true);
-    tracing_subscriber::registry().with(filter).with(json).try_init()?;
-    tracing::info!(service.name = service_name, "telemetry initialised");
-    Ok(TelemetryGuard { _private: () })
+    let logs = json_logs(std::io::stdout).with_filter(log_filter);
+    let traces = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(service_name))
+            .with_tracked_inactivity(false)
+            .with_filter(traced_targets())
+    });
+    tracing_subscriber::registry().with(logs).with(traces).try_init()?;
+    tracing::info!(service.name = service_name, traces.exported = provider.is_some(), "telemetry initialised");
+    Ok(TelemetryGuard { provider })
+}
+
+/// What becomes a span: our own code at INFO and the gRPC middleware's spans
+/// (emitted at TRACE under `otel::tracing`); libraries only when they warn.
+fn traced_targets() -> Targets {
+    Targets::new()
+        .with_target("otel::tracing", Level::TRACE)
+        .with_target("flashsale", Level::INFO)
+        .with_default(Level::WARN)
+}
+
+fn json_logs<S, W>(writer: W) -> tracing_subscriber::layer::Layered<CatchDispatch, json_subscriber::JsonLayer<S, W>, S>
+where
+    S: tracing::Subscriber + for<'lookup> tracing_subscriber::registry::LookupSpan<'lookup>,
+    W: for<'writer> tracing_subscriber::fmt::MakeWriter<'writer> + 'static,
+{
+    let mut layer = json_subscriber::JsonLayer::new(writer);
+    layer
+        .with_timer("timestamp", tracing_subscriber::fmt::time::SystemTime)
+        .with_level("level")
+        .with_target("target")
+        .with_flattened_event()
+        .with_current_span("span");
+    let dispatch = DispatchCell::default();
+    let (for_trace, for_span) = (dispatch.clone(), dispatch.clone());
+    layer.add_from_span("trace_id", move |span| for_trace.ids_of(&span.id()).map(|(trace, _)| trace));
+    layer.add_from_span("span_id", move |span| for_span.ids_of(&span.id()).map(|(_, span)| span));
+    layer.and_then(CatchDispatch(dispatch))
+}
+
+/// The subscriber the log layer belongs to, caught when it is registered.
+///
+/// Reading a span's OpenTelemetry ids takes the subscriber (`Dispatch`), and
+/// while an event is being formatted `tracing::dispatcher::get_default` gives
+/// none (it refuses re-entry). json-subscriber's own `with_opentelemetry_ids`
+/// has it but nests camel-cased keys; we want flat `trace_id`/`span_id`.
+#[derive(Clone, Default)]
+struct DispatchCell(std::sync::Arc<std::sync::OnceLock<tracing::dispatcher::WeakDispatch>>);
+
+impl DispatchCell {
+    /// The OpenTelemetry trace and span ids of a live span, when it is traced.
+    fn ids_of(&self, id: &tracing::span::Id) -> Option<(String, String)> {
+        use opentelemetry::trace::TraceContextExt;
+        let dispatch = self.0.get()?.upgrade()?;
+        let context = tracing_opentelemetry::get_otel_context(id, &dispatch)?;
+        let span = context.span();
+        let ids = span.span_context();
+        ids.is_valid().then(|| (ids.trace_id().to_string(), ids.span_id().to_string()))
+    }
+}
+
+/// A layer that does nothing but fill its [`DispatchCell`] on registration.
+struct CatchDispatch(DispatchCell);
+
+impl<S: tracing::Subscriber> Layer<S> for CatchDispatch {
+    fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+        let _ = self.0.0.set(subscriber.downgrade());
+    }
+}
+
+/// Writes `span`'s trace context (W3C `traceparent`, `tracestate`) into `carrier`.
+/// Writes nothing when the span is not traced.
+pub fn inject(span: &tracing::Span, carrier: &mut dyn Injector) {
+    if span.is_disabled() {
+        return;
+    }
+    let context = span.context();
+    opentelemetry::global::get_text_map_propagator(|propagator| propagator.inject_context(&context, carrier));
+}
+
+/// Makes the trace context found in `carrier` the parent of `span` (which must
+/// not have been entered yet). Does nothing when the carrier holds none.
+pub fn set_parent(span: &tracing::Span, carrier: &dyn Extractor) {
+    if span.is_disabled() || carrier.get("traceparent").is_none() {
+        return;
+    }
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(carrier));
+    if let Err(e) = span.set_parent(parent) {
+        tracing::debug!(error = ?e, "could not set a remote parent");
+    }
+}
+
+/// `span`'s W3C `traceparent`, to keep where headers cannot go (a database row
+/// that becomes a message later). `None` when the span is not traced.
+pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    let mut carrier = TraceParent(None);
+    inject(span, &mut carrier);
+    carrier.0
+}
+
+/// Makes a stored `traceparent` the parent of `span`.
+pub fn set_parent_from_traceparent(span: &tracing::Span, traceparent: Option<&str>) {
+    if let Some(value) = traceparent {
+        set_parent(span, &TraceParent(Some(value.to_owned())));
+    }
+}
+
+/// A carrier holding just the `traceparent` header.
+struct TraceParent(Option<String>);
+
+impl Injector for TraceParent {
+    fn set(&mut self, key: &str, value: String) {
+        if key == "traceparent" {
+            self.0 = Some(value);
+        }
+    }
+}
+
+impl Extractor for TraceParent {
+    fn get(&self, key: &str) -> Option<&str> {
+        (key == "traceparent").then_some(self.0.as_deref()).flatten()
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent"]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::propagation::TextMapPropagator;
+
+    use super::*;
+
+    /// A writer into a shared buffer, for reading log lines back.
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buffer {
+        type Writer = Buffer;
+
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn log_lines_inside_a_traced_span_carry_its_trace_and_span_ids() -> Result<(), BoxError> {
+        let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+        let buffer = Buffer::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(json_logs(buffer.clone()))
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")).with_filter(traced_targets()));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("outside any span");
+            let span = tracing::info_span!("work", order.id = "o-1");
+            span.in_scope(|| tracing::info!(answer = 42, "inside"));
+        });
+        provider.force_flush()?;
+        let spans = exporter.get_finished_spans()?;
+        let [span] = spans.as_slice() else { return Err(format!("expected one span, got {}", spans.len()).into()) };
+
+        let text = String::from_utf8(buffer.0.lock().map_err(|_| "poisoned")?.clone())?;
+        let lines: Vec<serde_json::Value> = text.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+        let [outside, inside] = lines.as_slice() else { return Err(format!("expected two lines: {text}").into()) };
+        assert_eq!(outside["message"], "outside any span");
+        assert!(outside.get("trace_id").is_none(), "{outside}");
+        assert_eq!(inside["message"], "inside");
+        assert_eq!(inside["answer"], 42);
+        assert_eq!(inside["level"], "INFO");
+        assert_eq!(inside["span"]["name"], "work");
+        assert_eq!(inside["trace_id"], span.span_context.trace_id().to_string());
+        assert_eq!(inside["span_id"], span.span_context.span_id().to_string());
+        Ok(())
+    }
+
+    #[test]
+    fn a_traceparent_round_trips_through_the_carrier() {
+        let value = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let carrier = TraceParent(Some(value.into()));
+        let context = TraceContextPropagator::new().extract(&carrier);
+        let mut out = TraceParent(None);
+        TraceContextPropagator::new().inject_context(&context, &mut out);
+        assert_eq!(out.0.as_deref(), Some(value));
+        assert_eq!(TraceParent(None).get("traceparent"), None);
+    }
 }

@@ -85,6 +85,7 @@ pub struct OutboxRow {
     pub id: i64,
     pub routing_key: String,
     pub payload: Vec<u8>,
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Insertable)]
@@ -92,4 +93,5 @@ pub struct OutboxRow {
 pub struct NewOutboxRow<'a> {
     pub routing_key: &'a str,
     pub payload: &'a [u8],
+    pub traceparent: Option<&'a str>,
 }

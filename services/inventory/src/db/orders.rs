@@ -36,6 +36,8 @@ pub struct Placed {
     pub currency: String,
     pub amount_minor: i64,
     pub idempotency_key: String,
+    /// The W3C traceparent of the consume span that carries this order.
+    pub traceparent: Option<String>,
 }
 
 /// What recording an `OrderPlaced` did.
@@ -49,6 +51,16 @@ pub enum Recorded {
     Existing(Order),
     /// The item does not exist, so no order can reference it.
     UnknownItem,
+}
+
+impl Recorded {
+    /// The order, when there is one.
+    pub fn order(&self) -> Option<&Order> {
+        match self {
+            Recorded::Held(order) | Recorded::Rejected(order) | Recorded::Existing(order) => Some(order),
+            Recorded::UnknownItem => None,
+        }
+    }
 }
 
 pub async fn find(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<Order>, InventoryError> {
@@ -161,7 +173,7 @@ async fn record_in_tx(conn: &mut AsyncPgConnection, placed: &Placed) -> QueryRes
         .get_result(conn)
         .await?;
     if reason.is_some() {
-        outbox::enqueue(conn, &order, 0, version).await?;
+        outbox::enqueue_in_trace(conn, &order, 0, version, placed.traceparent.as_deref()).await?;
         Ok(Recorded::Rejected(order))
     } else {
         Ok(Recorded::Held(order))

@@ -14,11 +14,24 @@ use crate::domain::OrderStatus;
 
 /// Records the event for `order`'s current state. `units_released` units went
 /// back on sale with it; `item_version` is the item's version after the change.
+/// The event joins the trace of the current span.
 pub async fn enqueue(
     conn: &mut AsyncPgConnection,
     order: &Order,
     units_released: i32,
     item_version: i64,
+) -> QueryResult<()> {
+    let traceparent = flashsale_telemetry::traceparent(&tracing::Span::current());
+    enqueue_in_trace(conn, order, units_released, item_version, traceparent.as_deref()).await
+}
+
+/// [`enqueue`], joining the trace named by `traceparent`.
+pub async fn enqueue_in_trace(
+    conn: &mut AsyncPgConnection,
+    order: &Order,
+    units_released: i32,
+    item_version: i64,
+    traceparent: Option<&str>,
 ) -> QueryResult<()> {
     let routing_key = OrderStatus::from_db(&order.status).map_or("order.unknown", OrderStatus::routing_key);
     let event = OrderEvent {
@@ -28,7 +41,10 @@ pub async fn enqueue(
         item_version: u64::try_from(item_version).unwrap_or(0),
     };
     let payload = event.encode_to_vec();
-    diesel::insert_into(outbox::table).values(NewOutboxRow { routing_key, payload: &payload }).execute(conn).await?;
+    diesel::insert_into(outbox::table)
+        .values(NewOutboxRow { routing_key, payload: &payload, traceparent })
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

@@ -50,6 +50,7 @@ diesel::table! {
         routing_key -> Text,
         payload -> Bytea,
         created_at -> Timestamptz,
+        traceparent -> Nullable<Text>,
     }
 }
 

@@ -119,6 +119,7 @@ pub async fn apply(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<
 /// `flashsale_wallet_movements_total{kind, result}`: each Credit or Debit by how
 /// it ended (applied, insufficient_funds, replayed: answered from its key).
 fn count(movement: &Movement, result: &'static str) {
+    tracing::Span::current().record("result", result);
     metrics::counter!("flashsale_wallet_movements_total", "kind" => movement.kind.as_db(), "result" => result)
         .increment(1);
 }
