@@ -84,26 +84,34 @@ async fn wait_for_port(port: u16, what: &str) -> anyhow::Result<()> {
 
 impl BinarySuite {
     pub async fn spawn() -> anyhow::Result<Self> {
+        Self::spawn_with_env(&[]).await
+    }
+
+    /// As [`BinarySuite::spawn`], with `common` set in every service's environment.
+    pub async fn spawn_with_env(common: &[(&str, String)]) -> anyhow::Result<Self> {
+        let with = |own: Vec<(&'static str, String)>| -> Vec<(&str, String)> {
+            own.into_iter().chain(common.iter().map(|(k, v)| (*k, v.clone()))).collect()
+        };
         let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let wallet_db = TestDatabase::create("wallet").await?;
         let inventory_db = TestDatabase::create("inventory").await?;
         let redis_prefix = format!("fs-bin-{tag}");
         let amqp_prefix = format!("fs-bin-{tag}");
-        let wallet = start("flashsale-wallet", &[("DATABASE_URL", wallet_db.url().to_owned())]).await?;
+        let wallet = start("flashsale-wallet", &with(vec![("DATABASE_URL", wallet_db.url().to_owned())])).await?;
         let wallet_url = format!("http://127.0.0.1:{}", wallet.grpc_port);
         let inventory = start(
             "flashsale-inventory",
-            &[
+            &with(vec![
                 ("DATABASE_URL", inventory_db.url().to_owned()),
                 ("WALLET_URL", wallet_url.clone()),
                 ("AMQP_PREFIX", amqp_prefix.clone()),
                 ("SWEEP_INTERVAL_MS", "200".into()),
-            ],
+            ]),
         )
         .await?;
         let gateway = start(
             "flashsale-gateway",
-            &[
+            &with(vec![
                 ("INVENTORY_URL", format!("http://127.0.0.1:{}", inventory.grpc_port)),
                 ("WALLET_URL", wallet_url),
                 ("AMQP_PREFIX", amqp_prefix.clone()),
@@ -112,7 +120,7 @@ impl BinarySuite {
                 ("GATEWAY_HTTP_ADDR", "127.0.0.1:0".into()),
                 ("CATALOG_REFRESH_MS", "200".into()),
                 ("PURCHASE_RATE_PER_SECOND", "0".into()),
-            ],
+            ]),
         )
         .await?;
         let gateway_channel =

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod binaries;
 pub mod db;
 pub mod load;
+pub mod otlp;
 pub mod proxy;
 pub mod running;
 pub mod suite;

@@ -207,3 +207,61 @@ async fn dashboards_and_alerts_name_only_exported_metrics() -> anyhow::Result<()
     assert!(missing.is_empty(), "metrics named in deploy/observability but not exported: {missing:#?}");
     suite.shutdown().await
 }
+
+/// The real binaries, configured only through the standard `OTEL_*` variables,
+/// export over OTLP/gRPC to a receiver; one purchase arrives as one trace with
+/// spans from all three services (each under its own `service.name`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binaries_export_one_trace_per_purchase_over_otlp() -> anyhow::Result<()> {
+    let _share = flashsale_integration_tests::suite::machine_share().await;
+    let sink = flashsale_integration_tests::otlp::OtlpSink::start(0, true).await?;
+    let suite = BinarySuite::spawn_with_env(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint()),
+        ("OTEL_TRACES_SAMPLER", "parentbased_always_on".into()),
+        // Export every 100 ms instead of every 5 s.
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+    ])
+    .await?;
+    let (_, accepted) = small_storm(&suite, 1, 1).await?;
+    let order_id = accepted.into_iter().next().ok_or_else(|| anyhow::anyhow!("the purchase was refused"))?;
+    wait_until_settled(&suite.databases(), &BTreeSet::from([order_id.clone()]), Duration::from_secs(30)).await?;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (trace, spans) = loop {
+        let spans = sink.spans();
+        let trace = spans
+            .iter()
+            .find(|s| s.name == "purchase" && s.attribute("order.id") == Some(order_id.as_str()))
+            .map(|s| s.trace_id.clone());
+        if let Some(trace) = trace {
+            let services: BTreeSet<&str> =
+                spans.iter().filter(|s| s.trace_id == trace).map(|s| s.service.as_str()).collect();
+            let notified = spans.iter().any(|s| s.trace_id == trace && s.name == "order.event.notify");
+            if services.len() == 3 && notified {
+                break (trace, spans);
+            }
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no complete trace for {order_id}; received {:#?}",
+            spans.iter().filter(|s| !s.name.ends_with("/ListItems")).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let in_trace: Vec<_> = spans.iter().filter(|s| s.trace_id == trace).collect();
+    let by_name =
+        |name: &str| in_trace.iter().find(|s| s.name == name).map(|s| (s.service.as_str(), s.parent_span_id.as_str()));
+    assert_eq!(by_name("purchase").map(|(service, _)| service), Some("flashsale-gateway"));
+    assert_eq!(by_name("order.consume").map(|(service, _)| service), Some("flashsale-inventory"));
+    assert_eq!(by_name("wallet.apply").map(|(service, _)| service), Some("flashsale-wallet"));
+    let publish =
+        in_trace.iter().find(|s| s.name == "order.publish").ok_or_else(|| anyhow::anyhow!("no publish span"))?;
+    assert_eq!(by_name("order.consume").map(|(_, parent)| parent), Some(publish.span_id.as_str()));
+    // One root: the gateway's gRPC server span.
+    let roots: Vec<_> = in_trace.iter().filter(|s| s.parent_span_id.is_empty()).map(|s| s.name.as_str()).collect();
+    assert_eq!(roots, ["flashsale.gateway.v1.FlashSaleGateway/Purchase"]);
+    // The catalog refresh polls inventory five times a second, untraced on both sides.
+    let polls: Vec<_> = spans.iter().filter(|s| s.name.ends_with("/ListItems") || s.name == "background").collect();
+    assert!(polls.is_empty(), "background polling was traced: {polls:#?}");
+    suite.shutdown().await
+}

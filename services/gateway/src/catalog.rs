@@ -12,6 +12,7 @@ use flashsale_proto::common::v1 as pb;
 use flashsale_proto::inventory::v1::{GetItemRequest, ListItemsRequest};
 use parking_lot::{Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::error::GatewayError;
 use crate::upstream::{Upstreams, request};
@@ -170,10 +171,16 @@ impl Catalog {
                 _ = ticker.tick() => {}
                 () = shutdown.cancelled() => return,
             }
-            if let Err(e) = self.refresh().await {
-                tracing::debug!(error = %e, "catalog refresh failed");
+            // Five times a second: never a trace of its own.
+            let span = flashsale_telemetry::unrecorded_span("catalog refresh");
+            async {
+                if let Err(e) = self.refresh().await {
+                    tracing::debug!(error = %e, "catalog refresh failed");
+                }
+                on_tick(self.clone()).await;
             }
-            on_tick(self.clone()).await;
+            .instrument(span)
+            .await;
         }
     }
 }

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
+use tracing::Instrument;
 
 use crate::admission::Admission;
 use crate::api::Gateway;
@@ -119,7 +120,9 @@ impl Application {
         let api = self.api;
         let grpc = GatewayGrpc { api: api.clone() };
         let background = CancellationToken::new();
-        if let Err(e) = api.catalog.refresh().await {
+        if let Err(e) =
+            api.catalog.refresh().instrument(flashsale_telemetry::unrecorded_span("initial catalog load")).await
+        {
             tracing::warn!(error = %e, "initial catalog load failed; items load on first use");
         }
         let events = OrderEvents {
@@ -141,7 +144,8 @@ impl Application {
                         () = shutdown.cancelled() => return,
                     }
                     purchases.forget_idle_buyers();
-                    if let Err(e) = purchases.republish_unrecorded(STRANDED_AFTER).await {
+                    let span = flashsale_telemetry::unrecorded_span("unrecorded-admission check");
+                    if let Err(e) = purchases.republish_unrecorded(STRANDED_AFTER).instrument(span).await {
                         tracing::debug!(error = %e, "unrecorded-admission check failed");
                     }
                 }

@@ -185,6 +185,27 @@ impl<S: tracing::Subscriber> Layer<S> for CatchDispatch {
     }
 }
 
+/// A span for periodic background work (a poll every 200 ms would otherwise
+/// start a trace each time): its trace is marked not sampled, so with the
+/// default parent-based samplers neither it nor anything it calls, in this
+/// service or another, is recorded. Logs inside it still carry `task`.
+pub fn unrecorded_span(task: &'static str) -> tracing::Span {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+    let span = tracing::info_span!("background", task);
+    if !span.is_disabled() {
+        // Any valid ids will do: a trace that is not sampled is never exported.
+        let unsampled = SpanContext::new(
+            TraceId::from_bytes(*b"flashsale-backgr"),
+            SpanId::from_bytes(*b"unsample"),
+            TraceFlags::default(),
+            true,
+            TraceState::default(),
+        );
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(unsampled));
+    }
+    span
+}
+
 /// Writes `span`'s trace context (W3C `traceparent`, `tracestate`) into `carrier`.
 /// Writes nothing when the span is not traced.
 pub fn inject(span: &tracing::Span, carrier: &mut dyn Injector) {
