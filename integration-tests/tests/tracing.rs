@@ -151,6 +151,43 @@ async fn one_purchase_is_one_trace_across_gateway_queue_inventory_and_wallet() -
         assert_eq!(attribute(event, "order.id").as_deref(), Some(reply.order_id.as_str()));
     }
 
+    // REST: a purchase carrying the caller's `traceparent` continues that trace,
+    // under a server span named after the route.
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    create_item(&suite, "traced-rest", 1_500, 5, 1).await?;
+    let reply: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/v1/purchases", suite.http_url()))
+        .bearer_auth(suite.token("tracy", false))
+        .header("traceparent", format!("00-{caller_trace}-00f067aa0ba902b7-01"))
+        .json(&serde_json::json!({"item_id": "traced-rest", "quantity": 1}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let rest_order = reply["order_id"].as_str().ok_or_else(|| anyhow::anyhow!("no order id in {reply}"))?.to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let spans = loop {
+        telemetry.flush();
+        let spans = exporter.get_finished_spans()?;
+        if spans
+            .iter()
+            .any(|s| s.name == "order.consume" && attribute(s, "order.id").as_deref() == Some(rest_order.as_str()))
+        {
+            break spans;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the REST purchase was never consumed in a trace");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let trace = TraceId::from_hex(caller_trace)?;
+    let http = one(&spans, trace, "POST /v1/purchases", Some(SpanKind::Server))?;
+    assert_eq!(http.parent_span_id, SpanId::from_hex("00f067aa0ba902b7")?);
+    assert_eq!(attribute(http, "http.response.status_code").as_deref(), Some("202"));
+    let rest_purchase = one(&spans, trace, "purchase", None)?;
+    assert_eq!(rest_purchase.parent_span_id, id(http));
+    assert_eq!(attribute(rest_purchase, "order.id").as_deref(), Some(rest_order.as_str()));
+    one(&spans, trace, "order.consume", Some(SpanKind::Consumer))?;
+
     // Health checks are not traced.
     let health_spans: Vec<&str> =
         spans.iter().filter(|s| s.name.contains("grpc.health")).map(|s| s.name.as_ref()).collect();

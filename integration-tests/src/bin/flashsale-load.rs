@@ -92,6 +92,12 @@ enum Command {
         #[arg(long, value_parser = parse_duration, default_value = "120s")]
         timeout: Duration,
     },
+    /// Receive OTLP/gRPC traces and count them (a stand-in collector for the
+    /// tracing-overhead benchmark); prints the count when stopped (SIGINT/SIGTERM).
+    OtlpSink {
+        #[arg(long, default_value_t = 4317)]
+        port: u16,
+    },
 }
 
 #[tokio::main]
@@ -159,6 +165,20 @@ async fn main() -> anyhow::Result<()> {
             #[expect(clippy::print_stdout, reason = "machine-readable result for scripts")]
             {
                 println!("{}", serde_json::to_string(&spans)?);
+            }
+            Ok(())
+        }
+        Command::OtlpSink { port } => {
+            let sink = flashsale_integration_tests::otlp::OtlpSink::start(port, false).await?;
+            eprintln!("otlp sink listening on {}", sink.endpoint());
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            #[expect(clippy::print_stdout, reason = "machine-readable result for scripts")]
+            {
+                println!("{}", sink.count());
             }
             Ok(())
         }

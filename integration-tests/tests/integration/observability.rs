@@ -265,3 +265,42 @@ async fn the_binaries_export_one_trace_per_purchase_over_otlp() -> anyhow::Resul
     assert!(polls.is_empty(), "background polling was traced: {polls:#?}");
     suite.shutdown().await
 }
+
+/// Sampling happens where a request enters: at ratio 0 a purchase leaves no span
+/// in any service, while a caller's sampled `traceparent` is still followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsampled_purchases_leave_no_spans_and_sampled_callers_are_followed() -> anyhow::Result<()> {
+    let _share = flashsale_integration_tests::suite::machine_share().await;
+    let sink = flashsale_integration_tests::otlp::OtlpSink::start(0, true).await?;
+    let suite = BinarySuite::spawn_with_env(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint()),
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".into()),
+        ("OTEL_TRACES_SAMPLER_ARG", "0".into()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+    ])
+    .await?;
+    let (_, accepted) = small_storm(&suite, 3, 3).await?;
+    anyhow::ensure!(!accepted.is_empty(), "no purchase was accepted");
+
+    // A caller that sampled its own trace: the gateway and everything after follow it.
+    let caller_trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut request = with_token(
+        PurchaseRequest { item_id: "gauge".into(), quantity: 1, idempotency_key: "sampled-by-caller".into() },
+        &token("m1", false),
+    );
+    request.metadata_mut().insert("traceparent", format!("00-{caller_trace}-b7ad6b7169203331-01").parse()?);
+    let _ = suite.buyers().purchase(request).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let spans = sink.spans();
+        if spans.iter().any(|s| s.trace_id == caller_trace && s.name == "purchase") {
+            let others: Vec<_> = spans.iter().filter(|s| s.trace_id != caller_trace).collect();
+            assert!(others.is_empty(), "spans of unsampled requests were exported: {others:#?}");
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the caller's sampled trace never arrived");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    suite.shutdown().await
+}

@@ -74,7 +74,7 @@ impl Gateway {
     }
 
     pub async fn purchase(&self, buyer: &Principal, req: PurchaseRequest) -> Result<PurchaseResponse, GatewayError> {
-        let span = tracing::info_span!(
+        let span = flashsale_telemetry::info_span!(
             "purchase",
             user.id = %buyer.user_id,
             item.id = %req.item_id,

@@ -146,18 +146,16 @@ impl OrderEvents {
 /// A consume span for an `OrderEvent`, child of the inventory span that wrote
 /// the event (its context came in the message headers).
 fn event_span(name: &'static str, delivery: &flashsale_messaging::lapin::message::Delivery) -> tracing::Span {
-    let span = tracing::info_span!(
-        "order.event",
-        otel.name = name,
-        otel.kind = "consumer",
-        messaging.system = "rabbitmq",
-        messaging.operation.type = "process",
-        messaging.rabbitmq.destination.routing_key = delivery.routing_key.as_str(),
-        order.id = tracing::field::Empty,
-    );
-    flashsale_telemetry::set_parent(
-        &span,
-        &flashsale_messaging::HeaderExtractor(delivery.properties.headers().as_ref()),
-    );
-    span
+    let headers = flashsale_messaging::HeaderExtractor(delivery.properties.headers().as_ref());
+    flashsale_telemetry::incoming_span(&headers, || {
+        tracing::info_span!(
+            "order.event",
+            otel.name = name,
+            otel.kind = "consumer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.rabbitmq.destination.routing_key = delivery.routing_key.as_str(),
+            order.id = tracing::field::Empty,
+        )
+    })
 }

@@ -68,7 +68,7 @@ impl OrderPublisher {
         let payload = order.encode_to_vec();
         let started = std::time::Instant::now();
         // The message carries this span's context; inventory's consume span is its child.
-        let span = tracing::info_span!(
+        let span = flashsale_telemetry::info_span!(
             "order.publish",
             otel.kind = "producer",
             messaging.system = "rabbitmq",

@@ -231,7 +231,9 @@ impl Purchases {
                 &attempt.order_id,
             )
             // The one Redis round trip that decides the purchase.
-            .instrument(tracing::info_span!("admission", db.system.name = "redis", item.id = %attempt.item.id))
+            .instrument(
+                flashsale_telemetry::info_span!("admission", db.system.name = "redis", item.id = %attempt.item.id),
+            )
             .await
     }
 

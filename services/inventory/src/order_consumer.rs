@@ -121,21 +121,20 @@ impl OrderConsumer {
                     crate::metrics::delivered(placed.id, delivery.redelivered);
                     // One consume span per order, child of the gateway's publish span
                     // (its context came in the message headers).
-                    let span = tracing::info_span!(
-                        "order.consume",
-                        otel.kind = "consumer",
-                        messaging.system = "rabbitmq",
-                        messaging.operation.type = "process",
-                        messaging.destination.name = %self.options.topology.orders_queue,
-                        order.id = %placed.id,
-                        item.id = %placed.item_id,
-                        user.id = %placed.user_id,
-                        redelivered = delivery.redelivered,
-                    );
-                    flashsale_telemetry::set_parent(
-                        &span,
-                        &flashsale_messaging::HeaderExtractor(delivery.properties.headers().as_ref()),
-                    );
+                    let headers = flashsale_messaging::HeaderExtractor(delivery.properties.headers().as_ref());
+                    let span = flashsale_telemetry::incoming_span(&headers, || {
+                        tracing::info_span!(
+                            "order.consume",
+                            otel.kind = "consumer",
+                            messaging.system = "rabbitmq",
+                            messaging.operation.type = "process",
+                            messaging.destination.name = %self.options.topology.orders_queue,
+                            order.id = %placed.id,
+                            item.id = %placed.item_id,
+                            user.id = %placed.user_id,
+                            redelivered = delivery.redelivered,
+                        )
+                    });
                     placed.traceparent = flashsale_telemetry::traceparent(&span);
                     spans.insert(placed.id, span);
                     accepted.push((delivery, placed));
@@ -152,17 +151,22 @@ impl OrderConsumer {
         let placed: Vec<Placed> = accepted.iter().map(|(_, placed)| placed.clone()).collect();
         // The batch's one transaction: a child of its first order's consume span,
         // linked to the others' (OpenTelemetry's shape for batch processing).
-        let record_span = tracing::info_span!(
-            parent: spans.get(&placed[0].id).and_then(|span| span.id()),
-            "orders.record",
-            db.system.name = "postgresql",
-            db.operation.batch.size = placed.len(),
-        );
-        for order in &placed[1..] {
-            if let Some(span) = spans.get(&order.id) {
-                record_span.follows_from(span);
+        let traced: Vec<&Span> = placed.iter().filter_map(|p| spans.get(&p.id)).filter(|s| !s.is_none()).collect();
+        let record_span = match traced.split_first() {
+            Some((first, rest)) => {
+                let span = tracing::info_span!(
+                    parent: first.id(),
+                    "orders.record",
+                    db.system.name = "postgresql",
+                    db.operation.batch.size = placed.len(),
+                );
+                for other in rest {
+                    span.follows_from(*other);
+                }
+                span
             }
-        }
+            None => flashsale_telemetry::info_span!("orders.record", db.operation.batch.size = placed.len()),
+        };
         let recorded = async {
             let mut conn = self.pool.get().await?;
             orders::record_batch(&mut conn, &placed).await
@@ -250,7 +254,8 @@ impl OrderConsumer {
         let Ok(slot) = payments.clone().acquire_owned().await else { return };
         let settlement = self.settlement.clone();
         // A child of the order's consume span (the current one).
-        let span = tracing::info_span!("order.pay", order.id = %order.id, amount.minor = order.amount_minor);
+        let span =
+            flashsale_telemetry::info_span!("order.pay", order.id = %order.id, amount.minor = order.amount_minor);
         tokio::spawn(
             async move {
                 if let Err(e) = settlement.pay(&order).await {

@@ -33,7 +33,7 @@ impl Settlement {
     pub async fn pay(&self, order: &Order) -> Result<(), InventoryError> {
         match self.wallet.pay(order).await {
             Ok(payment) => {
-                let span = tracing::info_span!(
+                let span = flashsale_telemetry::info_span!(
                     "orders.settle",
                     db.system.name = "postgresql",
                     order.id = %order.id,

@@ -31,7 +31,7 @@ impl WalletGrpc {
     async fn apply(&self, movement: Movement) -> Result<LedgerEntry, WalletError> {
         let pool = self.pool.clone();
         // A child of the call's server span; `result` as counted in the metrics.
-        let span = tracing::info_span!(
+        let span = flashsale_telemetry::info_span!(
             "wallet.apply",
             db.system.name = "postgresql",
             wallet.movement = movement.kind.as_db(),

@@ -6,6 +6,7 @@
 mod metrics;
 mod shutdown;
 mod status;
+mod trace;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,6 +21,9 @@ use tonic_health::server::HealthReporter;
 pub use metrics::{GrpcMetricsLayer, MetricsEndpoint, prometheus};
 pub use shutdown::shutdown_signal;
 pub use status::{ERROR_DOMAIN, internal, invalid_argument, rejection, unavailable};
+pub use trace::{
+    GrpcClientTrace, GrpcClientTraceLayer, GrpcServerTrace, GrpcServerTraceLayer, HttpServerTrace, HttpServerTraceLayer,
+};
 
 /// Decoded request bodies above this size are refused by tonic before any handler runs.
 pub const MAX_DECODING_MESSAGE_SIZE: usize = 256 * 1024;
@@ -28,7 +32,7 @@ pub const MAX_ENCODING_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 
 /// The layers every service's server runs: metrics outermost, then tracing.
 pub type StandardLayers = tower::layer::util::Stack<
-    tonic_tracing_opentelemetry::middleware::server::OtelGrpcLayer,
+    GrpcServerTraceLayer,
     tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>,
 >;
 
@@ -37,12 +41,12 @@ pub type StandardRouter = Router<StandardLayers>;
 
 /// A client channel that carries the caller's trace context (W3C `traceparent`
 /// in the gRPC metadata) and records a client span per call.
-pub type TracedChannel = tonic_tracing_opentelemetry::middleware::client::OtelGrpcService<tonic::transport::Channel>;
+pub type TracedChannel = GrpcClientTrace<tonic::transport::Channel>;
 
 /// Wraps `channel` so every call through it carries the current trace.
 pub fn traced(channel: tonic::transport::Channel) -> TracedChannel {
     use tower::Layer;
-    tonic_tracing_opentelemetry::middleware::client::OtelGrpcLayer.layer(channel)
+    GrpcClientTraceLayer.layer(channel)
 }
 
 /// A tonic server builder with the settings every service shares.
@@ -61,12 +65,9 @@ pub fn server_builder() -> Server<StandardLayers> {
         // Outermost, so it times the whole call and sees every status, including
         // the ones tonic itself produces (timeouts, oversized messages).
         .layer(GrpcMetricsLayer)
-        // One server span per call, child of the caller's `traceparent` when it
-        // sent one. Health checks (probes every few seconds) are not traced.
-        .layer(
-            tonic_tracing_opentelemetry::middleware::server::OtelGrpcLayer::default()
-                .filter(tonic_tracing_opentelemetry::middleware::filters::reject_healthcheck),
-        )
+        // One server span per sampled call, child of the caller's `traceparent`
+        // when it sent one. Health checks (probes every few seconds) are not traced.
+        .layer(GrpcServerTraceLayer)
 }
 
 /// The health service plus the names of the services it reports on, so shutdown

@@ -26,6 +26,120 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Whether an OpenTelemetry layer is installed. When not, propagation helpers
+/// return at once: no header parsing, no context work per message.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans are exported at all (an endpoint or a test exporter is set).
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The edge's sampling rule, read once from `OTEL_TRACES_SAMPLER`/`_ARG`.
+///
+/// Sampling happens here, where a request or message enters, not in the SDK:
+/// `tracing-opentelemetry` builds every span (attributes, ids, registry slot)
+/// before the SDK's sampler can say no, so at 1% the 99% would still pay for
+/// every span. Requests not sampled here get no spans at all; the SDK then runs
+/// `parentbased_always_on` for what is left.
+#[derive(Debug, Clone, Copy)]
+struct EdgeSampler {
+    /// Probability that a new trace is recorded.
+    ratio: f64,
+    /// Follow the caller's sampled flag when it sent a `traceparent`.
+    parent_based: bool,
+}
+
+static SAMPLER: std::sync::OnceLock<EdgeSampler> = std::sync::OnceLock::new();
+
+impl EdgeSampler {
+    fn from_env() -> Self {
+        let name = std::env::var("OTEL_TRACES_SAMPLER").unwrap_or_else(|_| "parentbased_always_on".into());
+        let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().and_then(|v| v.trim().parse::<f64>().ok());
+        let (ratio, parent_based) = match name.trim() {
+            "always_on" => (1.0, false),
+            "always_off" => (0.0, false),
+            "traceidratio" => (arg.unwrap_or(1.0), false),
+            "parentbased_always_off" => (0.0, true),
+            "parentbased_traceidratio" => (arg.unwrap_or(1.0), true),
+            // parentbased_always_on, and anything this SDK does not know.
+            _ => (1.0, true),
+        };
+        Self { ratio: ratio.clamp(0.0, 1.0), parent_based }
+    }
+
+    fn sample_new_trace(&self) -> bool {
+        self.ratio >= 1.0 || (self.ratio > 0.0 && rand::random::<f64>() < self.ratio)
+    }
+}
+
+/// Decides whether a request or message arriving with `carrier` is traced.
+/// `Some(parent)` (the caller's context, or an empty one for a new trace):
+/// create its span and [`set_parent_context`] it. `None`: create no span.
+/// Always `None` when not exporting.
+pub fn sample_incoming(carrier: &dyn Extractor) -> Option<opentelemetry::Context> {
+    use opentelemetry::trace::TraceContextExt;
+    if !exporting() {
+        return None;
+    }
+    let sampler = SAMPLER.get_or_init(EdgeSampler::from_env);
+    let parent = if carrier.get("traceparent").is_some() {
+        opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(carrier))
+    } else {
+        opentelemetry::Context::new()
+    };
+    let remote = parent.span().span_context().clone();
+    let traced =
+        if remote.is_valid() && sampler.parent_based { remote.is_sampled() } else { sampler.sample_new_trace() };
+    traced.then_some(parent)
+}
+
+/// Whether a span created now belongs anywhere: always when not exporting (it
+/// serves the logs), otherwise only inside a sampled request's span.
+pub fn in_sampled_trace_or_untraced() -> bool {
+    !exporting() || !tracing::Span::current().is_none()
+}
+
+/// `tracing::info_span!`, but no span at all inside a request that was not
+/// sampled (see [`sample_incoming`]).
+#[macro_export]
+macro_rules! info_span {
+    ($($arguments:tt)*) => {
+        if $crate::in_sampled_trace_or_untraced() {
+            ::tracing::info_span!($($arguments)*)
+        } else {
+            ::tracing::Span::none()
+        }
+    };
+}
+
+/// The span of a request or message arriving with `carrier`: `make()`'s span,
+/// child of the caller's context, when sampled; no span when not; and
+/// `make()`'s span for the logs when nothing is exported.
+pub fn incoming_span(carrier: &dyn Extractor, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if !exporting() {
+        return make();
+    }
+    match sample_incoming(carrier) {
+        Some(parent) => {
+            let span = make();
+            set_parent_context(&span, parent);
+            span
+        }
+        None => tracing::Span::none(),
+    }
+}
+
+/// Makes `parent` (from [`sample_incoming`]) the parent of the not yet entered `span`.
+pub fn set_parent_context(span: &tracing::Span, parent: opentelemetry::Context) {
+    if span.is_disabled() {
+        return;
+    }
+    if let Err(e) = span.set_parent(parent) {
+        tracing::debug!(error = ?e, "could not set a remote parent");
+    }
+}
+
 /// Keeps telemetry alive; dropping it flushes the spans still buffered.
 #[must_use = "dropping the guard stops telemetry"]
 #[derive(Debug)]
@@ -67,7 +181,16 @@ impl Drop for TelemetryGuard {
 pub fn init(service_name: &'static str) -> Result<TelemetryGuard, BoxError> {
     let provider = if otlp_configured() {
         let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
-        Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource(service_name)).build())
+        Some(
+            SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                // The edge has sampled already (see `sample_incoming`).
+                .with_sampler(opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
+                    opentelemetry_sdk::trace::Sampler::AlwaysOn,
+                )))
+                .with_resource(resource(service_name))
+                .build(),
+        )
     } else {
         None
     };
@@ -109,7 +232,10 @@ fn resource(service_name: &'static str) -> opentelemetry_sdk::Resource {
 }
 
 fn install(service_name: &'static str, provider: Option<SdkTracerProvider>) -> Result<TelemetryGuard, BoxError> {
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    if provider.is_some() {
+        // Without it the global propagator is a no-op and no context crosses a hop.
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    }
     let log_filter = EnvFilter::try_from_default_env().or_else(|e| match std::env::var_os("RUST_LOG") {
         // Unset: a sensible default. Set but malformed: tell the operator.
         None => Ok(EnvFilter::new("info")),
@@ -117,12 +243,22 @@ fn install(service_name: &'static str, provider: Option<SdkTracerProvider>) -> R
     })?;
     let logs = json_logs(std::io::stdout).with_filter(log_filter);
     let traces = provider.as_ref().map(|provider| {
+        // Every span pays for this layer whether or not its trace is sampled, so
+        // it does as little as it can: no source location, thread or target
+        // attributes (allocated per span), no idle-time tracking, and no
+        // OpenTelemetry context swap on every poll of an instrumented future
+        // (propagation reads the context from the span itself).
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer(service_name))
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
             .with_tracked_inactivity(false)
+            .with_context_activation(false)
             .with_filter(traced_targets())
     });
     tracing_subscriber::registry().with(logs).with(traces).try_init()?;
+    EXPORTING.store(provider.is_some(), std::sync::atomic::Ordering::Relaxed);
     tracing::info!(service.name = service_name, traces.exported = provider.is_some(), "telemetry initialised");
     Ok(TelemetryGuard { provider })
 }
@@ -192,7 +328,7 @@ impl<S: tracing::Subscriber> Layer<S> for CatchDispatch {
 pub fn unrecorded_span(task: &'static str) -> tracing::Span {
     use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
     let span = tracing::info_span!("background", task);
-    if !span.is_disabled() {
+    if exporting() && !span.is_disabled() {
         // Any valid ids will do: a trace that is not sampled is never exported.
         let unsampled = SpanContext::new(
             TraceId::from_bytes(*b"flashsale-backgr"),
@@ -209,23 +345,11 @@ pub fn unrecorded_span(task: &'static str) -> tracing::Span {
 /// Writes `span`'s trace context (W3C `traceparent`, `tracestate`) into `carrier`.
 /// Writes nothing when the span is not traced.
 pub fn inject(span: &tracing::Span, carrier: &mut dyn Injector) {
-    if span.is_disabled() {
+    if !exporting() || span.is_disabled() {
         return;
     }
     let context = span.context();
     opentelemetry::global::get_text_map_propagator(|propagator| propagator.inject_context(&context, carrier));
-}
-
-/// Makes the trace context found in `carrier` the parent of `span` (which must
-/// not have been entered yet). Does nothing when the carrier holds none.
-pub fn set_parent(span: &tracing::Span, carrier: &dyn Extractor) {
-    if span.is_disabled() || carrier.get("traceparent").is_none() {
-        return;
-    }
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(carrier));
-    if let Err(e) = span.set_parent(parent) {
-        tracing::debug!(error = ?e, "could not set a remote parent");
-    }
 }
 
 /// `span`'s W3C `traceparent`, to keep where headers cannot go (a database row
@@ -234,13 +358,6 @@ pub fn traceparent(span: &tracing::Span) -> Option<String> {
     let mut carrier = TraceParent(None);
     inject(span, &mut carrier);
     carrier.0
-}
-
-/// Makes a stored `traceparent` the parent of `span`.
-pub fn set_parent_from_traceparent(span: &tracing::Span, traceparent: Option<&str>) {
-    if let Some(value) = traceparent {
-        set_parent(span, &TraceParent(Some(value.to_owned())));
-    }
 }
 
 /// A carrier holding just the `traceparent` header.

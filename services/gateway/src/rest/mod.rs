@@ -107,6 +107,8 @@ pub fn router(state: RestState) -> Router {
         router = router.merge(web::dev_token_routes());
     }
     router
+        // A span per sampled `/v1/` request, named after its route.
+        .route_layer(flashsale_server::HttpServerTraceLayer)
         .fallback(|| async { ApiError::not_found() })
         // Bodies are capped before they are buffered; the JSON extractor turns the
         // cap's rejection into a 400 like every other malformed body.
