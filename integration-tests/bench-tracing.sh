@@ -35,7 +35,7 @@ cleanup() {
   for db in ${TAG}_wallet ${TAG}_inventory; do
     psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
   done
-  redis-cli --scan --pattern "$TAG:*" | xargs -r redis-cli del >/dev/null
+  redis-cli --scan --pattern "$TAG:*" | xargs -r redis-cli del >/dev/null || true
   for q in orders order-events.admission; do rabbitmqctl -q delete_queue "$TAG.$q" >/dev/null 2>&1 || true; done
 }
 trap cleanup EXIT
@@ -44,6 +44,8 @@ trap cleanup EXIT
 "$BIN/flashsale-load" otlp-sink --port 14317 >"$OUT/sink.count" 2>"$OUT/sink.log" &
 SINK_PID=$!
 PIDS+=("$SINK_PID")
+for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/14317) 2>/dev/null && break; sleep 0.2; done
+(exec 3<>/dev/tcp/127.0.0.1/14317) 2>/dev/null || { echo "[tracing-bench] the OTLP sink did not start: $(cat "$OUT/sink.log")" >&2; exit 1; }
 TRACING=(OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:14317 OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=$RATIO)
 
 DATABASE_URL=$WALLET_DB "$BIN/flashsale-wallet" migrate >"$OUT/wallet.log" 2>&1
@@ -94,7 +96,7 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 kill -CONT "$INVENTORY_PID"
-kill -TERM "$SINK_PID"; wait "$SINK_PID" 2>/dev/null || true
+kill -TERM "$SINK_PID" 2>/dev/null || true; wait "$SINK_PID" 2>/dev/null || true
 SPANS=$(cat "$OUT/sink.count" 2>/dev/null || echo "?")
 
 median() { python3 -c "import statistics,sys; print(round(statistics.median(map(int, sys.argv[1:]))))" $1; }

@@ -89,6 +89,11 @@ impl BinarySuite {
 
     /// As [`BinarySuite::spawn`], with `common` set in every service's environment.
     pub async fn spawn_with_env(common: &[(&str, String)]) -> anyhow::Result<Self> {
+        Self::spawn_with_envs(common, &[]).await
+    }
+
+    /// As [`BinarySuite::spawn_with_env`], with `gateway_only` set last in the gateway's.
+    pub async fn spawn_with_envs(common: &[(&str, String)], gateway_only: &[(&str, String)]) -> anyhow::Result<Self> {
         let with = |own: Vec<(&'static str, String)>| -> Vec<(&str, String)> {
             own.into_iter().chain(common.iter().map(|(k, v)| (*k, v.clone()))).collect()
         };
@@ -120,7 +125,10 @@ impl BinarySuite {
                 ("GATEWAY_HTTP_ADDR", "127.0.0.1:0".into()),
                 ("CATALOG_REFRESH_MS", "200".into()),
                 ("PURCHASE_RATE_PER_SECOND", "0".into()),
-            ]),
+            ])
+            .into_iter()
+            .chain(gateway_only.iter().map(|(k, v)| (*k, v.clone())))
+            .collect::<Vec<_>>(),
         )
         .await?;
         let gateway_channel =

@@ -266,18 +266,22 @@ async fn the_binaries_export_one_trace_per_purchase_over_otlp() -> anyhow::Resul
     suite.shutdown().await
 }
 
-/// Sampling happens where a request enters: at ratio 0 a purchase leaves no span
-/// in any service, while a caller's sampled `traceparent` is still followed.
+/// Sampling happens where a request enters: with the gateway at ratio 0 and the
+/// services behind it recording every trace they start, a purchase still leaves
+/// no span anywhere (the gateway tells them it was not sampled), while a
+/// caller's sampled `traceparent` is followed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsampled_purchases_leave_no_spans_and_sampled_callers_are_followed() -> anyhow::Result<()> {
     let _share = flashsale_integration_tests::suite::machine_share().await;
     let sink = flashsale_integration_tests::otlp::OtlpSink::start(0, true).await?;
-    let suite = BinarySuite::spawn_with_env(&[
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint()),
-        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".into()),
-        ("OTEL_TRACES_SAMPLER_ARG", "0".into()),
-        ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
-    ])
+    let suite = BinarySuite::spawn_with_envs(
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint()),
+            ("OTEL_TRACES_SAMPLER", "parentbased_always_on".into()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+        ],
+        &[("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".into()), ("OTEL_TRACES_SAMPLER_ARG", "0".into())],
+    )
     .await?;
     let (_, accepted) = small_storm(&suite, 3, 3).await?;
     anyhow::ensure!(!accepted.is_empty(), "no purchase was accepted");

@@ -11,6 +11,7 @@ use flashsale_proto::inventory::v1::{
     RefundOrderResponse,
 };
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::convert::{item_to_proto, order_to_proto, timestamp};
 use crate::db::models::Order;
@@ -112,7 +113,7 @@ impl InventoryService for InventoryGrpc {
         let user = if user_id.is_empty() { None } else { Some(parse_user_id(&user_id)?.to_owned()) };
         // In a task of its own: a caller that gives up must not cut the refund in half.
         let this = self.clone();
-        let order = tokio::spawn(async move { this.refund(id, user).await })
+        let order = tokio::spawn(async move { this.refund(id, user).await }.in_current_span())
             .await
             .map_err(|e| InventoryError::Internal(Box::new(e)))??;
         Ok(Response::new(RefundOrderResponse { order: Some(order_to_proto(order)) }))

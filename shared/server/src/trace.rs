@@ -229,7 +229,12 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        if !flashsale_telemetry::exporting() || tracing::Span::current().is_none() {
+        if !flashsale_telemetry::exporting() {
+            return Either::Left(self.inner.call(request));
+        }
+        if tracing::Span::current().is_none() {
+            // Not sampled here: say so, so the callee does not sample it afresh.
+            flashsale_telemetry::inject(&tracing::Span::none(), &mut HeaderInjector(request.headers_mut()));
             return Either::Left(self.inner.call(request));
         }
         let path = request.uri().path().to_owned();

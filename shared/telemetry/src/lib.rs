@@ -71,6 +71,16 @@ impl EdgeSampler {
     fn sample_new_trace(&self) -> bool {
         self.ratio >= 1.0 || (self.ratio > 0.0 && rand::random::<f64>() < self.ratio)
     }
+
+    /// The trace-id ratio rule of OpenTelemetry's `TraceIdRatioBased`: every hop
+    /// decides the same for one trace id.
+    fn sample_trace_id(&self, trace_id: opentelemetry::trace::TraceId) -> bool {
+        let bytes = trace_id.to_bytes();
+        let mut low = [0u8; 8];
+        low.copy_from_slice(&bytes[8..16]);
+        let bound = (self.ratio * (1u64 << 63) as f64) as u64;
+        (u64::from_be_bytes(low) >> 1) < bound
+    }
 }
 
 /// Decides whether a request or message arriving with `carrier` is traced.
@@ -89,8 +99,13 @@ pub fn sample_incoming(carrier: &dyn Extractor) -> Option<opentelemetry::Context
         opentelemetry::Context::new()
     };
     let remote = parent.span().span_context().clone();
-    let traced =
-        if remote.is_valid() && sampler.parent_based { remote.is_sampled() } else { sampler.sample_new_trace() };
+    let traced = if !remote.is_valid() {
+        sampler.sample_new_trace()
+    } else if sampler.parent_based {
+        remote.is_sampled()
+    } else {
+        sampler.sample_trace_id(remote.trace_id())
+    };
     traced.then_some(parent)
 }
 
@@ -344,12 +359,26 @@ pub fn unrecorded_span(task: &'static str) -> tracing::Span {
 
 /// Writes `span`'s trace context (W3C `traceparent`, `tracestate`) into `carrier`.
 /// Writes nothing when the span is not traced.
+/// When `span` is no span (its request was not sampled), writes a
+/// `traceparent` marked not sampled, so that the next hop does not sample the
+/// same request again as if it started there. Writes nothing when not exporting.
 pub fn inject(span: &tracing::Span, carrier: &mut dyn Injector) {
-    if !exporting() || span.is_disabled() {
+    if !exporting() {
+        return;
+    }
+    if span.is_disabled() {
+        carrier.set("traceparent", unsampled_traceparent());
         return;
     }
     let context = span.context();
     opentelemetry::global::get_text_map_propagator(|propagator| propagator.inject_context(&context, carrier));
+}
+
+/// A fresh `traceparent` whose sampled flag is off.
+fn unsampled_traceparent() -> String {
+    let (trace, span): (u128, u64) = (rand::random(), rand::random());
+    // All-zero ids are invalid; the chance is nil, but keep the value valid.
+    format!("00-{:032x}-{:016x}-00", trace.max(1), span.max(1))
 }
 
 /// `span`'s W3C `traceparent`, to keep where headers cannot go (a database row
@@ -439,6 +468,28 @@ mod tests {
         assert_eq!(inside["trace_id"], span.span_context.trace_id().to_string());
         assert_eq!(inside["span_id"], span.span_context.span_id().to_string());
         Ok(())
+    }
+
+    #[test]
+    fn the_ratio_rule_on_trace_ids_matches_the_ratio() {
+        let sampler = EdgeSampler { ratio: 0.25, parent_based: false };
+        let sampled = (1..=10_000u128)
+            .map(|n| n.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835))
+            .filter(|id| sampler.sample_trace_id(opentelemetry::trace::TraceId::from(*id)))
+            .count();
+        assert!((2_000..3_000).contains(&sampled), "{sampled} of 10,000 sampled at 0.25");
+        let never = EdgeSampler { ratio: 0.0, parent_based: false };
+        assert!(!never.sample_trace_id(opentelemetry::trace::TraceId::from(7u128)));
+    }
+
+    #[test]
+    fn an_unsampled_traceparent_parses_as_valid_and_not_sampled() {
+        use opentelemetry::trace::TraceContextExt;
+        let carrier = TraceParent(Some(unsampled_traceparent()));
+        let context = TraceContextPropagator::new().extract(&carrier);
+        let remote = context.span().span_context().clone();
+        assert!(remote.is_valid());
+        assert!(!remote.is_sampled());
     }
 
     #[test]
