@@ -234,10 +234,10 @@ async fn the_binaries_export_one_trace_per_purchase_over_otlp() -> anyhow::Resul
             .find(|s| s.name == "purchase" && s.attribute("order.id") == Some(order_id.as_str()))
             .map(|s| s.trace_id.clone());
         if let Some(trace) = trace {
-            let services: BTreeSet<&str> =
-                spans.iter().filter(|s| s.trace_id == trace).map(|s| s.service.as_str()).collect();
-            let notified = spans.iter().any(|s| s.trace_id == trace && s.name == "order.event.notify");
-            if services.len() == 3 && notified {
+            // Each service exports in its own batches, on its own clock: wait for all of them.
+            let names: BTreeSet<&str> = spans.iter().filter(|s| s.trace_id == trace).map(|s| s.name.as_str()).collect();
+            let needed = ["purchase", "order.publish", "order.consume", "wallet.apply", "order.event.notify"];
+            if needed.iter().all(|name| names.contains(name)) {
                 break (trace, spans);
             }
         }
