@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 
 use flashsale_integration_tests::{TestWallet, error_reason, wallet::audit_ledger};
 use flashsale_proto::common::v1::Money;
+use flashsale_proto::wallet::v1::debit_result::Outcome;
 use flashsale_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use flashsale_proto::wallet::v1::{
-    CreditRequest, DebitRequest, GetBalanceRequest, ListTransactionsRequest, TransactionKind,
+    BatchDebitRequest, CreditRequest, DebitRequest, GetBalanceRequest, ListTransactionsRequest, TransactionKind,
 };
 use rand::{Rng, SeedableRng};
 use tonic::Code;
@@ -343,4 +344,133 @@ async fn a_refused_debit_stays_refused_for_its_key_even_after_a_top_up() -> anyh
     assert_eq!(balance(&mut client, "gil", "USD").await?, 600);
     audit_ledger(wallet.db.url()).await?;
     wallet.shutdown().await
+}
+
+/// A batch result as `Ok(balance after)` or `Err(reason)`.
+fn outcome(result: &flashsale_proto::wallet::v1::DebitResult) -> Result<i64, String> {
+    match &result.outcome {
+        Some(Outcome::Transaction(t)) => Ok(t.balance_after.as_ref().map_or(-1, |m| m.amount_minor)),
+        Some(Outcome::Refused(reason)) => Err(reason.clone()),
+        None => Err("no outcome".into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_debits_gives_each_the_outcome_it_would_get_alone() -> anyhow::Result<()> {
+    let wallet = TestWallet::spawn().await?;
+    let mut client = wallet.client();
+    credit(&mut client, "top-up-a", "ann", money("EUR", 1_000)).await?;
+    credit(&mut client, "top-up-b", "ben", money("EUR", 100)).await?;
+    // An earlier single debit, replayed and misused inside the batch.
+    client.debit(debit_request("earlier", "ann", money("EUR", 50))).await?;
+
+    let debits = vec![
+        debit_request("b-1", "ann", money("EUR", 300)),    // applied: 650 left
+        debit_request("b-2", "ben", money("EUR", 150)),    // ben has 100
+        debit_request("earlier", "ann", money("EUR", 50)), // a replay of the earlier debit
+        debit_request("earlier", "ann", money("EUR", 51)), // the same key, another amount
+        debit_request("b-3", "ann", money("EUR", 0)),      // malformed
+        debit_request("b-4", "ann", money("EUR", 600)),    // applied after b-1: 50 left
+        debit_request("b-5", "ann", money("EUR", 60)),     // no longer covered
+        debit_request("b-1", "ann", money("EUR", 300)),    // b-1 again within the batch
+    ];
+    let results = client.batch_debit(BatchDebitRequest { debits: debits.clone() }).await?.into_inner().results;
+    let outcomes: Vec<Result<i64, String>> = results.iter().map(outcome).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            Ok(650),
+            Err("INSUFFICIENT_FUNDS".into()),
+            Ok(950),
+            Err("IDEMPOTENCY_KEY_REUSED".into()),
+            Err("INVALID_ARGUMENT".into()),
+            Ok(50),
+            Err("INSUFFICIENT_FUNDS".into()),
+            Ok(650),
+        ]
+    );
+    // The whole batch again: the same answers, and no money moves.
+    let again = client.batch_debit(BatchDebitRequest { debits }).await?.into_inner().results;
+    assert_eq!(again.iter().map(outcome).collect::<Vec<_>>(), outcomes);
+    assert_eq!(balance(&mut client, "ann", "EUR").await?, 50);
+    assert_eq!(balance(&mut client, "ben", "EUR").await?, 100);
+    // A key refused in a batch stays refused alone, even after a top-up.
+    credit(&mut client, "top-up-b2", "ben", money("EUR", 1_000)).await?;
+    let alone = client.debit(debit_request("b-2", "ben", money("EUR", 150))).await.unwrap_err();
+    assert_eq!(error_reason(&alone).as_deref(), Some("INSUFFICIENT_FUNDS"));
+
+    // An empty batch, and one over the limit, are refused whole.
+    for size in [0, 501] {
+        let debits = (0..size).map(|i| debit_request(&format!("x-{i}"), "ann", money("EUR", 1))).collect();
+        let status = client.batch_debit(BatchDebitRequest { debits }).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+    }
+    let totals = audit_ledger(wallet.db.url()).await?;
+    let eur = &totals["EUR"];
+    assert_eq!(eur.debits, 50 + 300 + 600);
+    assert_eq!(eur.credits - eur.debits, eur.balances);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_batches_and_single_debits_move_each_key_once() -> anyhow::Result<()> {
+    let wallet = TestWallet::spawn().await?;
+    let mut client = wallet.client();
+    const USERS: usize = 20;
+    const KEYS: usize = 400;
+    const PRICE: i64 = 7;
+    for u in 0..USERS {
+        // Enough for 15 of the 20 debits each user is asked for.
+        credit(&mut client, &format!("top-up-{u}"), &format!("u{u}"), money("USD", PRICE * 15)).await?;
+    }
+    let request = |k: usize| debit_request(&format!("k-{k}"), &format!("u{}", k % USERS), money("USD", PRICE));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    // Eight batches over random, overlapping key ranges, beside single debits of the same keys.
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let start = rng.random_range(0..KEYS - 100);
+        let mut keys: Vec<usize> = (start..start + 100).collect();
+        if rng.random_bool(0.5) {
+            keys.reverse();
+        }
+        let mut client = wallet.client();
+        let debits: Vec<DebitRequest> = keys.iter().map(|&k| request(k)).collect();
+        calls.push(tokio::spawn(async move {
+            let results = client.batch_debit(BatchDebitRequest { debits }).await?.into_inner().results;
+            anyhow::Ok(keys.into_iter().zip(results.iter().map(outcome).map(|o| o.is_ok())).collect::<Vec<_>>())
+        }));
+    }
+    for k in (0..KEYS).step_by(3) {
+        let mut client = wallet.client();
+        let debit = request(k);
+        calls.push(tokio::spawn(async move {
+            let applied = match client.debit(debit).await {
+                Ok(_) => true,
+                Err(status) if error_reason(&status).as_deref() == Some("INSUFFICIENT_FUNDS") => false,
+                Err(status) => anyhow::bail!("debit k-{k}: {status:?}"),
+            };
+            Ok(vec![(k, applied)])
+        }));
+    }
+    // Every answer for a key agrees with every other answer for it.
+    let mut answers: BTreeMap<usize, bool> = BTreeMap::new();
+    for call in futures::future::join_all(calls).await {
+        for (k, applied) in call?? {
+            if let Some(earlier) = answers.insert(k, applied) {
+                assert_eq!(earlier, applied, "key k-{k} answered both ways");
+            }
+        }
+    }
+    // Each user paid exactly for the keys that were applied, never below zero.
+    let totals = audit_ledger(wallet.db.url()).await?;
+    let usd = &totals["USD"];
+    let applied = answers.values().filter(|applied| **applied).count() as i128;
+    assert_eq!(usd.debits, applied * i128::from(PRICE));
+    assert_eq!(usd.credits - usd.debits, usd.balances);
+    for u in 0..USERS {
+        let paid = answers.iter().filter(|(k, applied)| **applied && *k % USERS == u).count() as i64;
+        assert!(paid <= 15, "u{u} paid {paid} debits with money for 15");
+        assert_eq!(balance(&mut client, &format!("u{u}"), "USD").await?, PRICE * (15 - paid));
+    }
+    Ok(())
 }

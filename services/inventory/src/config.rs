@@ -35,9 +35,9 @@ pub struct Config {
     /// Unacknowledged orders RabbitMQ may push ahead.
     #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = 200, value_parser = clap::value_parser!(u16).range(2..))]
     pub consumer_prefetch: u16,
-    /// First payment attempts running at once (orders are recorded in batches,
-    /// one transaction per batch). Keep it under the pool size: reads need
-    /// connections too.
+    /// Batches whose first payment attempt runs at once (a batch's orders are
+    /// recorded in one transaction, debited with one wallet call and settled in
+    /// one transaction). Keep it under the pool size: reads need connections too.
     #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub consumer_concurrency: u32,
     /// Milliseconds between sweeps for payments to retry.

@@ -151,22 +151,11 @@ impl OrderConsumer {
         let placed: Vec<Placed> = accepted.iter().map(|(_, placed)| placed.clone()).collect();
         // The batch's one transaction: a child of its first order's consume span,
         // linked to the others' (OpenTelemetry's shape for batch processing).
-        let traced: Vec<&Span> = placed.iter().filter_map(|p| spans.get(&p.id)).filter(|s| !s.is_none()).collect();
-        let record_span = match traced.split_first() {
-            Some((first, rest)) => {
-                let span = tracing::info_span!(
-                    parent: first.id(),
-                    "orders.record",
-                    db.system.name = "postgresql",
-                    db.operation.batch.size = placed.len(),
-                );
-                for other in rest {
-                    span.follows_from(*other);
-                }
-                span
-            }
-            None => flashsale_telemetry::info_span!("orders.record", db.operation.batch.size = placed.len()),
-        };
+        let record_span = crate::settlement::batch_span(
+            "orders.record",
+            placed.iter().filter_map(|p| spans.get(&p.id)),
+            placed.len(),
+        );
         let recorded = async {
             let mut conn = self.pool.get().await?;
             orders::record_batch(&mut conn, &placed).await
@@ -198,27 +187,33 @@ impl OrderConsumer {
             // Recorded already: redeliveries will find the orders and do nothing.
             tracing::warn!(error = %e, delivery.tag = last_tag, "ack failed after commit");
         }
+        let mut to_pay = Vec::new();
         for outcome in recorded {
-            let span = outcome.order().and_then(|order| spans.get(&order.id)).cloned().unwrap_or_else(Span::none);
-            self.after_recording(outcome, payments).instrument(span).await;
+            let span = outcome.order().and_then(|order| spans.get(&order.id)).map_or_else(Span::none, Clone::clone);
+            if let Some(order) = span.in_scope(|| self.after_recording(outcome)) {
+                to_pay.push((order, span));
+            }
         }
+        self.pay_later(to_pay, payments).await;
     }
 
-    /// What follows a recorded order: its first payment attempt if it holds
-    /// stock, a wake-up for the outbox relay if it was rejected.
-    async fn after_recording(&self, outcome: Recorded, payments: &Arc<Semaphore>) {
+    /// What follows a recorded order: the order back if it is to be paid, a
+    /// wake-up for the outbox relay if it was rejected.
+    fn after_recording(&self, outcome: Recorded) -> Option<crate::db::models::Order> {
         match outcome {
-            Recorded::Held(order) => self.pay_later(order, payments).await,
-            Recorded::Existing(order) if order.status == OrderStatus::PaymentPending.as_db() => {
-                self.pay_later(order, payments).await
-            }
+            Recorded::Held(order) => Some(order),
+            Recorded::Existing(order) if order.status == OrderStatus::PaymentPending.as_db() => Some(order),
             Recorded::Rejected(order) => {
                 crate::metrics::final_state(&order);
                 tracing::info!(order.id = %order.id, reason = %order.reject_reason, "order rejected by inventory");
                 self.outbox_ready.notify_one();
+                None
             }
-            Recorded::Existing(_) => {}
-            Recorded::UnknownItem => tracing::error!("order for an unknown item dropped"),
+            Recorded::Existing(_) => None,
+            Recorded::UnknownItem => {
+                tracing::error!("order for an unknown item dropped");
+                None
+            }
         }
     }
 
@@ -232,7 +227,9 @@ impl OrderConsumer {
         match recorded {
             Ok(recorded) => {
                 let _ = delivery.ack(BasicAckOptions::default()).await;
-                self.after_recording(recorded, payments).await;
+                if let Some(order) = self.after_recording(recorded) {
+                    self.pay_later(vec![(order, Span::current())], payments).await;
+                }
             }
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, order.id = %placed.id, "recording failed; requeueing");
@@ -249,22 +246,18 @@ impl OrderConsumer {
         }
     }
 
-    /// The first payment attempt, beside the consumer (bounded).
-    async fn pay_later(&self, order: crate::db::models::Order, payments: &Arc<Semaphore>) {
+    /// The first payment attempt of a batch's orders, beside the consumer
+    /// (at most `concurrency` batches at once).
+    async fn pay_later(&self, orders: Vec<(crate::db::models::Order, Span)>, payments: &Arc<Semaphore>) {
+        if orders.is_empty() {
+            return;
+        }
         let Ok(slot) = payments.clone().acquire_owned().await else { return };
         let settlement = self.settlement.clone();
-        // A child of the order's consume span (the current one).
-        let span =
-            flashsale_telemetry::info_span!("order.pay", order.id = %order.id, amount.minor = order.amount_minor);
-        tokio::spawn(
-            async move {
-                if let Err(e) = settlement.pay(&order).await {
-                    tracing::warn!(error = %e, order.id = %order.id, "first payment attempt failed");
-                }
-                drop(slot);
-            }
-            .instrument(span),
-        );
+        tokio::spawn(async move {
+            settlement.pay_batch(orders).await;
+            drop(slot);
+        });
     }
 }
 

@@ -7,12 +7,33 @@ use std::time::Duration;
 use flashsale_db::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
 use crate::db::models::Order;
 use crate::db::orders;
 use crate::error::InventoryError;
 use crate::wallet_client::{WalletCallError, WalletClient};
+
+/// Most orders paid with one wallet call (the wallet takes up to 500).
+const MAX_BATCH: usize = 200;
+
+/// A span for work on a batch of orders: a child of the first traced order's
+/// span, linked to the others' (OpenTelemetry's shape for batch processing);
+/// outside any trace when none of them is traced.
+pub fn batch_span<'a>(name: &'static str, spans: impl IntoIterator<Item = &'a Span>, size: usize) -> Span {
+    let mut traced = spans.into_iter().filter(|span| !span.is_none());
+    match traced.next() {
+        Some(first) => {
+            let span =
+                tracing::info_span!(parent: first.id(), "batch", otel.name = name, db.operation.batch.size = size);
+            for other in traced {
+                span.follows_from(other);
+            }
+            span
+        }
+        None => flashsale_telemetry::info_span!("batch", otel.name = name, db.operation.batch.size = size),
+    }
+}
 
 /// Settles orders against the wallet.
 #[derive(Clone)]
@@ -51,7 +72,7 @@ impl Settlement {
                 .instrument(span)
                 .await
             }
-            Err(WalletCallError::Transient(status)) => {
+            Err(WalletCallError::Transient(status) | WalletCallError::Unimplemented(status)) => {
                 tracing::warn!(order.id = %order.id, code = ?status.code(), "debit not settled; the sweeper will retry");
                 Ok(())
             }
@@ -64,11 +85,95 @@ impl Settlement {
         }
     }
 
+    /// Pays many orders with one wallet call and settles them in one
+    /// transaction. Each order comes with the span of its own trace: the batch's
+    /// spans are children of the first traced one, linked to the others, and each
+    /// order's event joins its own trace. Orders without a final answer stay
+    /// PAYMENT_PENDING for the sweeper.
+    pub async fn pay_batch(&self, orders: Vec<(Order, Span)>) {
+        for chunk in orders.chunks(MAX_BATCH) {
+            let span = batch_span("orders.pay", chunk.iter().map(|(_, span)| span), chunk.len());
+            self.pay_chunk(chunk).instrument(span).await;
+        }
+    }
+
+    async fn pay_chunk(&self, chunk: &[(Order, Span)]) {
+        let orders: Vec<Order> = chunk.iter().map(|(order, _)| order.clone()).collect();
+        let answers = match self.wallet.pay_batch(&orders).await {
+            Ok(answers) => answers,
+            Err(WalletCallError::Unimplemented(_)) => {
+                // An older wallet: one call per order.
+                for (order, span) in chunk {
+                    if let Err(e) = self.pay(order).instrument(span.clone()).await {
+                        tracing::warn!(error = %e, order.id = %order.id, "payment attempt failed");
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, orders = chunk.len(), "batch debit not settled; the sweeper will retry");
+                return;
+            }
+        };
+        let settle_span = flashsale_telemetry::info_span!(
+            "orders.settle",
+            db.system.name = "postgresql",
+            db.operation.batch.size = chunk.len(),
+        );
+        // The first traced order's event continues from the settle span; the
+        // others' from their own spans (each order keeps its own trace).
+        let lead = chunk.iter().position(|(_, span)| !span.is_none());
+        let mut settling = Vec::with_capacity(chunk.len());
+        for (i, ((order, span), answer)) in chunk.iter().zip(answers).enumerate() {
+            match answer {
+                Ok(payment) => {
+                    let traceparent = if Some(i) == lead {
+                        flashsale_telemetry::traceparent(&settle_span)
+                    } else {
+                        flashsale_telemetry::traceparent(span)
+                    };
+                    settling.push(orders::Settling { id: order.id, payment, traceparent });
+                }
+                Err(e) => {
+                    // Our own request was malformed: a bug, not a buyer's problem. The
+                    // order stays pending (never silently dropped) and is retried.
+                    tracing::error!(error = %e, order.id = %order.id, "wallet refused a debit request");
+                }
+            }
+        }
+        if settling.is_empty() {
+            return;
+        }
+        let settled = async {
+            let mut conn = self.pool.get().await?;
+            orders::settle_batch(&mut conn, &settling).await
+        }
+        .instrument(settle_span)
+        .await;
+        match settled {
+            Ok(settled) => {
+                for order in &settled {
+                    crate::metrics::final_state(order);
+                }
+                if !settled.is_empty() {
+                    self.outbox_ready.notify_one();
+                }
+            }
+            // The debits are recorded under the order ids: the sweeper's retry
+            // gets the same answers and settles them then.
+            Err(e) => {
+                tracing::warn!(error = %e, orders = settling.len(), "settling a batch failed; the sweeper will retry")
+            }
+        }
+    }
+
     /// Completes a requested refund: credits the wallet under `refund:<order id>`
     /// (once, whatever the retries), then marks the order and returns its units.
     pub async fn complete_refund(&self, order: &Order) -> Result<Order, InventoryError> {
         self.wallet.refund(order).await.map_err(|e| match e {
-            WalletCallError::Transient(status) => InventoryError::Unavailable(Box::new(status)),
+            WalletCallError::Transient(status) | WalletCallError::Unimplemented(status) => {
+                InventoryError::Unavailable(Box::new(status))
+            }
             WalletCallError::Refused(status) => InventoryError::Internal(Box::new(status)),
         })?;
         let mut conn = self.pool.get().await?;
@@ -111,12 +216,7 @@ impl Settlement {
             }
         }
         let tried = due.len() + refunds.len();
-        let attempts = due.iter().map(|order| self.pay(order));
-        for result in futures::future::join_all(attempts).await {
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "retrying a payment failed");
-            }
-        }
+        self.pay_batch(due.into_iter().map(|order| (order, Span::none())).collect()).await;
         Ok(tried)
     }
 }

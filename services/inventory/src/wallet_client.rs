@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use flashsale_proto::common::v1::Money;
+use flashsale_proto::wallet::v1::debit_result::Outcome;
 use flashsale_proto::wallet::v1::wallet_service_client::WalletServiceClient;
-use flashsale_proto::wallet::v1::{CreditRequest, DebitRequest};
+use flashsale_proto::wallet::v1::{BatchDebitRequest, CreditRequest, DebitRequest};
 use flashsale_server::TracedChannel;
 use tonic::transport::Endpoint;
 use tonic::{Code, Request};
@@ -17,6 +18,9 @@ use crate::db::orders::Payment;
 /// Why a wallet call did not give a final answer.
 #[derive(Debug, thiserror::Error)]
 pub enum WalletCallError {
+    /// The wallet predates the call (a rolling upgrade): use the older one.
+    #[error("wallet does not implement this call: {0}")]
+    Unimplemented(tonic::Status),
     /// Worth retrying later with the same key (wallet down, timeout, overload).
     #[error("wallet unavailable: {0}")]
     Transient(tonic::Status),
@@ -43,12 +47,7 @@ impl WalletClient {
 
     /// Debits the order's amount under the order id as idempotency key.
     pub async fn pay(&self, order: &Order) -> Result<Payment, WalletCallError> {
-        let mut request = Request::new(DebitRequest {
-            idempotency_key: order.id.to_string(),
-            user_id: order.user_id.clone(),
-            amount: Some(Money { currency: order.amount_currency.clone(), amount_minor: order.amount_minor }),
-            reference: format!("order {}", order.id),
-        });
+        let mut request = Request::new(debit(order));
         // Sends grpc-timeout so the wallet stops working on it too.
         request.set_timeout(self.timeout);
         match self.client.clone().debit(request).await {
@@ -56,6 +55,31 @@ impl WalletClient {
             Err(status) if reason(&status).as_deref() == Some("INSUFFICIENT_FUNDS") => Ok(Payment::InsufficientFunds),
             Err(status) => Err(classify(status)),
         }
+    }
+
+    /// Debits many orders in one call (one wallet transaction). The outer error
+    /// is the call's (nothing is known of any debit); the inner ones are each
+    /// debit's own, in the order of `orders`.
+    pub async fn pay_batch(&self, orders: &[Order]) -> Result<Vec<Result<Payment, WalletCallError>>, WalletCallError> {
+        let mut request = Request::new(BatchDebitRequest { debits: orders.iter().map(debit).collect() });
+        request.set_timeout(self.timeout);
+        let results = self.client.clone().batch_debit(request).await.map_err(classify)?.into_inner().results;
+        if results.len() != orders.len() {
+            return Err(WalletCallError::Refused(tonic::Status::internal(
+                "BatchDebit answered a different number of debits",
+            )));
+        }
+        Ok(results
+            .into_iter()
+            .map(|result| match result.outcome {
+                Some(Outcome::Transaction(_)) => Ok(Payment::Paid),
+                Some(Outcome::Refused(reason)) if reason == "INSUFFICIENT_FUNDS" => Ok(Payment::InsufficientFunds),
+                Some(Outcome::Refused(reason)) => {
+                    Err(WalletCallError::Refused(tonic::Status::failed_precondition(reason)))
+                }
+                None => Err(WalletCallError::Refused(tonic::Status::internal("BatchDebit result without an outcome"))),
+            })
+            .collect())
     }
 
     /// Credits the order's amount back under `refund:<order id>`.
@@ -71,12 +95,23 @@ impl WalletClient {
     }
 }
 
+/// The debit that pays `order`, keyed by its id.
+fn debit(order: &Order) -> DebitRequest {
+    DebitRequest {
+        idempotency_key: order.id.to_string(),
+        user_id: order.user_id.clone(),
+        amount: Some(Money { currency: order.amount_currency.clone(), amount_minor: order.amount_minor }),
+        reference: format!("order {}", order.id),
+    }
+}
+
 fn reason(status: &tonic::Status) -> Option<String> {
     status.get_details_error_info().map(|info| info.reason)
 }
 
 fn classify(status: tonic::Status) -> WalletCallError {
     match status.code() {
+        Code::Unimplemented => WalletCallError::Unimplemented(status),
         Code::InvalidArgument | Code::AlreadyExists | Code::FailedPrecondition | Code::PermissionDenied => {
             WalletCallError::Refused(status)
         }

@@ -1,10 +1,11 @@
 //! The `flashsale.wallet.v1.WalletService` handlers: decode, call the ledger, encode.
 
 use flashsale_db::PgPool;
+use flashsale_proto::wallet::v1::debit_result::Outcome;
 use flashsale_proto::wallet::v1::wallet_service_server::WalletService;
 use flashsale_proto::wallet::v1::{
-    CreditRequest, CreditResponse, DebitRequest, DebitResponse, GetBalanceRequest, GetBalanceResponse,
-    ListTransactionsRequest, ListTransactionsResponse,
+    BatchDebitRequest, BatchDebitResponse, CreditRequest, CreditResponse, DebitRequest, DebitResponse, DebitResult,
+    GetBalanceRequest, GetBalanceResponse, ListTransactionsRequest, ListTransactionsResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -13,6 +14,9 @@ use crate::db::ledger;
 use crate::db::models::LedgerEntry;
 use crate::domain::{Currency, Movement, Page, UserId};
 use crate::error::WalletError;
+
+/// Most debits in one `BatchDebit` call.
+const MAX_BATCH: usize = 500;
 
 /// The wallet's gRPC face.
 #[derive(Clone)]
@@ -42,6 +46,29 @@ impl WalletGrpc {
             async move {
                 let mut conn = pool.get().await?;
                 ledger::apply(&mut conn, &movement).await
+            }
+            .instrument(span),
+        )
+        .await
+        .map_err(|join| WalletError::Internal(Box::new(join)))?
+    }
+
+    /// [`Self::apply`] for many debits: one transaction, one answer per debit.
+    async fn apply_batch(
+        &self,
+        movements: Vec<Movement>,
+    ) -> Result<Vec<Result<LedgerEntry, WalletError>>, WalletError> {
+        let pool = self.pool.clone();
+        let span = flashsale_telemetry::info_span!(
+            "wallet.apply",
+            db.system.name = "postgresql",
+            wallet.movement = "debit",
+            db.operation.batch.size = movements.len(),
+        );
+        tokio::spawn(
+            async move {
+                let mut conn = pool.get().await?;
+                ledger::apply_batch(&mut conn, &movements).await
             }
             .instrument(span),
         )
@@ -87,5 +114,45 @@ impl WalletService for WalletGrpc {
         let movement = Movement::try_from(request.into_inner())?;
         let entry = self.apply(movement).await?;
         Ok(Response::new(DebitResponse { transaction: Some(entry.into()) }))
+    }
+
+    async fn batch_debit(&self, request: Request<BatchDebitRequest>) -> Result<Response<BatchDebitResponse>, Status> {
+        let BatchDebitRequest { debits } = request.into_inner();
+        if debits.is_empty() || debits.len() > MAX_BATCH {
+            return Err(WalletError::invalid("debits", "must hold 1..=500 debits").into());
+        }
+        // Malformed debits are answered alone; the others go to the ledger together.
+        let mut results: Vec<Option<Outcome>> = Vec::with_capacity(debits.len());
+        let mut movements = Vec::with_capacity(debits.len());
+        for debit in debits {
+            match Movement::try_from(debit) {
+                Ok(movement) => {
+                    results.push(None);
+                    movements.push(movement);
+                }
+                Err(_) => results.push(Some(Outcome::Refused("INVALID_ARGUMENT".into()))),
+            }
+        }
+        let mut applied =
+            if movements.is_empty() { Vec::new() } else { self.apply_batch(movements).await? }.into_iter();
+        let mut out = Vec::with_capacity(results.len());
+        for result in results {
+            let outcome = match result {
+                Some(refused) => refused,
+                None => match applied.next() {
+                    Some(Ok(entry)) => Outcome::Transaction(entry.into()),
+                    Some(Err(WalletError::InsufficientFunds)) => Outcome::Refused("INSUFFICIENT_FUNDS".into()),
+                    Some(Err(WalletError::IdempotencyKeyReused)) => Outcome::Refused("IDEMPOTENCY_KEY_REUSED".into()),
+                    Some(Err(WalletError::InvalidArgument { .. } | WalletError::BalanceOverflow)) => {
+                        Outcome::Refused("INVALID_ARGUMENT".into())
+                    }
+                    // The database failed under one of them: the caller retries them all.
+                    Some(Err(error)) => return Err(error.into()),
+                    None => return Err(WalletError::Internal("a batch result went missing".into()).into()),
+                },
+            };
+            out.push(DebitResult { outcome: Some(outcome) });
+        }
+        Ok(Response::new(BatchDebitResponse { results: out }))
     }
 }

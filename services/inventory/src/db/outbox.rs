@@ -33,19 +33,52 @@ pub async fn enqueue_in_trace(
     item_version: i64,
     traceparent: Option<&str>,
 ) -> QueryResult<()> {
-    let routing_key = OrderStatus::from_db(&order.status).map_or("order.unknown", OrderStatus::routing_key);
-    let event = OrderEvent {
+    let payload = event(order, units_released, item_version).encode_to_vec();
+    diesel::insert_into(outbox::table)
+        .values(NewOutboxRow { routing_key: routing_key(order), payload: &payload, traceparent })
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// One event of [`enqueue_many`]: the order, the units it released, the item's
+/// version after the change, and the trace the event joins.
+pub struct Pending<'a> {
+    pub order: &'a Order,
+    pub units_released: i32,
+    pub item_version: i64,
+    pub traceparent: Option<&'a str>,
+}
+
+/// [`enqueue_in_trace`] for many events, in one statement.
+pub async fn enqueue_many(conn: &mut AsyncPgConnection, events: &[Pending<'_>]) -> QueryResult<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let encoded: Vec<(&'static str, Vec<u8>)> = events
+        .iter()
+        .map(|e| (routing_key(e.order), event(e.order, e.units_released, e.item_version).encode_to_vec()))
+        .collect();
+    let rows: Vec<NewOutboxRow<'_>> = encoded
+        .iter()
+        .zip(events)
+        .map(|((routing_key, payload), e)| NewOutboxRow { routing_key, payload, traceparent: e.traceparent })
+        .collect();
+    diesel::insert_into(outbox::table).values(&rows).execute(conn).await?;
+    Ok(())
+}
+
+fn routing_key(order: &Order) -> &'static str {
+    OrderStatus::from_db(&order.status).map_or("order.unknown", OrderStatus::routing_key)
+}
+
+fn event(order: &Order, units_released: i32, item_version: i64) -> OrderEvent {
+    OrderEvent {
         order: Some(order_to_proto(order.clone())),
         units_released: u32::try_from(units_released).unwrap_or(0),
         occurred_at: Some(timestamp(chrono::Utc::now())),
         item_version: u64::try_from(item_version).unwrap_or(0),
-    };
-    let payload = event.encode_to_vec();
-    diesel::insert_into(outbox::table)
-        .values(NewOutboxRow { routing_key, payload: &payload, traceparent })
-        .execute(conn)
-        .await?;
-    Ok(())
+    }
 }
 
 /// The oldest unpublished events, locked so that concurrent relays (several

@@ -53,57 +53,173 @@ pub async fn apply(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<
     }
     let settled = conn
         .transaction::<_, Abort, _>(async |conn| {
-            let claimed = diesel::insert_into(idempotency_keys::table)
-                .values(NewKeyClaim {
-                    idempotency_key: movement.key.as_str(),
-                    user_id: movement.user.as_str(),
-                    currency: movement.currency.code(),
-                    kind: movement.kind.as_db(),
-                    amount_minor: movement.amount.minor(),
-                    reference: movement.reference.as_str(),
-                })
-                .on_conflict_do_nothing()
-                .execute(conn)
-                .await?;
-            if claimed == 0 {
-                return Ok(Settled::KeyTaken);
-            }
-            let balance_after = match movement.kind {
-                Kind::Debit => debit_balance(conn, movement).await?,
-                Kind::Credit => Some(credit_balance(conn, movement).await?),
-            };
-            let Some(balance_after) = balance_after else {
-                record_outcome(conn, movement, INSUFFICIENT_FUNDS, None).await?;
-                return Ok(Settled::Refused);
-            };
-            let entry = diesel::insert_into(ledger_entries::table)
-                .values(NewLedgerEntry {
-                    idempotency_key: movement.key.as_str(),
-                    user_id: movement.user.as_str(),
-                    currency: movement.currency.code(),
-                    kind: movement.kind.as_db(),
-                    amount_minor: movement.amount.minor(),
-                    balance_after_minor: balance_after,
-                    reference: movement.reference.as_str(),
-                })
-                .returning(LedgerEntry::as_returning())
-                .get_result(conn)
-                .await?;
-            record_outcome(conn, movement, APPLIED, Some(entry.id)).await?;
-            Ok(Settled::Applied(entry))
+            lock_accounts(conn, [movement]).await?;
+            settle(conn, movement).await
         })
         .await;
-
     match settled {
-        Ok(Settled::Applied(entry)) => {
+        Ok(settled) => answer(conn, movement, settled).await,
+        Err(Abort::Overflow) => Err(WalletError::BalanceOverflow),
+        Err(Abort::Db(error)) => Err(error.into()),
+    }
+}
+
+/// Applies many movements in one transaction (one commit instead of one per
+/// movement, which is what bounds settlement), each under its own key with
+/// exactly the outcome [`apply`] would give it alone; results in input order.
+///
+/// Like every movement, the batch locks its accounts first, in one global
+/// order, and claims keys only under its account's lock, so batches and single
+/// movements do not deadlock each other. If the transaction fails anyway (an
+/// overflowing credit, a key reused for another user's movement), every
+/// movement is applied on its own instead.
+pub async fn apply_batch(
+    conn: &mut AsyncPgConnection,
+    movements: &[Movement],
+) -> Result<Vec<Result<LedgerEntry, WalletError>>, WalletError> {
+    let keys: Vec<&str> = movements.iter().map(|m| m.key.as_str()).collect();
+    let mut claims: std::collections::HashMap<String, KeyClaim> = idempotency_keys::table
+        .filter(idempotency_keys::idempotency_key.eq_any(&keys))
+        .select(KeyClaim::as_select())
+        .load(conn)
+        .await?
+        .into_iter()
+        .map(|claim| (claim.idempotency_key.clone(), claim))
+        .collect();
+    let mut fresh: Vec<usize> = (0..movements.len()).filter(|&i| !claims.contains_key(keys[i])).collect();
+    fresh.sort_by(|&a, &b| {
+        let (a, b) = (&movements[a], &movements[b]);
+        (a.user.as_str(), a.currency.code(), a.key.as_str()).cmp(&(b.user.as_str(), b.currency.code(), b.key.as_str()))
+    });
+    let settled = conn
+        .transaction::<_, Abort, _>(async |conn| {
+            let mut settled = Vec::with_capacity(fresh.len());
+            lock_accounts(conn, fresh.iter().map(|&i| &movements[i])).await?;
+            for &i in &fresh {
+                settled.push((i, settle(conn, &movements[i]).await?));
+            }
+            Ok(settled)
+        })
+        .await;
+    let mut results: Vec<Option<Result<LedgerEntry, WalletError>>> = (0..movements.len()).map(|_| None).collect();
+    match settled {
+        Ok(settled) => {
+            for (i, settled) in settled {
+                results[i] = Some(answer(conn, &movements[i], settled).await);
+            }
+        }
+        Err(error) => {
+            if let Abort::Db(error) = &error {
+                tracing::warn!(error = %error, movements = fresh.len(), "batch transaction failed; applying one by one");
+            }
+            for &i in &fresh {
+                results[i] = Some(apply(conn, &movements[i]).await);
+            }
+        }
+    }
+    let mut answers = Vec::with_capacity(movements.len());
+    for (movement, result) in movements.iter().zip(results) {
+        answers.push(match result {
+            Some(result) => result,
+            None => {
+                // Claimed before this batch: a replay.
+                match claims.remove(movement.key.as_str()) {
+                    Some(claim) => {
+                        count(movement, "replayed");
+                        replay(conn, claim, movement).await
+                    }
+                    // The same key twice in the batch: `apply` replays the first.
+                    None => apply(conn, movement).await,
+                }
+            }
+        });
+    }
+    Ok(answers)
+}
+
+/// Locks the existing accounts the movements touch, in (user, currency) order.
+/// Every transaction that moves money takes these locks before it claims any
+/// idempotency key: a key is then only ever waited for by a transaction that
+/// holds its account already, which rules out lock cycles between movements.
+async fn lock_accounts<'a>(
+    conn: &mut AsyncPgConnection,
+    movements: impl IntoIterator<Item = &'a Movement>,
+) -> QueryResult<()> {
+    use diesel::sql_types::{Array, Text};
+    let (users, currencies): (Vec<&str>, Vec<&str>) =
+        movements.into_iter().map(|m| (m.user.as_str(), m.currency.code())).unzip();
+    diesel::sql_query(
+        "SELECT 1 FROM accounts a
+           JOIN unnest($1::text[], $2::text[]) AS t(user_id, currency)
+             ON a.user_id = t.user_id AND a.currency = t.currency
+          ORDER BY a.user_id, a.currency
+            FOR UPDATE OF a",
+    )
+    .bind::<Array<Text>, _>(users)
+    .bind::<Array<Text>, _>(currencies)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The statements of one movement, inside the caller's transaction.
+async fn settle(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<Settled, Abort> {
+    let claimed = diesel::insert_into(idempotency_keys::table)
+        .values(NewKeyClaim {
+            idempotency_key: movement.key.as_str(),
+            user_id: movement.user.as_str(),
+            currency: movement.currency.code(),
+            kind: movement.kind.as_db(),
+            amount_minor: movement.amount.minor(),
+            reference: movement.reference.as_str(),
+        })
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?;
+    if claimed == 0 {
+        return Ok(Settled::KeyTaken);
+    }
+    let balance_after = match movement.kind {
+        Kind::Debit => debit_balance(conn, movement).await?,
+        Kind::Credit => Some(credit_balance(conn, movement).await?),
+    };
+    let Some(balance_after) = balance_after else {
+        record_outcome(conn, movement, INSUFFICIENT_FUNDS, None).await?;
+        return Ok(Settled::Refused);
+    };
+    let entry = diesel::insert_into(ledger_entries::table)
+        .values(NewLedgerEntry {
+            idempotency_key: movement.key.as_str(),
+            user_id: movement.user.as_str(),
+            currency: movement.currency.code(),
+            kind: movement.kind.as_db(),
+            amount_minor: movement.amount.minor(),
+            balance_after_minor: balance_after,
+            reference: movement.reference.as_str(),
+        })
+        .returning(LedgerEntry::as_returning())
+        .get_result(conn)
+        .await?;
+    record_outcome(conn, movement, APPLIED, Some(entry.id)).await?;
+    Ok(Settled::Applied(entry))
+}
+
+/// The caller's answer once the movement's transaction committed.
+async fn answer(
+    conn: &mut AsyncPgConnection,
+    movement: &Movement,
+    settled: Settled,
+) -> Result<LedgerEntry, WalletError> {
+    match settled {
+        Settled::Applied(entry) => {
             count(movement, "applied");
             Ok(entry)
         }
-        Ok(Settled::Refused) => {
+        Settled::Refused => {
             count(movement, "insufficient_funds");
             Err(WalletError::InsufficientFunds)
         }
-        Ok(Settled::KeyTaken) => {
+        Settled::KeyTaken => {
             count(movement, "replayed");
             let claim = find_claim(conn, movement.key.as_str())
                 .await?
@@ -111,8 +227,6 @@ pub async fn apply(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<
                 .ok_or_else(|| WalletError::Internal("idempotency key missing after a conflict".into()))?;
             replay(conn, claim, movement).await
         }
-        Err(Abort::Overflow) => Err(WalletError::BalanceOverflow),
-        Err(Abort::Db(error)) => Err(error.into()),
     }
 }
 
