@@ -70,6 +70,10 @@ enum Command {
         /// Write the summary (with a per-second timeline) here as JSON.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Draw throughput and latency percentiles over time here as PNG
+        /// (default: beside `--report`, with the extension `.png`).
+        #[arg(long)]
+        chart: Option<PathBuf>,
         /// What to call: a purchase, or the health check (the null-RPC ceiling).
         #[arg(long, value_enum, default_value = "purchase")]
         rpc: Rpc,
@@ -129,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
             duration,
             connections,
             report,
+            chart,
             rpc,
             target,
             http_url,
@@ -145,9 +150,15 @@ async fn main() -> anyhow::Result<()> {
                 RunOptions { rpc, target, http_url, gateway_url, jwt_secret, connections, mode, show_progress: !quiet };
             let summary = run(sale, &options).await?;
             eprint!("{}", summary.render());
-            if let Some(path) = report {
-                std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
+            if let Some(path) = &report {
+                std::fs::write(path, serde_json::to_vec_pretty(&summary)?)?;
                 eprintln!("report written to {}", path.display());
+            }
+            if let Some(path) = chart.or_else(|| report.as_ref().map(|r| r.with_extension("png"))) {
+                let title =
+                    format!("flashsale-load: {:.0} req/s mean, p99 {:.2} ms", summary.mean_rps, summary.latency_ms.p99);
+                flashsale_integration_tests::load::chart::draw(&summary, &title, &path)?;
+                eprintln!("chart written to {}", path.display());
             }
             Ok(())
         }

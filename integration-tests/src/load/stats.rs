@@ -71,6 +71,7 @@ impl Stats {
                     second,
                     completed: s.completed,
                     p50_ms: ms(&s.latency, 0.5),
+                    p95_ms: ms(&s.latency, 0.95),
                     p99_ms: ms(&s.latency, 0.99),
                 })
                 .collect(),
@@ -92,6 +93,7 @@ pub struct Tick {
     pub second: usize,
     pub completed: u64,
     pub p50_ms: f64,
+    pub p95_ms: f64,
     pub p99_ms: f64,
 }
 

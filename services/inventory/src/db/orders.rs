@@ -10,6 +10,8 @@
 //! transaction that touches both (and items by id within a batch), so
 //! concurrent transactions cannot deadlock.
 
+use std::collections::{HashMap, HashSet};
+
 use chrono::{Duration, Utc};
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
@@ -75,12 +77,11 @@ pub async fn record_placed(conn: &mut AsyncPgConnection, placed: &Placed) -> Res
     let mut attempt = 0;
     loop {
         attempt += 1;
-        if let Some(existing) = find(conn, placed.id).await? {
-            return Ok(Recorded::Existing(existing));
-        }
-        match conn.transaction::<_, DieselError, _>(async |conn| record_in_tx(conn, placed).await).await {
+        let batch = std::slice::from_ref(placed);
+        match conn.transaction::<_, DieselError, _>(async |conn| record_all_in_tx(conn, batch).await).await {
             Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) if attempt < 2 => continue,
-            other => return Ok(other?),
+            Ok(mut outcomes) => return outcomes.pop().ok_or_else(|| InventoryError::Internal("no outcome".into())),
+            Err(error) => return Err(error.into()),
         }
     }
 }
@@ -91,22 +92,7 @@ pub async fn record_placed(conn: &mut AsyncPgConnection, placed: &Placed) -> Res
 /// batch's order. If a concurrent delivery of one of them wins a unique key,
 /// the whole batch rolls back and each order is recorded on its own.
 pub async fn record_batch(conn: &mut AsyncPgConnection, batch: &[Placed]) -> Result<Vec<Recorded>, InventoryError> {
-    let mut order: Vec<usize> = (0..batch.len()).collect();
-    order.sort_by(|a, b| (&batch[*a].item_id, batch[*a].id).cmp(&(&batch[*b].item_id, batch[*b].id)));
-    let together = conn
-        .transaction::<_, DieselError, _>(async |conn| {
-            let mut outcomes: Vec<Option<Recorded>> = vec![None; batch.len()];
-            for &i in &order {
-                let placed = &batch[i];
-                let existing = orders::table.find(placed.id).select(Order::as_select()).first(conn).await.optional()?;
-                outcomes[i] = Some(match existing {
-                    Some(order) => Recorded::Existing(order),
-                    None => record_in_tx(conn, placed).await?,
-                });
-            }
-            Ok(outcomes.into_iter().flatten().collect::<Vec<_>>())
-        })
-        .await;
+    let together = conn.transaction::<_, DieselError, _>(async |conn| record_all_in_tx(conn, batch).await).await;
     match together {
         Ok(outcomes) => Ok(outcomes),
         Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => {
@@ -120,37 +106,125 @@ pub async fn record_batch(conn: &mut AsyncPgConnection, batch: &[Placed]) -> Res
     }
 }
 
-async fn record_in_tx(conn: &mut AsyncPgConnection, placed: &Placed) -> QueryResult<Recorded> {
-    let Some((price_currency, price_minor, per_user_limit, mut version)) = items::table
-        .find(&placed.item_id)
-        .select((items::price_currency, items::price_minor, items::per_user_limit, items::version))
-        .first::<(String, i64, i32, i64)>(conn)
-        .await
-        .optional()?
-    else {
+/// What a batch's recording reads once instead of once per order: the orders
+/// already recorded, the items (kept current as stock moves), and the live
+/// orders holding any of the batch's idempotency keys.
+struct Known {
+    existing: HashMap<Uuid, Order>,
+    items: HashMap<String, ItemTerms>,
+    live_keys: HashSet<(String, String, String)>,
+}
+
+#[derive(Debug, Clone)]
+struct ItemTerms {
+    currency: String,
+    price_minor: i64,
+    per_user_limit: i32,
+    version: i64,
+}
+
+async fn known(conn: &mut AsyncPgConnection, batch: &[Placed]) -> QueryResult<Known> {
+    use diesel::sql_types::{Array, Text};
+
+    #[derive(QueryableByName)]
+    struct LiveKey {
+        #[diesel(sql_type = Text)]
+        user_id: String,
+        #[diesel(sql_type = Text)]
+        item_id: String,
+        #[diesel(sql_type = Text)]
+        idempotency_key: String,
+    }
+    let ids: Vec<Uuid> = batch.iter().map(|p| p.id).collect();
+    let existing = orders::table
+        .filter(orders::id.eq_any(&ids))
+        .select(Order::as_select())
+        .load(conn)
+        .await?
+        .into_iter()
+        .map(|order| (order.id, order))
+        .collect();
+    let item_ids: Vec<&str> = batch.iter().map(|p| p.item_id.as_str()).collect::<HashSet<_>>().into_iter().collect();
+    let items = items::table
+        .filter(items::id.eq_any(&item_ids))
+        .select((items::id, items::price_currency, items::price_minor, items::per_user_limit, items::version))
+        .load::<(String, String, i64, i32, i64)>(conn)
+        .await?
+        .into_iter()
+        .map(|(id, currency, price_minor, per_user_limit, version)| {
+            (id, ItemTerms { currency, price_minor, per_user_limit, version })
+        })
+        .collect();
+    let live_keys = diesel::sql_query(
+        "SELECT o.user_id, o.item_id, o.idempotency_key
+           FROM orders o
+           JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(user_id, item_id, idempotency_key)
+             ON o.user_id = k.user_id AND o.item_id = k.item_id AND o.idempotency_key = k.idempotency_key
+          WHERE o.status <> 'REJECTED'",
+    )
+    .bind::<Array<Text>, _>(batch.iter().map(|p| p.user_id.as_str()).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(batch.iter().map(|p| p.item_id.as_str()).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(batch.iter().map(|p| p.idempotency_key.as_str()).collect::<Vec<_>>())
+    .load::<LiveKey>(conn)
+    .await?
+    .into_iter()
+    .map(|k| (k.user_id, k.item_id, k.idempotency_key))
+    .collect();
+    Ok(Known { existing, items, live_keys })
+}
+
+/// Records a batch inside the caller's transaction, in item-id order so that
+/// concurrent batches lock item rows in the same order; outcomes in the
+/// batch's order. Three statements per new order (take the stock, hold it for
+/// the buyer, insert the order) after three reads for the whole batch.
+async fn record_all_in_tx(conn: &mut AsyncPgConnection, batch: &[Placed]) -> QueryResult<Vec<Recorded>> {
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by(|a, b| (&batch[*a].item_id, batch[*a].id).cmp(&(&batch[*b].item_id, batch[*b].id)));
+    let mut known = known(conn, batch).await?;
+    let mut outcomes: Vec<Option<Recorded>> = vec![None; batch.len()];
+    for &i in &order {
+        let placed = &batch[i];
+        outcomes[i] = Some(match known.existing.get(&placed.id) {
+            Some(order) => Recorded::Existing(order.clone()),
+            None => {
+                let recorded = record_in_tx(conn, placed, &mut known).await?;
+                if let Some(order) = recorded.order() {
+                    known.existing.insert(order.id, order.clone());
+                }
+                recorded
+            }
+        });
+    }
+    Ok(outcomes.into_iter().flatten().collect())
+}
+
+async fn record_in_tx(conn: &mut AsyncPgConnection, placed: &Placed, known: &mut Known) -> QueryResult<Recorded> {
+    let Some(item) = known.items.get_mut(&placed.item_id) else {
         return Ok(Recorded::UnknownItem);
     };
     let quantity = placed.quantity;
+    let key = (placed.user_id.clone(), placed.item_id.clone(), placed.idempotency_key.clone());
 
     let mut reason = None;
-    let expected_amount = price_minor.checked_mul(i64::from(quantity));
-    if placed.currency != price_currency || expected_amount != Some(placed.amount_minor) {
+    let expected_amount = item.price_minor.checked_mul(i64::from(quantity));
+    if placed.currency != item.currency || expected_amount != Some(placed.amount_minor) {
         reason = Some(RejectReason::InvalidOrder);
-    } else if quantity > per_user_limit {
+    } else if quantity > item.per_user_limit {
         reason = Some(RejectReason::LimitReached);
-    } else if live_order_with_key(conn, placed).await? {
+    } else if known.live_keys.contains(&key) {
         reason = Some(RejectReason::DuplicateKey);
     } else {
         match take_stock(conn, &placed.item_id, quantity).await? {
             None => reason = Some(RejectReason::SoldOut),
-            Some(taken) if hold_for_buyer(conn, placed, per_user_limit).await? => version = taken,
+            Some(taken) if hold_for_buyer(conn, placed, item.per_user_limit).await? => item.version = taken,
             Some(_) => {
                 // Over the limit: put the units back (the item row is ours already).
-                version = return_stock(conn, &placed.item_id, quantity).await?;
+                item.version = return_stock(conn, &placed.item_id, quantity).await?;
                 reason = Some(RejectReason::LimitReached);
             }
         }
     }
+    let version = item.version;
 
     let (status, reject_reason) = match reason {
         None => (OrderStatus::PaymentPending, ""),
@@ -176,20 +250,9 @@ async fn record_in_tx(conn: &mut AsyncPgConnection, placed: &Placed) -> QueryRes
         outbox::enqueue_in_trace(conn, &order, 0, version, placed.traceparent.as_deref()).await?;
         Ok(Recorded::Rejected(order))
     } else {
+        known.live_keys.insert(key);
         Ok(Recorded::Held(order))
     }
-}
-
-async fn live_order_with_key(conn: &mut AsyncPgConnection, placed: &Placed) -> QueryResult<bool> {
-    diesel::select(diesel::dsl::exists(
-        orders::table
-            .filter(orders::user_id.eq(&placed.user_id))
-            .filter(orders::item_id.eq(&placed.item_id))
-            .filter(orders::idempotency_key.eq(&placed.idempotency_key))
-            .filter(orders::status.ne(OrderStatus::Rejected.as_db())),
-    ))
-    .get_result(conn)
-    .await
 }
 
 /// Adds `quantity` to the buyer's holding unless that would pass the limit.

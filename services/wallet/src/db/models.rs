@@ -6,7 +6,7 @@ use diesel::prelude::*;
 use super::schema::{accounts, idempotency_keys, ledger_entries};
 
 /// One immutable ledger entry.
-#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = ledger_entries, check_for_backend(diesel::pg::Pg))]
 pub struct LedgerEntry {
     pub id: i64,
