@@ -10,7 +10,7 @@
 //! transaction that touches both (and items by id within a batch), so
 //! concurrent transactions cannot deadlock.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{Duration, Utc};
 use diesel::prelude::*;
@@ -106,12 +106,14 @@ pub async fn record_batch(conn: &mut AsyncPgConnection, batch: &[Placed]) -> Res
     }
 }
 
-/// What a batch's recording reads once instead of once per order: the orders
-/// already recorded, the items (kept current as stock moves), and the live
-/// orders holding any of the batch's idempotency keys.
+/// What a batch's recording reads (and locks) once: the orders already
+/// recorded, the items and the buyers' holdings (kept current in memory as the
+/// batch is judged), and the live orders holding any of the batch's keys.
 struct Known {
     existing: HashMap<Uuid, Order>,
     items: HashMap<String, ItemTerms>,
+    /// (item, user) → (quantity held, that holding's limit).
+    holdings: HashMap<(String, String), (i32, i32)>,
     live_keys: HashSet<(String, String, String)>,
 }
 
@@ -120,11 +122,12 @@ struct ItemTerms {
     currency: String,
     price_minor: i64,
     per_user_limit: i32,
+    remaining: i32,
     version: i64,
 }
 
 async fn known(conn: &mut AsyncPgConnection, batch: &[Placed]) -> QueryResult<Known> {
-    use diesel::sql_types::{Array, Text};
+    use diesel::sql_types::{Array, Integer, Text};
 
     #[derive(QueryableByName)]
     struct LiveKey {
@@ -135,6 +138,17 @@ async fn known(conn: &mut AsyncPgConnection, batch: &[Placed]) -> QueryResult<Kn
         #[diesel(sql_type = Text)]
         idempotency_key: String,
     }
+    #[derive(QueryableByName)]
+    struct Holding {
+        #[diesel(sql_type = Text)]
+        item_id: String,
+        #[diesel(sql_type = Text)]
+        user_id: String,
+        #[diesel(sql_type = Integer)]
+        quantity: i32,
+        #[diesel(sql_type = Integer)]
+        max_quantity: i32,
+    }
     let ids: Vec<Uuid> = batch.iter().map(|p| p.id).collect();
     let existing = orders::table
         .filter(orders::id.eq_any(&ids))
@@ -144,17 +158,45 @@ async fn known(conn: &mut AsyncPgConnection, batch: &[Placed]) -> QueryResult<Kn
         .into_iter()
         .map(|order| (order.id, order))
         .collect();
+    // Locks: the item rows (by id), then the holdings (by item, user), as in
+    // every transaction that touches both.
     let item_ids: Vec<&str> = batch.iter().map(|p| p.item_id.as_str()).collect::<HashSet<_>>().into_iter().collect();
     let items = items::table
         .filter(items::id.eq_any(&item_ids))
-        .select((items::id, items::price_currency, items::price_minor, items::per_user_limit, items::version))
-        .load::<(String, String, i64, i32, i64)>(conn)
+        .order(items::id)
+        .select((
+            items::id,
+            items::price_currency,
+            items::price_minor,
+            items::per_user_limit,
+            items::stock_remaining,
+            items::version,
+        ))
+        .for_update()
+        .load::<(String, String, i64, i32, i32, i64)>(conn)
         .await?
         .into_iter()
-        .map(|(id, currency, price_minor, per_user_limit, version)| {
-            (id, ItemTerms { currency, price_minor, per_user_limit, version })
+        .map(|(id, currency, price_minor, per_user_limit, remaining, version)| {
+            (id, ItemTerms { currency, price_minor, per_user_limit, remaining, version })
         })
         .collect();
+    let item_of = batch.iter().map(|p| p.item_id.as_str()).collect::<Vec<_>>();
+    let user_of = batch.iter().map(|p| p.user_id.as_str()).collect::<Vec<_>>();
+    let holdings = diesel::sql_query(
+        "SELECT h.item_id, h.user_id, h.quantity, h.max_quantity
+           FROM holdings h
+           JOIN (SELECT DISTINCT * FROM unnest($1::text[], $2::text[])) AS b(item_id, user_id)
+             ON h.item_id = b.item_id AND h.user_id = b.user_id
+          ORDER BY h.item_id, h.user_id
+            FOR UPDATE OF h",
+    )
+    .bind::<Array<Text>, _>(&item_of)
+    .bind::<Array<Text>, _>(&user_of)
+    .load::<Holding>(conn)
+    .await?
+    .into_iter()
+    .map(|h| ((h.item_id, h.user_id), (h.quantity, h.max_quantity)))
+    .collect();
     let live_keys = diesel::sql_query(
         "SELECT o.user_id, o.item_id, o.idempotency_key
            FROM orders o
@@ -162,124 +204,166 @@ async fn known(conn: &mut AsyncPgConnection, batch: &[Placed]) -> QueryResult<Kn
              ON o.user_id = k.user_id AND o.item_id = k.item_id AND o.idempotency_key = k.idempotency_key
           WHERE o.status <> 'REJECTED'",
     )
-    .bind::<Array<Text>, _>(batch.iter().map(|p| p.user_id.as_str()).collect::<Vec<_>>())
-    .bind::<Array<Text>, _>(batch.iter().map(|p| p.item_id.as_str()).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(&user_of)
+    .bind::<Array<Text>, _>(&item_of)
     .bind::<Array<Text>, _>(batch.iter().map(|p| p.idempotency_key.as_str()).collect::<Vec<_>>())
     .load::<LiveKey>(conn)
     .await?
     .into_iter()
     .map(|k| (k.user_id, k.item_id, k.idempotency_key))
     .collect();
-    Ok(Known { existing, items, live_keys })
+    Ok(Known { existing, items, holdings, live_keys })
 }
 
-/// Records a batch inside the caller's transaction, in item-id order so that
-/// concurrent batches lock item rows in the same order; outcomes in the
-/// batch's order. Three statements per new order (take the stock, hold it for
-/// the buyer, insert the order) after three reads for the whole batch.
+/// Records a batch inside the caller's transaction; outcomes in the batch's
+/// order. The orders are judged in memory, in (item, order id) order, against
+/// the locked item rows and holdings, exactly as one conditional update after
+/// another would judge them; then a handful of set-based statements write the
+/// result: per item one guarded stock update, one holdings upsert, one orders
+/// insert, one outbox insert. PostgreSQL still has the last word: the guard
+/// (`stock_remaining >= taken`), the CHECKs on stock and holdings and the
+/// unique keys fail the transaction rather than let a wrong judgement through.
 async fn record_all_in_tx(conn: &mut AsyncPgConnection, batch: &[Placed]) -> QueryResult<Vec<Recorded>> {
     let mut order: Vec<usize> = (0..batch.len()).collect();
     order.sort_by(|a, b| (&batch[*a].item_id, batch[*a].id).cmp(&(&batch[*b].item_id, batch[*b].id)));
     let mut known = known(conn, batch).await?;
-    let mut outcomes: Vec<Option<Recorded>> = vec![None; batch.len()];
+
+    // Judge.
+    let mut verdicts: Vec<Option<Option<RejectReason>>> = vec![None; batch.len()];
+    let mut taken: HashMap<&str, i32> = HashMap::new();
+    // (item, user) → (units added, the holding's limit), in lock order.
+    let mut held: BTreeMap<(&str, &str), (i32, i32)> = BTreeMap::new();
+    let mut seen = HashSet::new();
     for &i in &order {
         let placed = &batch[i];
-        outcomes[i] = Some(match known.existing.get(&placed.id) {
-            Some(order) => Recorded::Existing(order.clone()),
-            None => {
-                let recorded = record_in_tx(conn, placed, &mut known).await?;
-                if let Some(order) = recorded.order() {
-                    known.existing.insert(order.id, order.clone());
-                }
-                recorded
-            }
-        });
+        if known.existing.contains_key(&placed.id) || !seen.insert(placed.id) {
+            continue;
+        }
+        let Some(item) = known.items.get_mut(&placed.item_id) else { continue };
+        let quantity = placed.quantity;
+        let key = (placed.user_id.clone(), placed.item_id.clone(), placed.idempotency_key.clone());
+        let holding =
+            known.holdings.entry((placed.item_id.clone(), placed.user_id.clone())).or_insert((0, item.per_user_limit));
+        let expected_amount = item.price_minor.checked_mul(i64::from(quantity));
+        let reason = if placed.currency != item.currency || expected_amount != Some(placed.amount_minor) {
+            Some(RejectReason::InvalidOrder)
+        } else if quantity > item.per_user_limit {
+            Some(RejectReason::LimitReached)
+        } else if known.live_keys.contains(&key) {
+            Some(RejectReason::DuplicateKey)
+        } else if item.remaining < quantity {
+            Some(RejectReason::SoldOut)
+        } else if holding.0 + quantity > holding.1 {
+            Some(RejectReason::LimitReached)
+        } else {
+            item.remaining -= quantity;
+            holding.0 += quantity;
+            *taken.entry(placed.item_id.as_str()).or_default() += quantity;
+            let entry = held.entry((placed.item_id.as_str(), placed.user_id.as_str())).or_insert((0, holding.1));
+            entry.0 += quantity;
+            known.live_keys.insert(key);
+            None
+        };
+        verdicts[i] = Some(reason);
     }
-    Ok(outcomes.into_iter().flatten().collect())
-}
 
-async fn record_in_tx(conn: &mut AsyncPgConnection, placed: &Placed, known: &mut Known) -> QueryResult<Recorded> {
-    let Some(item) = known.items.get_mut(&placed.item_id) else {
-        return Ok(Recorded::UnknownItem);
-    };
-    let quantity = placed.quantity;
-    let key = (placed.user_id.clone(), placed.item_id.clone(), placed.idempotency_key.clone());
-
-    let mut reason = None;
-    let expected_amount = item.price_minor.checked_mul(i64::from(quantity));
-    if placed.currency != item.currency || expected_amount != Some(placed.amount_minor) {
-        reason = Some(RejectReason::InvalidOrder);
-    } else if quantity > item.per_user_limit {
-        reason = Some(RejectReason::LimitReached);
-    } else if known.live_keys.contains(&key) {
-        reason = Some(RejectReason::DuplicateKey);
-    } else {
-        match take_stock(conn, &placed.item_id, quantity).await? {
-            None => reason = Some(RejectReason::SoldOut),
-            Some(taken) if hold_for_buyer(conn, placed, item.per_user_limit).await? => item.version = taken,
-            Some(_) => {
-                // Over the limit: put the units back (the item row is ours already).
-                item.version = return_stock(conn, &placed.item_id, quantity).await?;
-                reason = Some(RejectReason::LimitReached);
-            }
+    // Write: stock (guarded) and versions, holdings, orders, events.
+    let mut taken: Vec<(&str, i32)> = taken.into_iter().collect();
+    taken.sort_unstable();
+    for (item_id, quantity) in taken {
+        let version = take_stock(conn, item_id, quantity).await?.ok_or_else(|| {
+            DieselError::QueryBuilderError(
+                format!("item {item_id}: judged {quantity} units in stock, found fewer").into(),
+            )
+        })?;
+        if let Some(item) = known.items.get_mut(item_id) {
+            item.version = version;
         }
     }
-    let version = item.version;
-
-    let (status, reject_reason) = match reason {
-        None => (OrderStatus::PaymentPending, ""),
-        Some(reason) => (OrderStatus::Rejected, reason.code()),
-    };
-    let order = diesel::insert_into(orders::table)
-        .values(NewOrder {
-            id: placed.id,
-            user_id: &placed.user_id,
-            item_id: &placed.item_id,
-            quantity,
-            amount_currency: &placed.currency,
-            amount_minor: placed.amount_minor,
-            status: status.as_db(),
-            reject_reason,
-            idempotency_key: &placed.idempotency_key,
-            next_attempt_at: Utc::now() + FIRST_ATTEMPT_GRACE,
+    hold_for_buyers(conn, &held).await?;
+    let now = Utc::now();
+    let rows: Vec<NewOrder<'_>> = (0..batch.len())
+        .filter_map(|i| verdicts[i].map(|reason| (&batch[i], reason)))
+        .map(|(placed, reason)| {
+            let (status, reject_reason) = match reason {
+                None => (OrderStatus::PaymentPending, ""),
+                Some(reason) => (OrderStatus::Rejected, reason.code()),
+            };
+            NewOrder {
+                id: placed.id,
+                user_id: &placed.user_id,
+                item_id: &placed.item_id,
+                quantity: placed.quantity,
+                amount_currency: &placed.currency,
+                amount_minor: placed.amount_minor,
+                status: status.as_db(),
+                reject_reason,
+                idempotency_key: &placed.idempotency_key,
+                next_attempt_at: now + FIRST_ATTEMPT_GRACE,
+            }
         })
-        .returning(Order::as_returning())
-        .get_result(conn)
-        .await?;
-    if reason.is_some() {
-        outbox::enqueue_in_trace(conn, &order, 0, version, placed.traceparent.as_deref()).await?;
-        Ok(Recorded::Rejected(order))
+        .collect();
+    let inserted: HashMap<Uuid, Order> = if rows.is_empty() {
+        HashMap::new()
     } else {
-        known.live_keys.insert(key);
-        Ok(Recorded::Held(order))
-    }
+        diesel::insert_into(orders::table)
+            .values(&rows)
+            .returning(Order::as_returning())
+            .get_results(conn)
+            .await?
+            .into_iter()
+            .map(|order| (order.id, order))
+            .collect()
+    };
+    let traces: HashMap<Uuid, Option<&str>> = batch.iter().map(|p| (p.id, p.traceparent.as_deref())).collect();
+    let events: Vec<outbox::Pending<'_>> = inserted
+        .values()
+        .filter(|order| order.status == OrderStatus::Rejected.as_db())
+        .map(|order| outbox::Pending {
+            order,
+            units_released: 0,
+            item_version: known.items.get(&order.item_id).map_or(0, |item| item.version),
+            traceparent: traces.get(&order.id).copied().flatten(),
+        })
+        .collect();
+    outbox::enqueue_many(conn, &events).await?;
+
+    Ok((0..batch.len())
+        .map(|i| {
+            let id = batch[i].id;
+            match (verdicts[i], inserted.get(&id), known.existing.get(&id)) {
+                (Some(_), Some(order), _) if order.status == OrderStatus::Rejected.as_db() => {
+                    Recorded::Rejected(order.clone())
+                }
+                (Some(_), Some(order), _) => Recorded::Held(order.clone()),
+                // Recorded before, or earlier in this very batch (a redelivery).
+                (_, _, Some(order)) | (None, Some(order), None) => Recorded::Existing(order.clone()),
+                _ => Recorded::UnknownItem,
+            }
+        })
+        .collect())
 }
 
-/// Adds `quantity` to the buyer's holding unless that would pass the limit.
-/// (Raw SQL: diesel has no `ON CONFLICT … DO UPDATE … WHERE`.)
-async fn hold_for_buyer(conn: &mut AsyncPgConnection, placed: &Placed, limit: i32) -> QueryResult<bool> {
-    use diesel::sql_types::{Integer, Text};
-
-    #[derive(QueryableByName)]
-    struct Held {
-        #[diesel(sql_type = Integer)]
-        #[expect(dead_code, reason = "only whether a row came back matters")]
-        quantity: i32,
+/// Adds each buyer's units to their holding. The CHECK on `holdings` (at most
+/// the limit) refuses the whole transaction if the judgement was wrong.
+async fn hold_for_buyers(conn: &mut AsyncPgConnection, held: &BTreeMap<(&str, &str), (i32, i32)>) -> QueryResult<()> {
+    use diesel::sql_types::{Array, Integer, Text};
+    if held.is_empty() {
+        return Ok(());
     }
-    let held = diesel::sql_query(
-        "INSERT INTO holdings (item_id, user_id, quantity, max_quantity) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (item_id, user_id) DO UPDATE SET quantity = holdings.quantity + EXCLUDED.quantity
-          WHERE holdings.quantity + EXCLUDED.quantity <= holdings.max_quantity
-         RETURNING quantity",
+    let rows = held;
+    diesel::sql_query(
+        "INSERT INTO holdings (item_id, user_id, quantity, max_quantity)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::int[])
+         ON CONFLICT (item_id, user_id) DO UPDATE SET quantity = holdings.quantity + EXCLUDED.quantity",
     )
-    .bind::<Text, _>(&placed.item_id)
-    .bind::<Text, _>(&placed.user_id)
-    .bind::<Integer, _>(placed.quantity)
-    .bind::<Integer, _>(limit)
-    .get_result::<Held>(conn)
-    .await
-    .optional()?;
-    Ok(held.is_some())
+    .bind::<Array<Text>, _>(rows.iter().map(|((item, _), _)| *item).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(rows.iter().map(|((_, user), _)| *user).collect::<Vec<_>>())
+    .bind::<Array<Integer>, _>(rows.iter().map(|(_, (quantity, _))| *quantity).collect::<Vec<_>>())
+    .bind::<Array<Integer>, _>(rows.iter().map(|(_, (_, limit))| *limit).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 async fn release_for_buyer(
