@@ -19,7 +19,7 @@ else
   SWEEP_STEP=15s
 fi
 # Open-loop arrival rates tried, in order, until p99 reaches 10 ms or a request fails.
-SWEEP_RATES=${SWEEP_RATES:-"500 1000 2000 4000 6000 8000 12000 16000 24000"}
+SWEEP_RATES=${SWEEP_RATES:-"100 200 500 1000 2000 4000 8000 12000 16000 24000"}
 VUS=${VUS:-256}
 
 deploy/local/backing-services.sh
