@@ -159,27 +159,31 @@ async fn known(conn: &mut AsyncPgConnection, batch: &[Placed]) -> QueryResult<Kn
         .map(|order| (order.id, order))
         .collect();
     // Locks: the item rows (by id), then the holdings (by item, user), as in
-    // every transaction that touches both.
-    let item_ids: Vec<&str> = batch.iter().map(|p| p.item_id.as_str()).collect::<HashSet<_>>().into_iter().collect();
-    let items = items::table
-        .filter(items::id.eq_any(&item_ids))
-        .order(items::id)
-        .select((
-            items::id,
-            items::price_currency,
-            items::price_minor,
-            items::per_user_limit,
-            items::stock_remaining,
-            items::version,
-        ))
-        .for_update()
-        .load::<(String, String, i64, i32, i32, i64)>(conn)
-        .await?
-        .into_iter()
-        .map(|(id, currency, price_minor, per_user_limit, remaining, version)| {
-            (id, ItemTerms { currency, price_minor, per_user_limit, remaining, version })
-        })
-        .collect();
+    // every transaction that touches both. Item rows one at a time, in byte
+    // order as everywhere else (an SQL ORDER BY would follow the database's
+    // collation); a batch usually names one item.
+    let mut item_ids: Vec<&str> = batch.iter().map(|p| p.item_id.as_str()).collect();
+    item_ids.sort_unstable();
+    item_ids.dedup();
+    let mut items = HashMap::with_capacity(item_ids.len());
+    for id in item_ids {
+        let row = items::table
+            .find(id)
+            .select((
+                items::price_currency,
+                items::price_minor,
+                items::per_user_limit,
+                items::stock_remaining,
+                items::version,
+            ))
+            .for_update()
+            .first::<(String, i64, i32, i32, i64)>(conn)
+            .await
+            .optional()?;
+        if let Some((currency, price_minor, per_user_limit, remaining, version)) = row {
+            items.insert(id.to_owned(), ItemTerms { currency, price_minor, per_user_limit, remaining, version });
+        }
+    }
     let item_of = batch.iter().map(|p| p.item_id.as_str()).collect::<Vec<_>>();
     let user_of = batch.iter().map(|p| p.user_id.as_str()).collect::<Vec<_>>();
     let holdings = diesel::sql_query(
@@ -236,10 +240,14 @@ async fn record_all_in_tx(conn: &mut AsyncPgConnection, batch: &[Placed]) -> Que
     let mut seen = HashSet::new();
     for &i in &order {
         let placed = &batch[i];
-        if known.existing.contains_key(&placed.id) || !seen.insert(placed.id) {
+        if known.existing.contains_key(&placed.id) {
             continue;
         }
         let Some(item) = known.items.get_mut(&placed.item_id) else { continue };
+        // The same order twice in one batch (a redelivery): the first copy decides.
+        if !seen.insert(placed.id) {
+            continue;
+        }
         let quantity = placed.quantity;
         let key = (placed.user_id.clone(), placed.item_id.clone(), placed.idempotency_key.clone());
         let holding =

@@ -70,9 +70,10 @@ pub async fn apply(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<
 ///
 /// Like every movement, the batch locks its accounts first, in one global
 /// order, and claims keys only under its account's lock, so batches and single
-/// movements do not deadlock each other. If the transaction fails anyway (an
-/// overflowing credit, a key reused for another user's movement), every
-/// movement is applied on its own instead.
+/// movements on existing accounts do not deadlock each other. If the
+/// transaction fails anyway (PostgreSQL breaking a deadlock between keys of
+/// accounts that do not exist yet, or between batches reusing one key for two
+/// users; an overflowing credit), every movement is applied on its own instead.
 pub async fn apply_batch(
     conn: &mut AsyncPgConnection,
     movements: &[Movement],
@@ -152,8 +153,9 @@ pub async fn apply_batch(
 
 /// Locks the existing accounts the movements touch, in (user, currency) order.
 /// Every transaction that moves money takes these locks before it claims any
-/// idempotency key: a key is then only ever waited for by a transaction that
-/// holds its account already, which rules out lock cycles between movements.
+/// idempotency key: the key of a movement on an existing account is then only
+/// ever waited for by a transaction that holds that account already, which
+/// rules out lock cycles between such movements.
 async fn lock_accounts<'a>(
     conn: &mut AsyncPgConnection,
     movements: impl IntoIterator<Item = &'a Movement>,
