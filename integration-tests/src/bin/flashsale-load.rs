@@ -17,6 +17,11 @@ use flashsale_integration_tests::load::run::{Mode, Rpc, RunOptions, Target, run}
 use flashsale_integration_tests::load::seed::{Sale, SeedOptions, seed};
 use flashsale_integration_tests::load::{Phase, parse_duration};
 
+// The services' allocator: the load generator shares the machine with them, so
+// its own malloc time is taken from what it measures.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(about = "Load generator and auditor for the flash-sale suite")]
 struct Cli {
@@ -104,8 +109,12 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Named workers: in a whole-machine profile this process shows as `load`.
+    tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("load").build()?.block_on(run_command())
+}
+
+async fn run_command() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Seed { gateway_url, jwt_secret, users, stock, limit, price, unfunded } => {
             let options = SeedOptions {

@@ -5,6 +5,12 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use flashsale_gateway::{Application, Config};
 
+// Faster than glibc's malloc for many small, short-lived allocations across
+// threads (requests, protobuf, HTTP/2 frames): glibc's malloc was a fifth of the
+// gateway's time in the benchmark profiles (integration-tests/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(version, about = "The flash-sale gateway")]
 struct Cli {
@@ -51,8 +57,11 @@ fn parse_ttl(raw: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(seconds))
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    flashsale_server::block_on("gateway", run())
+}
+
+async fn run() -> std::process::ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Token(args)) = &cli.command {
         return match flashsale_gateway::auth::mint(&args.jwt_secret, &args.sub, args.admin, args.ttl) {

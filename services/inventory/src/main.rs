@@ -3,6 +3,12 @@
 use clap::{Parser, Subcommand};
 use flashsale_inventory::{Application, Config, db::MIGRATIONS};
 
+// Faster than glibc's malloc for many small, short-lived allocations across
+// threads (requests, protobuf, HTTP/2 frames): glibc's malloc was a fifth of the
+// gateway's time in the benchmark profiles (integration-tests/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(version, about = "The flash-sale inventory service")]
 struct Cli {
@@ -20,8 +26,11 @@ enum Command {
     Migrate,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    flashsale_server::block_on("inventory", run())
+}
+
+async fn run() -> std::process::ExitCode {
     // clap exits with a usage message on bad flags or environment values.
     let cli = Cli::parse();
     flashsale_server::run_service("inventory", || async move {

@@ -129,6 +129,22 @@ pub fn standard_router() -> Result<(Health, StandardRouter), tonic_reflection::s
     Ok((health, router))
 }
 
+/// Runs a service's `main` on a multi-threaded runtime whose worker threads are
+/// named after the service, so `top -H` and `perf` tell the services apart
+/// (`#[tokio::main]` names every worker `tokio-rt-worker`).
+pub fn block_on<Fut>(service: &'static str, main: Fut) -> std::process::ExitCode
+where
+    Fut: Future<Output = std::process::ExitCode>,
+{
+    match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name(service).build() {
+        Ok(runtime) => runtime.block_on(main),
+        Err(e) => {
+            eprintln!("flashsale-{service}: cannot start the async runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// The body of every service's `main`: telemetry first, then `run`; a failure
 /// becomes one error line (in the JSON log) and a non-zero exit code.
 pub async fn run_service<F, Fut>(service: &'static str, run: F) -> std::process::ExitCode
