@@ -6,6 +6,8 @@
 # RSS per service. Prints a table and ratios; BENCHMARKS.md explains them.
 #   QUICK=1 integration-tests/bench.sh   shorter phases, smaller sales (a smoke run)
 #   S3_UNITS=20000 integration-tests/bench.sh   a smaller settlement sale
+#   PROFILE=1 integration-tests/bench.sh   also samples the whole machine (perf, cpu-clock)
+#     during S1, S2, S3 and S4 and writes where the time went to <reports>/profile-*.txt
 # Everything runs on 127.0.0.1, on databases, keys and queues named for this run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,6 +70,36 @@ for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/18051) 2>/dev/null && break; 
 
 HTTP=http://127.0.0.1:18080
 load() { "$BIN/flashsale-load" "$@"; }
+# `profile NAME [SECONDS]`: with PROFILE=1, samples every CPU in the background
+# (software clock: hardware counters are not available on every VM), for
+# SECONDS or until `profile_stop NAME`.
+PROFILE=${PROFILE:-0}
+declare -A PERF_PIDS=()
+profile() {
+  [ "$PROFILE" = 1 ] || return 0
+  perf record -a -F 499 -e cpu-clock -o "$OUT/$1.perf.data" -- sleep "${2:-3600}" >/dev/null 2>&1 &
+  PERF_PIDS[$1]=$!
+}
+profile_stop() {
+  [ "$PROFILE" = 1 ] || return 0
+  kill -TERM "${PERF_PIDS[$1]}" 2>/dev/null || true
+}
+# Per process, then the hottest functions (process, library, symbol).
+profile_reports() {
+  [ "$PROFILE" = 1 ] || return 0
+  for pid in "${PERF_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  for data in "$OUT"/*.perf.data; do
+    name=$(basename "$data" .perf.data)
+    {
+      echo "## $name: share of all samples by process"
+      # awk, not head: head would close the pipe early and pipefail end the script.
+      perf report -i "$data" --stdio --no-children --sort comm -q 2>/dev/null | awk 'NF && n++ < 12'
+      echo
+      echo "## $name: hottest functions"
+      perf report -i "$data" --stdio --no-children --sort comm,dso,sym -q 2>/dev/null | awk 'NF && n++ < 40'
+    } >"$OUT/profile-$name.txt"
+  done
+}
 rps() { python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['mean_rps']))" "$1"; }
 field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'r': r}))" "$1" "$2"; }
 
@@ -84,6 +116,7 @@ load seed --gateway-url $GW --users 5000 --stock 1000000000 --limit 1000 --unfun
 echo "[bench] C2: null RPC (health Check) through the gateway, $VUS users, $DUR" >&2
 load run --gateway-url $GW --sale "$OUT/sale-s1.json" --rpc health --users "$VUS" --duration $DUR --quiet --report "$OUT/c2.json" 2>/dev/null
 echo "[bench] S1: purchases while stock remains, $VUS users, $DUR" >&2
+profile s1 "${DUR%s}"
 load run --gateway-url $GW --sale "$OUT/sale-s1.json" --users "$VUS" --duration $DUR --quiet --report "$OUT/s1.json" 2>/dev/null
 
 drain() {
@@ -101,6 +134,7 @@ drain
 echo "[bench] S2: the crowd after sell-out" >&2
 load seed --gateway-url $GW --users 5000 --stock 0 --unfunded >"$OUT/sale-s2.json"
 load run --gateway-url $GW --sale "$OUT/sale-s2.json" --users "$VUS" --duration 2s --quiet 2>/dev/null >/dev/null
+profile s2 "${DUR%s}"
 load run --gateway-url $GW --sale "$OUT/sale-s2.json" --users "$VUS" --duration $DUR --quiet --report "$OUT/s2.json" 2>/dev/null
 echo "[bench] REST: null call (GET /healthz) and the crowd after sell-out, $VUS users, $DUR" >&2
 load run --target rest --http-url $HTTP --gateway-url $GW --sale "$OUT/sale-s2.json" --rpc health --users "$VUS" --duration $DUR --quiet --report "$OUT/c2-rest.json" 2>/dev/null
@@ -120,12 +154,18 @@ C3=$(pgbench -n -c 16 -j 2 -T "${DUR%s}" -f "$OUT/order.sql" "$PG/${TAG}_pgbench
 
 echo "[bench] S4: 100 units, $S4_USERS funded buyers" >&2
 load seed --gateway-url $GW --users "$S4_USERS" --stock 100 >"$OUT/sale-s4.json"
+profile s4 5
 load run --gateway-url $GW --sale "$OUT/sale-s4.json" --users "$VUS" --duration 5s --quiet --report "$OUT/s4.json" 2>/dev/null
 
 drain
 echo "[bench] S3: $S3_UNITS units, one buyer each" >&2
 load seed --gateway-url $GW --users "$S3_UNITS" --stock "$S3_UNITS" --price 100 >"$OUT/sale-s3.json"
+# The profile covers admission and then settlement alone, until the sale is final.
+profile s3
 load run --gateway-url $GW --sale "$OUT/sale-s3.json" --users "$VUS" --duration $DUR --quiet --report "$OUT/s3.json" 2>/dev/null
+# Settled before the Artillery-shaped run, which would otherwise share the machine with it.
+drain
+profile_stop s3
 
 echo "[bench] Artillery-shaped scenario: ${PHASES[*]}" >&2
 load seed --gateway-url $GW --users 5000 >"$OUT/sale-art.json"
@@ -199,4 +239,5 @@ ratio() { python3 -c "print(f'{$1 / max($2, 1):.2f}')"; }
   echo
   cat "$OUT/sweep.md"
 } | tee "$OUT/summary.md"
+profile_reports
 echo "[bench] reports in $OUT" >&2
