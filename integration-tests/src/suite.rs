@@ -50,6 +50,8 @@ pub struct TestSuite {
 pub struct SuiteOptions {
     /// The gateway reaches RabbitMQ here instead of `AMQP_ADDR` (a fault proxy).
     pub gateway_amqp_addr: Option<String>,
+    /// The gateway reaches Redis here instead of `REDIS_URL` (a fault proxy).
+    pub gateway_redis_url: Option<String>,
     /// How long the gateway waits for a publisher confirm.
     pub publish_timeout_ms: Option<u64>,
     /// Per-buyer purchase rate limit (attempts/s, burst); off by default.
@@ -88,6 +90,9 @@ impl TestSuite {
         );
         if let Some(addr) = options.gateway_amqp_addr {
             config.amqp_addr = addr;
+        }
+        if let Some(url) = options.gateway_redis_url {
+            config.redis_url = url;
         }
         if let Some(ms) = options.publish_timeout_ms {
             config.publish_timeout_ms = ms;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use flashsale_integration_tests::{TestSuite, error_reason};
 use flashsale_proto::common::v1::OrderStatus;
-use flashsale_proto::gateway::v1::{GetBalanceRequest, PurchaseRequest};
+use flashsale_proto::gateway::v1::{GetBalanceRequest, PurchaseRequest, RefundOrderRequest};
 use tonic::Code;
 
 use crate::common::{create_item, final_order, top_up};
@@ -194,5 +194,86 @@ async fn callers_need_a_valid_token_and_see_only_their_own_orders() -> anyhow::R
         .await
         .expect_err("someone else's order");
     assert_eq!((status.code(), reason_of(&status)), (Code::NotFound, "ORDER_NOT_FOUND".into()));
+    suite.shutdown().await
+}
+
+/// After the sell-out the gateway turns away buyers who hold no key without
+/// asking Redis, still answers a key holder's retry with its order, and forgets
+/// what it learned once a unit comes back: the next buyer's retry names its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_sell_out_only_key_holders_need_redis_and_a_returned_unit_starts_afresh() -> anyhow::Result<()> {
+    use flashsale_integration_tests::proxy::FaultProxy;
+    use flashsale_integration_tests::suite::SuiteOptions;
+
+    let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let proxy = FaultProxy::start("127.0.0.1:6379".parse()?).await?;
+    let suite = TestSuite::spawn_with(SuiteOptions {
+        gateway_redis_url: Some(redis_url.replace(":6379", &format!(":{}", proxy.port))),
+        ..SuiteOptions::default()
+    })
+    .await?;
+    create_item(&suite, "lamp", 500, 1, 1).await?;
+    for buyer in ["bob", "carl", "dana"] {
+        top_up(&suite, buyer, 1_000).await?;
+    }
+    let keyed = |key: &str| PurchaseRequest { item_id: "lamp".into(), quantity: 1, idempotency_key: key.into() };
+    let purchase = |buyer: &'static str, key: String| {
+        let mut client = suite.buyers();
+        let request = suite.as_user(buyer, keyed(&key));
+        async move { client.purchase(request).await.map(tonic::Response::into_inner) }
+    };
+
+    let bob = purchase("bob", "bob-1".into()).await?;
+    assert_eq!(
+        final_order(&suite, "bob", &bob.order_id, Duration::from_secs(20)).await?.status(),
+        OrderStatus::Confirmed
+    );
+    let status = purchase("carl", "carl-1".into()).await.expect_err("sold out");
+    assert_eq!(reason_of(&status), "SOLD_OUT");
+
+    // Redis unreachable: carl holds no key and is still answered, bob's retry needs Redis.
+    proxy.cut();
+    let status = purchase("carl", "carl-2".into()).await.expect_err("sold out");
+    assert_eq!(reason_of(&status), "SOLD_OUT", "{status:?}");
+    let status = purchase("bob", "bob-1".into()).await.expect_err("Redis is cut off");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    proxy.restore();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        match purchase("bob", "bob-1".into()).await {
+            Ok(reply) => break reply,
+            Err(status) if status.code() == Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => anyhow::bail!("bob's retry after Redis came back: {status:?}"),
+        }
+    };
+    assert_eq!((again.order_id.as_str(), again.status()), (bob.order_id.as_str(), OrderStatus::Confirmed));
+
+    // The unit comes back and carl buys it (SOLD_OUT until the release reaches Redis).
+    suite.buyers().refund_order(suite.as_user("bob", RefundOrderRequest { order_id: bob.order_id.clone() })).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut attempt = 2;
+    let (carl, carl_key) = loop {
+        attempt += 1;
+        let key = format!("carl-{attempt}");
+        match purchase("carl", key.clone()).await {
+            Ok(reply) => break (reply, key),
+            Err(status) if reason_of(&status) == "SOLD_OUT" && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => anyhow::bail!("carl could not buy the returned unit: {status:?}"),
+        }
+    };
+    // Sold out again: carl's retry names his order (the set loaded before the
+    // refund, {bob}, would have said SOLD_OUT), and dana is turned away.
+    let retry = purchase("carl", carl_key).await?;
+    assert_eq!(retry.order_id, carl.order_id);
+    let status = purchase("dana", "dana-1".into()).await.expect_err("sold out again");
+    assert_eq!(reason_of(&status), "SOLD_OUT");
+    assert_eq!(
+        final_order(&suite, "carl", &carl.order_id, Duration::from_secs(20)).await?.status(),
+        OrderStatus::Confirmed
+    );
     suite.shutdown().await
 }

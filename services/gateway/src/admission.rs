@@ -8,6 +8,8 @@
 //! (PITFALLS.md). Background work (events, rebuilds, checks) uses a bb8 pool so
 //! its bulk commands never queue in front of buyers' scripts.
 
+use std::collections::HashSet;
+
 use bb8_redis::RedisConnectionManager;
 use flashsale_proto::inventory::v1::{GetAdmissionSnapshotResponse, OrderEvent};
 use redis::aio::ConnectionManager;
@@ -177,6 +179,17 @@ impl Admission {
             let (order_id, quantity) = value.split_once('|')?;
             Some((order_id.to_owned(), quantity.parse().ok()?))
         }))
+    }
+
+    /// The buyers holding an idempotency key for `item_id` (each admission made
+    /// one). One HKEYS, bounded by the admissions the stock allowed; asked once
+    /// per sold-out period, so the crowd's keyed attempts need no Redis read.
+    pub async fn key_holders(&self, item_id: &str) -> Result<HashSet<String>, GatewayError> {
+        let k = self.keys(item_id);
+        let mut conn = self.pool.get().await?;
+        let fields: Vec<String> = conn.hkeys(&k.idem).await?;
+        // Fields are "user\nkey" (admit.lua).
+        Ok(fields.into_iter().filter_map(|field| field.split_once('\n').map(|(user, _)| user.to_owned())).collect())
     }
 
     /// Undoes an admission whose order never reached the broker.

@@ -3,9 +3,9 @@
 //! (ARCHITECTURE.md, step 1). Kept fresh from inventory every refresh interval;
 //! the sold-out flags are cleared by order events and checked against Redis.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flashsale_proto::common::v1 as pb;
@@ -32,10 +32,90 @@ pub struct CatalogItem {
     pub per_user_limit: u32,
     pub starts_at_ms: i64,
     pub ends_at_ms: i64,
-    /// Set when Redis said SOLD_OUT; cleared when units may have come back.
-    pub sold_out: AtomicBool,
+    /// Whether Redis said SOLD_OUT, kept across refreshes of the item.
+    pub sold_out: Arc<SoldOut>,
     /// PostgreSQL's units left as of the last refresh.
     pub pg_remaining: AtomicU32,
+}
+
+/// The sold-out flag of an item, and what the gateway learned from Redis while
+/// it was set.
+///
+/// A buyer retrying an idempotency key after the sell-out must get the order
+/// that key made, not SOLD_OUT, so keyed attempts would each cost a Redis read.
+/// Only buyers who hold a key can have such an order, and while the item stays
+/// sold out nobody new can get one: so once per sold-out period the gateway
+/// loads the set of key holders, and turns every other buyer away in memory.
+///
+/// Each clear starts a new generation. A SOLD_OUT answer sets the flag only in
+/// the generation its attempt started in (a clear that came meanwhile wins),
+/// and a set of key holders serves only the generation it was loaded in.
+/// Units that come back are seen through order events and the refresher's
+/// Redis check, so for that long (milliseconds; at most a refresh interval when
+/// events are lost) a buyer whose reply was lost for a unit that came back and
+/// sold again may be told SOLD_OUT on a retry at another gateway.
+#[derive(Debug, Default)]
+pub struct SoldOut {
+    /// `generation << 1 | flag`, so flag and generation change together.
+    state: AtomicU64,
+    holders: Mutex<Option<(u64, Arc<HashSet<String>>)>>,
+    /// One load of the key holders at a time.
+    loading: tokio::sync::Mutex<()>,
+}
+
+impl SoldOut {
+    pub fn is_set(&self) -> bool {
+        self.state.load(Ordering::Acquire) & 1 == 1
+    }
+
+    /// The generation to pass to [`SoldOut::set_since`].
+    pub fn generation(&self) -> u64 {
+        self.state.load(Ordering::Acquire) >> 1
+    }
+
+    /// Redis said SOLD_OUT to an attempt that started in `generation`.
+    pub fn set_since(&self, generation: u64) {
+        let _ =
+            self.state.compare_exchange(generation << 1, (generation << 1) | 1, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Units may have come back: a new generation, not sold out.
+    pub fn clear(&self) {
+        let _ = self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| Some(((state >> 1) + 1) << 1));
+    }
+
+    /// The buyers holding an idempotency key, as Redis had them after the
+    /// sell-out, loading them with `load` once per generation (concurrent
+    /// callers wait for that load). `None` when the flag is not set, or was
+    /// cleared during the load.
+    pub async fn key_holders<F, Fut, E>(&self, load: F) -> Result<Option<Arc<HashSet<String>>>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<HashSet<String>, E>>,
+    {
+        let current = |this: &Self| {
+            let state = this.state.load(Ordering::Acquire);
+            let holders = this.holders.lock();
+            match &*holders {
+                Some((generation, buyers)) if state == ((generation << 1) | 1) => Some(buyers.clone()),
+                _ => None,
+            }
+        };
+        if let Some(buyers) = current(self) {
+            return Ok(Some(buyers));
+        }
+        let _one = self.loading.lock().await;
+        if let Some(buyers) = current(self) {
+            return Ok(Some(buyers));
+        }
+        let state = self.state.load(Ordering::Acquire);
+        if state & 1 == 0 {
+            return Ok(None);
+        }
+        let buyers = Arc::new(load().await?);
+        *self.holders.lock() = Some((state >> 1, buyers.clone()));
+        Ok((self.state.load(Ordering::Acquire) == state).then_some(buyers))
+    }
 }
 
 impl CatalogItem {
@@ -48,17 +128,18 @@ impl CatalogItem {
             per_user_limit: item.per_user_limit,
             starts_at_ms: millis(item.starts_at.as_ref()?),
             ends_at_ms: millis(item.ends_at.as_ref()?),
-            sold_out: AtomicBool::new(false),
+            sold_out: Arc::default(),
             pg_remaining: AtomicU32::new(item.stock_remaining),
         })
     }
 
     pub fn is_sold_out(&self) -> bool {
-        self.sold_out.load(Ordering::Relaxed)
+        self.sold_out.is_set()
     }
 
-    pub fn set_sold_out(&self, sold_out: bool) {
-        self.sold_out.store(sold_out, Ordering::Relaxed);
+    /// Units may have come back.
+    pub fn clear_sold_out(&self) {
+        self.sold_out.clear();
     }
 }
 
@@ -112,14 +193,14 @@ impl Catalog {
         }
     }
 
-    /// Adds or refreshes an item, keeping its sold-out flag.
+    /// Adds or refreshes an item, keeping its sold-out state.
     pub fn upsert(&self, item: &pb::Item) -> Option<Arc<CatalogItem>> {
-        let fresh = CatalogItem::from_proto(item)?;
+        let mut fresh = CatalogItem::from_proto(item)?;
         // Units PostgreSQL still has, as of the last refresh (the catalog refreshes every second).
         metrics::gauge!("flashsale_stock_remaining", "item" => item.id.clone()).set(f64::from(item.stock_remaining));
         let mut items = self.items.write();
         if let Some(existing) = items.get(&item.id) {
-            fresh.set_sold_out(existing.is_sold_out());
+            fresh.sold_out = existing.sold_out.clone();
         }
         let fresh = Arc::new(fresh);
         items.insert(item.id.clone(), fresh.clone());

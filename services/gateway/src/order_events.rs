@@ -135,7 +135,7 @@ impl OrderEvents {
             let may_free_units =
                 matches!(OrderStatus::try_from(order.status), Ok(OrderStatus::Rejected | OrderStatus::Refunded));
             if may_free_units && let Some(item) = self.catalog.get(&order.item_id) {
-                item.set_sold_out(false);
+                item.clear_sold_out();
             }
         }
         // No receivers is fine: nobody is watching.

@@ -99,10 +99,10 @@ impl Purchases {
             ));
         }
         // A sold-out item turns the crowd away here, except a buyer retrying a
-        // key: that may be a purchase that succeeded (its reply lost), and the
-        // answer must be that order, not SOLD_OUT. One cheap lookup, no script.
+        // key who may have an order from it (a purchase that succeeded, its reply
+        // lost): the answer must be that order, not SOLD_OUT. One lookup, no script.
         let explicit_key = !idempotency_key.is_empty();
-        if item.is_sold_out() && !explicit_key {
+        if item.is_sold_out() && !self.may_have_an_order(&item, buyer, explicit_key).await? {
             return Err(GatewayError::SoldOut);
         }
 
@@ -112,17 +112,15 @@ impl Purchases {
             return Err(GatewayError::RateLimited);
         }
 
-        let order_id = uuid::Uuid::now_v7().to_string();
-        let idempotency_key = if explicit_key { idempotency_key } else { order_id.clone() };
-        let attempt = Attempt { item, quantity, idempotency_key, order_id };
-        if attempt.item.is_sold_out() {
+        if item.is_sold_out() {
             // A read: nothing to finish if the request is dropped, so no task of its own.
-            let prior = self.admission.prior_order(&attempt.item.id, &buyer.user_id, &attempt.idempotency_key).await?;
+            let prior = self.admission.prior_order(&item.id, &buyer.user_id, &idempotency_key).await?;
             return match prior {
                 None => Err(GatewayError::SoldOut),
-                Some((_, earlier)) if earlier != attempt.quantity => Err(GatewayError::IdempotencyKeyReused),
+                Some((_, earlier)) if earlier != quantity => Err(GatewayError::IdempotencyKeyReused),
                 Some((order_id, _)) => {
                     // Replaying may publish again, which must not be cut short.
+                    let attempt = Attempt { item, quantity, idempotency_key, order_id: order_id.clone() };
                     let this = self.clone();
                     let buyer = buyer.clone();
                     tokio::spawn(async move { this.replay(&buyer, &attempt, order_id).await }.in_current_span())
@@ -131,6 +129,11 @@ impl Purchases {
                 }
             };
         }
+
+        // Minted only now: the crowd turned away above costs no random numbers.
+        let order_id = uuid::Uuid::now_v7().to_string();
+        let idempotency_key = if explicit_key { idempotency_key } else { order_id.clone() };
+        let attempt = Attempt { item, quantity, idempotency_key, order_id };
 
         // From here on Redis may change, so the rest runs in a task of its own:
         // a client that disconnects (or a server timeout) must not drop the
@@ -142,9 +145,26 @@ impl Purchases {
             .map_err(|e| GatewayError::Internal(Box::new(e)))?
     }
 
+    /// Whether a buyer may have an order from a sold-out item under some key:
+    /// only buyers holding a key can (see [`crate::catalog::SoldOut`]).
+    async fn may_have_an_order(
+        &self,
+        item: &CatalogItem,
+        buyer: &Principal,
+        explicit_key: bool,
+    ) -> Result<bool, GatewayError> {
+        if !explicit_key {
+            return Ok(false);
+        }
+        let holders = item.sold_out.key_holders(|| self.admission.key_holders(&item.id)).await?;
+        Ok(holders.is_none_or(|holders| holders.contains(&buyer.user_id)))
+    }
+
     async fn admit_and_place(&self, buyer: &Principal, attempt: Attempt) -> Result<PurchaseResponse, GatewayError> {
         // Step 2: one Redis round trip (two when the state must be rebuilt first).
         let item = &attempt.item;
+        // A SOLD_OUT answer counts only if no units came back since it was asked.
+        let generation = item.sold_out.generation();
         let mut decision = self.admit(buyer, &attempt).await?;
         if decision == Admit::NotReady {
             self.rebuild(&item.id).await?;
@@ -153,7 +173,7 @@ impl Purchases {
         match decision {
             Admit::Reserved { tokens_left } => {
                 if tokens_left <= 0 {
-                    item.set_sold_out(true);
+                    item.sold_out.set_since(generation);
                 }
                 self.place(buyer, &attempt).await
             }
@@ -166,7 +186,7 @@ impl Purchases {
             Admit::InProgress { order_id } => Err(GatewayError::PurchaseInProgress { order_id }),
             Admit::LimitReached => Err(GatewayError::LimitReached),
             Admit::SoldOut => {
-                item.set_sold_out(true);
+                item.sold_out.set_since(generation);
                 Err(GatewayError::SoldOut)
             }
             Admit::NotReady => Err(GatewayError::Unavailable("admission state missing after a rebuild".into())),
@@ -254,7 +274,7 @@ impl Purchases {
                     tracing::error!(error = %undo, order.id = %attempt.order_id, "could not release a reservation");
                 }
                 // The units are on offer again: this gateway must not keep saying SOLD_OUT.
-                attempt.item.set_sold_out(false);
+                attempt.item.clear_sold_out();
                 return Err(GatewayError::Unavailable(Box::new(error)));
             }
             Err(PublishFailure::Unknown(error)) => {

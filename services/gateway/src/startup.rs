@@ -267,7 +267,7 @@ async fn clear_stale_sold_out_flags(catalog: &Catalog, admission: &Admission) {
         }
         match admission.tokens(&item.id).await {
             Ok(Some(tokens)) if tokens <= 0 => {}
-            Ok(_) => item.set_sold_out(false),
+            Ok(_) => item.clear_sold_out(),
             Err(e) => tracing::debug!(error = %e, item.id = %item.id, "sold-out check failed"),
         }
     }
