@@ -113,6 +113,15 @@ impl OrderEvents {
         }
         match self.admission.apply_event(&event).await {
             Ok(_) => {
+                // The units are back in Redis now. This gateway's own notification of
+                // the same event may have cleared the flag before that, and a
+                // SOLD_OUT answered in between set it again: clear it after the fact.
+                if let Some(order) = &event.order
+                    && may_free_units(order.status)
+                    && let Some(item) = self.catalog.get(&order.item_id)
+                {
+                    item.clear_sold_out();
+                }
                 let _ = delivery.ack(BasicAckOptions::default()).await;
             }
             Err(e @ GatewayError::Unavailable(_)) => {
@@ -132,15 +141,20 @@ impl OrderEvents {
         let Ok(event) = OrderEvent::decode(data) else { return };
         if let Some(order) = &event.order {
             tracing::Span::current().record("order.id", order.id.as_str());
-            let may_free_units =
-                matches!(OrderStatus::try_from(order.status), Ok(OrderStatus::Rejected | OrderStatus::Refunded));
-            if may_free_units && let Some(item) = self.catalog.get(&order.item_id) {
+            if may_free_units(order.status)
+                && let Some(item) = self.catalog.get(&order.item_id)
+            {
                 item.clear_sold_out();
             }
         }
         // No receivers is fine: nobody is watching.
         let _ = self.watchers.send(Arc::new(event));
     }
+}
+
+/// Whether an order in this final state gave units back.
+fn may_free_units(status: i32) -> bool {
+    matches!(OrderStatus::try_from(status), Ok(OrderStatus::Rejected | OrderStatus::Refunded))
 }
 
 /// A consume span for an `OrderEvent`, child of the inventory span that wrote
