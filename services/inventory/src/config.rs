@@ -32,7 +32,8 @@ pub struct Config {
     /// Largest number of PostgreSQL connections.
     #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub db_pool_size: u32,
-    /// Unacknowledged orders RabbitMQ may push ahead.
+    /// Unacknowledged orders RabbitMQ may push ahead; half of it is the most
+    /// orders recorded in one transaction.
     #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = 200, value_parser = clap::value_parser!(u16).range(2..))]
     pub consumer_prefetch: u16,
     /// Batches whose first payment attempt runs at once (a batch's orders are

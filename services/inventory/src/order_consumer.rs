@@ -30,8 +30,6 @@ use crate::domain::{OrderStatus, parse_item_id, parse_order_id, parse_user_id};
 use crate::error::InventoryError;
 use crate::settlement::Settlement;
 
-/// Most orders recorded in one transaction.
-const BATCH_SIZE: usize = 100;
 /// How long a batch waits for more deliveries once it has one.
 const BATCH_LINGER: Duration = Duration::from_millis(2);
 
@@ -81,6 +79,9 @@ impl OrderConsumer {
         let _up = crate::metrics::ConsumerUp::mark();
         // Payments run beside the consumer, at most `concurrency` at once.
         let payments = Arc::new(Semaphore::new(self.options.concurrency));
+        // Most orders recorded in one transaction: half the prefetch, so the broker
+        // pushes the next batch while this one commits.
+        let batch_size = usize::from(self.options.prefetch / 2).max(1);
         loop {
             let first = tokio::select! {
                 delivery = deliveries.next() => delivery,
@@ -99,7 +100,7 @@ impl OrderConsumer {
             // BATCH_LINGER: one transaction and one ack for all of them.
             let linger = tokio::time::sleep(BATCH_LINGER);
             tokio::pin!(linger);
-            while batch.len() < BATCH_SIZE {
+            while batch.len() < batch_size {
                 tokio::select! {
                     biased;
                     delivery = deliveries.next() => batch.push(delivery.ok_or(ConsumeError::StreamEnded)??),
