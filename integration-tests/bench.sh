@@ -203,6 +203,30 @@ echo "[bench] audit (waits for every order to settle)" >&2
 load audit --inventory-db "$INVENTORY_DB" --wallet-db "$WALLET_DB" --timeout 600s >"$OUT/spans.json" 2>"$OUT/audit.txt"
 cat "$OUT/audit.txt" >&2
 
+# Where S4's time goes: per order, when the gateway admitted it (the time in its
+# UUIDv7 id), when inventory recorded it and when it became final, in ms after the
+# sale's first admission. Orders refused for funds give their unit back, and the
+# next buyer's order starts another round of the chain.
+S4_ITEM=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['item_id'])" "$OUT/sale-s4.json")
+psql "$INVENTORY_DB" -qAt -F, >"$OUT/s4-timeline.csv" <<SQL
+WITH o AS (
+  SELECT status, reject_reason, created_at, updated_at,
+    to_timestamp(('x' || lpad(substr(replace(id::text, '-', ''), 1, 12), 16, '0'))::bit(64)::bigint / 1000.0) AS admitted_at
+  FROM orders WHERE item_id = '$S4_ITEM'),
+t0 AS (SELECT min(admitted_at) AS t0 FROM o)
+SELECT round(extract(epoch FROM admitted_at - t0) * 1000), round(extract(epoch FROM created_at - t0) * 1000),
+  round(extract(epoch FROM updated_at - t0) * 1000), status, reject_reason
+FROM o, t0 ORDER BY admitted_at;
+SQL
+S4_SHAPE=$(python3 -c "
+import csv,sys
+rows=[(float(a),float(r),float(f),s) for a,r,f,s,_ in csv.reader(open(sys.argv[1]))]
+waves=sorted({round(a/20)*20 for a,_,_,_ in rows})
+lag=sorted(r-a for a,r,_,_ in rows); pay=sorted(f-r for _,r,f,_ in rows)
+print(f'{len(rows)} orders, {sum(s==\"REJECTED\" for *_,s in rows)} rejected; admitted in {len(waves)} waves (20 ms buckets), the last at +{max(a for a,*_ in rows):.0f} ms;',
+      f'median admitted->recorded {lag[len(lag)//2]:.0f} ms, recorded->final {pay[len(pay)//2]:.0f} ms')" "$OUT/s4-timeline.csv")
+echo "[bench] S4: $S4_SHAPE" >&2
+
 rss() { awk '/VmHWM/ {print int($2/1024)}' "/proc/$1/status"; }
 RSS="gateway $(rss $GATEWAY_PID) MiB, inventory $(rss $INVENTORY_PID) MiB, wallet $(rss $WALLET_PID) MiB"
 span() { python3 -c "
@@ -227,6 +251,7 @@ ratio() { python3 -c "print(f'{$1 / max($2, 1):.2f}')"; }
   echo "| S2 purchase attempts after sell-out | $S2 /s | S2/C2 = $(ratio "$S2" "$C2") (≥ 0.9) |"
   echo "| S3 orders settled per second ($S3_ORDERS orders in $S3_MS ms) | $S3 /s | S3/C3 = $(ratio "$S3" "$C3") (≥ 2) |"
   echo "| S4 first accepted → last final, 100 units, $S4_USERS buyers ($S4_ORDERS orders) | $S4_MS ms | < 500 ms |"
+  echo "| S4's shape (s4-timeline.csv) | $S4_SHAPE | |"
   echo "| REST null call (GET /healthz), $VUS users | $C2R /s | |"
   echo "| REST purchase attempts after sell-out | $S2R /s | S2/C2 over REST = $(ratio "$S2R" "$C2R") |"
   art() { echo "$(field "$1" "r['mean_rps']") ; $(field "$1" "r['latency_ms']['median']") / $(field "$1" "r['latency_ms']['p95']") / $(field "$1" "r['latency_ms']['p99']") / $(field "$1" "r['latency_ms']['max']")"; }
