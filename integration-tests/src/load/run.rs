@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use parking_lot::Mutex;
 use rand::Rng;
 use tokio::sync::Semaphore;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -19,7 +20,6 @@ use super::Phase;
 use super::seed::Sale;
 use super::stats::{Report, Stats};
 use crate::error_reason;
-use crate::suite::with_token;
 
 /// Most requests an open-loop run keeps in flight; arrivals beyond it are
 /// counted as CLIENT_SATURATED instead of piling up without bound.
@@ -70,6 +70,8 @@ struct Shared {
     healthz_url: String,
     sale: Sale,
     tokens: Vec<String>,
+    /// `authorization` values for gRPC, built once per buyer.
+    bearers: Vec<MetadataValue<Ascii>>,
     clients: Vec<FlashSaleGatewayClient<Channel>>,
     health: Vec<HealthClient<Channel>>,
     stats: Mutex<Stats>,
@@ -87,6 +89,8 @@ pub async fn run(sale: Sale, options: &RunOptions) -> anyhow::Result<Report> {
     let tokens = (0..sale.users)
         .map(|n| flashsale_gateway::auth::mint(&options.jwt_secret, &sale.user(n), false, Duration::from_secs(3600)))
         .collect::<Result<Vec<_>, _>>()?;
+    let bearers =
+        tokens.iter().map(|token| MetadataValue::try_from(format!("Bearer {token}"))).collect::<Result<Vec<_>, _>>()?;
     let health = channels.into_iter().map(HealthClient::new).collect();
     let http = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(MAX_IN_FLIGHT).build()?;
     let base = options.http_url.trim_end_matches('/');
@@ -98,6 +102,7 @@ pub async fn run(sale: Sale, options: &RunOptions) -> anyhow::Result<Report> {
         healthz_url: format!("{base}/healthz"),
         sale,
         tokens,
+        bearers,
         clients,
         health,
         stats: Mutex::new(Stats::default()),
@@ -220,7 +225,9 @@ async fn attempt(shared: &Shared, due: Instant) {
     for retry in 0..3 {
         let request =
             PurchaseRequest { item_id: shared.sale.item_id.clone(), quantity: 1, idempotency_key: key.clone() };
-        match client.purchase(with_token(request, &shared.tokens[user])).await {
+        let mut request = tonic::Request::new(request);
+        request.metadata_mut().insert("authorization", shared.bearers[user].clone());
+        match client.purchase(request).await {
             Ok(_) => {
                 outcome = "ACCEPTED".into();
                 break;
