@@ -88,18 +88,24 @@ pub async fn seed(options: &SeedOptions) -> anyhow::Result<Sale> {
             let user = sale.user(u32::try_from(n).unwrap_or(u32::MAX));
             let token = token.clone();
             async move {
-                admin
-                    .top_up(with_token(
-                        TopUpRequest {
-                            user_id: user.clone(),
-                            amount: Some(Money { currency: "USD".into(), amount_minor: balance }),
-                            idempotency_key: format!("seed:{user}"),
-                        },
-                        &token,
-                    ))
-                    .await
-                    .with_context(|| format!("topping up {user}"))?;
-                Ok(())
+                let request = TopUpRequest {
+                    user_id: user.clone(),
+                    amount: Some(Money { currency: "USD".into(), amount_minor: balance }),
+                    idempotency_key: format!("seed:{user}"),
+                };
+                // As the API asks: UNAVAILABLE is retried under the same key (seen when
+                // a call raced the wallet closing an old connection, max_connection_age).
+                let mut retries: u64 = 0;
+                loop {
+                    match admin.top_up(with_token(request.clone(), &token)).await {
+                        Ok(_) => return Ok(()),
+                        Err(status) if status.code() == tonic::Code::Unavailable && retries < 5 => {
+                            retries += 1;
+                            tokio::time::sleep(Duration::from_millis(100 * retries)).await;
+                        }
+                        Err(status) => return Err(status).with_context(|| format!("topping up {user}")),
+                    }
+                }
             }
         })
         .buffer_unordered(64)
