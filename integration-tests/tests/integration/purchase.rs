@@ -269,8 +269,15 @@ async fn after_the_sell_out_only_key_holders_need_redis_and_a_returned_unit_star
     // refund, {bob}, would have said SOLD_OUT), and dana is turned away.
     let retry = purchase("carl", carl_key).await?;
     assert_eq!(retry.order_id, carl.order_id);
-    let status = purchase("dana", "dana-1".into()).await.expect_err("sold out again");
-    assert_eq!(reason_of(&status), "SOLD_OUT");
+    match purchase("dana", "dana-1".into()).await {
+        Err(status) => assert_eq!(reason_of(&status), "SOLD_OUT"),
+        // Redis can offer a returned unit twice when the refresher's resync races the
+        // refund's event (a known over-offer); PostgreSQL refuses the second sale.
+        Ok(dana) => {
+            let order = final_order(&suite, "dana", &dana.order_id, Duration::from_secs(20)).await?;
+            assert_eq!((order.status(), order.reject_reason.as_str()), (OrderStatus::Rejected, "SOLD_OUT"));
+        }
+    }
     assert_eq!(
         final_order(&suite, "carl", &carl.order_id, Duration::from_secs(20)).await?.status(),
         OrderStatus::Confirmed

@@ -16,6 +16,7 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 
+use crate::catalog::AdmissionStamp;
 use crate::error::GatewayError;
 
 /// How long an admission record (what GetOrder shows before inventory has the order) lives.
@@ -182,14 +183,32 @@ impl Admission {
     }
 
     /// The buyers holding an idempotency key for `item_id` (each admission made
-    /// one). One HKEYS, bounded by the admissions the stock allowed; asked once
-    /// per sold-out period, so the crowd's keyed attempts need no Redis read.
-    pub async fn key_holders(&self, item_id: &str) -> Result<HashSet<String>, GatewayError> {
+    /// one), with the stamp they were read at, atomically. One HKEYS, bounded by
+    /// the admissions the stock allowed; read when an item sells out, so the
+    /// crowd's keyed attempts need no Redis read.
+    pub async fn key_holders(&self, item_id: &str) -> Result<(AdmissionStamp, HashSet<String>), GatewayError> {
         let k = self.keys(item_id);
         let mut conn = self.pool.get().await?;
-        let fields: Vec<String> = conn.hkeys(&k.idem).await?;
+        let ((version, admissions), fields): ((Option<i64>, Option<i64>), Vec<String>) = redis::pipe()
+            .atomic()
+            .hmget(&k.ready, &["version", "admissions"])
+            .hkeys(&k.idem)
+            .query_async(&mut *conn)
+            .await?;
+        let stamp = AdmissionStamp { version: version.unwrap_or(0), admissions: admissions.unwrap_or(0) };
         // Fields are "user\nkey" (admit.lua).
-        Ok(fields.into_iter().filter_map(|field| field.split_once('\n').map(|(user, _)| user.to_owned())).collect())
+        let buyers =
+            fields.into_iter().filter_map(|field| field.split_once('\n').map(|(user, _)| user.to_owned())).collect();
+        Ok((stamp, buyers))
+    }
+
+    /// The item's [`AdmissionStamp`]: one HMGET.
+    pub async fn admission_stamp(&self, item_id: &str) -> Result<AdmissionStamp, GatewayError> {
+        let k = self.keys(item_id);
+        let mut conn = self.pool.get().await?;
+        let (version, admissions): (Option<i64>, Option<i64>) =
+            conn.hmget(&k.ready, &["version", "admissions"]).await?;
+        Ok(AdmissionStamp { version: version.unwrap_or(0), admissions: admissions.unwrap_or(0) })
     }
 
     /// Undoes an admission whose order never reached the broker.
@@ -300,6 +319,21 @@ impl Admission {
         let k = self.keys(item_id);
         let mut conn = self.pool.get().await?;
         Ok(self.resync.key(&k.ready).key(&k.tokens).key(&k.admitted).arg(remaining).invoke_async(&mut *conn).await?)
+    }
+
+    /// Units Redis still offers and the [`AdmissionStamp`], or `None` when the
+    /// item's state is missing (the refresher's check of a sold-out item).
+    pub async fn sold_out_check(&self, item_id: &str) -> Result<Option<(i64, AdmissionStamp)>, GatewayError> {
+        let k = self.keys(item_id);
+        let mut conn = self.pool.get().await?;
+        let (ready, tokens, (version, admissions)): (bool, Option<i64>, (Option<i64>, Option<i64>)) = redis::pipe()
+            .exists(&k.ready)
+            .get(&k.tokens)
+            .hmget(&k.ready, &["version", "admissions"])
+            .query_async(&mut *conn)
+            .await?;
+        let stamp = AdmissionStamp { version: version.unwrap_or(0), admissions: admissions.unwrap_or(0) };
+        Ok(ready.then(|| (tokens.unwrap_or(0), stamp)))
     }
 
     /// Units Redis still offers, or `None` when the item's state is missing.

@@ -112,11 +112,12 @@ impl OrderEvents {
             tracing::Span::current().record("order.id", order.id.as_str());
         }
         match self.admission.apply_event(&event).await {
-            Ok(_) => {
+            Ok(outcome) => {
                 // The units are back in Redis now. This gateway's own notification of
                 // the same event may have cleared the flag before that, and a
                 // SOLD_OUT answered in between set it again: clear it after the fact.
-                if let Some(order) = &event.order
+                if outcome == "APPLIED"
+                    && let Some(order) = &event.order
                     && may_free_units(order.status)
                     && let Some(item) = self.catalog.get(&order.item_id)
                 {

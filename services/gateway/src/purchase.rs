@@ -156,7 +156,10 @@ impl Purchases {
         if !explicit_key {
             return Ok(false);
         }
-        let holders = item.sold_out.key_holders(|| self.admission.key_holders(&item.id)).await?;
+        let holders = item
+            .sold_out
+            .key_holders(|| self.admission.admission_stamp(&item.id), || self.admission.key_holders(&item.id))
+            .await?;
         Ok(holders.is_none_or(|holders| holders.contains(&buyer.user_id)))
     }
 

@@ -248,7 +248,8 @@ fn secret_of(config: &Config) -> &str {
 }
 
 /// A sold-out flag is a cache of Redis's answer. Clear it when Redis offers
-/// units again, or when the item's state is gone (the next attempt rebuilds it).
+/// units again, or when the item's state is gone (the next attempt rebuilds it);
+/// while it stays, forget key holders Redis has admitted past.
 /// When PostgreSQL still has units that Redis no longer offers and nothing is in
 /// flight, bring Redis back up to PostgreSQL first.
 async fn clear_stale_sold_out_flags(catalog: &Catalog, admission: &Admission) {
@@ -265,8 +266,8 @@ async fn clear_stale_sold_out_flags(catalog: &Catalog, admission: &Admission) {
                 Err(e) => tracing::debug!(error = %e, item.id = %item.id, "resync failed"),
             }
         }
-        match admission.tokens(&item.id).await {
-            Ok(Some(tokens)) if tokens <= 0 => {}
+        match admission.sold_out_check(&item.id).await {
+            Ok(Some((tokens, stamp))) if tokens <= 0 => item.sold_out.check_stamp(stamp),
             Ok(_) => item.clear_sold_out(),
             Err(e) => tracing::debug!(error = %e, item.id = %item.id, "sold-out check failed"),
         }

@@ -1,6 +1,6 @@
 -- Admits or refuses one purchase attempt, atomically (ARCHITECTURE.md, step 2).
 -- Every key is hash-tagged by item ({ITEM}) so the script runs on Redis Cluster.
--- KEYS: 1 ready, 2 tokens, 3 held, 4 inflight, 5 idem, 6 admitted
+-- KEYS: 1 ready (a hash: the state's version, the admissions count), 2 tokens, 3 held, 4 inflight, 5 idem, 6 admitted
 -- ARGV: 1 user, 2 quantity, 3 per-user limit, 4 idempotency key, 5 new order id,
 --       6 now (unix ms, for the reconciler)
 -- Returns {outcome, detail}:
@@ -36,6 +36,8 @@ redis.call('DECRBY', KEYS[2], quantity)
 redis.call('HINCRBY', KEYS[3], user, quantity)
 redis.call('HSET', KEYS[4], user, order)
 redis.call('HSET', KEYS[5], idem_field, order .. '|' .. ARGV[2])
+-- Counts admissions, so a gateway's copy of the key holders can tell it is stale.
+redis.call('HINCRBY', KEYS[1], 'admissions', 1)
 -- user, quantity, admitted-at, key: enough to release it if it is never placed.
 redis.call('HSET', KEYS[6], order, table.concat({user, ARGV[2], ARGV[6], ARGV[4]}, '\n'))
 return {'RESERVED', tostring(tokens - quantity)}
