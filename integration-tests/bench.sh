@@ -37,8 +37,10 @@ export JWT_SECRET RUST_LOG=warn AMQP_PREFIX=$TAG REDIS_KEY_PREFIX=$TAG
 WALLET_DB=$PG/${TAG}_wallet INVENTORY_DB=$PG/${TAG}_inventory
 GW=http://127.0.0.1:18051
 PIDS=()
+declare -A PERF_PIDS=()
 
 cleanup() {
+  for pid in "${PERF_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   for db in ${TAG}_wallet ${TAG}_inventory ${TAG}_pgbench; do
@@ -74,7 +76,6 @@ load() { "$BIN/flashsale-load" "$@"; }
 # (software clock: hardware counters are not available on every VM), for
 # SECONDS or until `profile_stop NAME`.
 PROFILE=${PROFILE:-0}
-declare -A PERF_PIDS=()
 profile() {
   [ "$PROFILE" = 1 ] || return 0
   perf record -a -F 499 -e cpu-clock -o "$OUT/$1.perf.data" -- sleep "${2:-3600}" >/dev/null 2>&1 &
@@ -89,11 +90,19 @@ profile_reports() {
   [ "$PROFILE" = 1 ] || return 0
   for pid in "${PERF_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   for data in "$OUT"/*.perf.data; do
+    [ -s "$data" ] || continue
     name=$(basename "$data" .perf.data)
     {
-      echo "## $name: share of all samples by process"
-      # awk, not head: head would close the pipe early and pipefail end the script.
-      perf report -i "$data" --stdio --no-children --sort comm -q 2>/dev/null | awk 'NF && n++ < 12'
+      echo "## $name: share of all samples by process (RabbitMQ's Erlang threads summed)"
+      perf report -i "$data" --stdio --no-children --sort comm -q 2>/dev/null | python3 -c "
+import re,sys
+shares={}
+for line in sys.stdin:
+    if not line.strip(): continue
+    share,name=line.split(None,1); name=name.strip()
+    name='rabbitmq' if re.search(r'_scheduler|_dirty_|_poller|^beam|^erts|_aux$', name) else name
+    shares[name]=shares.get(name,0)+float(share.rstrip('%'))
+for name,share in sorted(shares.items(), key=lambda kv: -kv[1])[:12]: print(f'{share:6.2f}%  {name}')"
       echo
       echo "## $name: hottest functions"
       perf report -i "$data" --stdio --no-children --sort comm,dso,sym -q 2>/dev/null | awk 'NF && n++ < 40'
@@ -182,9 +191,14 @@ SWEEP_BEST=0
 echo "| rate (/s) | achieved (/s) | p50 / p95 / p99 / max ms | failed |" >"$OUT/sweep.md"
 echo "|---|---|---|---|" >>"$OUT/sweep.md"
 for RATE in $SWEEP_RATES; do
-  load seed --gateway-url $GW --users 5000 >"$OUT/sale-sweep-$RATE.json"
-  load run --gateway-url $GW --sale "$OUT/sale-sweep-$RATE.json" --phase "$SWEEP_STEP@$RATE" --quiet \
-    --report "$OUT/sweep-$RATE.json" 2>/dev/null
+  # A step that cannot run ends the sweep, not the benchmark (the rest is measured already).
+  if ! load seed --gateway-url $GW --users 5000 >"$OUT/sale-sweep-$RATE.json" 2>"$OUT/sweep-$RATE.err" ||
+    ! load run --gateway-url $GW --sale "$OUT/sale-sweep-$RATE.json" --phase "$SWEEP_STEP@$RATE" --quiet \
+      --report "$OUT/sweep-$RATE.json" 2>>"$OUT/sweep-$RATE.err"; then
+    echo "| $RATE | step failed: $(tail -n 1 "$OUT/sweep-$RATE.err" | tr '|' '/') | | |" >>"$OUT/sweep.md"
+    echo "[bench]   $RATE/s: the step failed ($OUT/sweep-$RATE.err)" >&2
+    break
+  fi
   read -r ACHIEVED LAT FAILED P99_OK < <(python3 -c "
 import json,sys
 r=json.load(open(sys.argv[1])); l=r['latency_ms']
@@ -208,7 +222,7 @@ cat "$OUT/audit.txt" >&2
 # sale's first admission. Orders refused for funds give their unit back, and the
 # next buyer's order starts another round of the chain.
 S4_ITEM=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['item_id'])" "$OUT/sale-s4.json")
-psql "$INVENTORY_DB" -qAt -F, >"$OUT/s4-timeline.csv" <<SQL
+psql "$INVENTORY_DB" -v ON_ERROR_STOP=1 -qAt -F, >"$OUT/s4-timeline.csv" <<SQL
 WITH o AS (
   SELECT status, reject_reason, created_at, updated_at,
     to_timestamp(('x' || lpad(substr(replace(id::text, '-', ''), 1, 12), 16, '0'))::bit(64)::bigint / 1000.0) AS admitted_at
@@ -224,7 +238,8 @@ rows=[(float(a),float(r),float(f),s) for a,r,f,s,_ in csv.reader(open(sys.argv[1
 waves=sorted({round(a/20)*20 for a,_,_,_ in rows})
 lag=sorted(r-a for a,r,_,_ in rows); pay=sorted(f-r for _,r,f,_ in rows)
 print(f'{len(rows)} orders, {sum(s==\"REJECTED\" for *_,s in rows)} rejected; admitted in {len(waves)} waves (20 ms buckets), the last at +{max(a for a,*_ in rows):.0f} ms;',
-      f'median admitted->recorded {lag[len(lag)//2]:.0f} ms, recorded->final {pay[len(pay)//2]:.0f} ms')" "$OUT/s4-timeline.csv")
+      f'median admitted->recorded {lag[len(lag)//2]:.0f} ms, recorded->final {pay[len(pay)//2]:.0f} ms')" "$OUT/s4-timeline.csv") ||
+  S4_SHAPE="no timeline (see $OUT/s4-timeline.csv)"
 echo "[bench] S4: $S4_SHAPE" >&2
 
 rss() { awk '/VmHWM/ {print int($2/1024)}' "/proc/$1/status"; }
