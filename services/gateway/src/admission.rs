@@ -19,6 +19,14 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::AdmissionStamp;
 use crate::error::GatewayError;
 
+/// The fields of an item's `ready` hash that make its [`AdmissionStamp`].
+const STAMP_FIELDS: [&str; 2] = ["version", "admissions"];
+
+/// An [`AdmissionStamp`] from the `STAMP_FIELDS` of the `ready` hash (absent: 0).
+fn stamp_of(version: Option<i64>, admissions: Option<i64>) -> AdmissionStamp {
+    AdmissionStamp { version: version.unwrap_or(0), admissions: admissions.unwrap_or(0) }
+}
+
 /// How long an admission record (what GetOrder shows before inventory has the order) lives.
 const ORDER_RECORD_TTL_SECONDS: u64 = 24 * 3600;
 
@@ -189,13 +197,9 @@ impl Admission {
     pub async fn key_holders(&self, item_id: &str) -> Result<(AdmissionStamp, HashSet<String>), GatewayError> {
         let k = self.keys(item_id);
         let mut conn = self.pool.get().await?;
-        let ((version, admissions), fields): ((Option<i64>, Option<i64>), Vec<String>) = redis::pipe()
-            .atomic()
-            .hmget(&k.ready, &["version", "admissions"])
-            .hkeys(&k.idem)
-            .query_async(&mut *conn)
-            .await?;
-        let stamp = AdmissionStamp { version: version.unwrap_or(0), admissions: admissions.unwrap_or(0) };
+        let ((version, admissions), fields): ((Option<i64>, Option<i64>), Vec<String>) =
+            redis::pipe().atomic().hmget(&k.ready, &STAMP_FIELDS).hkeys(&k.idem).query_async(&mut *conn).await?;
+        let stamp = stamp_of(version, admissions);
         // Fields are "user\nkey" (admit.lua).
         let buyers =
             fields.into_iter().filter_map(|field| field.split_once('\n').map(|(user, _)| user.to_owned())).collect();
@@ -206,9 +210,8 @@ impl Admission {
     pub async fn admission_stamp(&self, item_id: &str) -> Result<AdmissionStamp, GatewayError> {
         let k = self.keys(item_id);
         let mut conn = self.pool.get().await?;
-        let (version, admissions): (Option<i64>, Option<i64>) =
-            conn.hmget(&k.ready, &["version", "admissions"]).await?;
-        Ok(AdmissionStamp { version: version.unwrap_or(0), admissions: admissions.unwrap_or(0) })
+        let (version, admissions): (Option<i64>, Option<i64>) = conn.hmget(&k.ready, &STAMP_FIELDS).await?;
+        Ok(stamp_of(version, admissions))
     }
 
     /// Undoes an admission whose order never reached the broker.
@@ -329,10 +332,10 @@ impl Admission {
         let (ready, tokens, (version, admissions)): (bool, Option<i64>, (Option<i64>, Option<i64>)) = redis::pipe()
             .exists(&k.ready)
             .get(&k.tokens)
-            .hmget(&k.ready, &["version", "admissions"])
+            .hmget(&k.ready, &STAMP_FIELDS)
             .query_async(&mut *conn)
             .await?;
-        let stamp = AdmissionStamp { version: version.unwrap_or(0), admissions: admissions.unwrap_or(0) };
+        let stamp = stamp_of(version, admissions);
         Ok(ready.then(|| (tokens.unwrap_or(0), stamp)))
     }
 
