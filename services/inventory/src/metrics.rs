@@ -57,3 +57,9 @@ impl Drop for ConsumerUp {
         metrics::gauge!("flashsale_consumer_up").set(0.0);
     }
 }
+
+/// A recording attempt failed transiently and is retried in place:
+/// `flashsale_order_recording_retries_total` (a database outage shows here).
+pub fn recording_retried() {
+    metrics::counter!("flashsale_order_recording_retries_total").increment(1);
+}

@@ -30,13 +30,13 @@ impl WalletError {
 }
 
 impl From<diesel::result::Error> for WalletError {
+    /// Transient by the one classification both services share (a restarted,
+    /// failed-over or overloaded server, a deadlock victim), internal otherwise.
     fn from(error: diesel::result::Error) -> Self {
-        use diesel::result::{DatabaseErrorKind, Error};
-        match error {
-            Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _) | Error::BrokenTransactionManager => {
-                Self::Unavailable(Box::new(error))
-            }
-            other => Self::Internal(Box::new(other)),
+        if flashsale_db::is_transient(&error) {
+            Self::Unavailable(Box::new(error))
+        } else {
+            Self::Internal(Box::new(error))
         }
     }
 }

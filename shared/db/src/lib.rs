@@ -1,15 +1,21 @@
 //! PostgreSQL plumbing for the services (no business rules here): a pool of
 //! diesel-async connections, embedded-migration running, and `CREATE DATABASE`
-//! for first start and for tests that want a database of their own.
+//! for first start and for tests that want a database of their own, and the one
+//! classification of transient database errors ([`is_transient`]).
+
+mod transient;
 
 use std::time::Duration;
 
 use diesel::ConnectionError;
 use diesel_async::pooled_connection::bb8::Pool;
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, PoolableConnection, RecyclingMethod,
+};
 use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness};
 use futures::FutureExt;
+pub use transient::{is_transient, transient_sqlstate};
 
 /// The pool every service uses.
 pub type PgPool = Pool<AsyncPgConnection>;
@@ -98,13 +104,32 @@ pub fn build_pool(database_url: &str, options: &PoolOptions) -> PgPool {
         }
         .boxed()
     });
+    // The check on checkout costs no round trip: it asks whether the driver's
+    // connection task has ended (the server closed the socket: a restart, a
+    // failover, an admin kill). Without it, after a restart every idle
+    // connection is handed out once more and fails its caller's query, one by
+    // one; with it, the pool opens a fresh connection instead. A ping per
+    // checkout (`Verified`) would find half-open sockets too, for a round trip
+    // on every request; those are left to the query that uses them.
+    config.recycling_method = RecyclingMethod::CustomFunction(Box::new(|conn| {
+        let closed = PoolableConnection::is_broken(conn);
+        async move {
+            if closed {
+                Err(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::ClosedConnection,
+                    Box::new("the server closed this pooled connection".to_owned()),
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        .boxed()
+    }));
     let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
     Pool::builder()
         .max_size(options.max_size)
         .connection_timeout(options.connection_timeout)
-        // A broken connection is found by the query that uses it; a ping per
-        // checkout would add a round trip to every request.
-        .test_on_check_out(false)
+        .test_on_check_out(true)
         .error_sink(Box::new(LogErrors))
         .build_unchecked(manager)
 }
