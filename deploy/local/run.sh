@@ -40,6 +40,18 @@ if [ -f "$LOGS/pids" ]; then
   sleep 1
 fi
 
+# Queue arguments are fixed when a queue is created: queues left by a version
+# without dead-letter queues cannot be declared with them. Drop such queues
+# while they are empty (a non-empty one is left for its consumers to drain).
+if command -v rabbitmqctl >/dev/null 2>&1; then
+  for queue in flashsale.orders flashsale.order-events.admission; do
+    if rabbitmqctl -q list_queues name arguments 2>/dev/null | grep -E "^$queue[[:space:]]" | grep -qv x-dead-letter-exchange; then
+      rabbitmqctl -q delete_queue --if-empty "$queue" >/dev/null 2>&1 \
+        && echo "[run] removed the empty queue $queue (declared again with its dead-letter queue)" >&2 || true
+    fi
+  done
+fi
+
 DATABASE_URL="$WALLET_DB" "$BIN/flashsale-wallet" migrate >>"$LOGS/wallet.log"
 DATABASE_URL="$INVENTORY_DB" "$BIN/flashsale-inventory" migrate >>"$LOGS/inventory.log"
 

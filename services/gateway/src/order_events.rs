@@ -1,7 +1,10 @@
-//! Consumes the order events inventory publishes (ARCHITECTURE.md, step 7):
+//! Consumes the order events inventory publishes (README, "The purchase path"):
 //! - from the shared, durable admission-events queue, the Redis side effects of
 //!   each final state (release units, clear in-flight marks), at least once and
-//!   idempotent per (order, status), by whichever gateway takes the message;
+//!   idempotent per (order, status), by whichever gateway takes the message.
+//!   An event is acked only once applied: while Redis fails it is retried in
+//!   place (the delivery stays with us), and one that can never be applied is
+//!   copied to the dead-letter queue with its reason first;
 //! - from a queue of this gateway's own, every event, to wake `WatchOrder`
 //!   streams and clear the local sold-out flag when units may have come back.
 
@@ -12,7 +15,7 @@ use flashsale_messaging::lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use flashsale_messaging::lapin::types::FieldTable;
-use flashsale_messaging::{ConsumeError, Topology};
+use flashsale_messaging::{ConfirmedPublisher, ConsumeError, Topology};
 use flashsale_proto::common::v1::OrderStatus;
 use flashsale_proto::inventory::v1::OrderEvent;
 use futures::StreamExt;
@@ -43,6 +46,8 @@ impl OrderEvents {
         let channel = connection.create_channel().await?;
         self.topology.declare(&channel).await?;
         channel.basic_qos(100, BasicQosOptions::default()).await?;
+        // Its own channel: dead-letter copies wait for their confirms.
+        let dead_letters = ConfirmedPublisher::new(&connection, Duration::from_secs(5)).await?;
         let mut shared = channel
             .basic_consume(
                 self.topology.admission_events_queue.as_str().into(),
@@ -81,7 +86,7 @@ impl OrderEvents {
                 delivery = shared.next() => match delivery {
                     Some(Ok(delivery)) => {
                         let span = event_span("order.event.apply", &delivery);
-                        self.apply(delivery).instrument(span).await;
+                        self.apply(delivery, &dead_letters, shutdown).instrument(span).await;
                     }
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(ConsumeError::StreamEnded),
@@ -102,38 +107,74 @@ impl OrderEvents {
         }
     }
 
-    async fn apply(&self, delivery: flashsale_messaging::lapin::message::Delivery) {
+    async fn apply(
+        &self,
+        delivery: flashsale_messaging::lapin::message::Delivery,
+        dead_letters: &ConfirmedPublisher,
+        shutdown: &CancellationToken,
+    ) {
         let Ok(event) = OrderEvent::decode(delivery.data.as_slice()) else {
-            tracing::error!("undecodable OrderEvent dropped");
-            let _ = delivery.ack(BasicAckOptions::default()).await;
+            self.set_aside(&delivery, dead_letters, "undecodable: not an OrderEvent").await;
             return;
         };
         if let Some(order) = &event.order {
             tracing::Span::current().record("order.id", order.id.as_str());
         }
-        match self.admission.apply_event(&event).await {
-            Ok(outcome) => {
-                // The units are back in Redis now. This gateway's own notification of
-                // the same event may have cleared the flag before that, and a
-                // SOLD_OUT answered in between set it again: clear it after the fact.
-                if outcome == "APPLIED"
-                    && let Some(order) = &event.order
-                    && may_free_units(order.status)
-                    && let Some(item) = self.catalog.get(&order.item_id)
-                {
-                    item.clear_sold_out();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.admission.apply_event(&event).await {
+                Ok(outcome) => {
+                    // The units are back in Redis now. This gateway's own notification of
+                    // the same event may have cleared the flag before that, and a
+                    // SOLD_OUT answered in between set it again: clear it after the fact.
+                    if outcome == "APPLIED"
+                        && let Some(order) = &event.order
+                        && may_free_units(order.status)
+                        && let Some(item) = self.catalog.get(&order.item_id)
+                    {
+                        item.clear_sold_out();
+                    }
+                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                    return;
                 }
-                let _ = delivery.ack(BasicAckOptions::default()).await;
+                Err(e @ GatewayError::Unavailable(_)) => {
+                    // Redis is down or restarting: the event waits here, unacked, so
+                    // the outage does not count against its delivery limit.
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "applying an order event to Redis failed; retrying");
+                }
+                Err(e) => {
+                    tracing::error!(error = ?e, "order event cannot be applied");
+                    self.set_aside(&delivery, dead_letters, &format!("unappliable: {}", e.reason())).await;
+                    return;
+                }
             }
-            Err(e @ GatewayError::Unavailable(_)) => {
-                tracing::warn!(error = %e, "applying an order event to Redis failed; requeueing");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                // Unacked, the event goes back to the queue when the channel closes.
+                () = shutdown.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Copies an event that can never be applied to the dead-letter queue, then
+    /// acks it; requeues it if the copy failed (past the delivery limit the
+    /// broker dead-letters it itself).
+    async fn set_aside(
+        &self,
+        delivery: &flashsale_messaging::lapin::message::Delivery,
+        dead_letters: &ConfirmedPublisher,
+        reason: &str,
+    ) {
+        let queue = &self.topology.admission_events_queue;
+        match flashsale_messaging::dead_letter(dead_letters, &self.topology, queue, delivery, reason).await {
+            Ok(()) => {
+                tracing::error!(reason, "order event dead-lettered");
+                let _ = delivery.ack(BasicAckOptions::default()).await;
             }
             Err(e) => {
-                // A malformed event will not improve on redelivery.
-                tracing::error!(error = ?e, "order event cannot be applied; dropping it");
-                let _ = delivery.ack(BasicAckOptions::default()).await;
+                tracing::warn!(error = %e, reason, "dead-lettering an order event failed; requeueing it");
+                let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
             }
         }
     }

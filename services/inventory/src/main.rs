@@ -24,6 +24,36 @@ enum Command {
     Serve,
     /// Create the database if it is missing, apply pending migrations, exit.
     Migrate,
+    /// Messages set aside for good (undecodable, unknown item, refused by the
+    /// database, or past the delivery limit), per queue.
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetters {
+    /// Print each dead-lettered message's reason and payload (left in place).
+    List {
+        #[arg(long, value_enum, default_value_t = Queue::Orders)]
+        queue: Queue,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        max: usize,
+    },
+    /// Move every dead-lettered message back to its queue (after fixing the cause).
+    Replay {
+        #[arg(long, value_enum, default_value_t = Queue::Orders)]
+        queue: Queue,
+    },
+}
+
+/// The work queues that have a dead-letter queue.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Queue {
+    /// `OrderPlaced`, gateway → inventory.
+    Orders,
+    /// `OrderEvent`, inventory → gateways (the Redis side effects).
+    OrderEvents,
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,7 +70,53 @@ async fn run() -> std::process::ExitCode {
                 app.run_until_stopped(flashsale_server::shutdown_signal()).await
             }
             Command::Migrate => Ok(flashsale_db::create_and_migrate(&cli.config.database_url, MIGRATIONS).await?),
+            Command::DeadLetters(command) => dead_letters(&cli.config, command).await,
         }
     })
     .await
+}
+
+async fn dead_letters(config: &Config, command: DeadLetters) -> anyhow::Result<()> {
+    use std::io::Write;
+    let topology = flashsale_messaging::Topology::with_prefix(&config.amqp_prefix);
+    let queue = |queue: Queue| match queue {
+        Queue::Orders => topology.orders_queue.clone(),
+        Queue::OrderEvents => topology.admission_events_queue.clone(),
+    };
+    let connection = flashsale_messaging::connect(&config.amqp_addr, "inventory-dead-letters").await?;
+    let channel = connection.create_channel().await?;
+    topology.declare(&channel).await?;
+    let mut out = std::io::stdout().lock();
+    match command {
+        DeadLetters::List { queue: which, max } => {
+            let name = queue(which);
+            let letters = flashsale_messaging::list_dead_letters(&connection, &name, max).await?;
+            for letter in &letters {
+                writeln!(out, "{}\t{}", letter.reason, describe(which, &letter.payload))?;
+            }
+            writeln!(
+                out,
+                "{} dead-lettered message(s) in {}",
+                letters.len(),
+                flashsale_messaging::Topology::dead_letter_queue(&name)
+            )?;
+        }
+        DeadLetters::Replay { queue: which } => {
+            let name = queue(which);
+            let moved = flashsale_messaging::replay_dead_letters(&connection, &name).await?;
+            writeln!(out, "{moved} message(s) moved back to {name}")?;
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
+    Ok(())
+}
+
+/// One line about a payload: the decoded message, or its size when it does not decode.
+fn describe(queue: Queue, payload: &[u8]) -> String {
+    use prost::Message;
+    let decoded = match queue {
+        Queue::Orders => flashsale_proto::inventory::v1::OrderPlaced::decode(payload).map(|m| format!("{m:?}")),
+        Queue::OrderEvents => flashsale_proto::inventory::v1::OrderEvent::decode(payload).map(|m| format!("{m:?}")),
+    };
+    decoded.unwrap_or_else(|_| format!("<{} undecodable bytes>", payload.len()))
 }

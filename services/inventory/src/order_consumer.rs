@@ -1,6 +1,15 @@
-//! Consumes `OrderPlaced` from the orders quorum queue: records each order in
-//! PostgreSQL (one transaction per message, idempotent by order id), acks only
-//! after the commit, then makes the first payment attempt.
+//! Consumes `OrderPlaced` from the orders quorum queue: records a batch of
+//! orders in PostgreSQL (one transaction per batch, idempotent by order id),
+//! acks only after the commit, then makes the first payment attempt.
+//!
+//! No message is ever dropped:
+//! - a transient database failure (restart, failover, deadlock) is retried in
+//!   place with back-off while the deliveries stay unacked with us, so an outage
+//!   does not count against the messages' delivery limit;
+//! - a batch that fails for good is recorded order by order, and an order that
+//!   cannot be recorded, cannot be decoded or names an unknown item is copied to
+//!   the dead-letter queue with its reason before its delivery is acked
+//!   (`flashsale-inventory dead-letters` lists and replays them).
 //!
 //! The stream ending (the broker cancelled us, the connection dropped) is a
 //! fault: the supervisor loop reconnects with back-off. Redelivered messages are
@@ -12,11 +21,9 @@ use std::time::Duration;
 
 use flashsale_db::PgPool;
 use flashsale_messaging::lapin::message::Delivery;
-use flashsale_messaging::lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
-};
+use flashsale_messaging::lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use flashsale_messaging::lapin::types::FieldTable;
-use flashsale_messaging::{ConsumeError, Topology};
+use flashsale_messaging::{ConfirmedPublisher, ConsumeError, Topology};
 use flashsale_proto::common::v1::Money;
 use flashsale_proto::inventory::v1::OrderPlaced;
 use futures::StreamExt;
@@ -38,7 +45,8 @@ const BATCH_LINGER: Duration = Duration::from_millis(2);
 pub struct ConsumerOptions {
     pub amqp_addr: String,
     pub topology: Topology,
-    /// Unacknowledged messages the broker may push ahead (never 1: see PITFALLS.md).
+    /// Unacknowledged messages the broker may push ahead (never 1: one message
+    /// per round trip is a tenth of the throughput, integration-tests/BENCHMARKS.md).
     pub prefetch: u16,
     /// First payment attempts running at once.
     pub concurrency: usize,
@@ -67,6 +75,8 @@ impl OrderConsumer {
         let channel = connection.create_channel().await?;
         self.options.topology.declare(&channel).await?;
         channel.basic_qos(self.options.prefetch, BasicQosOptions::default()).await?;
+        // Its own channel: dead-letter copies wait for their confirms.
+        let dead_letters = ConfirmedPublisher::new(&connection, Duration::from_secs(5)).await?;
         let mut deliveries = channel
             .basic_consume(
                 self.options.topology.orders_queue.as_str().into(),
@@ -107,13 +117,19 @@ impl OrderConsumer {
                     () = &mut linger => break,
                 }
             }
-            self.handle_batch(batch, &payments).await;
+            self.handle_batch(batch, &payments, &dead_letters, shutdown).await;
         }
     }
 
     /// Records a batch in one transaction, acks it with one multiple-ack, then
     /// starts the first payment attempt of every order it now holds.
-    async fn handle_batch(&self, batch: Vec<Delivery>, payments: &Arc<Semaphore>) {
+    async fn handle_batch(
+        &self,
+        batch: Vec<Delivery>,
+        payments: &Arc<Semaphore>,
+        dead_letters: &ConfirmedPublisher,
+        shutdown: &CancellationToken,
+    ) {
         let mut accepted = Vec::with_capacity(batch.len());
         let mut spans = HashMap::with_capacity(batch.len());
         for delivery in batch {
@@ -140,10 +156,7 @@ impl OrderConsumer {
                     spans.insert(placed.id, span);
                     accepted.push((delivery, placed));
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "undecodable OrderPlaced; rejecting it");
-                    let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
-                }
+                Err(e) => self.set_aside(dead_letters, &delivery, &format!("undecodable: {e}")).await,
             }
         }
         let Some((last, _)) = accepted.last() else { return };
@@ -157,31 +170,34 @@ impl OrderConsumer {
             placed.iter().filter_map(|p| spans.get(&p.id)),
             placed.len(),
         );
-        let recorded = async {
-            let mut conn = self.pool.get().await?;
-            orders::record_batch(&mut conn, &placed).await
-        }
-        .instrument(record_span)
-        .await;
+        let recorded = self
+            .retrying_while_transient(shutdown, || async {
+                let mut conn = self.pool.get().await?;
+                orders::record_batch(&mut conn, &placed).await
+            })
+            .instrument(record_span)
+            .await;
         let recorded = match recorded {
-            Ok(recorded) => recorded,
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, orders = placed.len(), "recording a batch failed; requeueing it");
-                // A pause keeps a failing database from turning into a hot redelivery loop.
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let _ = acker.nack(BasicNackOptions { multiple: true, requeue: true }).await;
-                return;
-            }
-            Err(e) => {
+            Some(Ok(recorded)) => recorded,
+            // Shutting down: the unacked deliveries go back to the queue.
+            None => return,
+            Some(Err(e)) => {
                 // One bad order must not sink the others: record them one by one.
                 tracing::error!(error = ?e, orders = placed.len(), "recording a batch failed; recording its orders one by one");
                 for (delivery, placed) in accepted {
                     let span = spans.remove(&placed.id).unwrap_or_else(Span::none);
-                    self.handle_one(delivery, placed, payments).instrument(span).await;
+                    self.handle_one(delivery, placed, payments, dead_letters, shutdown).instrument(span).await;
                 }
                 return;
             }
         };
+        // Orders for items inventory does not know are set aside before the ack.
+        for ((delivery, placed), outcome) in accepted.iter().zip(&recorded) {
+            if matches!(outcome, Recorded::UnknownItem) {
+                let reason = format!("unknown-item: {}", placed.item_id);
+                self.dead_letter_or_requeue(dead_letters, delivery, &reason).await;
+            }
+        }
         // Every earlier delivery on this channel is settled already (batches are
         // handled one at a time), so one multiple-ack covers exactly this batch.
         if let Err(e) = acker.ack(BasicAckOptions { multiple: true }).await {
@@ -198,6 +214,36 @@ impl OrderConsumer {
         self.pay_later(to_pay, payments).await;
     }
 
+    /// Runs `attempt` until it succeeds or fails for good, backing off (100 ms
+    /// doubling to 5 s) while it fails transiently: the database restarting or
+    /// failing over is a matter of seconds, and the deliveries wait with us.
+    /// `None` when shutdown came first.
+    async fn retrying_while_transient<T, F, Fut>(
+        &self,
+        shutdown: &CancellationToken,
+        mut attempt: F,
+    ) -> Option<Result<T, InventoryError>>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, InventoryError>>,
+    {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match attempt().await {
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "recording failed; retrying");
+                    crate::metrics::recording_retried();
+                }
+                outcome => return Some(outcome),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = shutdown.cancelled() => return None,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
     /// What follows a recorded order: the order back if it is to be paid, a
     /// wake-up for the outbox relay if it was rejected.
     fn after_recording(&self, outcome: Recorded) -> Option<crate::db::models::Order> {
@@ -210,39 +256,71 @@ impl OrderConsumer {
                 self.outbox_ready.notify_one();
                 None
             }
-            Recorded::Existing(_) => None,
-            Recorded::UnknownItem => {
-                tracing::error!("order for an unknown item dropped");
-                None
-            }
+            // Set aside in the dead-letter queue by the caller.
+            Recorded::Existing(_) | Recorded::UnknownItem => None,
         }
     }
 
-    /// Records one order on its own transaction and acks or rejects its delivery alone.
-    async fn handle_one(&self, delivery: Delivery, placed: Placed, payments: &Arc<Semaphore>) {
-        let recorded = async {
-            let mut conn = self.pool.get().await?;
-            orders::record_placed(&mut conn, &placed).await
-        }
-        .await;
+    /// Records one order on its own transaction and acks its delivery alone.
+    async fn handle_one(
+        &self,
+        delivery: Delivery,
+        placed: Placed,
+        payments: &Arc<Semaphore>,
+        dead_letters: &ConfirmedPublisher,
+        shutdown: &CancellationToken,
+    ) {
+        let recorded = self
+            .retrying_while_transient(shutdown, || async {
+                let mut conn = self.pool.get().await?;
+                orders::record_placed(&mut conn, &placed).await
+            })
+            .await;
         match recorded {
-            Ok(recorded) => {
+            None => {}
+            Some(Ok(Recorded::UnknownItem)) => {
+                self.set_aside(dead_letters, &delivery, &format!("unknown-item: {}", placed.item_id)).await;
+            }
+            Some(Ok(recorded)) => {
                 let _ = delivery.ack(BasicAckOptions::default()).await;
                 if let Some(order) = self.after_recording(recorded) {
                     self.pay_later(vec![(order, Span::current())], payments).await;
                 }
             }
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, order.id = %placed.id, "recording failed; requeueing");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+            Some(Err(e)) => {
+                // Not going to succeed on redelivery: keep it where an operator sees it.
+                tracing::error!(error = ?e, order.id = %placed.id, "recording failed for good; dead-lettering the message");
+                self.set_aside(dead_letters, &delivery, "record-failed: the database refused the order").await;
+            }
+        }
+    }
+
+    /// Copies `delivery` to the dead-letter queue, then acks it.
+    async fn set_aside(&self, dead_letters: &ConfirmedPublisher, delivery: &Delivery, reason: &str) {
+        if self.dead_letter_or_requeue(dead_letters, delivery, reason).await {
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+        }
+    }
+
+    /// Copies `delivery` to the dead-letter queue; on failure requeues it (it
+    /// comes back, and past the delivery limit the broker dead-letters it
+    /// itself). Whether the copy is safe in the dead-letter queue.
+    async fn dead_letter_or_requeue(
+        &self,
+        dead_letters: &ConfirmedPublisher,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> bool {
+        let queue = &self.options.topology.orders_queue;
+        match flashsale_messaging::dead_letter(dead_letters, &self.options.topology, queue, delivery, reason).await {
+            Ok(()) => {
+                tracing::error!(reason, delivery.tag = delivery.delivery_tag, "order message dead-lettered");
+                true
             }
             Err(e) => {
-                // Not going to succeed on redelivery: reject it (a dead-letter exchange
-                // on the queue keeps it; the gateway's reconciler republishes any
-                // admission inventory never recorded).
-                tracing::error!(error = ?e, order.id = %placed.id, "recording failed for good; rejecting the message");
-                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                tracing::warn!(error = %e, reason, "dead-lettering failed; requeueing the message");
+                let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+                false
             }
         }
     }

@@ -19,8 +19,21 @@ use tokio_util::sync::CancellationToken;
 /// Routing key prefix of order events: `order.<status>` (e.g. `order.confirmed`).
 pub const ORDER_EVENT_ROUTING_PREFIX: &str = "order.";
 
-/// Names of the queues and exchange, all derived from one prefix so a test (or a
-/// second suite on the same broker) can have its own.
+/// How many times a quorum queue delivers one message before it dead-letters
+/// it. Set explicitly: RabbitMQ 4 defaults to 20 and, without a dead-letter
+/// exchange, then drops the message. Our consumers retry a failing dependency
+/// in place (the delivery stays with them), so only crashes and shutdowns
+/// mid-message count here: 50 of those in a row mark a message as poison.
+pub const DELIVERY_LIMIT: i64 = 50;
+
+/// Header a dead-lettered message carries with the reason it was set aside
+/// (besides the broker's own `x-death` when the broker dead-lettered it).
+pub const DEAD_LETTER_REASON_HEADER: &str = "x-flashsale-dead-letter-reason";
+/// Header a dead-lettered message carries with the queue it came from.
+pub const DEAD_LETTER_QUEUE_HEADER: &str = "x-flashsale-dead-letter-queue";
+
+/// Names of the queues and exchanges, all derived from one prefix so a test (or
+/// a second suite on the same broker) can have its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     /// Durable quorum queue of `OrderPlaced`, gateway → inventory.
@@ -30,6 +43,9 @@ pub struct Topology {
     /// Durable quorum queue of every `OrderEvent`, shared by all gateways: the
     /// Redis side effects of final states (at least once, idempotent per order).
     pub admission_events_queue: String,
+    /// Durable direct exchange that every queue above dead-letters into, with
+    /// the routing key [`Topology::dead_letter_queue`] of the queue.
+    pub dead_letter_exchange: String,
 }
 
 impl Topology {
@@ -38,13 +54,49 @@ impl Topology {
             orders_queue: format!("{prefix}.orders"),
             events_exchange: format!("{prefix}.order-events"),
             admission_events_queue: format!("{prefix}.order-events.admission"),
+            dead_letter_exchange: format!("{prefix}.dead-letter"),
         }
     }
 
+    /// The durable queues that hold work (each has a dead-letter queue).
+    pub fn work_queues(&self) -> [&str; 2] {
+        [self.orders_queue.as_str(), self.admission_events_queue.as_str()]
+    }
+
+    /// Where messages of `queue` go when they are set aside for good: `<queue>.dead`.
+    pub fn dead_letter_queue(queue: &str) -> String {
+        format!("{queue}.dead")
+    }
+
     /// Declares everything (idempotent: every party declares on connect).
+    ///
+    /// Queue arguments are fixed at creation: a broker that still holds these
+    /// queues from a version without dead-lettering refuses the declaration
+    /// (`PRECONDITION_FAILED`); delete the old queues once they are drained.
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
         let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-        channel.queue_declare(self.orders_queue.as_str().into(), durable, quorum()).await?;
+        channel
+            .exchange_declare(
+                self.dead_letter_exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        for queue in self.work_queues() {
+            let dead = Self::dead_letter_queue(queue);
+            channel.queue_declare(dead.as_str().into(), durable, quorum()).await?;
+            channel
+                .queue_bind(
+                    dead.as_str().into(),
+                    self.dead_letter_exchange.as_str().into(),
+                    dead.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            channel.queue_declare(queue.into(), durable, self.work_queue_arguments(queue)).await?;
+        }
         channel
             .exchange_declare(
                 self.events_exchange.as_str().into(),
@@ -53,7 +105,6 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        channel.queue_declare(self.admission_events_queue.as_str().into(), durable, quorum()).await?;
         channel
             .queue_bind(
                 self.admission_events_queue.as_str().into(),
@@ -65,14 +116,66 @@ impl Topology {
             .await?;
         Ok(())
     }
+
+    /// A quorum queue that dead-letters into `<queue>.dead` past [`DELIVERY_LIMIT`].
+    fn work_queue_arguments(&self, queue: &str) -> FieldTable {
+        let mut arguments = quorum();
+        arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+        arguments
+            .insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_letter_exchange.as_str().into()));
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(Self::dead_letter_queue(queue).as_str().into()),
+        );
+        arguments
+    }
 }
 
 /// Quorum queues: replicated, and faster than classic queues for persistent
-/// messages with confirms on this kind of machine (see PITFALLS.md).
+/// messages with confirms on this kind of machine (integration-tests/BENCHMARKS.md).
 fn quorum() -> FieldTable {
     let mut arguments = FieldTable::default();
     arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
     arguments
+}
+
+/// Sets a message aside for good: publishes a copy (same payload and headers,
+/// plus the reason and the queue it came from) to the dead-letter queue of
+/// `queue`, and waits for the broker's confirm. The caller acks the original
+/// only after this returns `Ok`, so a crash in between leaves it queued (it may
+/// then be dead-lettered twice; replaying is idempotent by order id).
+pub async fn dead_letter(
+    publisher: &ConfirmedPublisher,
+    topology: &Topology,
+    queue: &str,
+    delivery: &lapin::message::Delivery,
+    reason: &str,
+) -> Result<(), PublishError> {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(DEAD_LETTER_REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+    headers.insert(DEAD_LETTER_QUEUE_HEADER.into(), AMQPValue::LongString(queue.into()));
+    publisher
+        .publish(&topology.dead_letter_exchange, &Topology::dead_letter_queue(queue), &delivery.data, headers)
+        .await?;
+    metrics::counter!("flashsale_dead_lettered_total", "queue" => queue_kind(topology, queue), "reason" => reason_kind(reason))
+        .increment(1);
+    Ok(())
+}
+
+/// A bounded label for a queue name (the prefix varies per deployment and test).
+fn queue_kind(topology: &Topology, queue: &str) -> &'static str {
+    if queue == topology.orders_queue {
+        "orders"
+    } else if queue == topology.admission_events_queue {
+        "order-events"
+    } else {
+        "other"
+    }
+}
+
+/// A bounded label for a reason: its first word (reasons are `word: detail`).
+fn reason_kind(reason: &str) -> String {
+    reason.split([':', ' ']).next().unwrap_or("unknown").to_owned()
 }
 
 /// Opens a connection, naming it after the service in the broker's UI.
@@ -237,4 +340,89 @@ mod header_tests {
         assert_eq!(extractor.keys(), vec!["traceparent"]);
         assert_eq!(HeaderExtractor(None).get("traceparent"), None);
     }
+}
+
+/// One message held in a dead-letter queue, as `dead-letters list` prints it.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Why it was set aside: our reason header, or the broker's `x-death`
+    /// reason (`delivery_limit`, `rejected`, …) when the broker moved it.
+    pub reason: String,
+    pub payload: Vec<u8>,
+}
+
+/// Reads up to `max` messages of `queue`'s dead-letter queue without removing
+/// them (they are returned to it when the channel closes).
+pub async fn list_dead_letters(
+    connection: &Connection,
+    queue: &str,
+    max: usize,
+) -> Result<Vec<DeadLetter>, lapin::Error> {
+    use lapin::options::BasicGetOptions;
+    let channel = connection.create_channel().await?;
+    let dead = Topology::dead_letter_queue(queue);
+    let mut found = Vec::new();
+    while found.len() < max {
+        let Some(message) = channel.basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false }).await? else {
+            break;
+        };
+        let delivery = message.delivery;
+        found.push(DeadLetter {
+            reason: dead_letter_reason(delivery.properties.headers().as_ref()),
+            payload: delivery.data,
+        });
+    }
+    // Unacked: closing the channel puts every message back.
+    channel.close(200, "listed".into()).await?;
+    Ok(found)
+}
+
+/// Moves every message of `queue`'s dead-letter queue back to `queue` (each
+/// published with a confirm before it is acked, so none is lost if this stops
+/// half-way). Returns how many were moved. Consumers are idempotent per order,
+/// so replaying a message that had been applied after all changes nothing.
+pub async fn replay_dead_letters(connection: &Connection, queue: &str) -> Result<usize, PublishError> {
+    use lapin::options::{BasicAckOptions, BasicGetOptions};
+    let channel = connection.create_channel().await?;
+    let publisher = ConfirmedPublisher::new(connection, Duration::from_secs(10)).await?;
+    let dead = Topology::dead_letter_queue(queue);
+    let mut moved = 0;
+    while let Some(message) = channel.basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false }).await? {
+        let delivery = message.delivery;
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let mut kept = FieldTable::default();
+        for (key, value) in headers.inner() {
+            // A replayed message starts afresh: no stale reason, no death history.
+            if !matches!(key.as_str(), DEAD_LETTER_REASON_HEADER | DEAD_LETTER_QUEUE_HEADER | "x-death") {
+                kept.insert(key.clone(), value.clone());
+            }
+        }
+        headers = kept;
+        publisher.publish("", queue, &delivery.data, headers).await?;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        moved += 1;
+    }
+    channel.close(200, "replayed".into()).await?;
+    Ok(moved)
+}
+
+/// The reason a dead-lettered message carries (ours first, then the broker's).
+fn dead_letter_reason(headers: Option<&FieldTable>) -> String {
+    let Some(headers) = headers else { return "unknown".into() };
+    let text = |value: &AMQPValue| match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    };
+    if let Some(reason) = headers.inner().get(DEAD_LETTER_REASON_HEADER).and_then(text) {
+        return reason;
+    }
+    // x-death: an array of tables, newest first, each with a `reason`.
+    if let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death")
+        && let Some(AMQPValue::FieldTable(death)) = deaths.as_slice().first()
+        && let Some(reason) = death.inner().get("reason").and_then(text)
+    {
+        return format!("broker: {reason}");
+    }
+    "unknown".into()
 }
