@@ -21,6 +21,9 @@ use crate::error::GatewayError;
 use crate::purchase::{Purchases, public_status, validate_item_id};
 use crate::upstream::{Upstreams, request};
 
+/// Prefix of every top-up's key in the wallet (the operator's key follows it).
+pub const TOP_UP_KEY_PREFIX: &str = "top-up:";
+
 /// How often an order watch re-reads the order in case an event was missed
 /// (consumer reconnecting, broadcast lag).
 const WATCH_RECHECK: Duration = Duration::from_secs(2);
@@ -278,8 +281,14 @@ impl Gateway {
     pub async fn top_up(&self, caller: &Principal, req: TopUpRequest) -> Result<TopUpResponse, GatewayError> {
         caller.require_admin()?;
         let TopUpRequest { user_id, amount, idempotency_key } = req;
-        let idempotency_key =
-            if idempotency_key.is_empty() { format!("top-up:{}", uuid::Uuid::now_v7()) } else { idempotency_key };
+        // The wallet has one key space for every movement; top-ups get their own
+        // corner of it, so an operator's key can never equal a purchase's debit
+        // key (the order id) or a refund's (`refund:<order id>`) and block it.
+        let idempotency_key = if idempotency_key.is_empty() {
+            format!("{TOP_UP_KEY_PREFIX}auto:{}", uuid::Uuid::now_v7())
+        } else {
+            format!("{TOP_UP_KEY_PREFIX}{idempotency_key}")
+        };
         let reply = self
             .upstreams
             .wallet

@@ -61,6 +61,10 @@ pub struct Config {
     /// Seconds in-flight calls get to finish after SIGTERM.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
+    /// An admission inventory has not recorded after this long is published
+    /// again (its first publish died with the gateway or had no confirm).
+    #[arg(long, env = "UNRECORDED_GRACE_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub unrecorded_grace_ms: u64,
 }
 
 impl Config {
@@ -92,6 +96,7 @@ impl Config {
             purchase_rate_per_second: 0,
             purchase_burst: 10,
             shutdown_grace_seconds: 5,
+            unrecorded_grace_ms: 60_000,
         }
     }
 

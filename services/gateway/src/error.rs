@@ -1,5 +1,5 @@
 //! The gateway's one error type and its mapping onto gRPC statuses (the
-//! error table of ARCHITECTURE.md). Clients get a reason and a fixed message;
+//! README's error table). Clients get a reason and a fixed message;
 //! the cause of an internal or unavailable error is logged once, here.
 
 use tonic::{Code, Status};
@@ -67,12 +67,15 @@ impl GatewayError {
         Self::InvalidArgument { field, description: description.into() }
     }
 
-    /// Classifies a status returned by inventory or wallet.
+    /// Classifies a status returned by inventory or wallet. Business
+    /// rejections pass through; everything else is the neighbour (or the link
+    /// to it) failing, which the caller may retry: a killed or restarting
+    /// process ("transport error", "broken pipe"), a graceful GOAWAY racing the
+    /// call, a reset connection, a timeout, or the neighbour's own internal
+    /// error. Those are `UNAVAILABLE`, never `INTERNAL` (every call the gateway
+    /// forwards is a read or idempotent by key).
     pub fn from_upstream(status: Status) -> Self {
         match status.code() {
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted => {
-                Self::Unavailable(Box::new(status))
-            }
             Code::InvalidArgument
             | Code::NotFound
             | Code::AlreadyExists
@@ -80,7 +83,16 @@ impl GatewayError {
             | Code::PermissionDenied
             | Code::Unauthenticated
             | Code::OutOfRange => Self::Upstream(status),
-            _ => Self::Internal(Box::new(status)),
+            Code::Ok
+            | Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::ResourceExhausted
+            | Code::Unknown
+            | Code::Internal
+            | Code::Aborted
+            | Code::Unimplemented
+            | Code::DataLoss => Self::Unavailable(Box::new(status)),
         }
     }
 }

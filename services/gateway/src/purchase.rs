@@ -263,7 +263,13 @@ impl Purchases {
     /// Steps 3–4 for a fresh reservation.
     async fn place(&self, buyer: &Principal, attempt: &Attempt) -> Result<PurchaseResponse, GatewayError> {
         let record = self.record(buyer, attempt, &attempt.order_id)?;
-        self.admission.save_record(&record).await?;
+        // The record only lets GetOrder answer PENDING before inventory has the
+        // order. The units are reserved already, so failing here would answer
+        // "nothing bought" for an admission the reconciler later publishes:
+        // carry on, and GetOrder learns the order from inventory once recorded.
+        if let Err(e) = self.admission.save_record(&record).await {
+            tracing::warn!(error = %e, order.id = %attempt.order_id, "could not save the admission record; publishing anyway");
+        }
         match self.publisher.publish(&placed_message(&record)).await {
             Ok(()) => {}
             Err(PublishFailure::NotSent(error)) => {
@@ -281,10 +287,12 @@ impl Purchases {
                 return Err(GatewayError::Unavailable(Box::new(error)));
             }
             Err(PublishFailure::Unknown(error)) => {
-                // Perhaps queued. Keep the reservation and the key: a retry under the
-                // same key publishes this very order again (inventory keeps one copy),
-                // and the reconciler does the same if the buyer never retries.
-                return Err(GatewayError::Unavailable(Box::new(error)));
+                // Perhaps queued, and if not, the reconciler publishes the kept
+                // reservation after its grace (inventory keeps one copy per order
+                // id). Either way the order goes through, so the buyer is told so,
+                // with its id to follow: answering UNAVAILABLE here would tell a
+                // buyer "nothing was bought" who is charged a minute later.
+                tracing::warn!(error = %error, order.id = %attempt.order_id, "publish outcome unknown; the order stays accepted");
             }
         }
         tracing::debug!(order.id = %attempt.order_id, item.id = %attempt.item.id, user.id = %buyer.user_id, "order accepted");

@@ -28,9 +28,9 @@ use crate::purchase::Purchases;
 use crate::rest::RestState;
 use crate::upstream::Upstreams;
 
-/// How often, and after how long, admissions inventory never recorded are published again.
+/// How often, at most, admissions inventory never recorded are looked for
+/// (a quarter of `UNRECORDED_GRACE_MS` when that is shorter).
 const STRANDED_CHECK: Duration = Duration::from_secs(15);
-const STRANDED_AFTER: Duration = Duration::from_secs(60);
 
 /// Shortest accepted HS256 secret (RFC 7518 §3.2: at least the hash size).
 const MIN_SECRET_BYTES: usize = 32;
@@ -136,8 +136,9 @@ impl Application {
         let reconciler = {
             let purchases = api.purchases.clone();
             let shutdown = background.clone();
+            let grace = Duration::from_millis(config.unrecorded_grace_ms);
             async move {
-                let mut ticker = tokio::time::interval(STRANDED_CHECK);
+                let mut ticker = tokio::time::interval((grace / 4).min(STRANDED_CHECK));
                 loop {
                     tokio::select! {
                         _ = ticker.tick() => {}
@@ -145,7 +146,7 @@ impl Application {
                     }
                     purchases.forget_idle_buyers();
                     let span = flashsale_telemetry::unrecorded_span("unrecorded-admission check");
-                    if let Err(e) = purchases.republish_unrecorded(STRANDED_AFTER).instrument(span).await {
+                    if let Err(e) = purchases.republish_unrecorded(grace).instrument(span).await {
                         tracing::debug!(error = %e, "unrecorded-admission check failed");
                     }
                 }
@@ -171,7 +172,7 @@ impl Application {
             )),
         ];
 
-        let (mut health, router) = flashsale_server::standard_router()?;
+        let (mut health, router) = flashsale_server::standard_router(flashsale_server::Exposure::Public)?;
         health.track(<FlashSaleGatewayServer<GatewayGrpc> as NamedService>::NAME);
         health.track(<AdminServiceServer<GatewayGrpc> as NamedService>::NAME);
         let buyers = FlashSaleGatewayServer::new(grpc.clone())

@@ -30,6 +30,10 @@ pub const MAX_DECODING_MESSAGE_SIZE: usize = 256 * 1024;
 /// Responses above this size are refused (tonic caps decoding only by default).
 pub const MAX_ENCODING_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 
+/// Streams a peer may reset before the server accepted them, per connection,
+/// before the server closes that connection (h2's default is 20).
+pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 10_000;
+
 /// The layers every service's server runs: metrics outermost, then tracing.
 pub type StandardLayers = tower::layer::util::Stack<
     GrpcServerTraceLayer,
@@ -49,8 +53,22 @@ pub fn traced(channel: tonic::transport::Channel) -> TracedChannel {
     GrpcClientTraceLayer.layer(channel)
 }
 
+/// Who may reach a server: it decides how many stream resets one connection may make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposure {
+    /// Reached by anyone (the gateway's public port): h2's own rapid-reset guard.
+    Public,
+    /// Reached only by the other services, which multiplex many buyers' calls
+    /// over few connections (inventory, wallet).
+    Internal,
+}
+
 /// A tonic server builder with the settings every service shares.
-pub fn server_builder() -> Server<StandardLayers> {
+pub fn server_builder(exposure: Exposure) -> Server<StandardLayers> {
+    let reset_streams = match exposure {
+        Exposure::Public => None,
+        Exposure::Internal => Some(MAX_PENDING_ACCEPT_RESET_STREAMS),
+    };
     Server::builder()
         // Without it a slow handler holds the caller for ever; callers should
         // still send their own `grpc-timeout`, which tonic honours when shorter.
@@ -62,6 +80,13 @@ pub fn server_builder() -> Server<StandardLayers> {
         // Rotate connections so clients behind a plain Kubernetes Service spread
         // over new replicas instead of pinning one pod for ever.
         .max_connection_age(Duration::from_secs(300))
+        // h2 closes a connection after 20 streams reset before they were
+        // accepted (its guard against rapid-reset floods). A gateway multiplexes
+        // every buyer over one connection to inventory and wallet, so buyers who
+        // cancel bursts of calls would make those resets and fail everyone's
+        // calls on it. Internal servers allow many; the public port keeps h2's
+        // guard, which only ever closes the flooding client's own connection.
+        .http2_max_pending_accept_reset_streams(reset_streams)
         // Outermost, so it times the whole call and sees every status, including
         // the ones tonic itself produces (timeouts, oversized messages).
         .layer(GrpcMetricsLayer)
@@ -121,11 +146,11 @@ pub fn reflection() -> Result<
 
 /// A server with our settings already serving health and reflection; add the
 /// service's own APIs (and `Health::track` their names) before serving.
-pub fn standard_router() -> Result<(Health, StandardRouter), tonic_reflection::server::Error> {
+pub fn standard_router(exposure: Exposure) -> Result<(Health, StandardRouter), tonic_reflection::server::Error> {
     let (health, health_service) = Health::new();
     let (reflection_v1, reflection_v1alpha) = reflection()?;
     let router =
-        server_builder().add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
+        server_builder(exposure).add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
     Ok((health, router))
 }
 
