@@ -63,7 +63,9 @@ def wallet_addr():
     server = os.environ.get("TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432").rstrip("/")
     database_url = f"{server}/fs_test_py_{uuid.uuid4().hex}"
     binary = _binary("flashsale-wallet")
-    env = {**os.environ, "DATABASE_URL": database_url, "WALLET_LISTEN_ADDR": "127.0.0.1:0", "RUST_LOG": "info"}
+    env = {**os.environ, "DATABASE_URL": database_url, "WALLET_LISTEN_ADDR": "127.0.0.1:0",
+           # Port 0 for every listener: a running system (deploy/local/run.sh) holds the defaults.
+           "METRICS_ADDR": "127.0.0.1:0", "RUST_LOG": "info"}
     subprocess.run([binary, "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
     proc = subprocess.Popen([binary], env=env, stdout=subprocess.PIPE, text=True)
     try:

@@ -4,6 +4,7 @@
 //! its own per test), so tests run in parallel.
 
 pub mod audit;
+pub mod backing;
 pub mod binaries;
 pub mod db;
 pub mod load;

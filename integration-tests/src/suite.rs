@@ -58,6 +58,11 @@ pub struct SuiteOptions {
     pub purchase_rate: Option<(u32, u32)>,
     /// The caller holds [`whole_machine`]; do not wait for a share.
     pub holds_machine: bool,
+    /// How long before the gateway publishes an admission inventory never recorded.
+    pub unrecorded_grace_ms: Option<u64>,
+    /// The suite's databases live on this server (a private one a test may
+    /// restart) instead of `TEST_DATABASE_URL`'s.
+    pub database_server: Option<String>,
 }
 
 impl TestSuite {
@@ -69,8 +74,12 @@ impl TestSuite {
         init_test_logging();
         let share = if options.holds_machine { None } else { Some(machine_share().await) };
         let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let wallet_db = TestDatabase::create("wallet").await?;
-        let inventory_db = TestDatabase::create("inventory").await?;
+        let (wallet_db, inventory_db) = match &options.database_server {
+            Some(server) => {
+                (TestDatabase::create_on(server, "wallet").await?, TestDatabase::create_on(server, "inventory").await?)
+            }
+            None => (TestDatabase::create("wallet").await?, TestDatabase::create("inventory").await?),
+        };
         let redis_prefix = format!("fs-test-{tag}");
         let amqp_prefix = format!("fs-test-{tag}");
 
@@ -96,6 +105,9 @@ impl TestSuite {
         }
         if let Some(ms) = options.publish_timeout_ms {
             config.publish_timeout_ms = ms;
+        }
+        if let Some(ms) = options.unrecorded_grace_ms {
+            config.unrecorded_grace_ms = ms;
         }
         if let Some((rate, burst)) = options.purchase_rate {
             config.purchase_rate_per_second = rate;
@@ -209,6 +221,25 @@ impl TestSuite {
         Ok(())
     }
 
+    /// How many messages wait in the dead-letter queue of `queue` (a work
+    /// queue's name, e.g. `Topology::with_prefix(&suite.amqp_prefix).orders_queue`).
+    pub async fn dead_letters(&self, queue: &str) -> anyhow::Result<u32> {
+        use flashsale_messaging::lapin::options::QueueDeclareOptions;
+        use flashsale_messaging::lapin::types::FieldTable;
+        let connection = flashsale_messaging::connect(&amqp_addr(), "integration-test-probe").await?;
+        let channel = connection.create_channel().await?;
+        let dead = flashsale_messaging::Topology::dead_letter_queue(queue);
+        let declared = channel
+            .queue_declare(
+                dead.as_str().into(),
+                QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = connection.close(200, "done".into()).await;
+        Ok(declared.message_count())
+    }
+
     /// Stops every service, then removes the suite's queues, keys and databases.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         for service in [self.gateway.take(), self.inventory.take(), self.wallet.take()].into_iter().flatten() {
@@ -268,10 +299,14 @@ pub async fn delete_amqp_names(prefix: &str) -> anyhow::Result<()> {
     let topology = flashsale_messaging::Topology::with_prefix(prefix);
     let connection = flashsale_messaging::connect(&amqp_addr(), "integration-test-cleanup").await?;
     let channel = connection.create_channel().await?;
-    for queue in [&topology.orders_queue, &topology.admission_events_queue] {
-        channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
+    for queue in topology.work_queues() {
+        channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
+        let dead = flashsale_messaging::Topology::dead_letter_queue(queue);
+        channel.queue_delete(dead.as_str().into(), QueueDeleteOptions::default()).await?;
     }
-    channel.exchange_delete(topology.events_exchange.as_str().into(), ExchangeDeleteOptions::default()).await?;
+    for exchange in [&topology.events_exchange, &topology.dead_letter_exchange] {
+        channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await?;
+    }
     let _ = connection.close(200, "done".into()).await;
     Ok(())
 }

@@ -278,3 +278,236 @@ async fn a_refund_interrupted_by_a_wallet_outage_is_finished_later() -> anyhow::
     assert_eq!(report.remaining.get("lamp2"), Some(&2));
     suite.shutdown().await
 }
+
+/// Messages that can never be recorded (undecodable, an unknown item) are set
+/// aside in the orders queue's dead-letter queue with their reasons, do not
+/// block the orders behind them, and `flashsale-inventory dead-letters` lists
+/// them and moves them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_orders_are_dead_lettered_with_their_reason_and_can_be_replayed() -> anyhow::Result<()> {
+    use flashsale_integration_tests::suite::amqp_addr;
+    let suite = TestSuite::spawn().await?;
+    let orders_queue = flashsale_messaging::Topology::with_prefix(&suite.amqp_prefix).orders_queue;
+    create_item(&suite, "fine", 500, 5, 1).await?;
+    top_up(&suite, "erin", 5_000).await?;
+
+    suite.publish_order_placed(b"\xff\xff not a protobuf").await?;
+    let unknown = OrderPlaced {
+        order_id: uuid::Uuid::now_v7().to_string(),
+        user_id: "erin".into(),
+        item_id: "no-such-item".into(),
+        quantity: 1,
+        amount: Some(Money { currency: "USD".into(), amount_minor: 500 }),
+        idempotency_key: "poison-2".into(),
+        placed_at: None,
+    };
+    suite.publish_order_placed(&unknown.encode_to_vec()).await?;
+    // A real order behind them still goes through.
+    let reply = suite
+        .buyers()
+        .purchase(
+            suite
+                .as_user("erin", PurchaseRequest { item_id: "fine".into(), quantity: 1, idempotency_key: "e1".into() }),
+        )
+        .await?
+        .into_inner();
+    let order = final_order(&suite, "erin", &reply.order_id, Duration::from_secs(20)).await?;
+    assert_eq!(order.status(), OrderStatus::Confirmed);
+    wait_for_empty_orders_queue(&suite).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while suite.dead_letters(&orders_queue).await? < 2 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "poison messages were not dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The documented command lists both, with their reasons, and leaves them there.
+    let cli = |args: &[&str]| {
+        let mut command =
+            std::process::Command::new(flashsale_integration_tests::service_binary("flashsale-inventory")?);
+        command.args(["dead-letters"]).args(args).env("AMQP_ADDR", amqp_addr()).env("AMQP_PREFIX", &suite.amqp_prefix);
+        let output = command.output()?;
+        anyhow::ensure!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        anyhow::Ok(String::from_utf8(output.stdout)?)
+    };
+    let listed = cli(&["list"])?;
+    assert!(listed.contains("undecodable:"), "{listed}");
+    assert!(listed.contains("unknown-item: no-such-item"), "{listed}");
+    assert!(listed.contains("2 dead-lettered message(s)"), "{listed}");
+    assert_eq!(suite.dead_letters(&orders_queue).await?, 2, "listing must not consume");
+
+    // Replayed, they are judged again: set aside again, nothing else changes.
+    let replayed = cli(&["replay"])?;
+    assert!(replayed.contains("2 message(s) moved back"), "{replayed}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        wait_for_empty_orders_queue(&suite).await?;
+        if suite.dead_letters(&orders_queue).await? == 2 {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "replayed messages did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = audit(&suite.databases()).await?;
+    assert_eq!(report.orders.len(), 1, "only the real order was recorded: {:?}", report.orders);
+    suite.shutdown().await
+}
+
+/// A top-up whose key equals another movement's (`refund:<order id>`) lives in
+/// its own key space: the refund of that order still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_key_cannot_block_a_refund() -> anyhow::Result<()> {
+    use flashsale_proto::gateway::v1::{GetBalanceRequest, RefundOrderRequest, TopUpRequest};
+    let suite = TestSuite::spawn().await?;
+    create_item(&suite, "lamp3", 400, 2, 1).await?;
+    top_up(&suite, "finn", 1_000).await?;
+    let reply = suite
+        .buyers()
+        .purchase(
+            suite
+                .as_user("finn", PurchaseRequest { item_id: "lamp3".into(), quantity: 1, idempotency_key: "f".into() }),
+        )
+        .await?
+        .into_inner();
+    assert_eq!(
+        final_order(&suite, "finn", &reply.order_id, Duration::from_secs(20)).await?.status(),
+        OrderStatus::Confirmed
+    );
+    // An operator tops up under the key the refund will use.
+    suite
+        .admin()
+        .top_up(suite.as_admin(TopUpRequest {
+            user_id: "finn".into(),
+            amount: Some(Money { currency: "USD".into(), amount_minor: 1 }),
+            idempotency_key: format!("refund:{}", reply.order_id),
+        }))
+        .await?;
+    let refunded = suite
+        .buyers()
+        .refund_order(suite.as_user("finn", RefundOrderRequest { order_id: reply.order_id.clone() }))
+        .await?
+        .into_inner()
+        .order
+        .ok_or_else(|| anyhow::anyhow!("no order"))?;
+    assert_eq!(refunded.status(), OrderStatus::Refunded);
+    let balance =
+        suite.buyers().get_balance(suite.as_user("finn", GetBalanceRequest { currency: "USD".into() })).await?;
+    assert_eq!(balance.into_inner().balances[0].amount_minor, 1_001, "1,000 − 400 + 400 refunded + 1 topped up");
+    suite.shutdown().await
+}
+
+/// The broker's link goes silent mid-publish: the confirm never comes, so the
+/// order may or may not be queued. The buyer (with no idempotency key) is told
+/// ACCEPTED with the order id, never "UNAVAILABLE, nothing bought", and that
+/// order is charged exactly once after the link returns (the reconciler
+/// publishes the kept reservation; inventory keeps one copy per order id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purchase_whose_confirm_never_comes_is_accepted_and_goes_through_once() -> anyhow::Result<()> {
+    use flashsale_integration_tests::proxy::FaultProxy;
+    use flashsale_integration_tests::suite::{SuiteOptions, amqp_addr};
+
+    let broker: std::net::SocketAddr = "127.0.0.1:5672".parse()?;
+    let proxy = FaultProxy::start(broker).await?;
+    let proxied = amqp_addr().replace(":5672", &format!(":{}", proxy.port));
+    let suite = TestSuite::spawn_with(SuiteOptions {
+        gateway_amqp_addr: Some(proxied),
+        publish_timeout_ms: Some(1_000),
+        unrecorded_grace_ms: Some(2_000),
+        ..SuiteOptions::default()
+    })
+    .await?;
+    create_item(&suite, "silent", 900, 1, 1).await?;
+    top_up(&suite, "gus", 1_000).await?;
+
+    proxy.blackhole();
+    let reply =
+        suite
+            .buyers()
+            .purchase(suite.as_user(
+                "gus",
+                PurchaseRequest { item_id: "silent".into(), quantity: 1, idempotency_key: String::new() },
+            ))
+            .await?
+            .into_inner();
+    assert_eq!(reply.status(), OrderStatus::Pending);
+    proxy.restore();
+
+    let order = final_order(&suite, "gus", &reply.order_id, Duration::from_secs(40)).await?;
+    assert_eq!(order.status(), OrderStatus::Confirmed, "{order:?}");
+    wait_until_settled(&suite.databases(), &BTreeSet::from([reply.order_id.clone()]), Duration::from_secs(20)).await?;
+    let report = audit(&suite.databases()).await?; // one debit for the one order
+    assert_eq!(report.orders.len(), 1, "{:?}", report.orders);
+    assert_eq!(report.confirmed_units.get("silent"), Some(&1));
+    suite.shutdown().await
+}
+
+/// One client fires bursts of calls and cancels each after a few milliseconds.
+/// The gateway multiplexes every buyer over one connection to inventory, so
+/// those cancellations become stream resets there; they must not close that
+/// connection under everyone else's calls. Another buyer, meanwhile, gets
+/// every answer right, never INTERNAL or UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_clients_cancelled_calls_do_not_fail_other_buyers() -> anyhow::Result<()> {
+    use flashsale_proto::gateway::v1::GetOrderRequest;
+    let suite = TestSuite::spawn().await?;
+    create_item(&suite, "calm", 300, 2, 1).await?;
+    let mut orders = Vec::new();
+    for buyer in ["hal", "ivy"] {
+        top_up(&suite, buyer, 1_000).await?;
+        let reply = suite
+            .buyers()
+            .purchase(suite.as_user(
+                buyer,
+                PurchaseRequest { item_id: "calm".into(), quantity: 1, idempotency_key: String::new() },
+            ))
+            .await?
+            .into_inner();
+        final_order(&suite, buyer, &reply.order_id, Duration::from_secs(20)).await?;
+        orders.push(reply.order_id);
+    }
+    let (hostile_order, honest_order) = (orders[0].clone(), orders[1].clone());
+
+    // The hostile client: 64 tasks, each cancelling its calls after 1-3 ms, for 3 s.
+    let stop = tokio::time::Instant::now() + Duration::from_secs(3);
+    let hostile: Vec<_> = (0..64u64)
+        .map(|n| {
+            let client = suite.buyers();
+            let token = suite.token("hal", false);
+            let order_id = hostile_order.clone();
+            tokio::spawn(async move {
+                let mut cancelled = 0u64;
+                while tokio::time::Instant::now() < stop {
+                    let mut client = client.clone();
+                    let request = flashsale_integration_tests::suite::with_token(
+                        GetOrderRequest { order_id: order_id.clone() },
+                        &token,
+                    );
+                    let wait = Duration::from_millis(1 + n % 3);
+                    if tokio::time::timeout(wait, client.get_order(request)).await.is_err() {
+                        cancelled += 1;
+                    }
+                }
+                cancelled
+            })
+        })
+        .collect();
+    // The honest buyer, on a connection of its own, at the same time.
+    let mut honest = flashsale_proto::gateway::v1::flash_sale_gateway_client::FlashSaleGatewayClient::new(
+        suite.new_gateway_channel().await?,
+    );
+    let mut answered = 0;
+    while tokio::time::Instant::now() < stop {
+        let order = honest
+            .get_order(suite.as_user("ivy", GetOrderRequest { order_id: honest_order.clone() }))
+            .await
+            .map_err(|status| anyhow::anyhow!("the honest buyer got {status:?}"))?;
+        assert_eq!(order.into_inner().order.map(|o| o.status()), Some(OrderStatus::Confirmed));
+        answered += 1;
+    }
+    let mut cancelled = 0;
+    for task in hostile {
+        cancelled += task.await?;
+    }
+    eprintln!("cancel storm: {cancelled} calls cancelled by one client, {answered} honest calls all answered");
+    assert!(cancelled > 100, "the hostile client cancelled too few calls ({cancelled}) to test anything");
+    suite.shutdown().await
+}

@@ -63,6 +63,8 @@ async fn wallet_binary_exits_cleanly_on_sigterm() -> anyhow::Result<()> {
     let mut child = tokio::process::Command::new(service_binary("flashsale-wallet")?)
         .env("DATABASE_URL", db.url())
         .env("WALLET_LISTEN_ADDR", "127.0.0.1:0")
+        // Port 0 for every listener: a running system (deploy/local/run.sh) holds the defaults.
+        .env("METRICS_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

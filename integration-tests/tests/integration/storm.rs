@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use flashsale_integration_tests::audit::{AuditReport, OrderRow, audit, redis_agrees, wait_until_settled};
+use flashsale_integration_tests::backing::{PrivatePostgres, StopMode};
 use flashsale_integration_tests::suite::with_token;
 use flashsale_integration_tests::{TestSuite, error_reason};
 use flashsale_proto::common::v1::OrderStatus;
@@ -35,7 +36,13 @@ struct Spec {
     flush_redis_after: Option<usize>,
     /// Give every buyer enough money (so "sold == stock" is the only acceptable end).
     all_can_pay: bool,
+    /// Run on a private PostgreSQL server and stop it (in this mode, for
+    /// [`POSTGRES_DOWN_FOR`]) once this many orders were accepted, then start it again.
+    restart_postgres_after: Option<(usize, StopMode)>,
 }
+
+/// How long a restarted PostgreSQL stays down (a failover takes about this long).
+const POSTGRES_DOWN_FOR: Duration = Duration::from_secs(5);
 
 /// What buyers saw, gathered for the assertions.
 #[derive(Default)]
@@ -56,7 +63,15 @@ struct Buyer {
 
 async fn run_storm(spec: Spec) -> anyhow::Result<()> {
     let _machine = flashsale_integration_tests::suite::whole_machine().await;
-    let options = flashsale_integration_tests::suite::SuiteOptions { holds_machine: true, ..Default::default() };
+    let postgres = match spec.restart_postgres_after {
+        Some(_) => Some(Arc::new(PrivatePostgres::start().await?)),
+        None => None,
+    };
+    let options = flashsale_integration_tests::suite::SuiteOptions {
+        holds_machine: true,
+        database_server: postgres.as_ref().map(|pg| pg.url()),
+        ..Default::default()
+    };
     let suite = Arc::new(TestSuite::spawn_with(options).await?);
     for (id, stock, limit) in &spec.items {
         create_item(&suite, id, PRICE, *stock, *limit).await?;
@@ -100,12 +115,20 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
     // Stop buyers of an item once all its units are confirmed; flush Redis when asked.
     let flushed = Arc::new(AtomicBool::new(false));
     let watcher = spawn_watcher(&suite, &done, &seen, &flushed, spec.flush_redis_after);
+    let restart = match (spec.restart_postgres_after, &postgres) {
+        (Some((after, mode)), Some(pg)) => Some(spawn_postgres_restart(pg.clone(), seen.clone(), after, mode)),
+        _ => None,
+    };
 
     let started = tokio::time::Instant::now();
     let everyone: Vec<&Buyer> = buyers.iter().collect();
     buy(&everyone, &channels, &suite, &seen, &done, &flushed, spec.quantity, 0).await?;
     watcher.abort();
     let buying = started.elapsed();
+    if let Some(restart) = restart {
+        // The restart must have happened mid-sale, and the server be back.
+        restart.await??;
+    }
 
     let items: Vec<&str> = spec.items.iter().map(|(id, _, _)| *id).collect();
     let mut report = settle(&suite, &spec, &items, &seen).await?;
@@ -190,7 +213,38 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
             _ => {}
         }
     }
-    Arc::try_unwrap(suite).map_err(|_| anyhow::anyhow!("suite still shared"))?.shutdown().await
+    // Nothing was set aside: every message was recorded, none dead-lettered.
+    let topology = flashsale_messaging::Topology::with_prefix(&suite.amqp_prefix);
+    for queue in topology.work_queues() {
+        assert_eq!(suite.dead_letters(queue).await?, 0, "messages dead-lettered from {queue}");
+    }
+    Arc::try_unwrap(suite).map_err(|_| anyhow::anyhow!("suite still shared"))?.shutdown().await?;
+    drop(postgres); // stops the private server
+    Ok(())
+}
+
+/// Stops the private PostgreSQL once `after` orders were accepted, keeps it
+/// down for [`POSTGRES_DOWN_FOR`], and starts it again.
+fn spawn_postgres_restart(
+    postgres: Arc<PrivatePostgres>,
+    seen: Arc<Mutex<Seen>>,
+    after: usize,
+    mode: StopMode,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + BUYING_WINDOW;
+        while seen.lock().accepted.len() < after {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the sale never reached {after} accepted orders");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        postgres.stop(mode).await?;
+        eprintln!("storm: PostgreSQL stopped ({mode:?}) after {after} accepted orders");
+        // The outage itself: its length is the fault being injected, not a wait.
+        tokio::time::sleep(POSTGRES_DOWN_FOR).await;
+        postgres.start_again().await?;
+        eprintln!("storm: PostgreSQL started again");
+        Ok(())
+    })
 }
 
 /// Every buyer in `who` shops at once until served, refused for good, or out of time.
@@ -415,6 +469,7 @@ async fn storm_of_5000_buyers_sells_exactly_100_units_limit_1() -> anyhow::Resul
         seed: 1,
         flush_redis_after: None,
         all_can_pay: false,
+        restart_postgres_after: None,
     })
     .await
 }
@@ -428,6 +483,7 @@ async fn storm_with_limit_2_and_quantity_2() -> anyhow::Result<()> {
         seed: 2,
         flush_redis_after: None,
         all_can_pay: false,
+        restart_postgres_after: None,
     })
     .await
 }
@@ -441,6 +497,7 @@ async fn storm_over_three_items_at_once() -> anyhow::Result<()> {
         seed: 3,
         flush_redis_after: None,
         all_can_pay: false,
+        restart_postgres_after: None,
     })
     .await
 }
@@ -457,6 +514,40 @@ async fn redis_flushed_mid_sale_still_sells_exactly_the_stock() -> anyhow::Resul
         seed: 4,
         flush_redis_after: Some(60),
         all_can_pay: true,
+        restart_postgres_after: None,
+    })
+    .await
+}
+
+/// PostgreSQL (both services' databases) stops for 5 s mid-sale and comes back,
+/// as in a failover: no order is dropped or dead-lettered, no buyer gets
+/// INTERNAL (only retry-safe UNAVAILABLE), and since every buyer can pay,
+/// every unit ends up sold, each charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_mid_sale_loses_no_order() -> anyhow::Result<()> {
+    run_storm(Spec {
+        items: vec![("pg-restart", 150, 1)],
+        quantity: 1,
+        buyers: 1_500,
+        seed: 5,
+        flush_redis_after: None,
+        all_can_pay: true,
+        restart_postgres_after: Some((40, StopMode::Fast)),
+    })
+    .await
+}
+
+/// The same with PostgreSQL killed (immediate shutdown: a crash, WAL recovery on start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_crashed_mid_sale_loses_no_order() -> anyhow::Result<()> {
+    run_storm(Spec {
+        items: vec![("pg-crash", 150, 1)],
+        quantity: 1,
+        buyers: 1_500,
+        seed: 6,
+        flush_redis_after: None,
+        all_can_pay: true,
+        restart_postgres_after: Some((40, StopMode::Immediate)),
     })
     .await
 }

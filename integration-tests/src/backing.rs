@@ -1,0 +1,159 @@
+//! Backing servers of a test's own, for tests that stop, kill or restart them:
+//! a private PostgreSQL cluster (initdb + pg_ctl) on a free port, in a
+//! directory of its own. The machine's shared servers are never touched; a
+//! private server is stopped by its own data directory (pg_ctl reads the
+//! postmaster's PID from it) when the test ends or drops it.
+
+use std::path::{Path, PathBuf};
+use tokio::process::Command;
+
+/// A PostgreSQL cluster owned by one test.
+pub struct PrivatePostgres {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    /// initdb and the server refuse to run as root: run them as `postgres`.
+    run_as: Option<&'static str>,
+}
+
+impl PrivatePostgres {
+    /// Creates and starts a cluster on a free port (trust auth on 127.0.0.1,
+    /// superuser `postgres`). fsync is off: a crash here kills the server
+    /// process, never the machine, so the page cache keeps what was written.
+    pub async fn start() -> anyhow::Result<Self> {
+        let bin = postgres_bindir()?;
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let data = std::env::temp_dir().join(format!("fs-pg-{}", &tag[..12]));
+        std::fs::create_dir_all(&data)?;
+        let run_as = is_root().then_some("postgres");
+        if let Some(user) = run_as {
+            run(Command::new("chown").arg(user).arg(&data)).await?;
+        }
+        let port = free_port()?;
+        let this = Self { bin, data, port, run_as };
+        this.pg(&["initdb", "-D"], &["-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8", "--locale", "C"])
+            .await?;
+        let conf = format!(
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\nfsync = off\n\
+             full_page_writes = off\nmax_connections = 300\nshared_buffers = 32MB\nlog_min_messages = warning\n",
+            this.data.display()
+        );
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(this.data.join("postgresql.conf"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, conf.as_bytes()))?;
+        this.start_again().await?;
+        Ok(this)
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>` (append `/<database>`).
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) and waits until it accepts connections.
+    pub async fn start_again(&self) -> anyhow::Result<()> {
+        let log = self.data.join("server.log");
+        let log = log.to_string_lossy().into_owned();
+        self.pg(&["pg_ctl", "-D"], &["-l", &log, "-w", "-t", "60", "start"]).await
+    }
+
+    /// Stops the server: `fast` (clients disconnected, like a failover's
+    /// demotion) or `immediate` (the postmaster and its children killed, like
+    /// a crash; recovery replays the WAL on the next start).
+    pub async fn stop(&self, mode: StopMode) -> anyhow::Result<()> {
+        let mode = match mode {
+            StopMode::Fast => "fast",
+            StopMode::Immediate => "immediate",
+        };
+        self.pg(&["pg_ctl", "-D"], &["-m", mode, "-w", "-t", "60", "stop"]).await
+    }
+
+    /// Runs `<bin>/<tool> <before> <data dir> <after>` (as `postgres` under root).
+    async fn pg(&self, before: &[&str], after: &[&str]) -> anyhow::Result<()> {
+        let (tool, flags) = before.split_first().ok_or_else(|| anyhow::anyhow!("no tool"))?;
+        let path = self.bin.join(tool);
+        let mut command = match self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(&path);
+                c
+            }
+            None => Command::new(&path),
+        };
+        command.args(flags).arg(&self.data).args(after);
+        run(&mut command).await
+    }
+}
+
+/// How [`PrivatePostgres::stop`] stops the server.
+#[derive(Debug, Clone, Copy)]
+pub enum StopMode {
+    Fast,
+    Immediate,
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        // Synchronous on purpose: the test's runtime may be gone by now.
+        let path = self.bin.join("pg_ctl");
+        let mut command = match self.run_as {
+            Some(user) => {
+                let mut c = std::process::Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(&path);
+                c
+            }
+            None => std::process::Command::new(&path),
+        };
+        let _ = command
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+async fn run(command: &mut Command) -> anyhow::Result<()> {
+    let output = command.stdin(std::process::Stdio::null()).output().await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{command:?} failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// The newest installed PostgreSQL's binaries (Debian puts them under
+/// /usr/lib/postgresql/<major>/bin; `PG_BINDIR` overrides).
+fn postgres_bindir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("PG_BINDIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut majors: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let major = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            Path::new(&bin).join("initdb").exists().then_some((major, bin))
+        })
+        .collect();
+    majors.sort();
+    majors.pop().map(|(_, bin)| bin).ok_or_else(|| anyhow::anyhow!("no PostgreSQL server binaries (initdb) found"))
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
