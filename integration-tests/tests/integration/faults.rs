@@ -511,3 +511,48 @@ async fn one_clients_cancelled_calls_do_not_fail_other_buyers() -> anyhow::Resul
     assert!(cancelled > 100, "the hostile client cancelled too few calls ({cancelled}) to test anything");
     suite.shutdown().await
 }
+
+/// Redis loses everything after a sale sold out. Every buyer who retries a
+/// purchase that was accepted (and charged) under its own key is answered with
+/// that order, as before the loss, not SOLD_OUT or LIMIT_REACHED: the rebuild
+/// restores the keys from inventory's orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_redis_loss_a_retry_under_its_key_names_the_buyers_order() -> anyhow::Result<()> {
+    let suite = TestSuite::spawn().await?;
+    create_item(&suite, "kept", 100, 10, 1).await?;
+    let buyers: Vec<String> = (0..10).map(|n| format!("keeper-{n}")).collect();
+    let request =
+        |buyer: &str| PurchaseRequest { item_id: "kept".into(), quantity: 1, idempotency_key: format!("{buyer}-key") };
+    let mut orders = Vec::new();
+    for buyer in &buyers {
+        top_up(&suite, buyer, 1_000).await?;
+        let reply = suite.buyers().purchase(suite.as_user(buyer, request(buyer))).await?.into_inner();
+        assert_eq!(
+            final_order(&suite, buyer, &reply.order_id, Duration::from_secs(20)).await?.status(),
+            OrderStatus::Confirmed
+        );
+        orders.push(reply.order_id);
+    }
+    flashsale_integration_tests::audit::wait_until_admissions_final(
+        &suite.redis_prefix,
+        &["kept"],
+        Duration::from_secs(20),
+    )
+    .await?;
+    let flushed = suite.flush_redis().await?;
+    assert!(flushed > 0, "nothing to flush");
+
+    for (buyer, order_id) in buyers.iter().zip(&orders) {
+        let reply = suite
+            .buyers()
+            .purchase(suite.as_user(buyer, request(buyer)))
+            .await
+            .map_err(|status| anyhow::anyhow!("{buyer}'s retry was refused: {status:?}"))?
+            .into_inner();
+        assert_eq!(&reply.order_id, order_id, "{buyer}'s retry named another order");
+    }
+    let report = audit(&suite.databases()).await?;
+    assert_eq!(report.orders.len(), 10, "no new orders");
+    assert_eq!(report.confirmed_units.get("kept"), Some(&10));
+    suite.shutdown().await
+}

@@ -194,16 +194,20 @@ impl Admission {
     /// one), with the stamp they were read at, atomically. One HKEYS, bounded by
     /// the admissions the stock allowed; read when an item sells out, so the
     /// crowd's keyed attempts need no Redis read.
-    pub async fn key_holders(&self, item_id: &str) -> Result<(AdmissionStamp, HashSet<String>), GatewayError> {
+    /// `None` when the item's state is missing (Redis lost it): rebuild first.
+    pub async fn key_holders(&self, item_id: &str) -> Result<Option<(AdmissionStamp, HashSet<String>)>, GatewayError> {
         let k = self.keys(item_id);
         let mut conn = self.pool.get().await?;
         let ((version, admissions), fields): ((Option<i64>, Option<i64>), Vec<String>) =
             redis::pipe().atomic().hmget(&k.ready, &STAMP_FIELDS).hkeys(&k.idem).query_async(&mut *conn).await?;
+        if version.is_none() {
+            return Ok(None);
+        }
         let stamp = stamp_of(version, admissions);
         // Fields are "user\nkey" (admit.lua).
         let buyers =
             fields.into_iter().filter_map(|field| field.split_once('\n').map(|(user, _)| user.to_owned())).collect();
-        Ok((stamp, buyers))
+        Ok(Some((stamp, buyers)))
     }
 
     /// The item's [`AdmissionStamp`]: one HMGET.
@@ -305,11 +309,19 @@ impl Admission {
             .key(&k.admitted)
             .key(&k.applied)
             .key(&k.parked)
+            .key(&k.idem)
             .arg(snapshot.item_version)
             .arg(snapshot.stock_remaining)
             .arg(snapshot.holdings.len());
         for holding in &snapshot.holdings {
             invocation.arg(&holding.user_id).arg(holding.quantity).arg(&holding.in_flight_order_id);
+        }
+        invocation.arg(snapshot.admitted_keys.len());
+        for key in &snapshot.admitted_keys {
+            // The same field and value admit.lua writes: `user\nkey` → `order|quantity`.
+            invocation
+                .arg(format!("{}\n{}", key.user_id, key.idempotency_key))
+                .arg(format!("{}|{}", key.order_id, key.quantity));
         }
         let mut conn = self.pool.get().await?;
         let rebuilt: i64 = invocation.invoke_async(&mut *conn).await?;

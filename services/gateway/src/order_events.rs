@@ -48,6 +48,7 @@ impl OrderEvents {
         channel.basic_qos(100, BasicQosOptions::default()).await?;
         // Its own channel: dead-letter copies wait for their confirms.
         let dead_letters = ConfirmedPublisher::new(&connection, Duration::from_secs(5)).await?;
+        flashsale_messaging::export_dead_letter_counter(&self.topology, &self.topology.admission_events_queue);
         let mut shared = channel
             .basic_consume(
                 self.topology.admission_events_queue.as_str().into(),

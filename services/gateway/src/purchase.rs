@@ -156,10 +156,19 @@ impl Purchases {
         if !explicit_key {
             return Ok(false);
         }
-        let holders = item
-            .sold_out
-            .key_holders(|| self.admission.admission_stamp(&item.id), || self.admission.key_holders(&item.id))
-            .await?;
+        let load = || async {
+            if let Some(read) = self.admission.key_holders(&item.id).await? {
+                return Ok(read);
+            }
+            // Redis lost the item's state, and with it the keys: rebuild it from
+            // inventory (which restores every recorded key) before judging.
+            self.rebuild(&item.id).await?;
+            self.admission
+                .key_holders(&item.id)
+                .await?
+                .ok_or_else(|| GatewayError::Unavailable("admission state missing after a rebuild".into()))
+        };
+        let holders = item.sold_out.key_holders(|| self.admission.admission_stamp(&item.id), load).await?;
         Ok(holders.is_none_or(|holders| holders.contains(&buyer.user_id)))
     }
 

@@ -5,10 +5,10 @@ use chrono::Utc;
 use flashsale_db::PgPool;
 use flashsale_proto::inventory::v1::inventory_service_server::InventoryService;
 use flashsale_proto::inventory::v1::{
-    BuyerHolding, CreateItemRequest, CreateItemResponse, GetAdmissionSnapshotRequest, GetAdmissionSnapshotResponse,
-    GetItemRequest, GetItemResponse, GetItemStatsRequest, GetItemStatsResponse, GetOrderRequest, GetOrderResponse,
-    ListItemsRequest, ListItemsResponse, ListOrdersRequest, ListOrdersResponse, RefundOrderRequest,
-    RefundOrderResponse,
+    AdmittedKey, BuyerHolding, CreateItemRequest, CreateItemResponse, GetAdmissionSnapshotRequest,
+    GetAdmissionSnapshotResponse, GetItemRequest, GetItemResponse, GetItemStatsRequest, GetItemStatsResponse,
+    GetOrderRequest, GetOrderResponse, ListItemsRequest, ListItemsResponse, ListOrdersRequest, ListOrdersResponse,
+    RefundOrderRequest, RefundOrderResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -168,6 +168,16 @@ impl InventoryService for InventoryGrpc {
             holdings,
             item_version: u64::try_from(snapshot.item.version).unwrap_or(0),
             taken_at: Some(timestamp(Utc::now())),
+            admitted_keys: snapshot
+                .keys
+                .into_iter()
+                .map(|(user_id, idempotency_key, order_id, quantity)| AdmittedKey {
+                    user_id,
+                    idempotency_key,
+                    order_id: order_id.to_string(),
+                    quantity: u32::try_from(quantity).unwrap_or(0),
+                })
+                .collect(),
         }))
     }
 }

@@ -77,6 +77,7 @@ impl OrderConsumer {
         channel.basic_qos(self.options.prefetch, BasicQosOptions::default()).await?;
         // Its own channel: dead-letter copies wait for their confirms.
         let dead_letters = ConfirmedPublisher::new(&connection, Duration::from_secs(5)).await?;
+        flashsale_messaging::export_dead_letter_counter(&self.options.topology, &self.options.topology.orders_queue);
         let mut deliveries = channel
             .basic_consume(
                 self.options.topology.orders_queue.as_str().into(),

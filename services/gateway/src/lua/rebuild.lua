@@ -1,9 +1,11 @@
 -- Rebuilds an item's admission state from an inventory snapshot, unless another
 -- gateway got there first, then applies the events parked meanwhile that the
--- snapshot does not contain (ARCHITECTURE.md, "Redis is a cache").
--- KEYS: 1 ready, 2 tokens, 3 held, 4 inflight, 5 admitted, 6 applied, 7 parked
+-- snapshot does not contain (README, "Known limits": Redis is a cache).
+-- KEYS: 1 ready, 2 tokens, 3 held, 4 inflight, 5 admitted, 6 applied, 7 parked, 8 idem
 -- ARGV: 1 item version, 2 stock remaining, 3 holdings count n,
---       then n triples: user, quantity held, in-flight order id ('' if none)
+--       then n triples: user, quantity held, in-flight order id ('' if none),
+--       then a count m and m pairs: idem field (user\nkey), value (order|quantity)
+--       of every key inventory has recorded (kept where Redis still has one)
 -- Returns 1 if rebuilt, 0 if the state was present already.
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
@@ -20,6 +22,12 @@ for _ = 1, tonumber(ARGV[3]) do
     redis.call('HSET', KEYS[4], user, inflight)
   end
   i = i + 3
+end
+local keys = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, keys do
+  redis.call('HSETNX', KEYS[8], ARGV[i], ARGV[i + 1])
+  i = i + 2
 end
 local parked = redis.call('HGETALL', KEYS[7])
 for j = 1, #parked, 2 do

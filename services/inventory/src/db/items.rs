@@ -56,6 +56,9 @@ pub struct Snapshot {
     pub holdings: Vec<Holding>,
     /// (buyer, order id) of every order not yet settled.
     pub in_flight: Vec<(String, uuid::Uuid)>,
+    /// (buyer, idempotency key, order id, quantity) of every order recorded,
+    /// one per (buyer, key): the live order where a key names several.
+    pub keys: Vec<(String, String, uuid::Uuid, i32)>,
 }
 
 /// Reads item, holdings and unsettled orders as of one instant (REPEATABLE READ),
@@ -79,7 +82,27 @@ pub async fn snapshot(conn: &mut AsyncPgConnection, id: &str) -> Result<Snapshot
                 .select((orders::user_id, orders::id))
                 .load(conn)
                 .await?;
-            Ok(Snapshot { item, holdings, in_flight })
+            // By id, so the earliest order of a (buyer, key) comes first; a later
+            // live one replaces a rejected one (the copy refused as a key reuse
+            // is rejected, the order it collided with is the live one).
+            let recorded: Vec<(String, String, uuid::Uuid, i32, String)> = orders::table
+                .filter(orders::item_id.eq(&id))
+                .select((orders::user_id, orders::idempotency_key, orders::id, orders::quantity, orders::status))
+                .order(orders::id)
+                .load(conn)
+                .await?;
+            let mut by_key: std::collections::BTreeMap<(String, String), (uuid::Uuid, i32, bool)> =
+                std::collections::BTreeMap::new();
+            for (user, key, order, quantity, status) in recorded {
+                let live = status != OrderStatus::Rejected.as_db();
+                let entry = by_key.entry((user, key)).or_insert((order, quantity, live));
+                if live && !entry.2 {
+                    *entry = (order, quantity, live);
+                }
+            }
+            let keys =
+                by_key.into_iter().map(|((user, key), (order, quantity, _))| (user, key, order, quantity)).collect();
+            Ok(Snapshot { item, holdings, in_flight, keys })
         })
         .await
 }
