@@ -321,22 +321,27 @@ async fn poison_orders_are_dead_lettered_with_their_reason_and_can_be_replayed()
     }
 
     // The documented command lists both, with their reasons, and leaves them there.
-    let cli = |args: &[&str]| {
-        let mut command =
-            std::process::Command::new(flashsale_integration_tests::service_binary("flashsale-inventory")?);
-        command.args(["dead-letters"]).args(args).env("AMQP_ADDR", amqp_addr()).env("AMQP_PREFIX", &suite.amqp_prefix);
-        let output = command.output()?;
-        anyhow::ensure!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
-        anyhow::Ok(String::from_utf8(output.stdout)?)
+    let prefix = suite.amqp_prefix.clone();
+    let cli = |args: &'static [&'static str]| {
+        let prefix = prefix.clone();
+        async move {
+            let mut command =
+                tokio::process::Command::new(flashsale_integration_tests::service_binary("flashsale-inventory")?);
+            command.arg("dead-letters").args(args).env("AMQP_ADDR", amqp_addr()).env("AMQP_PREFIX", prefix);
+            command.kill_on_drop(true);
+            let output = tokio::time::timeout(Duration::from_secs(30), command.output()).await??;
+            anyhow::ensure!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+            anyhow::Ok(String::from_utf8(output.stdout)?)
+        }
     };
-    let listed = cli(&["list"])?;
+    let listed = cli(&["list"]).await?;
     assert!(listed.contains("undecodable:"), "{listed}");
     assert!(listed.contains("unknown-item: no-such-item"), "{listed}");
     assert!(listed.contains("2 dead-lettered message(s)"), "{listed}");
     assert_eq!(suite.dead_letters(&orders_queue).await?, 2, "listing must not consume");
 
     // Replayed, they are judged again: set aside again, nothing else changes.
-    let replayed = cli(&["replay"])?;
+    let replayed = cli(&["replay"]).await?;
     assert!(replayed.contains("2 message(s) moved back"), "{replayed}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -554,5 +559,107 @@ async fn after_a_redis_loss_a_retry_under_its_key_names_the_buyers_order() -> an
     let report = audit(&suite.databases()).await?;
     assert_eq!(report.orders.len(), 10, "no new orders");
     assert_eq!(report.confirmed_units.get("kept"), Some(&10));
+    suite.shutdown().await
+}
+
+/// An order event is lost before any gateway applied it (here: purged from the
+/// shared queue while the gateway was cut off from the broker). The reconciler
+/// asks inventory, finds the order final, and applies that state: the buyer's
+/// in-flight mark goes and the rejected unit is offered again, instead of
+/// PURCHASE_IN_PROGRESS for ever and a unit never sold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_order_event_is_applied_by_the_reconciler() -> anyhow::Result<()> {
+    use flashsale_integration_tests::proxy::FaultProxy;
+    use flashsale_integration_tests::suite::{SuiteOptions, amqp_addr};
+    use flashsale_messaging::lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
+    use flashsale_messaging::lapin::types::FieldTable;
+
+    let broker: std::net::SocketAddr = "127.0.0.1:5672".parse()?;
+    let proxy = FaultProxy::start(broker).await?;
+    let proxied = amqp_addr().replace(":5672", &format!(":{}", proxy.port));
+    let mut suite = TestSuite::spawn_with(SuiteOptions {
+        gateway_amqp_addr: Some(proxied),
+        unrecorded_grace_ms: Some(1_000),
+        ..SuiteOptions::default()
+    })
+    .await?;
+    create_item(&suite, "lost", 500, 1, 1).await?;
+    top_up(&suite, "kim", 1_000).await?; // kim can pay; lee cannot
+    let events_queue = flashsale_messaging::Topology::with_prefix(&suite.amqp_prefix).admission_events_queue;
+    let connection = flashsale_messaging::connect(&amqp_addr(), "integration-test-probe").await?;
+    let channel = connection.create_channel().await?;
+    let queue_state = || async {
+        let declared = channel
+            .queue_declare(
+                events_queue.as_str().into(),
+                QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        anyhow::Ok((declared.message_count(), declared.consumer_count()))
+    };
+
+    // lee's order waits for the wallet; meanwhile the gateway loses the broker.
+    suite.stop_wallet().await?;
+    let reply = suite
+        .buyers()
+        .purchase(
+            suite.as_user("lee", PurchaseRequest { item_id: "lost".into(), quantity: 1, idempotency_key: "l".into() }),
+        )
+        .await?
+        .into_inner();
+    proxy.cut();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while queue_state().await?.1 > 0 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the gateway still consumes events");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The wallet returns: lee's order is rejected (no funds) and its event queued...
+    suite.start_wallet().await?;
+    wait_until_settled(&suite.databases(), &BTreeSet::from([reply.order_id.clone()]), Duration::from_secs(30)).await?;
+    while queue_state().await?.0 == 0 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline + Duration::from_secs(20), "no event was queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and lost.
+    channel.queue_purge(events_queue.as_str().into(), QueuePurgeOptions::default()).await?;
+    proxy.restore();
+
+    // The unit comes back on sale: kim buys it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let kims =
+        loop {
+            match suite
+                .buyers()
+                .purchase(suite.as_user(
+                    "kim",
+                    PurchaseRequest { item_id: "lost".into(), quantity: 1, idempotency_key: "k".into() },
+                ))
+                .await
+            {
+                Ok(reply) => break reply.into_inner(),
+                Err(status)
+                    if flashsale_integration_tests::error_reason(&status).as_deref() == Some("SOLD_OUT")
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(status) => anyhow::bail!("the released unit was not offered again: {status:?}"),
+            }
+        };
+    assert_eq!(
+        final_order(&suite, "kim", &kims.order_id, Duration::from_secs(20)).await?.status(),
+        OrderStatus::Confirmed
+    );
+    // And lee is no longer "in progress" on this item.
+    let again = suite
+        .buyers()
+        .purchase(
+            suite.as_user("lee", PurchaseRequest { item_id: "lost".into(), quantity: 1, idempotency_key: "l2".into() }),
+        )
+        .await
+        .expect_err("sold out");
+    assert_eq!(flashsale_integration_tests::error_reason(&again).as_deref(), Some("SOLD_OUT"), "{again:?}");
+    let _ = connection.close(200, "done".into()).await;
     suite.shutdown().await
 }

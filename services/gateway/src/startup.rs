@@ -146,8 +146,12 @@ impl Application {
                     }
                     purchases.forget_idle_buyers();
                     let span = flashsale_telemetry::unrecorded_span("unrecorded-admission check");
-                    if let Err(e) = purchases.republish_unrecorded(grace).instrument(span).await {
-                        tracing::debug!(error = %e, "unrecorded-admission check failed");
+                    match purchases.reconcile(grace).instrument(span).await {
+                        Ok(done) if done.failed > 0 => {
+                            tracing::debug!(failed = done.failed, "some admissions could not be reconciled this pass")
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::debug!(error = %e, "reconciler pass failed"),
                     }
                 }
             }

@@ -86,7 +86,9 @@ async fn dead_letters(config: &Config, command: DeadLetters) -> anyhow::Result<(
     let connection = flashsale_messaging::connect(&config.amqp_addr, "inventory-dead-letters").await?;
     let channel = connection.create_channel().await?;
     topology.declare(&channel).await?;
-    let mut out = std::io::stdout().lock();
+    // Written at the end: the logs go to stdout too, and holding its lock across
+    // an await blocks the connection's tasks as soon as they log.
+    let mut out = Vec::new();
     match command {
         DeadLetters::List { queue: which, max } => {
             let name = queue(which);
@@ -108,6 +110,7 @@ async fn dead_letters(config: &Config, command: DeadLetters) -> anyhow::Result<(
         }
     }
     let _ = connection.close(200, "done".into()).await;
+    std::io::stdout().lock().write_all(&out)?;
     Ok(())
 }
 

@@ -379,17 +379,29 @@ pub async fn list_dead_letters(
     Ok(found)
 }
 
-/// Moves every message of `queue`'s dead-letter queue back to `queue` (each
+/// Moves the messages waiting in `queue`'s dead-letter queue back to `queue` (each
 /// published with a confirm before it is acked, so none is lost if this stops
 /// half-way). Returns how many were moved. Consumers are idempotent per order,
 /// so replaying a message that had been applied after all changes nothing.
-pub async fn replay_dead_letters(connection: &Connection, queue: &str) -> Result<usize, PublishError> {
+pub async fn replay_dead_letters(connection: &Connection, queue: &str) -> Result<u32, PublishError> {
     use lapin::options::{BasicAckOptions, BasicGetOptions};
     let channel = connection.create_channel().await?;
     let publisher = ConfirmedPublisher::new(connection, Duration::from_secs(10)).await?;
     let dead = Topology::dead_letter_queue(queue);
+    // Only what is there now: a message that fails again comes straight back to
+    // the dead-letter queue and must not be replayed in a loop.
+    let waiting = channel
+        .queue_declare(
+            dead.as_str().into(),
+            QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
+            FieldTable::default(),
+        )
+        .await?
+        .message_count();
     let mut moved = 0;
-    while let Some(message) = channel.basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false }).await? {
+    while moved < waiting
+        && let Some(message) = channel.basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false }).await?
+    {
         let delivery = message.delivery;
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         let mut kept = FieldTable::default();
