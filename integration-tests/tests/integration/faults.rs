@@ -159,7 +159,18 @@ async fn without_a_publish_confirm_the_reservation_is_released_and_a_retry_is_sa
     assert_eq!((tokens, inflight), (Some(1), 0));
 
     proxy.restore();
-    let reply = suite.buyers().purchase(suite.as_user("alice", request())).await?.into_inner();
+    // The gateway reconnects in the background: until then the retry answers
+    // UNAVAILABLE again, and the buyer retries under the same key, as asked.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let reply = loop {
+        match suite.buyers().purchase(suite.as_user("alice", request())).await {
+            Ok(reply) => break reply.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => anyhow::bail!("the retry failed: {status:?}"),
+        }
+    };
     let order = final_order(&suite, "alice", &reply.order_id, Duration::from_secs(20)).await?;
     assert_eq!(order.status(), OrderStatus::Confirmed);
     let again = suite.buyers().purchase(suite.as_user("alice", request())).await?.into_inner();
@@ -638,9 +649,13 @@ async fn a_lost_order_event_is_applied_by_the_reconciler() -> anyhow::Result<()>
                 .await
             {
                 Ok(reply) => break reply.into_inner(),
+                // SOLD_OUT until the reconciler applies the lost event; UNAVAILABLE
+                // until the gateway has reconnected to the broker.
                 Err(status)
-                    if flashsale_integration_tests::error_reason(&status).as_deref() == Some("SOLD_OUT")
-                        && tokio::time::Instant::now() < deadline =>
+                    if matches!(
+                        flashsale_integration_tests::error_reason(&status).as_deref(),
+                        Some("SOLD_OUT" | "UNAVAILABLE")
+                    ) && tokio::time::Instant::now() < deadline =>
                 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }

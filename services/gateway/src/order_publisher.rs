@@ -1,15 +1,27 @@
 //! Publishes `OrderPlaced` to the orders quorum queue and waits for the broker's
-//! confirm (ARCHITECTURE.md, step 3). One confirm-mode channel is shared by all
-//! purchases, so their confirms pipeline; when the connection breaks the next
-//! purchase reconnects (and the one that saw it fail answers UNAVAILABLE).
+//! confirm (README, "The purchase path", step 3). One confirm-mode channel is
+//! shared by all purchases, so their confirms pipeline.
+//!
+//! Reconnecting is one background task's job ([`OrderPublisher::run_reconnector`]):
+//! while the broker is unreachable, purchases fail at once with
+//! [`PublishError::Disconnected`] (certainly not sent, so their reservations are
+//! given back) instead of queueing behind a reconnect that holds a lock for the
+//! connect timeout, each holding a reservation meanwhile. A publish that fails
+//! drops only the channel it used, so a purchase that saw an old channel fail
+//! cannot throw away the fresh one another purchase is already using.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use flashsale_messaging::lapin::Connection;
 use flashsale_messaging::lapin::types::FieldTable;
 use flashsale_messaging::{ConfirmedPublisher, PublishError, Topology};
 use flashsale_proto::inventory::v1::OrderPlaced;
+use parking_lot::Mutex;
 use prost::Message;
-use tokio::sync::Mutex;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// Why an `OrderPlaced` may not be in the queue.
@@ -23,31 +35,82 @@ pub enum PublishFailure {
     Unknown(PublishError),
 }
 
+/// A connection and its confirm-mode channel, numbered so a failure drops only
+/// the one that failed.
+#[derive(Clone)]
+struct Live {
+    connection: Arc<Connection>,
+    publisher: ConfirmedPublisher,
+    generation: u64,
+}
+
 pub struct OrderPublisher {
     amqp_addr: String,
     topology: Topology,
     timeout: Duration,
-    current: Mutex<Option<(flashsale_messaging::lapin::Connection, ConfirmedPublisher)>>,
+    current: Mutex<Option<Live>>,
+    /// Wakes the reconnector when a purchase finds no usable channel.
+    wanted: Notify,
+    generations: AtomicU64,
 }
 
 impl OrderPublisher {
     pub fn new(amqp_addr: String, topology: Topology, timeout: Duration) -> Self {
-        Self { amqp_addr, topology, timeout, current: Mutex::new(None) }
+        Self {
+            amqp_addr,
+            topology,
+            timeout,
+            current: Mutex::new(None),
+            wanted: Notify::new(),
+            generations: AtomicU64::new(0),
+        }
     }
 
     /// Connects and declares the topology now (startup), so a broken broker
     /// address is reported before the first buyer arrives.
     pub async fn warm_up(&self) -> Result<(), PublishError> {
-        self.publisher().await.map(|_| ())
+        let live = self.connect().await?;
+        *self.current.lock() = Some(live);
+        Ok(())
     }
 
-    async fn publisher(&self) -> Result<ConfirmedPublisher, PublishError> {
-        let mut current = self.current.lock().await;
-        if let Some((_, publisher)) = current.as_ref().filter(|(_, p)| p.is_usable()) {
-            return Ok(publisher.clone());
+    /// Keeps a usable channel while the gateway runs: reconnects (with back-off,
+    /// 100 ms doubling to 5 s) whenever there is none, until `shutdown`.
+    pub async fn run_reconnector(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let usable = self.current.lock().as_ref().is_some_and(|live| live.publisher.is_usable());
+            if usable {
+                // A purchase wakes us when it finds the channel broken; the tick
+                // notices a broken one nobody has tried since.
+                tokio::select! {
+                    () = self.wanted.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                continue;
+            }
+            match self.connect().await {
+                Ok(live) => {
+                    tracing::info!("connected to the broker for publishing");
+                    *self.current.lock() = Some(live);
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach the broker; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
         }
-        // Bounded like the publish itself: a broker that accepts TCP but never
-        // answers must not hold buyers (and this lock) for ever.
+    }
+
+    /// Bounded like the publish itself: a broker that accepts TCP but never
+    /// answers must not hold the reconnector for ever.
+    async fn connect(&self) -> Result<Live, PublishError> {
         let connect = async {
             let connection = flashsale_messaging::connect(&self.amqp_addr, "gateway-order-publisher").await?;
             let publisher = ConfirmedPublisher::new(&connection, self.timeout).await?;
@@ -56,15 +119,34 @@ impl OrderPublisher {
         };
         let (connection, publisher) =
             tokio::time::timeout(self.timeout, connect).await.map_err(|_| PublishError::Timeout(self.timeout))??;
-        *current = Some((connection, publisher.clone()));
-        Ok(publisher)
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(Live { connection: Arc::new(connection), publisher, generation })
+    }
+
+    /// The usable channel, or `Disconnected` at once (and the reconnector woken).
+    fn live(&self) -> Result<Live, PublishError> {
+        let live = self.current.lock().clone().filter(|live| live.publisher.is_usable());
+        live.ok_or_else(|| {
+            self.wanted.notify_one();
+            PublishError::Disconnected
+        })
+    }
+
+    /// Drops the channel of `generation` if it is still the current one.
+    fn discard(&self, generation: u64) {
+        let mut current = self.current.lock();
+        if current.as_ref().is_some_and(|live| live.generation == generation) {
+            *current = None;
+        }
+        drop(current);
+        self.wanted.notify_one();
     }
 
     /// Publishes and waits for the confirm. On failure, says whether the broker
     /// certainly does not have the message ([`PublishFailure::NotSent`]) or might
     /// ([`PublishFailure::Unknown`]: sent, but no answer).
     pub async fn publish(&self, order: &OrderPlaced) -> Result<(), PublishFailure> {
-        let publisher = self.publisher().await.map_err(PublishFailure::NotSent)?;
+        let live = self.live().map_err(PublishFailure::NotSent)?;
         let payload = order.encode_to_vec();
         let started = std::time::Instant::now();
         // The message carries this span's context; inventory's consume span is its child.
@@ -78,21 +160,23 @@ impl OrderPublisher {
         );
         let mut headers = FieldTable::default();
         flashsale_telemetry::inject(&span, &mut flashsale_messaging::HeaderInjector(&mut headers));
-        let result = publisher.publish("", &self.topology.orders_queue, &payload, headers).instrument(span).await;
+        let result = live.publisher.publish("", &self.topology.orders_queue, &payload, headers).instrument(span).await;
         let outcome = match &result {
             Ok(()) => "confirmed",
-            Err(PublishError::Nacked | PublishError::Unroutable) => "refused",
+            Err(PublishError::Nacked | PublishError::Unroutable | PublishError::Disconnected) => "refused",
             Err(_) => "unknown",
         };
         // Publish plus broker confirm, the one wait on a winner's path after Redis.
         metrics::histogram!("flashsale_publish_seconds", "result" => outcome).record(started.elapsed().as_secs_f64());
         if result.is_err() {
-            // Start over on a fresh channel next time; a half-broken one may never confirm.
-            self.current.lock().await.take();
+            // Start over on a fresh channel; a half-broken one may never confirm.
+            self.discard(live.generation);
         }
         result.map_err(|error| match error {
             // The broker answered: it did not take the message.
-            PublishError::Nacked | PublishError::Unroutable => PublishFailure::NotSent(error),
+            PublishError::Nacked | PublishError::Unroutable | PublishError::Disconnected => {
+                PublishFailure::NotSent(error)
+            }
             PublishError::Timeout(_) | PublishError::Broker(_) | PublishError::NotConfirmed => {
                 PublishFailure::Unknown(error)
             }
@@ -100,8 +184,9 @@ impl OrderPublisher {
     }
 
     pub async fn close(&self) {
-        if let Some((connection, _)) = self.current.lock().await.take() {
-            let _ = connection.close(200, "shutdown".into()).await;
+        let live = self.current.lock().take();
+        if let Some(live) = live {
+            let _ = live.connection.close(200, "shutdown".into()).await;
         }
     }
 }

@@ -7,7 +7,6 @@ use flashsale_proto::inventory::v1::inventory_service_client::InventoryServiceCl
 use flashsale_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use flashsale_server::TracedChannel;
 use tonic::Request;
-use tonic::transport::Endpoint;
 
 /// Deadline of one call to inventory or wallet.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -28,13 +27,7 @@ impl Upstreams {
 }
 
 fn channel(url: &str) -> Result<TracedChannel, tonic::transport::Error> {
-    Ok(flashsale_server::traced(
-        Endpoint::from_shared(url.to_owned())?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .connect_lazy(),
-    ))
+    Ok(flashsale_server::traced(flashsale_server::internal_endpoint(url)?.connect_lazy()))
 }
 
 /// A request carrying `grpc-timeout`, so the callee stops when we stop waiting.

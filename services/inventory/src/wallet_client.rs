@@ -8,7 +8,6 @@ use flashsale_proto::wallet::v1::debit_result::Outcome;
 use flashsale_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use flashsale_proto::wallet::v1::{BatchDebitRequest, CreditRequest, DebitRequest};
 use flashsale_server::TracedChannel;
-use tonic::transport::Endpoint;
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
 
@@ -38,10 +37,7 @@ pub struct WalletClient {
 impl WalletClient {
     /// Connects lazily: inventory starts (and keeps its queue) while the wallet is down.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(url.to_owned())?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let channel = flashsale_server::internal_endpoint(url)?.connect_lazy();
         Ok(Self { client: WalletServiceClient::new(flashsale_server::traced(channel)), timeout })
     }
 

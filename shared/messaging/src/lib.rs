@@ -199,6 +199,9 @@ pub enum PublishError {
     Timeout(Duration),
     #[error("publisher confirms are not enabled on this channel")]
     NotConfirmed,
+    /// No connection to the broker right now (a reconnect is under way).
+    #[error("not connected to the broker")]
+    Disconnected,
 }
 
 /// A channel in confirm mode: every publish is persistent and mandatory, and

@@ -47,6 +47,21 @@ pub type StandardRouter = Router<StandardLayers>;
 /// in the gRPC metadata) and records a client span per call.
 pub type TracedChannel = GrpcClientTrace<tonic::transport::Channel>;
 
+/// An endpoint for calling another service of the suite: a short connect
+/// timeout, keep-alive pings, and no cap on the streams this client resets
+/// itself. h2 sends GOAWAY on its own connection after 1,024 such resets by
+/// default (a guard against a hostile server); a gateway that multiplexes every
+/// buyer over one connection cancels a call each time a buyer gives up, so one
+/// buyer cancelling bursts of calls would close the connection under everyone
+/// else's calls. The servers at the other end are our own.
+pub fn internal_endpoint(url: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    Ok(tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_max_local_error_reset_streams(None))
+}
+
 /// Wraps `channel` so every call through it carries the current trace.
 pub fn traced(channel: tonic::transport::Channel) -> TracedChannel {
     use tower::Layer;
