@@ -678,3 +678,59 @@ async fn a_lost_order_event_is_applied_by_the_reconciler() -> anyhow::Result<()>
     let _ = connection.close(200, "done".into()).await;
     suite.shutdown().await
 }
+
+/// The broker's link goes silent and reconnecting hangs (a blackhole: TCP
+/// accepted, nothing answered). Purchases meanwhile must not queue behind the
+/// reconnect, each holding its reservation: twenty buyers at once each get
+/// UNAVAILABLE within their own 5 s deadline (a serialised reconnect with a 1 s
+/// connect timeout would need twenty seconds for the last), and every
+/// reservation is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purchases_do_not_queue_behind_a_broker_reconnect() -> anyhow::Result<()> {
+    use flashsale_integration_tests::proxy::FaultProxy;
+    use flashsale_integration_tests::suite::{SuiteOptions, amqp_addr};
+
+    let broker: std::net::SocketAddr = "127.0.0.1:5672".parse()?;
+    let proxy = FaultProxy::start(broker).await?;
+    let proxied = amqp_addr().replace(":5672", &format!(":{}", proxy.port));
+    let suite = TestSuite::spawn_with(SuiteOptions {
+        gateway_amqp_addr: Some(proxied),
+        publish_timeout_ms: Some(1_000),
+        unrecorded_grace_ms: Some(2_000),
+        ..SuiteOptions::default()
+    })
+    .await?;
+    create_item(&suite, "queue", 100, 30, 1).await?;
+    let buy = |buyer: String| {
+        let mut client = suite.buyers();
+        let mut request = suite.as_user(
+            &buyer,
+            PurchaseRequest { item_id: "queue".into(), quantity: 1, idempotency_key: format!("{buyer}-1") },
+        );
+        request.set_timeout(Duration::from_secs(5));
+        async move { client.purchase(request).await }
+    };
+
+    proxy.blackhole();
+    // The first purchase finds the live channel silent: no confirm, outcome unknown.
+    let first = buy("first".into()).await?.into_inner();
+    assert_eq!(first.status(), OrderStatus::Pending);
+    // The channel is dropped now and every reconnect hangs until its timeout.
+    let answers = futures::future::join_all((0..20).map(|n| buy(format!("crowd-{n}")))).await;
+    for answer in &answers {
+        let status = answer.as_ref().expect_err("no broker");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+    // Every crowd reservation was given back: only the first buyer's unit is taken.
+    let client = redis::Client::open(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))?;
+    let mut redis = client.get_multiplexed_async_connection().await?;
+    let tokens: Option<i64> =
+        redis::cmd("GET").arg(format!("{}:{{queue}}:tokens", suite.redis_prefix)).query_async(&mut redis).await?;
+    assert_eq!(tokens, Some(29));
+    proxy.restore();
+    assert_eq!(
+        final_order(&suite, "first", &first.order_id, Duration::from_secs(30)).await?.status(),
+        OrderStatus::Rejected, // "first" has no money; what matters is that it ended
+    );
+    suite.shutdown().await
+}
