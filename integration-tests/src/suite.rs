@@ -60,6 +60,8 @@ pub struct SuiteOptions {
     pub holds_machine: bool,
     /// How long before the gateway publishes an admission inventory never recorded.
     pub unrecorded_grace_ms: Option<u64>,
+    /// How long an ended sale stays in the gateway's catalog and Redis.
+    pub sale_state_retention_ms: Option<u64>,
     /// The suite's databases live on this server (a private one a test may
     /// restart) instead of `TEST_DATABASE_URL`'s.
     pub database_server: Option<String>,
@@ -108,6 +110,9 @@ impl TestSuite {
         }
         if let Some(ms) = options.unrecorded_grace_ms {
             config.unrecorded_grace_ms = ms;
+        }
+        if let Some(ms) = options.sale_state_retention_ms {
+            config.sale_state_retention_ms = ms;
         }
         if let Some((rate, burst)) = options.purchase_rate {
             config.purchase_rate_per_second = rate;

@@ -734,3 +734,80 @@ async fn purchases_do_not_queue_behind_a_broker_reconnect() -> anyhow::Result<()
     );
     suite.shutdown().await
 }
+
+/// State that only grew: once a sale has ended and its retention passed, the
+/// item's Redis keys are gone and inventory lists it only to callers that ask
+/// for old sales; a late buyer still gets SALE_ENDED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_sale_leaves_no_redis_keys_after_its_retention() -> anyhow::Result<()> {
+    use flashsale_integration_tests::suite::SuiteOptions;
+    use flashsale_proto::inventory::v1::ListItemsRequest;
+    use flashsale_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+
+    let suite =
+        TestSuite::spawn_with(SuiteOptions { sale_state_retention_ms: Some(500), ..SuiteOptions::default() }).await?;
+    let ends = std::time::SystemTime::now() + Duration::from_secs(2);
+    crate::common::create_item_between(
+        &suite,
+        "brief",
+        100,
+        3,
+        1,
+        crate::common::at(Duration::from_secs(1), false),
+        Some(prost_types::Timestamp::from(ends)),
+    )
+    .await?;
+    top_up(&suite, "max", 1_000).await?;
+    let reply = suite
+        .buyers()
+        .purchase(
+            suite.as_user("max", PurchaseRequest { item_id: "brief".into(), quantity: 1, idempotency_key: "m".into() }),
+        )
+        .await?
+        .into_inner();
+    assert_eq!(
+        final_order(&suite, "max", &reply.order_id, Duration::from_secs(20)).await?.status(),
+        OrderStatus::Confirmed
+    );
+
+    let client = redis::Client::open(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))?;
+    let mut redis = client.get_multiplexed_async_connection().await?;
+    let pattern = format!("{}:{{brief}}:*", suite.redis_prefix);
+    let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await?;
+    assert!(!keys.is_empty(), "the sale left no keys to expire");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await?;
+        if keys.is_empty() {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "keys still there after the retention: {keys:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let url = suite.url("inventory").ok_or_else(|| anyhow::anyhow!("inventory not running"))?;
+    let mut inventory = InventoryServiceClient::connect(url).await?;
+    let live = inventory
+        .list_items(ListItemsRequest {
+            page_size: 100,
+            page_token: String::new(),
+            ending_after: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+        })
+        .await?
+        .into_inner();
+    assert!(live.items.iter().all(|item| item.id != "brief"), "an ended sale listed as live");
+    let all =
+        inventory.list_items(ListItemsRequest { page_size: 100, ..ListItemsRequest::default() }).await?.into_inner();
+    assert!(all.items.iter().any(|item| item.id == "brief"), "the full listing lost the item");
+
+    let late = suite
+        .buyers()
+        .purchase(
+            suite
+                .as_user("max", PurchaseRequest { item_id: "brief".into(), quantity: 1, idempotency_key: "m2".into() }),
+        )
+        .await
+        .expect_err("the sale is over");
+    assert_eq!(flashsale_integration_tests::error_reason(&late).as_deref(), Some("SALE_ENDED"), "{late:?}");
+    suite.shutdown().await
+}

@@ -218,6 +218,19 @@ impl Admission {
         Ok(stamp_of(version, admissions))
     }
 
+    /// Makes every admission key of `item_id` expire at `at_ms` (unix ms): the
+    /// sale is over, and its state is kept only for the retention period.
+    pub async fn expire_item(&self, item_id: &str, at_ms: i64) -> Result<(), GatewayError> {
+        let k = self.keys(item_id);
+        let mut conn = self.pool.get().await?;
+        let mut pipe = redis::pipe();
+        for key in [&k.ready, &k.tokens, &k.held, &k.inflight, &k.idem, &k.admitted, &k.applied, &k.parked] {
+            pipe.cmd("PEXPIREAT").arg(key).arg(at_ms).ignore();
+        }
+        let () = pipe.query_async(&mut *conn).await?;
+        Ok(())
+    }
+
     /// Undoes an admission whose order never reached the broker.
     pub async fn unadmit(&self, item_id: &str, order_id: &str, user_id: &str, key: &str) -> Result<(), GatewayError> {
         let k = self.keys(item_id);

@@ -52,7 +52,7 @@ impl Gateway {
             .upstreams
             .inventory
             .clone()
-            .list_items(request(inventory::ListItemsRequest { page_size, page_token }))
+            .list_items(request(inventory::ListItemsRequest { page_size, page_token, ending_after: None }))
             .await
             .map_err(GatewayError::from_upstream)?
             .into_inner();

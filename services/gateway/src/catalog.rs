@@ -36,6 +36,9 @@ pub struct CatalogItem {
     pub sold_out: Arc<SoldOut>,
     /// PostgreSQL's units left as of the last refresh.
     pub pg_remaining: AtomicU32,
+    /// Whether this gateway has set the expiry of the item's Redis keys (once
+    /// the sale has ended), kept across refreshes of the item.
+    pub keys_expire: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The sold-out flag of an item, and what the gateway learned from Redis while
@@ -193,6 +196,7 @@ impl CatalogItem {
             ends_at_ms: millis(item.ends_at.as_ref()?),
             sold_out: Arc::default(),
             pg_remaining: AtomicU32::new(item.stock_remaining),
+            keys_expire: Arc::default(),
         })
     }
 
@@ -264,6 +268,7 @@ impl Catalog {
         let mut items = self.items.write();
         if let Some(existing) = items.get(&item.id) {
             fresh.sold_out = existing.sold_out.clone();
+            fresh.keys_expire = existing.keys_expire.clone();
         }
         let fresh = Arc::new(fresh);
         items.insert(item.id.clone(), fresh.clone());
@@ -279,15 +284,27 @@ impl Catalog {
         self.items.read().values().filter(|item| item.is_sold_out()).cloned().collect()
     }
 
-    /// Reloads every item from inventory.
-    pub async fn refresh(&self) -> Result<(), GatewayError> {
+    /// Reloads from inventory the items whose sale is on, to come, or ended
+    /// less than `retention` ago, and forgets the older ones: the catalog and
+    /// each refresh stay the size of the live sales, not of the whole history.
+    /// (An older item asked for by id is still looked up once, and answered
+    /// SALE_ENDED.)
+    pub async fn refresh(&self, retention: Duration) -> Result<(), GatewayError> {
+        let horizon = std::time::SystemTime::now().checked_sub(retention).unwrap_or(std::time::UNIX_EPOCH);
+        let horizon_ms = i64::try_from(horizon.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis())
+            .unwrap_or(i64::MAX);
+        self.items.write().retain(|_, item| item.ends_at_ms > horizon_ms);
         let mut token = String::new();
         loop {
             let page = self
                 .upstreams
                 .inventory
                 .clone()
-                .list_items(request(ListItemsRequest { page_size: 500, page_token: token }))
+                .list_items(request(ListItemsRequest {
+                    page_size: 500,
+                    page_token: token,
+                    ending_after: Some(prost_types::Timestamp::from(horizon)),
+                }))
                 .await
                 .map_err(GatewayError::from_upstream)?
                 .into_inner();
@@ -303,8 +320,13 @@ impl Catalog {
 
     /// Refreshes every `interval` until `shutdown`; `on_tick` runs after each
     /// refresh (the sold-out check against Redis).
-    pub async fn run_refresher<F, Fut>(self: Arc<Self>, interval: Duration, shutdown: CancellationToken, on_tick: F)
-    where
+    pub async fn run_refresher<F, Fut>(
+        self: Arc<Self>,
+        interval: Duration,
+        retention: Duration,
+        shutdown: CancellationToken,
+        on_tick: F,
+    ) where
         F: Fn(Arc<Self>) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
@@ -318,7 +340,7 @@ impl Catalog {
             // Five times a second: never a trace of its own.
             let span = flashsale_telemetry::unrecorded_span("catalog refresh");
             async {
-                if let Err(e) = self.refresh().await {
+                if let Err(e) = self.refresh(retention).await {
                     tracing::debug!(error = %e, "catalog refresh failed");
                 }
                 on_tick(self.clone()).await;

@@ -65,6 +65,10 @@ pub struct Config {
     /// again (its first publish died with the gateway or had no confirm).
     #[arg(long, env = "UNRECORDED_GRACE_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..))]
     pub unrecorded_grace_ms: u64,
+    /// How long after a sale ends its item stays in the catalog and its Redis
+    /// admission keys live (retries of accepted orders are answered from them).
+    #[arg(long, env = "SALE_STATE_RETENTION_MS", default_value_t = 86_400_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sale_state_retention_ms: u64,
 }
 
 impl Config {
@@ -97,6 +101,7 @@ impl Config {
             purchase_burst: 10,
             shutdown_grace_seconds: 5,
             unrecorded_grace_ms: 60_000,
+            sale_state_retention_ms: 86_400_000,
         }
     }
 

@@ -120,8 +120,12 @@ impl Application {
         let api = self.api;
         let grpc = GatewayGrpc { api: api.clone() };
         let background = CancellationToken::new();
-        if let Err(e) =
-            api.catalog.refresh().instrument(flashsale_telemetry::unrecorded_span("initial catalog load")).await
+        let retention = Duration::from_millis(config.sale_state_retention_ms);
+        if let Err(e) = api
+            .catalog
+            .refresh(retention)
+            .instrument(flashsale_telemetry::unrecorded_span("initial catalog load"))
+            .await
         {
             tracing::warn!(error = %e, "initial catalog load failed; items load on first use");
         }
@@ -164,6 +168,7 @@ impl Application {
             tokio::spawn(events.run(background.clone())),
             tokio::spawn(api.catalog.clone().run_refresher(
                 Duration::from_millis(config.catalog_refresh_ms),
+                retention,
                 background.clone(),
                 move |catalog| {
                     let admission = admission.clone();
@@ -171,7 +176,8 @@ impl Application {
                         // `flashsale_redis_up`: 1 when Redis answered this second's ping.
                         let up = admission.ping().await.is_ok();
                         metrics::gauge!("flashsale_redis_up").set(if up { 1.0 } else { 0.0 });
-                        clear_stale_sold_out_flags(&catalog, &admission).await
+                        clear_stale_sold_out_flags(&catalog, &admission).await;
+                        expire_ended_sales(&catalog, &admission, retention).await;
                     }
                 },
             )),
@@ -276,6 +282,27 @@ async fn clear_stale_sold_out_flags(catalog: &Catalog, admission: &Admission) {
             Ok(Some((tokens, stamp))) if tokens <= 0 => item.sold_out.check_stamp(stamp),
             Ok(_) => item.clear_sold_out(),
             Err(e) => tracing::debug!(error = %e, item.id = %item.id, "sold-out check failed"),
+        }
+    }
+}
+
+/// Sets the expiry of the Redis keys of every sale that has ended (once per
+/// item and gateway): they live `retention` past the end, then Redis drops them.
+/// Keys first written after this (a late refund's) expire with the next
+/// gateway start's pass; per-item state stays bounded by the live sales.
+async fn expire_ended_sales(catalog: &Catalog, admission: &Admission, retention: Duration) {
+    use std::sync::atomic::Ordering;
+    let now = crate::catalog::now_ms();
+    let keep = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    for item in catalog.all() {
+        if item.ends_at_ms > now || item.keys_expire.load(Ordering::Acquire) {
+            continue;
+        }
+        match admission.expire_item(&item.id, item.ends_at_ms.saturating_add(keep)).await {
+            Ok(()) => item.keys_expire.store(true, Ordering::Release),
+            Err(e) => {
+                tracing::debug!(error = %e, item.id = %item.id, "could not set the expiry of an ended sale's keys")
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ use flashsale_proto::inventory::v1::{
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::convert::{item_to_proto, order_to_proto, timestamp};
+use crate::convert::{item_to_proto, order_to_proto, parse_timestamp, timestamp};
 use crate::db::models::Order;
 use crate::db::{items, orders};
 use crate::domain::{ItemSpec, OrderStatus, Page, parse_item_id, parse_order_id, parse_user_id};
@@ -72,10 +72,11 @@ impl InventoryService for InventoryGrpc {
     }
 
     async fn list_items(&self, request: Request<ListItemsRequest>) -> Result<Response<ListItemsResponse>, Status> {
-        let ListItemsRequest { page_size, page_token } = request.into_inner();
+        let ListItemsRequest { page_size, page_token, ending_after } = request.into_inner();
         let page = Page::parse(page_size, &page_token, 100)?;
+        let ending_after = ending_after.map(|t| parse_timestamp("ending_after", Some(t))).transpose()?;
         let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
-        let (rows, next) = items::list(&mut conn, &page).await?;
+        let (rows, next) = items::list(&mut conn, &page, ending_after).await?;
         let now = Utc::now();
         Ok(Response::new(ListItemsResponse {
             items: rows.into_iter().map(|item| item_to_proto(item, now)).collect(),

@@ -34,8 +34,16 @@ pub async fn get(conn: &mut AsyncPgConnection, id: &str) -> Result<Item, Invento
 }
 
 /// One page of items in id order, and the token of the next page.
-pub async fn list(conn: &mut AsyncPgConnection, page: &Page) -> Result<(Vec<Item>, Option<String>), InventoryError> {
+/// With `ending_after`, only items whose sale ends after that instant.
+pub async fn list(
+    conn: &mut AsyncPgConnection,
+    page: &Page,
+    ending_after: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<(Vec<Item>, Option<String>), InventoryError> {
     let mut query = items::table.select(Item::as_select()).order(items::id.asc()).limit(page.size + 1).into_boxed();
+    if let Some(at) = ending_after {
+        query = query.filter(items::ends_at.gt(at));
+    }
     if let Some(after) = &page.after {
         query = query.filter(items::id.gt(after.clone()));
     }
