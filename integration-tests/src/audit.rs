@@ -230,7 +230,21 @@ pub async fn audit(databases: &Databases) -> anyhow::Result<AuditReport> {
 /// Call before [`wait_until_settled`] and the audit, or they judge a sale still
 /// in progress.
 pub async fn wait_until_admissions_final(redis_prefix: &str, items: &[&str], timeout: Duration) -> anyhow::Result<()> {
-    let client = redis::Client::open(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))?;
+    wait_until_admissions_final_at(&default_redis_url(), redis_prefix, items, timeout).await
+}
+
+fn default_redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// As [`wait_until_admissions_final`], on the Redis server at `redis_url`.
+pub async fn wait_until_admissions_final_at(
+    redis_url: &str,
+    redis_prefix: &str,
+    items: &[&str],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let client = redis::Client::open(redis_url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let deadline = Instant::now() + timeout;
     for item in items {
@@ -258,7 +272,17 @@ pub async fn wait_until_admissions_final(redis_prefix: &str, items: &[&str], tim
 /// exactly the units PostgreSQL still has on offer. (Holds when Redis kept its
 /// state through the sale; after a flush, PostgreSQL alone is the reference.)
 pub async fn redis_agrees(redis_prefix: &str, report: &AuditReport, timeout: Duration) -> anyhow::Result<()> {
-    let client = redis::Client::open(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))?;
+    redis_agrees_at(&default_redis_url(), redis_prefix, report, timeout).await
+}
+
+/// As [`redis_agrees`], on the Redis server at `redis_url`.
+pub async fn redis_agrees_at(
+    redis_url: &str,
+    redis_prefix: &str,
+    report: &AuditReport,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let client = redis::Client::open(redis_url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let deadline = Instant::now() + timeout;
     for (item, remaining) in &report.remaining {

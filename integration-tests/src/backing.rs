@@ -1,6 +1,7 @@
 //! Backing servers of a test's own, for tests that stop, kill or restart them:
 //! a private PostgreSQL cluster (initdb + pg_ctl) on a free port, in a
-//! directory of its own. The machine's shared servers are never touched; a
+//! directory of its own, and a private redis-server (no persistence, so a
+//! restart loses every key and every loaded script, as in production). The machine's shared servers are never touched; a
 //! private server is stopped by its own data directory (pg_ctl reads the
 //! postmaster's PID from it) when the test ends or drops it.
 
@@ -156,4 +157,54 @@ fn is_root() -> bool {
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A redis-server owned by one test, on a free port, keeping nothing on disk.
+pub struct PrivateRedis {
+    port: u16,
+    child: tokio::sync::Mutex<Option<tokio::process::Child>>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let this = Self { port, child: tokio::sync::Mutex::new(None) };
+        this.start_again().await?;
+        Ok(this)
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL: everything it held is gone).
+    pub async fn kill(&self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.lock().await.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts the server (again, empty) and waits until it answers PING.
+    pub async fn start_again(&self) -> anyhow::Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        *self.child.lock().await = Some(child);
+        let client = redis::Client::open(self.url())?;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "redis-server did not start on {}", self.port);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
 }

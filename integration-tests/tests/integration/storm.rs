@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use flashsale_integration_tests::audit::{AuditReport, OrderRow, audit, redis_agrees, wait_until_settled};
-use flashsale_integration_tests::backing::{PrivatePostgres, StopMode};
+use flashsale_integration_tests::audit::{AuditReport, OrderRow, audit, redis_agrees_at, wait_until_settled};
+use flashsale_integration_tests::backing::{PrivatePostgres, PrivateRedis, StopMode};
 use flashsale_integration_tests::suite::with_token;
 use flashsale_integration_tests::{TestSuite, error_reason};
 use flashsale_proto::common::v1::OrderStatus;
@@ -39,6 +39,16 @@ struct Spec {
     /// Run on a private PostgreSQL server and stop it (in this mode, for
     /// [`POSTGRES_DOWN_FOR`]) once this many orders were accepted, then start it again.
     restart_postgres_after: Option<(usize, StopMode)>,
+    /// Run the gateway on a private redis-server and kill it once this many
+    /// orders were accepted, then start it again, empty (keys and scripts lost).
+    restart_redis_after: Option<usize>,
+}
+
+impl Spec {
+    /// Whether Redis loses its data mid-sale (flushed or restarted).
+    fn loses_redis(&self) -> bool {
+        self.flush_redis_after.is_some() || self.restart_redis_after.is_some()
+    }
 }
 
 /// How long a restarted PostgreSQL stays down (a failover takes about this long).
@@ -67,9 +77,18 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
         Some(_) => Some(Arc::new(PrivatePostgres::start().await?)),
         None => None,
     };
+    let redis = match spec.restart_redis_after {
+        Some(_) => Some(Arc::new(PrivateRedis::start().await?)),
+        None => None,
+    };
+    let redis_url = redis.as_ref().map_or_else(
+        || std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+        |redis| redis.url(),
+    );
     let options = flashsale_integration_tests::suite::SuiteOptions {
         holds_machine: true,
         database_server: postgres.as_ref().map(|pg| pg.url()),
+        gateway_redis_url: redis.as_ref().map(|redis| redis.url()),
         ..Default::default()
     };
     let suite = Arc::new(TestSuite::spawn_with(options).await?);
@@ -119,6 +138,10 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
         (Some((after, mode)), Some(pg)) => Some(spawn_postgres_restart(pg.clone(), seen.clone(), after, mode)),
         _ => None,
     };
+    let redis_restart = match (spec.restart_redis_after, &redis) {
+        (Some(after), Some(redis)) => Some(spawn_redis_restart(redis.clone(), seen.clone(), flushed.clone(), after)),
+        _ => None,
+    };
 
     let started = tokio::time::Instant::now();
     let everyone: Vec<&Buyer> = buyers.iter().collect();
@@ -129,9 +152,12 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
         // The restart must have happened mid-sale, and the server be back.
         restart.await??;
     }
+    if let Some(restart) = redis_restart {
+        restart.await??;
+    }
 
     let items: Vec<&str> = spec.items.iter().map(|(id, _, _)| *id).collect();
-    let mut report = settle(&suite, &spec, &items, &seen).await?;
+    let mut report = settle(&suite, &spec, &redis_url, &items, &seen).await?;
 
     // Units that came back after the crowd left (a buyer who could not pay, an
     // admission republished late on a starved machine) must still be on sale:
@@ -151,10 +177,21 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
         let watcher = spawn_watcher(&suite, &done, &seen, &flushed, None);
         buy(&late, &channels, &suite, &seen, &done, &flushed, spec.quantity, 1).await?;
         watcher.abort();
-        report = settle(&suite, &spec, &items, &seen).await?;
+        report = settle(&suite, &spec, &redis_url, &items, &seen).await?;
     }
-    if spec.flush_redis_after.is_some() {
-        assert!(flushed.load(Ordering::Relaxed), "the sale ended before Redis was flushed");
+    if spec.loses_redis() {
+        assert!(flushed.load(Ordering::Relaxed), "the sale ended before Redis lost its data");
+    }
+    if spec.restart_redis_after.is_some() {
+        // Drift back to 0 once Redis is back: no in-flight marks, and exactly the
+        // units PostgreSQL still has, within 5 s of the sale settling.
+        flashsale_integration_tests::audit::redis_agrees_at(
+            &redis_url,
+            &suite.redis_prefix,
+            &report,
+            Duration::from_secs(5),
+        )
+        .await?;
     }
 
     // One order per idempotency key, whatever the concurrency. A Redis flush
@@ -168,7 +205,7 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
             if orders.len() == 1 {
                 continue;
             }
-            assert!(spec.flush_redis_after.is_some(), "key {key} named orders {orders:?}");
+            assert!(spec.loses_redis(), "key {key} named orders {orders:?}");
             let live: Vec<&&OrderRow> =
                 orders.iter().filter_map(|id| by_id.get(id.as_str())).filter(|o| o.status != "REJECTED").collect();
             assert!(live.len() <= 1, "key {key} named orders {orders:?} and PostgreSQL kept more than one of them");
@@ -219,8 +256,31 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
         assert_eq!(suite.dead_letters(queue).await?, 0, "messages dead-lettered from {queue}");
     }
     Arc::try_unwrap(suite).map_err(|_| anyhow::anyhow!("suite still shared"))?.shutdown().await?;
-    drop(postgres); // stops the private server
+    drop(postgres); // stops the private servers
+    drop(redis);
     Ok(())
+}
+
+/// Kills the private redis-server once `after` orders were accepted and starts
+/// it again at once, empty: every key and every loaded script is gone.
+fn spawn_redis_restart(
+    redis: Arc<PrivateRedis>,
+    seen: Arc<Mutex<Seen>>,
+    lost: Arc<AtomicBool>,
+    after: usize,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + BUYING_WINDOW;
+        while seen.lock().accepted.len() < after {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the sale never reached {after} accepted orders");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        redis.kill().await?;
+        lost.store(true, Ordering::Relaxed);
+        redis.start_again().await?;
+        eprintln!("storm: Redis killed and started again (empty) after {after} accepted orders");
+        Ok(())
+    })
 }
 
 /// Stops the private PostgreSQL once `after` orders were accepted, keeps it
@@ -321,10 +381,17 @@ fn spawn_watcher(
 }
 
 /// Waits until every accepted order is final, audits, and checks Redis agrees.
-async fn settle(suite: &TestSuite, spec: &Spec, items: &[&str], seen: &Mutex<Seen>) -> anyhow::Result<AuditReport> {
+async fn settle(
+    suite: &TestSuite,
+    spec: &Spec,
+    redis_url: &str,
+    items: &[&str],
+    seen: &Mutex<Seen>,
+) -> anyhow::Result<AuditReport> {
     let accepted = seen.lock().accepted.clone();
-    if spec.flush_redis_after.is_none() {
-        flashsale_integration_tests::audit::wait_until_admissions_final(
+    if !spec.loses_redis() {
+        flashsale_integration_tests::audit::wait_until_admissions_final_at(
+            redis_url,
             &suite.redis_prefix,
             items,
             Duration::from_secs(90),
@@ -333,8 +400,8 @@ async fn settle(suite: &TestSuite, spec: &Spec, items: &[&str], seen: &Mutex<See
     }
     wait_until_settled(&suite.databases(), &accepted, Duration::from_secs(60)).await?;
     let report = audit(&suite.databases()).await?;
-    if spec.flush_redis_after.is_none() {
-        redis_agrees(&suite.redis_prefix, &report, Duration::from_secs(20)).await?;
+    if !spec.loses_redis() {
+        redis_agrees_at(redis_url, &suite.redis_prefix, &report, Duration::from_secs(20)).await?;
     }
     Ok(report)
 }
@@ -470,6 +537,7 @@ async fn storm_of_5000_buyers_sells_exactly_100_units_limit_1() -> anyhow::Resul
         flush_redis_after: None,
         all_can_pay: false,
         restart_postgres_after: None,
+        restart_redis_after: None,
     })
     .await
 }
@@ -484,6 +552,7 @@ async fn storm_with_limit_2_and_quantity_2() -> anyhow::Result<()> {
         flush_redis_after: None,
         all_can_pay: false,
         restart_postgres_after: None,
+        restart_redis_after: None,
     })
     .await
 }
@@ -498,6 +567,7 @@ async fn storm_over_three_items_at_once() -> anyhow::Result<()> {
         flush_redis_after: None,
         all_can_pay: false,
         restart_postgres_after: None,
+        restart_redis_after: None,
     })
     .await
 }
@@ -515,6 +585,7 @@ async fn redis_flushed_mid_sale_still_sells_exactly_the_stock() -> anyhow::Resul
         flush_redis_after: Some(60),
         all_can_pay: true,
         restart_postgres_after: None,
+        restart_redis_after: None,
     })
     .await
 }
@@ -533,6 +604,7 @@ async fn postgres_restarted_mid_sale_loses_no_order() -> anyhow::Result<()> {
         flush_redis_after: None,
         all_can_pay: true,
         restart_postgres_after: Some((40, StopMode::Fast)),
+        restart_redis_after: None,
     })
     .await
 }
@@ -548,6 +620,26 @@ async fn postgres_crashed_mid_sale_loses_no_order() -> anyhow::Result<()> {
         flush_redis_after: None,
         all_can_pay: true,
         restart_postgres_after: Some((40, StopMode::Immediate)),
+        restart_redis_after: None,
+    })
+    .await
+}
+
+/// The gateway's Redis is killed mid-sale and comes back empty (every key and
+/// every loaded script lost). The gateway rebuilds from inventory, PostgreSQL
+/// refuses what Redis admitted twice meanwhile, every unit sells (every buyer
+/// can pay), and Redis agrees with PostgreSQL again within 5 s of the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_mid_sale_loses_no_order() -> anyhow::Result<()> {
+    run_storm(Spec {
+        items: vec![("redis-restart", 150, 1)],
+        quantity: 1,
+        buyers: 1_500,
+        seed: 7,
+        flush_redis_after: None,
+        all_can_pay: true,
+        restart_postgres_after: None,
+        restart_redis_after: Some(40),
     })
     .await
 }
