@@ -229,20 +229,7 @@ impl TestSuite {
     /// How many messages wait in the dead-letter queue of `queue` (a work
     /// queue's name, e.g. `Topology::with_prefix(&suite.amqp_prefix).orders_queue`).
     pub async fn dead_letters(&self, queue: &str) -> anyhow::Result<u32> {
-        use flashsale_messaging::lapin::options::QueueDeclareOptions;
-        use flashsale_messaging::lapin::types::FieldTable;
-        let connection = flashsale_messaging::connect(&amqp_addr(), "integration-test-probe").await?;
-        let channel = connection.create_channel().await?;
-        let dead = flashsale_messaging::Topology::dead_letter_queue(queue);
-        let declared = channel
-            .queue_declare(
-                dead.as_str().into(),
-                QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
-                FieldTable::default(),
-            )
-            .await?;
-        let _ = connection.close(200, "done".into()).await;
-        Ok(declared.message_count())
+        Ok(queue_depth(&flashsale_messaging::Topology::dead_letter_queue(queue)).await?.0)
     }
 
     /// Stops every service, then removes the suite's queues, keys and databases.
@@ -314,4 +301,21 @@ pub async fn delete_amqp_names(prefix: &str) -> anyhow::Result<()> {
     }
     let _ = connection.close(200, "done".into()).await;
     Ok(())
+}
+
+/// (messages ready, consumers) of the queue `name` on the shared broker.
+pub async fn queue_depth(name: &str) -> anyhow::Result<(u32, u32)> {
+    use flashsale_messaging::lapin::options::QueueDeclareOptions;
+    use flashsale_messaging::lapin::types::FieldTable;
+    let connection = flashsale_messaging::connect(&amqp_addr(), "integration-test-probe").await?;
+    let channel = connection.create_channel().await?;
+    let declared = channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = connection.close(200, "done".into()).await;
+    Ok((declared.message_count(), declared.consumer_count()))
 }

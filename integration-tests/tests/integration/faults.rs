@@ -64,22 +64,9 @@ async fn the_same_order_placed_twice_makes_one_order_and_one_debit() -> anyhow::
 }
 
 async fn wait_for_empty_orders_queue(suite: &TestSuite) -> anyhow::Result<()> {
-    use flashsale_messaging::lapin::options::QueueDeclareOptions;
-    use flashsale_messaging::lapin::types::FieldTable;
-    let addr = std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let connection = flashsale_messaging::connect(&addr, "integration-test-probe").await?;
-    let channel = connection.create_channel().await?;
     let queue = flashsale_messaging::Topology::with_prefix(&suite.amqp_prefix).orders_queue;
     for _ in 0..200 {
-        let declared = channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
-                FieldTable::default(),
-            )
-            .await?;
-        if declared.message_count() == 0 {
-            let _ = connection.close(200, "done".into()).await;
+        if flashsale_integration_tests::suite::queue_depth(&queue).await?.0 == 0 {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -123,18 +110,10 @@ async fn orders_taken_while_the_wallet_is_down_are_confirmed_once_it_returns() -
 /// is back, buys the unit exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_publish_confirm_the_reservation_is_released_and_a_retry_is_safe() -> anyhow::Result<()> {
-    use flashsale_integration_tests::proxy::FaultProxy;
-    use flashsale_integration_tests::suite::{SuiteOptions, amqp_addr};
+    use flashsale_integration_tests::suite::SuiteOptions;
 
-    let broker: std::net::SocketAddr = "127.0.0.1:5672".parse()?;
-    let proxy = FaultProxy::start(broker).await?;
-    let proxied = amqp_addr().replace(":5672", &format!(":{}", proxy.port));
-    let suite = TestSuite::spawn_with(SuiteOptions {
-        gateway_amqp_addr: Some(proxied),
-        publish_timeout_ms: Some(1_000),
-        ..SuiteOptions::default()
-    })
-    .await?;
+    let (proxy, suite) =
+        behind_a_broker_proxy(SuiteOptions { publish_timeout_ms: Some(1_000), ..SuiteOptions::default() }).await?;
     create_item(&suite, "solo", 900, 1, 1).await?;
     top_up(&suite, "alice", 1_000).await?;
     let request = || PurchaseRequest { item_id: "solo".into(), quantity: 1, idempotency_key: "alice-1".into() };
@@ -418,14 +397,9 @@ async fn a_top_up_key_cannot_block_a_refund() -> anyhow::Result<()> {
 /// publishes the kept reservation; inventory keeps one copy per order id).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purchase_whose_confirm_never_comes_is_accepted_and_goes_through_once() -> anyhow::Result<()> {
-    use flashsale_integration_tests::proxy::FaultProxy;
-    use flashsale_integration_tests::suite::{SuiteOptions, amqp_addr};
+    use flashsale_integration_tests::suite::SuiteOptions;
 
-    let broker: std::net::SocketAddr = "127.0.0.1:5672".parse()?;
-    let proxy = FaultProxy::start(broker).await?;
-    let proxied = amqp_addr().replace(":5672", &format!(":{}", proxy.port));
-    let suite = TestSuite::spawn_with(SuiteOptions {
-        gateway_amqp_addr: Some(proxied),
+    let (proxy, suite) = behind_a_broker_proxy(SuiteOptions {
         publish_timeout_ms: Some(1_000),
         unrecorded_grace_ms: Some(2_000),
         ..SuiteOptions::default()
@@ -580,20 +554,12 @@ async fn after_a_redis_loss_a_retry_under_its_key_names_the_buyers_order() -> an
 /// PURCHASE_IN_PROGRESS for ever and a unit never sold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_order_event_is_applied_by_the_reconciler() -> anyhow::Result<()> {
-    use flashsale_integration_tests::proxy::FaultProxy;
     use flashsale_integration_tests::suite::{SuiteOptions, amqp_addr};
     use flashsale_messaging::lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
     use flashsale_messaging::lapin::types::FieldTable;
 
-    let broker: std::net::SocketAddr = "127.0.0.1:5672".parse()?;
-    let proxy = FaultProxy::start(broker).await?;
-    let proxied = amqp_addr().replace(":5672", &format!(":{}", proxy.port));
-    let mut suite = TestSuite::spawn_with(SuiteOptions {
-        gateway_amqp_addr: Some(proxied),
-        unrecorded_grace_ms: Some(1_000),
-        ..SuiteOptions::default()
-    })
-    .await?;
+    let (proxy, mut suite) =
+        behind_a_broker_proxy(SuiteOptions { unrecorded_grace_ms: Some(1_000), ..SuiteOptions::default() }).await?;
     create_item(&suite, "lost", 500, 1, 1).await?;
     top_up(&suite, "kim", 1_000).await?; // kim can pay; lee cannot
     let events_queue = flashsale_messaging::Topology::with_prefix(&suite.amqp_prefix).admission_events_queue;
@@ -687,14 +653,9 @@ async fn a_lost_order_event_is_applied_by_the_reconciler() -> anyhow::Result<()>
 /// reservation is given back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purchases_do_not_queue_behind_a_broker_reconnect() -> anyhow::Result<()> {
-    use flashsale_integration_tests::proxy::FaultProxy;
-    use flashsale_integration_tests::suite::{SuiteOptions, amqp_addr};
+    use flashsale_integration_tests::suite::SuiteOptions;
 
-    let broker: std::net::SocketAddr = "127.0.0.1:5672".parse()?;
-    let proxy = FaultProxy::start(broker).await?;
-    let proxied = amqp_addr().replace(":5672", &format!(":{}", proxy.port));
-    let suite = TestSuite::spawn_with(SuiteOptions {
-        gateway_amqp_addr: Some(proxied),
+    let (proxy, suite) = behind_a_broker_proxy(SuiteOptions {
         publish_timeout_ms: Some(1_000),
         unrecorded_grace_ms: Some(2_000),
         ..SuiteOptions::default()
@@ -810,4 +771,20 @@ async fn an_ended_sale_leaves_no_redis_keys_after_its_retention() -> anyhow::Res
         .expect_err("the sale is over");
     assert_eq!(flashsale_integration_tests::error_reason(&late).as_deref(), Some("SALE_ENDED"), "{late:?}");
     suite.shutdown().await
+}
+
+/// A suite whose gateway reaches RabbitMQ through a [`FaultProxy`] the test
+/// can cut or blackhole (the other services use the broker directly).
+async fn behind_a_broker_proxy(
+    options: flashsale_integration_tests::suite::SuiteOptions,
+) -> anyhow::Result<(flashsale_integration_tests::proxy::FaultProxy, TestSuite)> {
+    let broker: std::net::SocketAddr = "127.0.0.1:5672".parse()?;
+    let proxy = flashsale_integration_tests::proxy::FaultProxy::start(broker).await?;
+    let proxied = flashsale_integration_tests::suite::amqp_addr().replace(":5672", &format!(":{}", proxy.port));
+    let suite = TestSuite::spawn_with(flashsale_integration_tests::suite::SuiteOptions {
+        gateway_amqp_addr: Some(proxied),
+        ..options
+    })
+    .await?;
+    Ok((proxy, suite))
 }

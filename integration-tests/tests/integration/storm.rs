@@ -44,6 +44,22 @@ struct Spec {
     restart_redis_after: Option<usize>,
 }
 
+impl Default for Spec {
+    /// One item of 100 units, limit 1, 5,000 buyers, no fault.
+    fn default() -> Self {
+        Self {
+            items: vec![("storm", 100, 1)],
+            quantity: 1,
+            buyers: 5_000,
+            seed: 0,
+            flush_redis_after: None,
+            all_can_pay: false,
+            restart_postgres_after: None,
+            restart_redis_after: None,
+        }
+    }
+}
+
 impl Spec {
     /// Whether Redis loses its data mid-sale (flushed or restarted).
     fn loses_redis(&self) -> bool {
@@ -261,6 +277,16 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits until buyers were told ACCEPTED `after` times (the moment to inject a fault).
+async fn accepted_at_least(seen: &Mutex<Seen>, after: usize) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + BUYING_WINDOW;
+    while seen.lock().accepted.len() < after {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the sale never reached {after} accepted orders");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// Kills the private redis-server once `after` orders were accepted and starts
 /// it again at once, empty: every key and every loaded script is gone.
 fn spawn_redis_restart(
@@ -270,11 +296,7 @@ fn spawn_redis_restart(
     after: usize,
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     tokio::spawn(async move {
-        let deadline = tokio::time::Instant::now() + BUYING_WINDOW;
-        while seen.lock().accepted.len() < after {
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the sale never reached {after} accepted orders");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        accepted_at_least(&seen, after).await?;
         redis.kill().await?;
         lost.store(true, Ordering::Relaxed);
         redis.start_again().await?;
@@ -292,11 +314,7 @@ fn spawn_postgres_restart(
     mode: StopMode,
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     tokio::spawn(async move {
-        let deadline = tokio::time::Instant::now() + BUYING_WINDOW;
-        while seen.lock().accepted.len() < after {
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the sale never reached {after} accepted orders");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        accepted_at_least(&seen, after).await?;
         postgres.stop(mode).await?;
         eprintln!("storm: PostgreSQL stopped ({mode:?}) after {after} accepted orders");
         // The outage itself: its length is the fault being injected, not a wait.
@@ -529,45 +547,20 @@ async fn buyer_loop(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storm_of_5000_buyers_sells_exactly_100_units_limit_1() -> anyhow::Result<()> {
-    run_storm(Spec {
-        items: vec![("storm-1", 100, 1)],
-        quantity: 1,
-        buyers: 5_000,
-        seed: 1,
-        flush_redis_after: None,
-        all_can_pay: false,
-        restart_postgres_after: None,
-        restart_redis_after: None,
-    })
-    .await
+    run_storm(Spec { items: vec![("storm-1", 100, 1)], seed: 1, ..Spec::default() }).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storm_with_limit_2_and_quantity_2() -> anyhow::Result<()> {
-    run_storm(Spec {
-        items: vec![("storm-2", 100, 2)],
-        quantity: 2,
-        buyers: 5_000,
-        seed: 2,
-        flush_redis_after: None,
-        all_can_pay: false,
-        restart_postgres_after: None,
-        restart_redis_after: None,
-    })
-    .await
+    run_storm(Spec { items: vec![("storm-2", 100, 2)], quantity: 2, seed: 2, ..Spec::default() }).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storm_over_three_items_at_once() -> anyhow::Result<()> {
     run_storm(Spec {
         items: vec![("storm-a", 100, 1), ("storm-b", 60, 1), ("storm-c", 30, 1)],
-        quantity: 1,
-        buyers: 5_000,
         seed: 3,
-        flush_redis_after: None,
-        all_can_pay: false,
-        restart_postgres_after: None,
-        restart_redis_after: None,
+        ..Spec::default()
     })
     .await
 }
@@ -579,15 +572,19 @@ async fn storm_over_three_items_at_once() -> anyhow::Result<()> {
 async fn redis_flushed_mid_sale_still_sells_exactly_the_stock() -> anyhow::Result<()> {
     run_storm(Spec {
         items: vec![("flush", 200, 1)],
-        quantity: 1,
         buyers: 2_000,
         seed: 4,
         flush_redis_after: Some(60),
         all_can_pay: true,
-        restart_postgres_after: None,
-        restart_redis_after: None,
+        ..Spec::default()
     })
     .await
+}
+
+/// A sale for a fault: 1,500 buyers who can all pay for 150 units, so "sold ==
+/// stock" is the only acceptable end.
+fn fault_storm(item: &'static str, seed: u64) -> Spec {
+    Spec { items: vec![(item, 150, 1)], buyers: 1_500, seed, all_can_pay: true, ..Spec::default() }
 }
 
 /// PostgreSQL (both services' databases) stops for 5 s mid-sale and comes back,
@@ -596,33 +593,13 @@ async fn redis_flushed_mid_sale_still_sells_exactly_the_stock() -> anyhow::Resul
 /// every unit ends up sold, each charged once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarted_mid_sale_loses_no_order() -> anyhow::Result<()> {
-    run_storm(Spec {
-        items: vec![("pg-restart", 150, 1)],
-        quantity: 1,
-        buyers: 1_500,
-        seed: 5,
-        flush_redis_after: None,
-        all_can_pay: true,
-        restart_postgres_after: Some((40, StopMode::Fast)),
-        restart_redis_after: None,
-    })
-    .await
+    run_storm(Spec { restart_postgres_after: Some((40, StopMode::Fast)), ..fault_storm("pg-restart", 5) }).await
 }
 
 /// The same with PostgreSQL killed (immediate shutdown: a crash, WAL recovery on start).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_crashed_mid_sale_loses_no_order() -> anyhow::Result<()> {
-    run_storm(Spec {
-        items: vec![("pg-crash", 150, 1)],
-        quantity: 1,
-        buyers: 1_500,
-        seed: 6,
-        flush_redis_after: None,
-        all_can_pay: true,
-        restart_postgres_after: Some((40, StopMode::Immediate)),
-        restart_redis_after: None,
-    })
-    .await
+    run_storm(Spec { restart_postgres_after: Some((40, StopMode::Immediate)), ..fault_storm("pg-crash", 6) }).await
 }
 
 /// The gateway's Redis is killed mid-sale and comes back empty (every key and
@@ -631,15 +608,5 @@ async fn postgres_crashed_mid_sale_loses_no_order() -> anyhow::Result<()> {
 /// can pay), and Redis agrees with PostgreSQL again within 5 s of the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_mid_sale_loses_no_order() -> anyhow::Result<()> {
-    run_storm(Spec {
-        items: vec![("redis-restart", 150, 1)],
-        quantity: 1,
-        buyers: 1_500,
-        seed: 7,
-        flush_redis_after: None,
-        all_can_pay: true,
-        restart_postgres_after: None,
-        restart_redis_after: Some(40),
-    })
-    .await
+    run_storm(Spec { restart_redis_after: Some(40), ..fault_storm("redis-restart", 7) }).await
 }
