@@ -127,7 +127,8 @@ async fn load_orders(conn: &mut AsyncPgConnection) -> anyhow::Result<Vec<OrderRo
     .await?)
 }
 
-/// Checks every invariant of ARCHITECTURE.md against the tables of inventory
+/// Checks every invariant of integration-tests/RELIABILITY.md (no oversell,
+/// limits held, no negative balance, money conserved, one debit per order) against the tables of inventory
 /// and wallet. Call after [`wait_until_settled`].
 pub async fn audit(databases: &Databases) -> anyhow::Result<AuditReport> {
     let mut conn = AsyncPgConnection::establish(&databases.inventory_url).await?;

@@ -211,8 +211,8 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
     }
 
     // One order per idempotency key, whatever the concurrency. A Redis flush
-    // forgets the keys of orders still in the queue (ARCHITECTURE.md, "Redis is
-    // a cache"), so a concurrent attempt under such a key can be admitted again;
+    // forgets the keys of orders still in the queue (README, "Known limits": Redis is
+    // a cache), so a concurrent attempt under such a key can be admitted again;
     // PostgreSQL then keeps the first and rejects the other as a key reuse.
     {
         let seen = seen.lock();

@@ -1,6 +1,6 @@
 //! The gateway's in-memory view of the items on sale: the fast path that turns
 //! away unknown items, closed sales and sold-out items with no network I/O
-//! (ARCHITECTURE.md, step 1). Kept fresh from inventory every refresh interval;
+//! (README, "The purchase path", step 1). Kept fresh from inventory every refresh interval;
 //! the sold-out flags are cleared by order events and checked against Redis.
 
 use std::collections::{HashMap, HashSet};

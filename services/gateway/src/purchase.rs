@@ -1,4 +1,4 @@
-//! The purchase hot path (ARCHITECTURE.md, steps 1–4): local checks with no
+//! The purchase hot path (README, "The purchase path", steps 1–3): local checks with no
 //! I/O, one Redis script, then — for the few winners only — the admission
 //! record and the confirmed publish of `OrderPlaced`.
 

@@ -46,7 +46,7 @@ pub struct ConsumerOptions {
     pub amqp_addr: String,
     pub topology: Topology,
     /// Unacknowledged messages the broker may push ahead (never 1: one message
-    /// per round trip is a tenth of the throughput, integration-tests/BENCHMARKS.md).
+    /// per round trip costs an order of magnitude of throughput).
     pub prefetch: u16,
     /// First payment attempts running at once.
     pub concurrency: usize,

@@ -384,7 +384,7 @@ pub struct ErrorBody {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
-    /// The reason code of ARCHITECTURE.md's table (the gRPC `ErrorInfo.reason`).
+    /// The reason code of the README's error table (the gRPC `ErrorInfo.reason`).
     #[schema(example = "SOLD_OUT")]
     pub code: String,
     pub message: String,

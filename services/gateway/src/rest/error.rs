@@ -1,5 +1,5 @@
 //! REST errors: the same reason codes as gRPC, with the HTTP statuses of
-//! ARCHITECTURE.md's table, as `{"error": {"code", "message"}}`. Every way a
+//! the README's error table, as `{"error": {"code", "message"}}`. Every way a
 //! request can be malformed (JSON syntax, types, unknown fields, size, path or
 //! query) is a 400 `INVALID_ARGUMENT`, never axum's default 413/415/422 text.
 
@@ -51,7 +51,7 @@ impl ApiError {
     }
 }
 
-/// The HTTP status for a reason code (ARCHITECTURE.md, "Outcomes and their codes").
+/// The HTTP status for a reason code (the README's error table, "Errors").
 pub fn http_status(reason: &str, code: tonic::Code) -> StatusCode {
     match reason {
         "UNAUTHENTICATED" => StatusCode::UNAUTHORIZED,
@@ -191,7 +191,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
 mod tests {
     use super::*;
 
-    /// ARCHITECTURE.md's table, row by row, including reasons only inventory or
+    /// The README's error table, row by row, including reasons only inventory or
     /// wallet produce (INSUFFICIENT_FUNDS reaches buyers as an order's
     /// reject_reason, since payment happens after the 202).
     #[test]
