@@ -15,9 +15,37 @@ use tonic::transport::Channel;
 use crate::suite::{JWT_SECRET, amqp_addr, delete_amqp_names, flush_redis_prefix};
 use crate::{TestDatabase, service_binary};
 
+/// The three services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Wallet,
+    Inventory,
+    Gateway,
+}
+
+impl Service {
+    fn binary(self) -> &'static str {
+        match self {
+            Self::Wallet => "flashsale-wallet",
+            Self::Inventory => "flashsale-inventory",
+            Self::Gateway => "flashsale-gateway",
+        }
+    }
+
+    fn listen_var(self) -> &'static str {
+        match self {
+            Self::Wallet => "WALLET_LISTEN_ADDR",
+            Self::Inventory => "INVENTORY_LISTEN_ADDR",
+            Self::Gateway => "GATEWAY_LISTEN_ADDR",
+        }
+    }
+}
+
 /// One service process and its ports.
 pub struct ServiceProcess {
     child: Child,
+    service: Service,
+    env: Vec<(String, String)>,
     pub grpc_port: u16,
     pub metrics_port: u16,
 }
@@ -25,6 +53,35 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     pub fn metrics_url(&self) -> String {
         format!("http://127.0.0.1:{}/metrics", self.metrics_port)
+    }
+
+    /// Waits until the process ends by itself (a crash point fired), at most `timeout`.
+    pub async fn exited(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .map_err(|_| anyhow::anyhow!("{} still running after {timeout:?}", self.service.binary()))?
+            .map_err(Into::into)
+    }
+
+    /// Starts the service again on the same ports, with `drop` removed from its environment.
+    pub async fn restart_without(&mut self, drop: &str) -> anyhow::Result<()> {
+        self.env.retain(|(key, _)| key != drop);
+        let env: Vec<(&str, String)> = self.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        *self = start_on(self.service, &env, self.grpc_port, self.metrics_port).await?;
+        Ok(())
+    }
+
+    /// SIGTERM (a graceful stop, as an orchestrator sends), without waiting.
+    pub async fn terminate(&self) -> anyhow::Result<()> {
+        let pid = self.child.id().ok_or_else(|| anyhow::anyhow!("{} has exited", self.service.binary()))?;
+        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+        Ok(())
+    }
+
+    /// SIGKILL, and waits until the process is gone.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await.map_err(Into::into)
     }
 }
 
@@ -44,17 +101,20 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-async fn start(binary: &str, env: &[(&str, String)]) -> anyhow::Result<ServiceProcess> {
-    let grpc_port = free_port()?;
-    let metrics_port = free_port()?;
-    let listen_var = match binary {
-        "flashsale-wallet" => "WALLET_LISTEN_ADDR",
-        "flashsale-inventory" => "INVENTORY_LISTEN_ADDR",
-        _ => "GATEWAY_LISTEN_ADDR",
-    };
+async fn start(service: Service, env: &[(&str, String)]) -> anyhow::Result<ServiceProcess> {
+    start_on(service, env, free_port()?, free_port()?).await
+}
+
+async fn start_on(
+    service: Service,
+    env: &[(&str, String)],
+    grpc_port: u16,
+    metrics_port: u16,
+) -> anyhow::Result<ServiceProcess> {
+    let binary = service.binary();
     let mut command = Command::new(service_binary(binary)?);
     command
-        .env(listen_var, format!("127.0.0.1:{grpc_port}"))
+        .env(service.listen_var(), format!("127.0.0.1:{grpc_port}"))
         .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
         .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "error".into()))
         .env("AMQP_ADDR", amqp_addr())
@@ -65,7 +125,8 @@ async fn start(binary: &str, env: &[(&str, String)]) -> anyhow::Result<ServicePr
         command.env(key, value);
     }
     let child = command.spawn()?;
-    let process = ServiceProcess { child, grpc_port, metrics_port };
+    let env = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+    let process = ServiceProcess { child, service, env, grpc_port, metrics_port };
     wait_for_port(grpc_port, binary).await?;
     wait_for_port(metrics_port, binary).await?;
     Ok(process)
@@ -94,46 +155,78 @@ impl BinarySuite {
 
     /// As [`BinarySuite::spawn_with_env`], with `gateway_only` set last in the gateway's.
     pub async fn spawn_with_envs(common: &[(&str, String)], gateway_only: &[(&str, String)]) -> anyhow::Result<Self> {
-        let with = |own: Vec<(&'static str, String)>| -> Vec<(&str, String)> {
-            own.into_iter().chain(common.iter().map(|(k, v)| (*k, v.clone()))).collect()
+        let own: Vec<(Service, &str, String)> =
+            gateway_only.iter().map(|(k, v)| (Service::Gateway, *k, v.clone())).collect();
+        Self::spawn_with_service_envs(common, &own).await
+    }
+
+    /// As [`BinarySuite::spawn_with_env`], with each `(service, key, value)` set
+    /// last in that service's environment.
+    pub async fn spawn_with_service_envs(
+        common: &[(&str, String)],
+        own: &[(Service, &str, String)],
+    ) -> anyhow::Result<Self> {
+        let with = |service: Service, base: Vec<(&'static str, String)>| -> Vec<(&str, String)> {
+            base.into_iter()
+                .chain(common.iter().map(|(k, v)| (*k, v.clone())))
+                .chain(own.iter().filter(|(s, _, _)| *s == service).map(|(_, k, v)| (*k, v.clone())))
+                .collect()
         };
         let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let wallet_db = TestDatabase::create("wallet").await?;
         let inventory_db = TestDatabase::create("inventory").await?;
         let redis_prefix = format!("fs-bin-{tag}");
         let amqp_prefix = format!("fs-bin-{tag}");
-        let wallet = start("flashsale-wallet", &with(vec![("DATABASE_URL", wallet_db.url().to_owned())])).await?;
+        let wallet =
+            start(Service::Wallet, &with(Service::Wallet, vec![("DATABASE_URL", wallet_db.url().to_owned())])).await?;
         let wallet_url = format!("http://127.0.0.1:{}", wallet.grpc_port);
         let inventory = start(
-            "flashsale-inventory",
-            &with(vec![
-                ("DATABASE_URL", inventory_db.url().to_owned()),
-                ("WALLET_URL", wallet_url.clone()),
-                ("AMQP_PREFIX", amqp_prefix.clone()),
-                ("SWEEP_INTERVAL_MS", "200".into()),
-            ]),
+            Service::Inventory,
+            &with(
+                Service::Inventory,
+                vec![
+                    ("DATABASE_URL", inventory_db.url().to_owned()),
+                    ("WALLET_URL", wallet_url.clone()),
+                    ("AMQP_PREFIX", amqp_prefix.clone()),
+                    ("SWEEP_INTERVAL_MS", "200".into()),
+                ],
+            ),
         )
         .await?;
         let gateway = start(
-            "flashsale-gateway",
-            &with(vec![
-                ("INVENTORY_URL", format!("http://127.0.0.1:{}", inventory.grpc_port)),
-                ("WALLET_URL", wallet_url),
-                ("AMQP_PREFIX", amqp_prefix.clone()),
-                ("REDIS_KEY_PREFIX", redis_prefix.clone()),
-                ("JWT_SECRET", JWT_SECRET.into()),
-                ("GATEWAY_HTTP_ADDR", "127.0.0.1:0".into()),
-                ("CATALOG_REFRESH_MS", "200".into()),
-                ("PURCHASE_RATE_PER_SECOND", "0".into()),
-            ])
-            .into_iter()
-            .chain(gateway_only.iter().map(|(k, v)| (*k, v.clone())))
-            .collect::<Vec<_>>(),
+            Service::Gateway,
+            &with(
+                Service::Gateway,
+                vec![
+                    ("INVENTORY_URL", format!("http://127.0.0.1:{}", inventory.grpc_port)),
+                    ("WALLET_URL", wallet_url),
+                    ("AMQP_PREFIX", amqp_prefix.clone()),
+                    ("REDIS_KEY_PREFIX", redis_prefix.clone()),
+                    ("JWT_SECRET", JWT_SECRET.into()),
+                    ("GATEWAY_HTTP_ADDR", "127.0.0.1:0".into()),
+                    ("CATALOG_REFRESH_MS", "200".into()),
+                    ("PURCHASE_RATE_PER_SECOND", "0".into()),
+                ],
+            ),
         )
         .await?;
         let gateway_channel =
             Channel::from_shared(format!("http://127.0.0.1:{}", gateway.grpc_port))?.connect().await?;
         Ok(Self { wallet_db, inventory_db, redis_prefix, amqp_prefix, wallet, inventory, gateway, gateway_channel })
+    }
+
+    /// The process of `service`.
+    pub fn process(&mut self, service: Service) -> &mut ServiceProcess {
+        match service {
+            Service::Wallet => &mut self.wallet,
+            Service::Inventory => &mut self.inventory,
+            Service::Gateway => &mut self.gateway,
+        }
+    }
+
+    /// A new connection to the gateway (buyers spread over several, as real ones do).
+    pub async fn new_gateway_channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(format!("http://127.0.0.1:{}", self.gateway.grpc_port))?.connect().await?)
     }
 
     pub fn buyers(&self) -> FlashSaleGatewayClient<Channel> {

@@ -3,6 +3,7 @@
 //! so the harness runs them in parallel.
 
 mod common;
+mod crashes;
 mod faults;
 mod lifecycle;
 mod notifications;

@@ -349,8 +349,11 @@ impl Purchases {
         if let Err(e) = self.admission.save_record(&record).await {
             tracing::warn!(error = %e, order.id = %attempt.order_id, "could not save the admission record; publishing anyway");
         }
+        // Fault tests: units reserved in Redis, nothing published yet.
+        flashsale_server::crash_point("gateway-before-publish");
         match self.publisher.publish(&placed_message(&record)).await {
-            Ok(()) => {}
+            // Fault tests: the order is queued, the buyer not told.
+            Ok(()) => flashsale_server::crash_point("gateway-before-reply"),
             Err(PublishFailure::NotSent(error)) => {
                 // Certainly not queued: give the units back, so the buyer's retry
                 // under the same key starts afresh.

@@ -192,6 +192,8 @@ impl OrderConsumer {
                 return;
             }
         };
+        // Fault tests: the batch is committed, its deliveries not acked.
+        flashsale_server::crash_point("inventory-before-ack");
         // Orders for items inventory does not know are set aside before the ack.
         for ((delivery, placed), outcome) in accepted.iter().zip(&recorded) {
             if matches!(outcome, Recorded::UnknownItem) {

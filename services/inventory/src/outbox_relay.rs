@@ -78,6 +78,8 @@ impl OutboxRelay {
             for result in futures::future::join_all(publishes).await {
                 result.map_err(|e| InventoryError::Unavailable(Box::new(e)))?;
             }
+            // Fault tests: the events are confirmed by the broker, still in the outbox.
+            flashsale_server::crash_point("outbox-before-delete");
             let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
             outbox::delete(conn, &ids).await?;
             Ok(rows.len())

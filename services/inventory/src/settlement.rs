@@ -54,6 +54,8 @@ impl Settlement {
     pub async fn pay(&self, order: &Order) -> Result<(), InventoryError> {
         match self.wallet.pay(order).await {
             Ok(payment) => {
+                // Fault tests: debited in the wallet, the order not yet final.
+                flashsale_server::crash_point("inventory-before-settle");
                 let span = flashsale_telemetry::info_span!(
                     "orders.settle",
                     db.system.name = "postgresql",
@@ -115,6 +117,8 @@ impl Settlement {
                 return;
             }
         };
+        // Fault tests: debited in the wallet, the orders not yet final.
+        flashsale_server::crash_point("inventory-before-settle");
         let settle_span = flashsale_telemetry::info_span!(
             "orders.settle",
             db.system.name = "postgresql",

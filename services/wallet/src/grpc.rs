@@ -113,6 +113,8 @@ impl WalletService for WalletGrpc {
     async fn debit(&self, request: Request<DebitRequest>) -> Result<Response<DebitResponse>, Status> {
         let movement = Movement::try_from(request.into_inner())?;
         let entry = self.apply(movement).await?;
+        // Fault tests: the debit is committed, the caller not answered.
+        flashsale_server::crash_point("wallet-before-reply");
         Ok(Response::new(DebitResponse { transaction: Some(entry.into()) }))
     }
 
@@ -135,6 +137,8 @@ impl WalletService for WalletGrpc {
         }
         let mut applied =
             if movements.is_empty() { Vec::new() } else { self.apply_batch(movements).await? }.into_iter();
+        // Fault tests: the debits are committed, the caller not answered.
+        flashsale_server::crash_point("wallet-before-reply");
         let mut out = Vec::with_capacity(results.len());
         for result in results {
             let outcome = match result {

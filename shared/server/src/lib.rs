@@ -192,6 +192,9 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
+    // Test builds only: crash points configured from `FAILPOINTS` (see `crash_point`).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let _telemetry = match flashsale_telemetry::init(service) {
         Ok(guard) => guard,
         Err(e) => {
@@ -206,6 +209,26 @@ where
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// A named point where the fault tests make the process die at once, as a
+/// `kill -9` would land exactly there: nothing after it runs, no reply is sent,
+/// no delivery acked, no transaction committed that was not already.
+///
+/// Compiled in only with the `failpoints` feature (the integration tests turn it
+/// on); elsewhere it is an empty function. In such a build, `FAILPOINTS` sets
+/// when a point fires, in the `fail` crate's syntax: `FAILPOINTS=inventory-before-ack=3*off->return`
+/// lets the point pass three times and aborts the process the fourth. The points
+/// and what must survive each are listed in `integration-tests/RELIABILITY.md`.
+#[inline]
+pub fn crash_point(name: &str) {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!(name, |_| {
+        eprintln!("crash point {name} reached: aborting");
+        std::process::abort()
+    });
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
 }
 
 /// Accepted connections from `listener`, with TCP_NODELAY (small gRPC frames
