@@ -208,3 +208,113 @@ impl PrivateRedis {
         }
     }
 }
+
+/// A RabbitMQ node owned by one test: its own node name, AMQP and distribution
+/// ports, data and log directories, and no plugins (the machine's own broker
+/// holds the management ports). Its data survives [`PrivateRabbit::kill`], as a
+/// real node's disk does, so quorum queues keep every confirmed message.
+pub struct PrivateRabbit {
+    dir: PathBuf,
+    node: String,
+    port: u16,
+    dist_port: u16,
+    child: std::sync::Mutex<Option<std::process::Child>>,
+}
+
+impl PrivateRabbit {
+    pub async fn start() -> anyhow::Result<Self> {
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let dir = std::env::temp_dir().join(format!("fs-rmq-{tag}"));
+        std::fs::create_dir_all(dir.join("log"))?;
+        let (port, dist_port) = (free_port()?, free_port()?);
+        std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        std::fs::write(dir.join("rabbitmq.conf"), format!("listeners.tcp.default = 127.0.0.1:{port}\n"))?;
+        let this =
+            Self { dir, node: format!("fs-test-{tag}@localhost"), port, dist_port, child: std::sync::Mutex::new(None) };
+        this.start_again().await?;
+        Ok(this)
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Starts the node (again) and waits until it accepts AMQP connections.
+    pub async fn start_again(&self) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.dir.join("log").join("console.log"))?;
+        let child = std::process::Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server")
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.dir.join("enabled_plugins"))
+            .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
+            .env("RABBITMQ_PID_FILE", self.dir.join("pid"))
+            .current_dir(&self.dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        *self.child.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = Some(child);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Ok(connection) = flashsale_messaging::connect(&self.url(), "integration-test-probe").await {
+                let _ = connection.close(200, "probe".into()).await;
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "RabbitMQ node {} did not start on {} (see {})",
+                self.node,
+                self.port,
+                self.dir.join("log").display()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills the node's Erlang VM (SIGKILL, as a crash or an OOM kill does)
+    /// and waits until its start script has exited.
+    pub async fn kill(&self) -> anyhow::Result<()> {
+        self.signal_and_wait("-KILL");
+        Ok(())
+    }
+
+    /// Stops the node cleanly (SIGTERM: RabbitMQ shuts down in order, as in a
+    /// rolling restart) and waits until it has exited.
+    pub async fn stop(&self) -> anyhow::Result<()> {
+        let child = self.child.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.take();
+        let Some(mut child) = child else { return Ok(()) };
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
+            let _ = std::process::Command::new("kill").args(["-TERM", pid.trim()]).status();
+        }
+        // The start script exits once the VM has; blocking, so off the runtime.
+        tokio::task::spawn_blocking(move || child.wait()).await??;
+        let _ = std::fs::remove_file(self.dir.join("pid"));
+        Ok(())
+    }
+
+    fn signal_and_wait(&self, signal: &str) {
+        // The VM is a child of the start script; it writes its own PID here.
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
+            let _ = std::process::Command::new("kill").args([signal, pid.trim()]).status();
+        }
+        if let Ok(mut child) = self.child.lock()
+            && let Some(mut child) = child.take()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(self.dir.join("pid"));
+    }
+}
+
+impl Drop for PrivateRabbit {
+    fn drop(&mut self) {
+        self.signal_and_wait("-KILL");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

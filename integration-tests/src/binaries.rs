@@ -12,7 +12,7 @@ use flashsale_proto::gateway::v1::flash_sale_gateway_client::FlashSaleGatewayCli
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
-use crate::suite::{JWT_SECRET, amqp_addr, delete_amqp_names, flush_redis_prefix};
+use crate::suite::{JWT_SECRET, amqp_addr, delete_amqp_names_at, flush_redis_prefix_at};
 use crate::{TestDatabase, service_binary};
 
 /// The three services.
@@ -63,6 +63,11 @@ impl ServiceProcess {
             .map_err(Into::into)
     }
 
+    /// The exit status, if the process has ended (without waiting).
+    pub fn try_exited(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
     /// Starts the service again on the same ports, with `drop` removed from its environment.
     pub async fn restart_without(&mut self, drop: &str) -> anyhow::Result<()> {
         self.env.retain(|(key, _)| key != drop);
@@ -85,11 +90,27 @@ impl ServiceProcess {
     }
 }
 
+/// Where a [`BinarySuite`]'s services find their backing servers: the
+/// machine's shared ones by default, or a test's private ones (which it may
+/// restart).
+#[derive(Debug, Clone, Default)]
+pub struct Backing {
+    /// PostgreSQL server URL (no database) instead of `TEST_DATABASE_URL`'s.
+    pub database_server: Option<String>,
+    /// Instead of `REDIS_URL`.
+    pub redis_url: Option<String>,
+    /// Instead of `AMQP_ADDR`.
+    pub amqp_addr: Option<String>,
+}
+
 pub struct BinarySuite {
     pub wallet_db: TestDatabase,
     pub inventory_db: TestDatabase,
     pub redis_prefix: String,
     pub amqp_prefix: String,
+    /// The Redis server and RabbitMQ broker the services use.
+    pub redis_url: String,
+    pub amqp_addr: String,
     pub wallet: ServiceProcess,
     pub inventory: ServiceProcess,
     pub gateway: ServiceProcess,
@@ -166,15 +187,35 @@ impl BinarySuite {
         common: &[(&str, String)],
         own: &[(Service, &str, String)],
     ) -> anyhow::Result<Self> {
+        Self::spawn_on(&Backing::default(), common, own).await
+    }
+
+    /// As [`BinarySuite::spawn_with_service_envs`], on the servers of `backing`.
+    pub async fn spawn_on(
+        backing: &Backing,
+        common: &[(&str, String)],
+        own: &[(Service, &str, String)],
+    ) -> anyhow::Result<Self> {
+        let redis_url = backing
+            .redis_url
+            .clone()
+            .unwrap_or_else(|| std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()));
+        let amqp_addr = backing.amqp_addr.clone().unwrap_or_else(amqp_addr);
+        let servers = [("REDIS_URL", redis_url.clone()), ("AMQP_ADDR", amqp_addr.clone())];
         let with = |service: Service, base: Vec<(&'static str, String)>| -> Vec<(&str, String)> {
             base.into_iter()
+                .chain(servers.iter().cloned())
                 .chain(common.iter().map(|(k, v)| (*k, v.clone())))
                 .chain(own.iter().filter(|(s, _, _)| *s == service).map(|(_, k, v)| (*k, v.clone())))
                 .collect()
         };
         let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let wallet_db = TestDatabase::create("wallet").await?;
-        let inventory_db = TestDatabase::create("inventory").await?;
+        let (wallet_db, inventory_db) = match &backing.database_server {
+            Some(server) => {
+                (TestDatabase::create_on(server, "wallet").await?, TestDatabase::create_on(server, "inventory").await?)
+            }
+            None => (TestDatabase::create("wallet").await?, TestDatabase::create("inventory").await?),
+        };
         let redis_prefix = format!("fs-bin-{tag}");
         let amqp_prefix = format!("fs-bin-{tag}");
         let wallet =
@@ -212,7 +253,18 @@ impl BinarySuite {
         .await?;
         let gateway_channel =
             Channel::from_shared(format!("http://127.0.0.1:{}", gateway.grpc_port))?.connect().await?;
-        Ok(Self { wallet_db, inventory_db, redis_prefix, amqp_prefix, wallet, inventory, gateway, gateway_channel })
+        Ok(Self {
+            wallet_db,
+            inventory_db,
+            redis_prefix,
+            amqp_prefix,
+            redis_url,
+            amqp_addr,
+            wallet,
+            inventory,
+            gateway,
+            gateway_channel,
+        })
     }
 
     /// The process of `service`.
@@ -249,8 +301,8 @@ impl BinarySuite {
         for process in [&mut self.gateway, &mut self.inventory, &mut self.wallet] {
             process.child.kill().await?;
         }
-        flush_redis_prefix(&self.redis_prefix).await?;
-        delete_amqp_names(&self.amqp_prefix).await?;
+        flush_redis_prefix_at(&self.redis_url, &self.redis_prefix).await?;
+        delete_amqp_names_at(&self.amqp_addr, &self.amqp_prefix).await?;
         self.wallet_db.drop_now().await?;
         self.inventory_db.drop_now().await?;
         Ok(())

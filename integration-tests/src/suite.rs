@@ -36,6 +36,7 @@ pub struct TestSuite {
     pub inventory_db: TestDatabase,
     pub redis_prefix: String,
     pub amqp_prefix: String,
+    amqp_addr: String,
     wallet: Option<Running>,
     wallet_port: u16,
     inventory: Option<Running>,
@@ -65,6 +66,9 @@ pub struct SuiteOptions {
     /// The suite's databases live on this server (a private one a test may
     /// restart) instead of `TEST_DATABASE_URL`'s.
     pub database_server: Option<String>,
+    /// Every service (and the suite's own probes) reaches RabbitMQ here instead
+    /// of `AMQP_ADDR` (a private node a test may restart).
+    pub amqp_server: Option<String>,
 }
 
 impl TestSuite {
@@ -88,7 +92,9 @@ impl TestSuite {
         let wallet = start_wallet(wallet_db.url(), 0).await?;
         let wallet_port = wallet.port;
 
-        let config = flashsale_inventory::Config::for_tests(inventory_db.url(), wallet.url(), &amqp_prefix);
+        let amqp_addr = options.amqp_server.clone().unwrap_or_else(amqp_addr);
+        let mut config = flashsale_inventory::Config::for_tests(inventory_db.url(), wallet.url(), &amqp_prefix);
+        config.amqp_addr = amqp_addr.clone();
         let app = flashsale_inventory::Application::build(&config).await?;
         let inventory = Running::start(app.port(), |stop| app.run_until_stopped(stop));
 
@@ -99,6 +105,7 @@ impl TestSuite {
             &amqp_prefix,
             JWT_SECRET,
         );
+        config.amqp_addr = amqp_addr.clone();
         if let Some(addr) = options.gateway_amqp_addr {
             config.amqp_addr = addr;
         }
@@ -128,6 +135,7 @@ impl TestSuite {
             inventory_db,
             redis_prefix,
             amqp_prefix,
+            amqp_addr,
             wallet: Some(wallet),
             wallet_port,
             inventory: Some(inventory),
@@ -216,7 +224,7 @@ impl TestSuite {
 
     /// Publishes raw bytes to this suite's orders queue (a duplicate delivery).
     pub async fn publish_order_placed(&self, payload: &[u8]) -> anyhow::Result<()> {
-        let connection = flashsale_messaging::connect(&amqp_addr(), "integration-test").await?;
+        let connection = flashsale_messaging::connect(&self.amqp_addr, "integration-test").await?;
         let publisher = flashsale_messaging::ConfirmedPublisher::new(&connection, Duration::from_secs(5)).await?;
         let topology = flashsale_messaging::Topology::with_prefix(&self.amqp_prefix);
         publisher
@@ -229,7 +237,7 @@ impl TestSuite {
     /// How many messages wait in the dead-letter queue of `queue` (a work
     /// queue's name, e.g. `Topology::with_prefix(&suite.amqp_prefix).orders_queue`).
     pub async fn dead_letters(&self, queue: &str) -> anyhow::Result<u32> {
-        Ok(queue_depth(&flashsale_messaging::Topology::dead_letter_queue(queue)).await?.0)
+        Ok(queue_depth_at(&self.amqp_addr, &flashsale_messaging::Topology::dead_letter_queue(queue)).await?.0)
     }
 
     /// Stops every service, then removes the suite's queues, keys and databases.
@@ -238,7 +246,7 @@ impl TestSuite {
             service.stop().await?;
         }
         self.flush_redis().await?;
-        delete_amqp_names(&self.amqp_prefix).await?;
+        delete_amqp_names_at(&self.amqp_addr, &self.amqp_prefix).await?;
         self.wallet_db.drop_now().await?;
         self.inventory_db.drop_now().await?;
         Ok(())
@@ -262,7 +270,12 @@ pub fn with_token<T>(message: T, token: &str) -> Request<T> {
 
 /// Deletes every Redis key under `prefix`; returns how many there were.
 pub async fn flush_redis_prefix(prefix: &str) -> anyhow::Result<usize> {
-    let client = redis::Client::open(redis_url())?;
+    flush_redis_prefix_at(&redis_url(), prefix).await
+}
+
+/// [`flush_redis_prefix`] on the Redis server at `url`.
+pub async fn flush_redis_prefix_at(url: &str, prefix: &str) -> anyhow::Result<usize> {
+    let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await?;
     if !keys.is_empty() {
@@ -287,9 +300,14 @@ async fn start_wallet(database_url: &str, port: u16) -> anyhow::Result<Running> 
 }
 
 pub async fn delete_amqp_names(prefix: &str) -> anyhow::Result<()> {
+    delete_amqp_names_at(&amqp_addr(), prefix).await
+}
+
+/// [`delete_amqp_names`] on the broker at `addr`.
+pub async fn delete_amqp_names_at(addr: &str, prefix: &str) -> anyhow::Result<()> {
     use flashsale_messaging::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
     let topology = flashsale_messaging::Topology::with_prefix(prefix);
-    let connection = flashsale_messaging::connect(&amqp_addr(), "integration-test-cleanup").await?;
+    let connection = flashsale_messaging::connect(addr, "integration-test-cleanup").await?;
     let channel = connection.create_channel().await?;
     for queue in topology.work_queues() {
         channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
@@ -305,9 +323,14 @@ pub async fn delete_amqp_names(prefix: &str) -> anyhow::Result<()> {
 
 /// (messages ready, consumers) of the queue `name` on the shared broker.
 pub async fn queue_depth(name: &str) -> anyhow::Result<(u32, u32)> {
+    queue_depth_at(&amqp_addr(), name).await
+}
+
+/// [`queue_depth`] on the broker at `addr`.
+pub async fn queue_depth_at(addr: &str, name: &str) -> anyhow::Result<(u32, u32)> {
     use flashsale_messaging::lapin::options::QueueDeclareOptions;
     use flashsale_messaging::lapin::types::FieldTable;
-    let connection = flashsale_messaging::connect(&amqp_addr(), "integration-test-probe").await?;
+    let connection = flashsale_messaging::connect(addr, "integration-test-probe").await?;
     let channel = connection.create_channel().await?;
     let declared = channel
         .queue_declare(

@@ -10,6 +10,8 @@ mod notifications;
 mod observability;
 mod purchase;
 mod rest;
+mod sale;
+mod soak;
 mod storm;
 mod wallet;
 mod web;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use flashsale_integration_tests::audit::{AuditReport, OrderRow, audit, redis_agrees_at, wait_until_settled};
-use flashsale_integration_tests::backing::{PrivatePostgres, PrivateRedis, StopMode};
+use flashsale_integration_tests::backing::{PrivatePostgres, PrivateRabbit, PrivateRedis, StopMode};
 use flashsale_integration_tests::suite::with_token;
 use flashsale_integration_tests::{TestSuite, error_reason};
 use flashsale_proto::common::v1::OrderStatus;
@@ -42,6 +42,9 @@ struct Spec {
     /// Run the gateway on a private redis-server and kill it once this many
     /// orders were accepted, then start it again, empty (keys and scripts lost).
     restart_redis_after: Option<usize>,
+    /// Run every service on a private RabbitMQ node and kill it (SIGKILL) once
+    /// this many orders were accepted, then start it again on its own data.
+    restart_rabbit_after: Option<usize>,
 }
 
 impl Default for Spec {
@@ -56,6 +59,7 @@ impl Default for Spec {
             all_can_pay: false,
             restart_postgres_after: None,
             restart_redis_after: None,
+            restart_rabbit_after: None,
         }
     }
 }
@@ -77,6 +81,10 @@ struct Seen {
     /// Idempotency key → every order id a reply named for it.
     orders_per_key: BTreeMap<String, BTreeSet<String>>,
     reasons: BTreeMap<String, u64>,
+    /// When an injected fault ended (the server back), and how long after it
+    /// the first purchase was accepted.
+    recovered_at: Option<tokio::time::Instant>,
+    first_accept_after_recovery: Option<Duration>,
 }
 
 struct Buyer {
@@ -97,6 +105,10 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
         Some(_) => Some(Arc::new(PrivateRedis::start().await?)),
         None => None,
     };
+    let rabbit = match spec.restart_rabbit_after {
+        Some(_) => Some(Arc::new(PrivateRabbit::start().await?)),
+        None => None,
+    };
     let redis_url = redis.as_ref().map_or_else(
         || std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
         |redis| redis.url(),
@@ -105,6 +117,9 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
         holds_machine: true,
         database_server: postgres.as_ref().map(|pg| pg.url()),
         gateway_redis_url: redis.as_ref().map(|redis| redis.url()),
+        amqp_server: rabbit.as_ref().map(|rabbit| rabbit.url()),
+        // An order whose confirm was lost with the broker is published again soon.
+        unrecorded_grace_ms: rabbit.as_ref().map(|_| 3_000),
         ..Default::default()
     };
     let suite = Arc::new(TestSuite::spawn_with(options).await?);
@@ -159,6 +174,11 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
         _ => None,
     };
 
+    let rabbit_restart = match (spec.restart_rabbit_after, &rabbit) {
+        (Some(after), Some(rabbit)) => Some(spawn_rabbit_restart(rabbit.clone(), seen.clone(), after)),
+        _ => None,
+    };
+
     let started = tokio::time::Instant::now();
     let everyone: Vec<&Buyer> = buyers.iter().collect();
     buy(&everyone, &channels, &suite, &seen, &done, &flushed, spec.quantity, 0).await?;
@@ -169,6 +189,9 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
         restart.await??;
     }
     if let Some(restart) = redis_restart {
+        restart.await??;
+    }
+    if let Some(restart) = rabbit_restart {
         restart.await??;
     }
 
@@ -228,9 +251,10 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
             eprintln!("storm: key {key} was admitted again after the flush; PostgreSQL refused the copy");
         }
         eprintln!(
-            "storm: {} buyers, {} accepted, buying took {buying:?}, reasons {:?}",
+            "storm: {} buyers, {} accepted, buying took {buying:?}, first accept after recovery {:?}, reasons {:?}",
             spec.buyers,
             seen.accepted.len(),
+            seen.first_accept_after_recovery,
             seen.reasons
         );
     }
@@ -274,6 +298,7 @@ async fn run_storm(spec: Spec) -> anyhow::Result<()> {
     Arc::try_unwrap(suite).map_err(|_| anyhow::anyhow!("suite still shared"))?.shutdown().await?;
     drop(postgres); // stops the private servers
     drop(redis);
+    drop(rabbit);
     Ok(())
 }
 
@@ -300,7 +325,26 @@ fn spawn_redis_restart(
         redis.kill().await?;
         lost.store(true, Ordering::Relaxed);
         redis.start_again().await?;
+        seen.lock().recovered_at = Some(tokio::time::Instant::now());
         eprintln!("storm: Redis killed and started again (empty) after {after} accepted orders");
+        Ok(())
+    })
+}
+
+/// Kills the private RabbitMQ node once `after` orders were accepted and starts
+/// it again at once on its own data (its boot is the outage).
+fn spawn_rabbit_restart(
+    rabbit: Arc<PrivateRabbit>,
+    seen: Arc<Mutex<Seen>>,
+    after: usize,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        accepted_at_least(&seen, after).await?;
+        rabbit.kill().await?;
+        let killed = tokio::time::Instant::now();
+        rabbit.start_again().await?;
+        seen.lock().recovered_at = Some(tokio::time::Instant::now());
+        eprintln!("storm: RabbitMQ killed after {after} accepted orders, accepting again {:?} later", killed.elapsed());
         Ok(())
     })
 }
@@ -320,6 +364,7 @@ fn spawn_postgres_restart(
         // The outage itself: its length is the fault being injected, not a wait.
         tokio::time::sleep(POSTGRES_DOWN_FOR).await;
         postgres.start_again().await?;
+        seen.lock().recovered_at = Some(tokio::time::Instant::now());
         eprintln!("storm: PostgreSQL started again");
         Ok(())
     })
@@ -477,6 +522,11 @@ async fn buyer_loop(
                     Ok(reply) => {
                         let reply = reply.into_inner();
                         seen.accepted.insert(reply.order_id.clone());
+                        if let Some(at) = seen.recovered_at
+                            && seen.first_accept_after_recovery.is_none()
+                        {
+                            seen.first_accept_after_recovery = Some(at.elapsed());
+                        }
                         seen.orders_per_key.entry(format!("{name}/{key}")).or_default().insert(reply.order_id.clone());
                         *seen.reasons.entry("ACCEPTED".into()).or_default() += 1;
                         my_order = Some(reply.order_id);
@@ -609,4 +659,12 @@ async fn postgres_crashed_mid_sale_loses_no_order() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_mid_sale_loses_no_order() -> anyhow::Result<()> {
     run_storm(Spec { restart_redis_after: Some(40), ..fault_storm("redis-restart", 7) }).await
+}
+
+/// The broker killed mid-sale (SIGKILL) and started again on its data: the
+/// gateway refuses purchases while it is down and takes them again once it is
+/// back; nothing confirmed is lost, nothing is sold twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_killed_mid_sale_loses_no_order() -> anyhow::Result<()> {
+    run_storm(Spec { restart_rabbit_after: Some(40), ..fault_storm("rabbit-restart", 8) }).await
 }

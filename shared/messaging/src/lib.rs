@@ -2,7 +2,6 @@
 //! topology both sides must agree on, connecting, and publishing that waits for
 //! the broker's confirm. Payloads are proto messages encoded by the callers.
 
-use std::fmt::Display;
 use std::future::Future;
 use std::time::Duration;
 
@@ -284,14 +283,23 @@ pub async fn supervise<F, Fut, E>(task: &'static str, shutdown: &CancellationTok
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), E>>,
-    E: Display,
+    E: std::error::Error,
 {
     let mut backoff = Duration::from_millis(100);
     loop {
         match attempt().await {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(task, error = %e, retry_in_ms = backoff.as_millis() as u64, "stopped; reconnecting")
+                // The whole chain: a wrapper such as "dependency unavailable" alone
+                // does not say which call failed or why.
+                let mut error = e.to_string();
+                let mut source = e.source();
+                while let Some(cause) = source {
+                    error.push_str(": ");
+                    error.push_str(&cause.to_string());
+                    source = cause.source();
+                }
+                tracing::warn!(task, error, retry_in_ms = backoff.as_millis() as u64, "stopped; reconnecting")
             }
         }
         tokio::select! {
