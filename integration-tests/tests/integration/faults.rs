@@ -430,6 +430,50 @@ async fn a_purchase_whose_confirm_never_comes_is_accepted_and_goes_through_once(
     suite.shutdown().await
 }
 
+/// A caller's deadline that passes mid-call is answered DEADLINE_EXCEEDED (tonic's
+/// own timer answers CANCELLED, which says someone cancelled the call), and the
+/// order the call may have placed is found by a retry under the same key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_deadline_is_answered_deadline_exceeded() -> anyhow::Result<()> {
+    use flashsale_integration_tests::suite::SuiteOptions;
+
+    let (proxy, suite) = behind_a_broker_proxy(SuiteOptions {
+        publish_timeout_ms: Some(3_000),
+        unrecorded_grace_ms: Some(2_000),
+        ..SuiteOptions::default()
+    })
+    .await?;
+    create_item(&suite, "late", 900, 1, 1).await?;
+    top_up(&suite, "lea", 1_000).await?;
+    let purchase = || PurchaseRequest { item_id: "late".into(), quantity: 1, idempotency_key: "late-1".into() };
+
+    proxy.blackhole(); // the confirm will not come within the caller's 300 ms
+    let mut request = suite.as_user("lea", purchase());
+    request.set_timeout(Duration::from_millis(300));
+    let status = suite.buyers().purchase(request).await.err().ok_or_else(|| anyhow::anyhow!("answered in time"))?;
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    proxy.restore();
+
+    // No answer, so the same key again (through UNAVAILABLE while the gateway's
+    // broker link recovers): the order it placed, bought once.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let reply = loop {
+        match suite.buyers().purchase(suite.as_user("lea", purchase())).await {
+            Ok(reply) => break reply.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => anyhow::bail!("retry under the same key: {status:?}"),
+        }
+    };
+    let order = final_order(&suite, "lea", &reply.order_id, Duration::from_secs(40)).await?;
+    assert_eq!(order.status(), OrderStatus::Confirmed, "{order:?}");
+    wait_until_settled(&suite.databases(), &BTreeSet::from([reply.order_id.clone()]), Duration::from_secs(20)).await?;
+    let report = audit(&suite.databases()).await?;
+    assert_eq!(report.orders.len(), 1, "{:?}", report.orders);
+    suite.shutdown().await
+}
+
 /// One client fires bursts of calls and cancels each after a few milliseconds.
 /// The gateway multiplexes every buyer over one connection to inventory, so
 /// those cancellations become stream resets there; they must not close that

@@ -3,6 +3,7 @@
 //! shutdown under one deadline, and statuses that carry a `google.rpc.ErrorInfo`.
 //! No business rules live here.
 
+mod deadline;
 mod metrics;
 mod shutdown;
 mod status;
@@ -18,6 +19,7 @@ use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+pub use deadline::DeadlineLayer;
 pub use metrics::{GrpcMetricsLayer, MetricsEndpoint, prometheus};
 pub use shutdown::shutdown_signal;
 pub use status::{ERROR_DOMAIN, internal, invalid_argument, rejection, unavailable};
@@ -36,8 +38,11 @@ pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 10_000;
 
 /// The layers every service's server runs: metrics outermost, then tracing.
 pub type StandardLayers = tower::layer::util::Stack<
-    GrpcServerTraceLayer,
-    tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>,
+    DeadlineLayer,
+    tower::layer::util::Stack<
+        GrpcServerTraceLayer,
+        tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>,
+    >,
 >;
 
 /// The router every service serves: tonic's, with the gRPC metrics and tracing layers.
@@ -85,9 +90,6 @@ pub fn server_builder(exposure: Exposure) -> Server<StandardLayers> {
         Exposure::Internal => Some(MAX_PENDING_ACCEPT_RESET_STREAMS),
     };
     Server::builder()
-        // Without it a slow handler holds the caller for ever; callers should
-        // still send their own `grpc-timeout`, which tonic honours when shorter.
-        .timeout(Duration::from_secs(30))
         .tcp_nodelay(true)
         // Detect dead peers on long-lived HTTP/2 connections (WatchOrder streams).
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -102,12 +104,16 @@ pub fn server_builder(exposure: Exposure) -> Server<StandardLayers> {
         // calls on it. Internal servers allow many; the public port keeps h2's
         // guard, which only ever closes the flooding client's own connection.
         .http2_max_pending_accept_reset_streams(reset_streams)
-        // Outermost, so it times the whole call and sees every status, including
-        // the ones tonic itself produces (timeouts, oversized messages).
+        // Outermost of ours, so it times the whole call and sees every status
+        // our layers and handlers produce (tonic's own answers, such as an
+        // oversized message, come from outside it).
         .layer(GrpcMetricsLayer)
         // One server span per sampled call, child of the caller's `traceparent`
         // when it sent one. Health checks (probes every few seconds) are not traced.
         .layer(GrpcServerTraceLayer)
+        // The caller's `grpc-timeout`, and at most 30 s (without a limit a slow
+        // handler holds the caller for ever), answered DEADLINE_EXCEEDED.
+        .layer(DeadlineLayer { max: Duration::from_secs(30) })
 }
 
 /// The health service plus the names of the services it reports on, so shutdown
