@@ -69,6 +69,8 @@ pub struct SuiteOptions {
     /// Every service (and the suite's own probes) reaches RabbitMQ here instead
     /// of `AMQP_ADDR` (a private node a test may restart).
     pub amqp_server: Option<String>,
+    /// How often inventory's gRPC server rotates client connections.
+    pub inventory_max_connection_age_ms: Option<u64>,
 }
 
 impl TestSuite {
@@ -95,6 +97,9 @@ impl TestSuite {
         let amqp_addr = options.amqp_server.clone().unwrap_or_else(amqp_addr);
         let mut config = flashsale_inventory::Config::for_tests(inventory_db.url(), wallet.url(), &amqp_prefix);
         config.amqp_addr = amqp_addr.clone();
+        if let Some(ms) = options.inventory_max_connection_age_ms {
+            config.max_connection_age_ms = ms;
+        }
         let app = flashsale_inventory::Application::build(&config).await?;
         let inventory = Running::start(app.port(), |stop| app.run_until_stopped(stop));
 

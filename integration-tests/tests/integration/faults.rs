@@ -474,6 +474,64 @@ async fn an_expired_deadline_is_answered_deadline_exceeded() -> anyhow::Result<(
     suite.shutdown().await
 }
 
+/// Inventory rotates the gateway's connection every 100 ms (a graceful GOAWAY,
+/// as `max_connection_age` does every 5 minutes in production). Calls that race
+/// a rotation fail on the gateway's side of the wire; the gateway sends them
+/// again on the new connection, so buyers never see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_rotation_is_invisible_to_buyers() -> anyhow::Result<()> {
+    use flashsale_integration_tests::suite::SuiteOptions;
+    use flashsale_proto::gateway::v1::{GetItemRequest, GetOrderRequest};
+
+    let suite =
+        TestSuite::spawn_with(SuiteOptions { inventory_max_connection_age_ms: Some(100), ..SuiteOptions::default() })
+            .await?;
+    create_item(&suite, "rotating", 500, 5, 1).await?;
+    top_up(&suite, "kim", 1_000).await?;
+    let request = PurchaseRequest { item_id: "rotating".into(), quantity: 1, idempotency_key: String::new() };
+    let order_id = suite.buyers().purchase(suite.as_user("kim", request)).await?.into_inner().order_id;
+
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let readers = (0..8).map(|_| {
+        let mut client = suite.buyers();
+        let (order, item) = (
+            suite.as_user("kim", GetOrderRequest { order_id: order_id.clone() }),
+            suite.as_user("kim", GetItemRequest { item_id: "rotating".into() }),
+        );
+        let (order_meta, item_meta) = (order.metadata().clone(), item.metadata().clone());
+        let order_id = order_id.clone();
+        async move {
+            let (mut calls, mut failures) = (0u32, Vec::new());
+            while tokio::time::Instant::now() < until {
+                let mut order = tonic::Request::new(GetOrderRequest { order_id: order_id.clone() });
+                *order.metadata_mut() = order_meta.clone();
+                let mut item = tonic::Request::new(GetItemRequest { item_id: "rotating".into() });
+                *item.metadata_mut() = item_meta.clone();
+                for result in [client.get_order(order).await.err(), client.get_item(item).await.err()] {
+                    calls += 1;
+                    failures.extend(result.map(|status| format!("{:?}: {}", status.code(), status.message())));
+                }
+            }
+            (calls, failures)
+        }
+    });
+    let results = futures::future::join_all(readers).await;
+    let calls: u32 = results.iter().map(|(calls, _)| calls).sum();
+    let failures: Vec<&String> = results.iter().flat_map(|(_, failures)| failures).collect();
+    eprintln!(
+        "rotation: {calls} calls over 3 s with a new inventory connection every 100 ms, {} failed",
+        failures.len()
+    );
+    assert!(calls > 100, "too few calls to cross rotations: {calls}");
+    assert!(
+        failures.is_empty(),
+        "{} of {calls} calls failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    suite.shutdown().await
+}
+
 /// One client fires bursts of calls and cancels each after a few milliseconds.
 /// The gateway multiplexes every buyer over one connection to inventory, so
 /// those cancellations become stream resets there; they must not close that

@@ -19,7 +19,7 @@ use crate::auth::{Authenticator, Principal};
 use crate::catalog::Catalog;
 use crate::error::GatewayError;
 use crate::purchase::{Purchases, public_status, validate_item_id};
-use crate::upstream::{Upstreams, request};
+use crate::upstream::{Upstreams, request, retry_if_lost};
 
 /// Prefix of every top-up's key in the wallet (the operator's key follows it).
 pub const TOP_UP_KEY_PREFIX: &str = "top-up:";
@@ -48,14 +48,14 @@ impl Gateway {
         req: ListItemsRequest,
     ) -> Result<ListItemsResponse, GatewayError> {
         let ListItemsRequest { page_size, page_token } = req;
-        let reply = self
-            .upstreams
-            .inventory
-            .clone()
-            .list_items(request(inventory::ListItemsRequest { page_size, page_token, ending_after: None }))
-            .await
-            .map_err(GatewayError::from_upstream)?
-            .into_inner();
+        let reply = retry_if_lost(|| {
+            let mut client = self.upstreams.inventory.clone();
+            let listing = inventory::ListItemsRequest { page_size, page_token: page_token.clone(), ending_after: None };
+            async move { client.list_items(request(listing)).await }
+        })
+        .await
+        .map_err(GatewayError::from_upstream)?
+        .into_inner();
         for item in &reply.items {
             self.catalog.upsert(item);
         }
@@ -65,14 +65,14 @@ impl Gateway {
     pub async fn get_item(&self, _caller: &Principal, req: GetItemRequest) -> Result<GetItemResponse, GatewayError> {
         let GetItemRequest { item_id } = req;
         validate_item_id(&item_id)?;
-        let reply = self
-            .upstreams
-            .inventory
-            .clone()
-            .get_item(request(inventory::GetItemRequest { item_id }))
-            .await
-            .map_err(GatewayError::from_upstream)?
-            .into_inner();
+        let reply = retry_if_lost(|| {
+            let mut client = self.upstreams.inventory.clone();
+            let lookup = inventory::GetItemRequest { item_id: item_id.clone() };
+            async move { client.get_item(request(lookup)).await }
+        })
+        .await
+        .map_err(GatewayError::from_upstream)?
+        .into_inner();
         Ok(GetItemResponse { item: reply.item })
     }
 
@@ -106,12 +106,12 @@ impl Gateway {
         // after inventory has committed the order, so one of the two always answers.
         // (Asking inventory first leaves a gap: not there yet, then record deleted.)
         let record = self.purchases.admission.load_record(order_id).await?;
-        let found = self
-            .upstreams
-            .inventory
-            .clone()
-            .get_order(request(inventory::GetOrderRequest { order_id: order_id.to_owned() }))
-            .await;
+        let found = retry_if_lost(|| {
+            let mut client = self.upstreams.inventory.clone();
+            let lookup = inventory::GetOrderRequest { order_id: order_id.to_owned() };
+            async move { client.get_order(request(lookup)).await }
+        })
+        .await;
         match found {
             Ok(reply) => {
                 let order = reply.into_inner().order.ok_or(GatewayError::OrderNotFound)?;
@@ -150,19 +150,19 @@ impl Gateway {
         req: ListOrdersRequest,
     ) -> Result<ListOrdersResponse, GatewayError> {
         let ListOrdersRequest { page_size, page_token } = req;
-        let reply = self
-            .upstreams
-            .inventory
-            .clone()
-            .list_orders(request(inventory::ListOrdersRequest {
+        let reply = retry_if_lost(|| {
+            let mut client = self.upstreams.inventory.clone();
+            let listing = inventory::ListOrdersRequest {
                 user_id: buyer.user_id.clone(),
                 item_id: String::new(),
                 page_size,
-                page_token,
-            }))
-            .await
-            .map_err(GatewayError::from_upstream)?
-            .into_inner();
+                page_token: page_token.clone(),
+            };
+            async move { client.list_orders(request(listing)).await }
+        })
+        .await
+        .map_err(GatewayError::from_upstream)?
+        .into_inner();
         Ok(ListOrdersResponse {
             orders: reply.orders.into_iter().map(public_order).collect(),
             next_page_token: reply.next_page_token,
@@ -238,14 +238,14 @@ impl Gateway {
         req: GetBalanceRequest,
     ) -> Result<GetBalanceResponse, GatewayError> {
         let GetBalanceRequest { currency } = req;
-        let reply = self
-            .upstreams
-            .wallet
-            .clone()
-            .get_balance(request(wallet::GetBalanceRequest { user_id: buyer.user_id.clone(), currency }))
-            .await
-            .map_err(GatewayError::from_upstream)?
-            .into_inner();
+        let reply = retry_if_lost(|| {
+            let mut client = self.upstreams.wallet.clone();
+            let lookup = wallet::GetBalanceRequest { user_id: buyer.user_id.clone(), currency: currency.clone() };
+            async move { client.get_balance(request(lookup)).await }
+        })
+        .await
+        .map_err(GatewayError::from_upstream)?
+        .into_inner();
         Ok(GetBalanceResponse { balances: reply.balances })
     }
 
@@ -289,14 +289,20 @@ impl Gateway {
         } else {
             format!("{TOP_UP_KEY_PREFIX}{idempotency_key}")
         };
-        let reply = self
-            .upstreams
-            .wallet
-            .clone()
-            .credit(request(wallet::CreditRequest { idempotency_key, user_id, amount, reference: "top-up".into() }))
-            .await
-            .map_err(GatewayError::from_upstream)?
-            .into_inner();
+        // Under its key, a second attempt cannot credit twice.
+        let reply = retry_if_lost(|| {
+            let mut client = self.upstreams.wallet.clone();
+            let credit = wallet::CreditRequest {
+                idempotency_key: idempotency_key.clone(),
+                user_id: user_id.clone(),
+                amount: amount.clone(),
+                reference: "top-up".into(),
+            };
+            async move { client.credit(request(credit)).await }
+        })
+        .await
+        .map_err(GatewayError::from_upstream)?
+        .into_inner();
         Ok(TopUpResponse { balance: reply.transaction.and_then(|t| t.balance_after) })
     }
 
@@ -316,14 +322,14 @@ impl Gateway {
             orders_refunded,
             buyers,
             units_sold,
-        } = self
-            .upstreams
-            .inventory
-            .clone()
-            .get_item_stats(request(inventory::GetItemStatsRequest { item_id }))
-            .await
-            .map_err(GatewayError::from_upstream)?
-            .into_inner();
+        } = retry_if_lost(|| {
+            let mut client = self.upstreams.inventory.clone();
+            let lookup = inventory::GetItemStatsRequest { item_id: item_id.clone() };
+            async move { client.get_item_stats(request(lookup)).await }
+        })
+        .await
+        .map_err(GatewayError::from_upstream)?
+        .into_inner();
         Ok(GetItemStatsResponse {
             item,
             orders_pending,

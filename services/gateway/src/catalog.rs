@@ -242,7 +242,12 @@ impl Catalog {
         if self.missing.lock().get(id).is_some_and(|at| at.elapsed() < MISSING_TTL) {
             return Err(GatewayError::ItemNotFound);
         }
-        match self.upstreams.inventory.clone().get_item(request(GetItemRequest { item_id: id.to_owned() })).await {
+        let lookup = || {
+            let mut client = self.upstreams.inventory.clone();
+            let lookup = GetItemRequest { item_id: id.to_owned() };
+            async move { client.get_item(request(lookup)).await }
+        };
+        match crate::upstream::retry_if_lost(lookup).await {
             Ok(reply) => reply
                 .into_inner()
                 .item
@@ -296,18 +301,18 @@ impl Catalog {
         self.items.write().retain(|_, item| item.ends_at_ms > horizon_ms);
         let mut token = String::new();
         loop {
-            let page = self
-                .upstreams
-                .inventory
-                .clone()
-                .list_items(request(ListItemsRequest {
+            let page = crate::upstream::retry_if_lost(|| {
+                let mut client = self.upstreams.inventory.clone();
+                let listing = ListItemsRequest {
                     page_size: 500,
-                    page_token: token,
+                    page_token: token.clone(),
                     ending_after: Some(prost_types::Timestamp::from(horizon)),
-                }))
-                .await
-                .map_err(GatewayError::from_upstream)?
-                .into_inner();
+                };
+                async move { client.list_items(request(listing)).await }
+            })
+            .await
+            .map_err(GatewayError::from_upstream)?
+            .into_inner();
             for item in &page.items {
                 self.upsert(item);
             }

@@ -270,8 +270,12 @@ impl Purchases {
         if self.republished.lock().contains_key(&order_id) {
             return Ok(None);
         }
-        let known =
-            self.upstreams.inventory.clone().get_order(request(GetOrderRequest { order_id: order_id.clone() })).await;
+        let known = crate::upstream::retry_if_lost(|| {
+            let mut client = self.upstreams.inventory.clone();
+            let lookup = GetOrderRequest { order_id: order_id.clone() };
+            async move { client.get_order(request(lookup)).await }
+        })
+        .await;
         match known {
             Ok(reply) => {
                 let Some(order) = reply.into_inner().order else { return Ok(None) };
@@ -390,8 +394,12 @@ impl Purchases {
         attempt: &Attempt,
         order_id: String,
     ) -> Result<PurchaseResponse, GatewayError> {
-        let known =
-            self.upstreams.inventory.clone().get_order(request(GetOrderRequest { order_id: order_id.clone() })).await;
+        let known = crate::upstream::retry_if_lost(|| {
+            let mut client = self.upstreams.inventory.clone();
+            let lookup = GetOrderRequest { order_id: order_id.clone() };
+            async move { client.get_order(request(lookup)).await }
+        })
+        .await;
         let status = match known {
             Ok(reply) => reply.into_inner().order.map_or(OrderStatus::Pending, |order| public_status(order.status)),
             Err(status) if status.code() == tonic::Code::NotFound => {
@@ -442,14 +450,14 @@ impl Purchases {
         if self.admission.tokens(item_id).await?.is_some() {
             return Ok(());
         }
-        let snapshot = self
-            .upstreams
-            .inventory
-            .clone()
-            .get_admission_snapshot(request(GetAdmissionSnapshotRequest { item_id: item_id.to_owned() }))
-            .await
-            .map_err(GatewayError::from_upstream)?
-            .into_inner();
+        let snapshot = crate::upstream::retry_if_lost(|| {
+            let mut client = self.upstreams.inventory.clone();
+            let lookup = GetAdmissionSnapshotRequest { item_id: item_id.to_owned() };
+            async move { client.get_admission_snapshot(request(lookup)).await }
+        })
+        .await
+        .map_err(GatewayError::from_upstream)?
+        .into_inner();
         if self.admission.rebuild(&snapshot).await? {
             tracing::info!(
                 item.id = %item_id,

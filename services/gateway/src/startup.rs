@@ -183,7 +183,10 @@ impl Application {
             )),
         ];
 
-        let (mut health, router) = flashsale_server::standard_router(flashsale_server::Exposure::Public)?;
+        let (mut health, router) = flashsale_server::standard_router(
+            flashsale_server::Exposure::Public,
+            flashsale_server::MAX_CONNECTION_AGE,
+        )?;
         health.track(<FlashSaleGatewayServer<GatewayGrpc> as NamedService>::NAME);
         health.track(<AdminServiceServer<GatewayGrpc> as NamedService>::NAME);
         let buyers = FlashSaleGatewayServer::new(grpc.clone())

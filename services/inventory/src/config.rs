@@ -50,6 +50,10 @@ pub struct Config {
     /// Seconds in-flight work gets to finish after SIGTERM.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
+    /// Milliseconds before the gRPC server rotates a client's connection
+    /// (graceful GOAWAY; clients then reconnect, and spread over replicas).
+    #[arg(long, env = "MAX_CONNECTION_AGE_MS", default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub max_connection_age_ms: u64,
 }
 
 impl Config {
@@ -72,6 +76,7 @@ impl Config {
             sweep_interval_ms: 200,
             wallet_timeout_ms: 1000,
             shutdown_grace_seconds: 5,
+            max_connection_age_ms: 300_000,
         }
     }
 

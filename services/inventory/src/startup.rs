@@ -95,7 +95,10 @@ impl Application {
             tokio::spawn(settlement.run_sweeper(Duration::from_millis(config.sweep_interval_ms), background.clone())),
         ];
 
-        let (mut health, router) = flashsale_server::standard_router(flashsale_server::Exposure::Internal)?;
+        let (mut health, router) = flashsale_server::standard_router(
+            flashsale_server::Exposure::Internal,
+            Duration::from_millis(config.max_connection_age_ms),
+        )?;
         health.track(<InventoryServiceServer<InventoryGrpc> as NamedService>::NAME);
         let inventory = InventoryServiceServer::new(InventoryGrpc::new(self.pool, api_settlement))
             .max_decoding_message_size(flashsale_server::MAX_DECODING_MESSAGE_SIZE)

@@ -52,7 +52,10 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then drains within the grace period.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let (mut health, router) = flashsale_server::standard_router(flashsale_server::Exposure::Internal)?;
+        let (mut health, router) = flashsale_server::standard_router(
+            flashsale_server::Exposure::Internal,
+            flashsale_server::MAX_CONNECTION_AGE,
+        )?;
         health.track(<WalletServiceServer<WalletGrpc> as NamedService>::NAME);
         let wallet = WalletServiceServer::new(WalletGrpc::new(self.pool))
             .max_decoding_message_size(flashsale_server::MAX_DECODING_MESSAGE_SIZE)

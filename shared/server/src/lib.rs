@@ -83,8 +83,14 @@ pub enum Exposure {
     Internal,
 }
 
+/// How long a client connection lives before the server rotates it (graceful
+/// GOAWAY), so clients behind a plain Kubernetes Service spread over new
+/// replicas instead of pinning one pod for ever. Callers retry idempotent calls
+/// that raced the close.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+
 /// A tonic server builder with the settings every service shares.
-pub fn server_builder(exposure: Exposure) -> Server<StandardLayers> {
+pub fn server_builder(exposure: Exposure, max_connection_age: Duration) -> Server<StandardLayers> {
     let reset_streams = match exposure {
         Exposure::Public => None,
         Exposure::Internal => Some(MAX_PENDING_ACCEPT_RESET_STREAMS),
@@ -94,9 +100,7 @@ pub fn server_builder(exposure: Exposure) -> Server<StandardLayers> {
         // Detect dead peers on long-lived HTTP/2 connections (WatchOrder streams).
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        // Rotate connections so clients behind a plain Kubernetes Service spread
-        // over new replicas instead of pinning one pod for ever.
-        .max_connection_age(Duration::from_secs(300))
+        .max_connection_age(max_connection_age)
         // h2 closes a connection after 20 streams reset before they were
         // accepted (its guard against rapid-reset floods). A gateway multiplexes
         // every buyer over one connection to inventory and wallet, so buyers who
@@ -167,11 +171,16 @@ pub fn reflection() -> Result<
 
 /// A server with our settings already serving health and reflection; add the
 /// service's own APIs (and `Health::track` their names) before serving.
-pub fn standard_router(exposure: Exposure) -> Result<(Health, StandardRouter), tonic_reflection::server::Error> {
+pub fn standard_router(
+    exposure: Exposure,
+    max_connection_age: Duration,
+) -> Result<(Health, StandardRouter), tonic_reflection::server::Error> {
     let (health, health_service) = Health::new();
     let (reflection_v1, reflection_v1alpha) = reflection()?;
-    let router =
-        server_builder(exposure).add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
+    let router = server_builder(exposure, max_connection_age)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     Ok((health, router))
 }
 
