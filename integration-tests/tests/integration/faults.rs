@@ -532,6 +532,54 @@ async fn connection_rotation_is_invisible_to_buyers() -> anyhow::Result<()> {
     suite.shutdown().await
 }
 
+/// The gateway's links to Redis and RabbitMQ turn slow (40 ms per chunk of
+/// bytes, both ways) mid-sale, and are then reset (RST on every connection)
+/// while still slow; the real binaries, 90 buyers who can all pay, 30 units.
+/// Nothing is lost, every unit is sold, Redis agrees with PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_then_reset_links_mid_sale_lose_nothing() -> anyhow::Result<()> {
+    use flashsale_integration_tests::binaries::{BinarySuite, Service};
+    use flashsale_integration_tests::proxy::FaultProxy;
+
+    let _machine = flashsale_integration_tests::suite::whole_machine().await;
+    let redis = FaultProxy::start("127.0.0.1:6379".parse()?).await?;
+    let broker = FaultProxy::start("127.0.0.1:5672".parse()?).await?;
+    let own = [
+        (Service::Gateway, "REDIS_URL", format!("redis://127.0.0.1:{}", redis.port)),
+        (
+            Service::Gateway,
+            "AMQP_ADDR",
+            flashsale_integration_tests::suite::amqp_addr().replace(":5672", &format!(":{}", broker.port)),
+        ),
+        (Service::Gateway, "UNRECORDED_GRACE_MS", "2000".to_owned()),
+    ];
+    let suite = BinarySuite::spawn_with_service_envs(&[], &own).await?;
+    let sale = crate::sale::open(&suite).await?;
+    sale.accepted_at_least(5).await?;
+    for link in [&redis, &broker] {
+        link.delay(Duration::from_millis(40));
+    }
+    sale.accepted_at_least(12).await?;
+    for link in [&redis, &broker] {
+        link.reset_connections();
+    }
+    sale.accepted_at_least(18).await?;
+    for link in [&redis, &broker] {
+        link.restore();
+    }
+    sale.recovered();
+    let outcome = sale.close().await?;
+    let audited = crate::sale::audit_sale(&suite, &outcome, "slow then reset links").await?;
+    eprintln!(
+        "links: {} accepted, {} recorded, all sold, lost 0; first accept after the links healed {:?}; refusals {:?}",
+        outcome.accepted.len(),
+        audited.recorded,
+        outcome.first_accept_after_recovery,
+        outcome.refusals
+    );
+    suite.shutdown().await
+}
+
 /// One client fires bursts of calls and cancels each after a few milliseconds.
 /// The gateway multiplexes every buyer over one connection to inventory, so
 /// those cancellations become stream resets there; they must not close that
