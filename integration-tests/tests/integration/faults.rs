@@ -580,6 +580,37 @@ async fn slow_then_reset_links_mid_sale_lose_nothing() -> anyhow::Result<()> {
     suite.shutdown().await
 }
 
+/// The reconciler's look-up: many orders in one call. Known ids come back,
+/// unknown ones are left out; an empty, oversized or malformed list is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_answers_many_orders_in_one_call() -> anyhow::Result<()> {
+    use flashsale_proto::inventory::v1::BatchGetOrdersRequest;
+    use flashsale_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+
+    let suite = TestSuite::spawn().await?;
+    create_item(&suite, "batch", 100, 3, 1).await?;
+    let mut ids = Vec::new();
+    for buyer in ["nia", "oli"] {
+        top_up(&suite, buyer, 1_000).await?;
+        let request = PurchaseRequest { item_id: "batch".into(), quantity: 1, idempotency_key: String::new() };
+        let id = suite.buyers().purchase(suite.as_user(buyer, request)).await?.into_inner().order_id;
+        final_order(&suite, buyer, &id, Duration::from_secs(20)).await?;
+        ids.push(id);
+    }
+    let url = suite.url("inventory").ok_or_else(|| anyhow::anyhow!("inventory not running"))?;
+    let mut inventory = InventoryServiceClient::connect(url).await?;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let asked = vec![ids[0].clone(), unknown, ids[1].clone()];
+    let found = inventory.batch_get_orders(BatchGetOrdersRequest { order_ids: asked }).await?.into_inner().orders;
+    let found: BTreeSet<String> = found.into_iter().map(|order| order.id).collect();
+    assert_eq!(found, ids.iter().cloned().collect::<BTreeSet<_>>());
+    for bad in [vec![], vec!["not-a-uuid".to_owned()], vec![ids[0].clone(); 501]] {
+        let status = inventory.batch_get_orders(BatchGetOrdersRequest { order_ids: bad }).await.err();
+        assert_eq!(status.map(|s| s.code()), Some(tonic::Code::InvalidArgument));
+    }
+    suite.shutdown().await
+}
+
 /// One client fires bursts of calls and cancels each after a few milliseconds.
 /// The gateway multiplexes every buyer over one connection to inventory, so
 /// those cancellations become stream resets there; they must not close that

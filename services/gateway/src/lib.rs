@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod order_events;
 pub mod order_publisher;
 pub mod purchase;
+pub mod reconciler;
 pub mod rest;
 pub mod startup;
 pub mod upstream;

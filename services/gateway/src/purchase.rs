@@ -31,27 +31,6 @@ pub struct Purchases {
     /// A script hammering the purchase button is turned away here, before it
     /// costs a Redis round trip; the crowd after sell-out never gets this far.
     rate: Option<DefaultKeyedRateLimiter<String>>,
-    /// Orders this gateway republished lately, and when: a queue that lags by
-    /// more than the grace must not get the same backlog again on every pass.
-    republished: Mutex<HashMap<String, std::time::Instant>>,
-}
-
-/// What one reconciler pass did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Reconciled {
-    /// Admissions inventory never recorded, published again.
-    pub republished: usize,
-    /// Admissions inventory has final, whose event this gateway's Redis never
-    /// applied (lost, or dead-lettered): applied now.
-    pub applied: usize,
-    /// Entries whose look-up or repair failed (tried again next pass).
-    pub failed: usize,
-}
-
-/// What the reconciler did to one admission.
-enum Repair {
-    Republished,
-    Applied,
 }
 
 /// A validated purchase.
@@ -77,7 +56,6 @@ impl Purchases {
             upstreams,
             rebuilds: Mutex::new(HashMap::new()),
             rate: rate.map(RateLimiter::keyed),
-            republished: Mutex::new(HashMap::new()),
         }
     }
 
@@ -227,105 +205,6 @@ impl Purchases {
         }
     }
 
-    /// Finishes admissions that Redis still holds after `grace`:
-    /// - inventory never recorded the order (the gateway died, or lost its Redis
-    ///   reply or its confirm, between the script and the broker): published
-    ///   again; inventory keeps one copy per order id and judges it like any
-    ///   other. An order republished within the last `grace` is left alone, so a
-    ///   lagging queue is not sent its backlog again on every pass.
-    /// - inventory has it in a final state, but its event never reached Redis
-    ///   (lost, or dead-lettered): the final state is applied now, exactly as the
-    ///   event would have been (idempotent per order and status), so no in-flight
-    ///   mark or released unit stays stranded.
-    ///
-    /// One entry's failure does not end the pass; it is counted and tried again.
-    pub async fn reconcile(&self, grace: std::time::Duration) -> Result<Reconciled, GatewayError> {
-        let cutoff = now_ms() - i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
-        self.republished.lock().retain(|_, at| at.elapsed() < grace);
-        let mut done = Reconciled::default();
-        for item in self.catalog.all() {
-            for (order_id, user_id, quantity, key) in self.admission.unsettled_before(&item.id, cutoff).await? {
-                match self.reconcile_one(&item, order_id.clone(), user_id, quantity, key).await {
-                    Ok(Some(Repair::Republished)) => done.republished += 1,
-                    Ok(Some(Repair::Applied)) => done.applied += 1,
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::debug!(error = %e, order.id = %order_id, "reconciling an admission failed");
-                        done.failed += 1;
-                    }
-                }
-            }
-        }
-        Ok(done)
-    }
-
-    async fn reconcile_one(
-        &self,
-        item: &CatalogItem,
-        order_id: String,
-        user_id: String,
-        quantity: u32,
-        key: String,
-    ) -> Result<Option<Repair>, GatewayError> {
-        if self.republished.lock().contains_key(&order_id) {
-            return Ok(None);
-        }
-        let known = crate::upstream::retry_if_lost(|| {
-            let mut client = self.upstreams.inventory.clone();
-            let lookup = GetOrderRequest { order_id: order_id.clone() };
-            async move { client.get_order(request(lookup)).await }
-        })
-        .await;
-        match known {
-            Ok(reply) => {
-                let Some(order) = reply.into_inner().order else { return Ok(None) };
-                let status = OrderStatus::try_from(order.status).unwrap_or(OrderStatus::Unspecified);
-                if !matches!(status, OrderStatus::Confirmed | OrderStatus::Rejected | OrderStatus::Refunded) {
-                    return Ok(None); // still settling; its event will come
-                }
-                // The event inventory would have sent: a refund gives the units back;
-                // a rejection of this admission gives back what admit.lua took.
-                let units_released = if status == OrderStatus::Refunded { order.quantity } else { 0 };
-                let event = flashsale_proto::inventory::v1::OrderEvent {
-                    order: Some(order),
-                    units_released,
-                    occurred_at: None,
-                    item_version: 0,
-                };
-                let outcome = self.admission.apply_event(&event).await?;
-                if outcome == "APPLIED" && status != OrderStatus::Confirmed {
-                    item.clear_sold_out();
-                }
-                tracing::warn!(order.id = %order_id, item.id = %item.id, status = ?status, "applied a final state whose event never reached Redis");
-                Ok(Some(Repair::Applied))
-            }
-            Err(status) if status.code() == tonic::Code::NotFound => {
-                let record = match self.admission.load_record(&order_id).await? {
-                    Some(record) => record,
-                    None => AdmissionRecord {
-                        amount_minor: item.price_minor.saturating_mul(i64::from(quantity)),
-                        order_id: order_id.clone(),
-                        user_id,
-                        item_id: item.id.clone(),
-                        quantity,
-                        currency: item.currency.clone(),
-                        idempotency_key: key,
-                        created_at_ms: now_ms(),
-                    },
-                };
-                self.admission.save_record(&record).await?;
-                self.publisher
-                    .publish(&placed_message(&record))
-                    .await
-                    .map_err(|e| GatewayError::Unavailable(Box::new(e)))?;
-                self.republished.lock().insert(order_id.clone(), std::time::Instant::now());
-                tracing::warn!(order.id = %order_id, item.id = %item.id, "published an unrecorded admission again");
-                Ok(Some(Repair::Republished))
-            }
-            Err(status) => Err(GatewayError::from_upstream(status)),
-        }
-    }
-
     async fn admit(&self, buyer: &Principal, attempt: &Attempt) -> Result<Admit, GatewayError> {
         self.admission
             .admit(
@@ -472,7 +351,7 @@ impl Purchases {
 }
 
 /// The queue message for an admitted order.
-fn placed_message(record: &AdmissionRecord) -> OrderPlaced {
+pub(crate) fn placed_message(record: &AdmissionRecord) -> OrderPlaced {
     OrderPlaced {
         order_id: record.order_id.clone(),
         user_id: record.user_id.clone(),

@@ -139,6 +139,12 @@ impl Application {
         let admission = api.purchases.admission.clone();
         let reconciler = {
             let purchases = api.purchases.clone();
+            let reconciler = crate::reconciler::Reconciler::new(
+                api.catalog.clone(),
+                api.purchases.admission.clone(),
+                api.purchases.publisher.clone(),
+                api.purchases.upstreams.clone(),
+            );
             let shutdown = background.clone();
             let grace = Duration::from_millis(config.unrecorded_grace_ms);
             async move {
@@ -150,7 +156,7 @@ impl Application {
                     }
                     purchases.forget_idle_buyers();
                     let span = flashsale_telemetry::unrecorded_span("unrecorded-admission check");
-                    match purchases.reconcile(grace).instrument(span).await {
+                    match reconciler.reconcile(grace).instrument(span).await {
                         Ok(done) if done.failed > 0 => {
                             tracing::debug!(failed = done.failed, "some admissions could not be reconciled this pass")
                         }

@@ -5,10 +5,10 @@ use chrono::Utc;
 use flashsale_db::PgPool;
 use flashsale_proto::inventory::v1::inventory_service_server::InventoryService;
 use flashsale_proto::inventory::v1::{
-    AdmittedKey, BuyerHolding, CreateItemRequest, CreateItemResponse, GetAdmissionSnapshotRequest,
-    GetAdmissionSnapshotResponse, GetItemRequest, GetItemResponse, GetItemStatsRequest, GetItemStatsResponse,
-    GetOrderRequest, GetOrderResponse, ListItemsRequest, ListItemsResponse, ListOrdersRequest, ListOrdersResponse,
-    RefundOrderRequest, RefundOrderResponse,
+    AdmittedKey, BatchGetOrdersRequest, BatchGetOrdersResponse, BuyerHolding, CreateItemRequest, CreateItemResponse,
+    GetAdmissionSnapshotRequest, GetAdmissionSnapshotResponse, GetItemRequest, GetItemResponse, GetItemStatsRequest,
+    GetItemStatsResponse, GetOrderRequest, GetOrderResponse, ListItemsRequest, ListItemsResponse, ListOrdersRequest,
+    ListOrdersResponse, RefundOrderRequest, RefundOrderResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -19,6 +19,9 @@ use crate::db::{items, orders};
 use crate::domain::{ItemSpec, OrderStatus, Page, parse_item_id, parse_order_id, parse_user_id};
 use crate::error::InventoryError;
 use crate::settlement::Settlement;
+
+/// Most order ids one `BatchGetOrders` call may ask for.
+const MAX_BATCH_GET: usize = 500;
 
 #[derive(Clone)]
 pub struct InventoryGrpc {
@@ -90,6 +93,20 @@ impl InventoryService for InventoryGrpc {
         let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
         let order = orders::find(&mut conn, id).await?.ok_or(InventoryError::OrderNotFound)?;
         Ok(Response::new(GetOrderResponse { order: Some(order_to_proto(order)) }))
+    }
+
+    async fn batch_get_orders(
+        &self,
+        request: Request<BatchGetOrdersRequest>,
+    ) -> Result<Response<BatchGetOrdersResponse>, Status> {
+        let BatchGetOrdersRequest { order_ids } = request.into_inner();
+        if order_ids.is_empty() || order_ids.len() > MAX_BATCH_GET {
+            return Err(InventoryError::invalid("order_ids", "must hold 1..=500 order ids").into());
+        }
+        let ids = order_ids.iter().map(|id| parse_order_id(id)).collect::<Result<Vec<_>, _>>()?;
+        let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
+        let orders = orders::find_many(&mut conn, &ids).await?;
+        Ok(Response::new(BatchGetOrdersResponse { orders: orders.into_iter().map(order_to_proto).collect() }))
     }
 
     async fn list_orders(&self, request: Request<ListOrdersRequest>) -> Result<Response<ListOrdersResponse>, Status> {

@@ -69,6 +69,11 @@ pub async fn find(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<Order
     Ok(orders::table.find(id).select(Order::as_select()).first(conn).await.optional()?)
 }
 
+/// The orders among `ids` that exist (one query).
+pub async fn find_many(conn: &mut AsyncPgConnection, ids: &[Uuid]) -> Result<Vec<Order>, InventoryError> {
+    Ok(orders::table.filter(orders::id.eq_any(ids)).select(Order::as_select()).load(conn).await?)
+}
+
 /// Records an admitted order, exactly once per order id.
 pub async fn record_placed(conn: &mut AsyncPgConnection, placed: &Placed) -> Result<Recorded, InventoryError> {
     // Two attempts: a unique violation means a concurrent delivery of the same

@@ -1,0 +1,202 @@
+//! The reconciler: finishes admissions that Redis still holds long after they
+//! were made, so nothing accepted is lost and no unit stays stranded when a
+//! message went missing.
+//!
+//! - Inventory never recorded the order (the gateway died, or lost its Redis
+//!   reply or its confirm, between the script and the broker): it is published
+//!   again; inventory keeps one copy per order id and judges it like any other.
+//! - Inventory has it in a final state, but its event never reached Redis
+//!   (lost, or dead-lettered): the final state is applied now, exactly as the
+//!   event would have been (idempotent per order and status), so no in-flight
+//!   mark or released unit stays stranded.
+//!
+//! A pass is bounded ([`MAX_PER_PASS`] admissions), asks inventory about them
+//! [`LOOKUP_BATCH`] at a time in one call, and leaves alone an order it
+//! republished within the grace: a queue that lags by more than the grace is not
+//! sent its backlog again on every pass of every gateway. One entry's failure
+//! does not end the pass; it is counted and tried again next pass.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flashsale_proto::common::v1::{Order, OrderStatus};
+use flashsale_proto::inventory::v1::{BatchGetOrdersRequest, GetOrderRequest, OrderEvent};
+use parking_lot::Mutex;
+
+use crate::admission::{Admission, AdmissionRecord};
+use crate::catalog::{Catalog, CatalogItem, now_ms};
+use crate::error::GatewayError;
+use crate::order_publisher::OrderPublisher;
+use crate::purchase::placed_message;
+use crate::upstream::{Upstreams, request, retry_if_lost};
+
+/// Most admissions one pass looks at; the rest wait for the next pass.
+const MAX_PER_PASS: usize = 2_000;
+/// Order ids per `BatchGetOrders` call.
+const LOOKUP_BATCH: usize = 200;
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Admissions inventory never recorded, published again.
+    pub republished: usize,
+    /// Admissions inventory has final, whose event this gateway's Redis never
+    /// applied (lost, or dead-lettered): applied now.
+    pub applied: usize,
+    /// Entries whose look-up or repair failed (tried again next pass).
+    pub failed: usize,
+}
+
+/// One admission still open in Redis.
+struct Open {
+    item: Arc<CatalogItem>,
+    order_id: String,
+    user_id: String,
+    quantity: u32,
+    idempotency_key: String,
+}
+
+pub struct Reconciler {
+    catalog: Arc<Catalog>,
+    admission: Arc<Admission>,
+    publisher: Arc<OrderPublisher>,
+    upstreams: Upstreams,
+    /// Orders this gateway republished lately, and when.
+    republished: Mutex<HashMap<String, Instant>>,
+}
+
+impl Reconciler {
+    pub fn new(
+        catalog: Arc<Catalog>,
+        admission: Arc<Admission>,
+        publisher: Arc<OrderPublisher>,
+        upstreams: Upstreams,
+    ) -> Self {
+        Self { catalog, admission, publisher, upstreams, republished: Mutex::new(HashMap::new()) }
+    }
+
+    /// One pass over the admissions older than `grace`.
+    pub async fn reconcile(&self, grace: Duration) -> Result<Reconciled, GatewayError> {
+        let cutoff = now_ms() - i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        self.republished.lock().retain(|_, at| at.elapsed() < grace);
+        let mut open = Vec::new();
+        'items: for item in self.catalog.all() {
+            for (order_id, user_id, quantity, idempotency_key) in
+                self.admission.unsettled_before(&item.id, cutoff).await?
+            {
+                if self.republished.lock().contains_key(&order_id) {
+                    continue;
+                }
+                open.push(Open { item: item.clone(), order_id, user_id, quantity, idempotency_key });
+                if open.len() >= MAX_PER_PASS {
+                    break 'items;
+                }
+            }
+        }
+        let mut done = Reconciled::default();
+        for chunk in open.chunks(LOOKUP_BATCH) {
+            let mut known = match self.look_up(chunk).await {
+                Ok(known) => known,
+                Err(e) => {
+                    tracing::debug!(error = %e, orders = chunk.len(), "looking admissions up failed");
+                    done.failed += chunk.len();
+                    continue;
+                }
+            };
+            for entry in chunk {
+                let repaired = match known.remove(&entry.order_id) {
+                    Some(order) => self.apply_final(entry, order).await.map(|applied| (false, applied)),
+                    None => self.republish(entry).await.map(|()| (true, true)),
+                };
+                match repaired {
+                    Ok((true, _)) => done.republished += 1,
+                    Ok((false, true)) => done.applied += 1,
+                    Ok((false, false)) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, order.id = %entry.order_id, "reconciling an admission failed");
+                        done.failed += 1;
+                    }
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Inventory's orders among `chunk`, by id (absent: never recorded).
+    async fn look_up(&self, chunk: &[Open]) -> Result<HashMap<String, Order>, GatewayError> {
+        let order_ids: Vec<String> = chunk.iter().map(|entry| entry.order_id.clone()).collect();
+        let found = retry_if_lost(|| {
+            let mut client = self.upstreams.inventory.clone();
+            let lookup = BatchGetOrdersRequest { order_ids: order_ids.clone() };
+            async move { client.batch_get_orders(request(lookup)).await }
+        })
+        .await;
+        match found {
+            Ok(reply) => Ok(reply.into_inner().orders.into_iter().map(|order| (order.id.clone(), order)).collect()),
+            // An inventory older than this gateway (a rolling upgrade): one at a time.
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                let mut known = HashMap::new();
+                for order_id in order_ids {
+                    let found = retry_if_lost(|| {
+                        let mut client = self.upstreams.inventory.clone();
+                        let lookup = GetOrderRequest { order_id: order_id.clone() };
+                        async move { client.get_order(request(lookup)).await }
+                    })
+                    .await;
+                    match found {
+                        Ok(reply) => {
+                            if let Some(order) = reply.into_inner().order {
+                                known.insert(order_id, order);
+                            }
+                        }
+                        Err(status) if status.code() == tonic::Code::NotFound => {}
+                        Err(status) => return Err(GatewayError::from_upstream(status)),
+                    }
+                }
+                Ok(known)
+            }
+            Err(status) => Err(GatewayError::from_upstream(status)),
+        }
+    }
+
+    /// Applies the final state inventory reports; false while it is still settling.
+    async fn apply_final(&self, entry: &Open, order: Order) -> Result<bool, GatewayError> {
+        let status = OrderStatus::try_from(order.status).unwrap_or(OrderStatus::Unspecified);
+        if !matches!(status, OrderStatus::Confirmed | OrderStatus::Rejected | OrderStatus::Refunded) {
+            return Ok(false); // still settling; its event will come
+        }
+        // The event inventory would have sent: a refund gives the units back;
+        // a rejection of this admission gives back what admit.lua took.
+        let units_released = if status == OrderStatus::Refunded { order.quantity } else { 0 };
+        let event = OrderEvent { order: Some(order), units_released, occurred_at: None, item_version: 0 };
+        let outcome = self.admission.apply_event(&event).await?;
+        if outcome == "APPLIED" && status != OrderStatus::Confirmed {
+            entry.item.clear_sold_out();
+        }
+        tracing::warn!(order.id = %entry.order_id, item.id = %entry.item.id, status = ?status, "applied a final state whose event never reached Redis");
+        Ok(true)
+    }
+
+    /// Publishes an admission inventory never recorded.
+    async fn republish(&self, entry: &Open) -> Result<(), GatewayError> {
+        let record = match self.admission.load_record(&entry.order_id).await? {
+            Some(record) => record,
+            None => AdmissionRecord {
+                amount_minor: entry.item.price_minor.saturating_mul(i64::from(entry.quantity)),
+                order_id: entry.order_id.clone(),
+                user_id: entry.user_id.clone(),
+                item_id: entry.item.id.clone(),
+                quantity: entry.quantity,
+                currency: entry.item.currency.clone(),
+                idempotency_key: entry.idempotency_key.clone(),
+                created_at_ms: now_ms(),
+            },
+        };
+        self.admission.save_record(&record).await?;
+        self.publisher.publish(&placed_message(&record)).await.map_err(|e| GatewayError::Unavailable(Box::new(e)))?;
+        self.republished.lock().insert(entry.order_id.clone(), Instant::now());
+        tracing::warn!(order.id = %entry.order_id, item.id = %entry.item.id, "published an unrecorded admission again");
+        Ok(())
+    }
+}
