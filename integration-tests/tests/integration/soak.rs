@@ -14,7 +14,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use flashsale_integration_tests::backing::{PrivatePostgres, PrivateRabbit, PrivateRedis, StopMode};
-use flashsale_integration_tests::binaries::{Backing, BinarySuite, Service};
+use flashsale_integration_tests::binaries::{Backing, BinarySuite, Service, ServiceProcess};
 use rand::{Rng, SeedableRng};
 
 use crate::crashes::SIGABRT;
@@ -156,14 +156,7 @@ async fn one_run(servers: &Servers, seed: u64) -> anyhow::Result<Figures> {
     // that service without it (a graceful restart, one more fault survived).
     if let Some((service, point, _)) = armed {
         let process = suite.process(service);
-        if process.try_exited()?.is_none() {
-            process.terminate().await?;
-        }
-        let status = process.exited(Duration::from_secs(30)).await?;
-        anyhow::ensure!(
-            status.success() || status.signal() == Some(SIGABRT),
-            "{service:?} did not stop cleanly: {status:?}"
-        );
+        terminate(process, service).await?;
         process.restart_without("FAILPOINTS").await?;
         figures.faults.push(format!("{point} not reached; SIGTERM {service:?}"));
     }
@@ -186,18 +179,12 @@ async fn inject(
     match fault {
         Fault::Kill(service) | Fault::Terminate(service) => {
             let process = suite.process(service);
-            if process.try_exited()?.is_none() {
-                if matches!(fault, Fault::Kill(_)) {
+            if matches!(fault, Fault::Kill(_)) {
+                if process.try_exited()?.is_none() {
                     process.kill().await?;
-                } else {
-                    process.terminate().await?;
-                    let status = process.exited(Duration::from_secs(30)).await?;
-                    // The armed crash point may fire while it drains.
-                    anyhow::ensure!(
-                        status.success() || status.signal() == Some(SIGABRT),
-                        "{service:?} did not stop cleanly on SIGTERM: {status:?}"
-                    );
                 }
+            } else {
+                terminate(process, service).await?;
             }
             process.restart_without("FAILPOINTS").await?;
             if armed.is_some_and(|(armed_service, _, _)| armed_service == service) {
@@ -222,6 +209,20 @@ async fn inject(
             servers.rabbit.start_again().await?;
         }
     }
+    Ok(())
+}
+
+/// SIGTERM (unless it has ended already), and the exit it must make: clean, or
+/// by SIGABRT when its armed crash point fired while it drained.
+async fn terminate(process: &mut ServiceProcess, service: Service) -> anyhow::Result<()> {
+    if process.try_exited()?.is_none() {
+        process.terminate().await?;
+    }
+    let status = process.exited(Duration::from_secs(30)).await?;
+    anyhow::ensure!(
+        status.success() || status.signal() == Some(SIGABRT),
+        "{service:?} did not stop cleanly on SIGTERM: {status:?}"
+    );
     Ok(())
 }
 
