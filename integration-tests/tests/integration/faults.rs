@@ -611,6 +611,52 @@ async fn inventory_answers_many_orders_in_one_call() -> anyhow::Result<()> {
     suite.shutdown().await
 }
 
+/// An accepted order whose admission record is missing (its save failed, as
+/// under a Redis timeout) and which inventory has not recorded yet is still
+/// found: PENDING, from the reservation itself, never NOT_FOUND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_order_without_its_record_is_pending_not_unknown() -> anyhow::Result<()> {
+    use flashsale_integration_tests::suite::SuiteOptions;
+    use flashsale_proto::gateway::v1::GetOrderRequest;
+
+    let (proxy, suite) = behind_a_broker_proxy(SuiteOptions {
+        publish_timeout_ms: Some(500),
+        unrecorded_grace_ms: Some(2_000),
+        ..SuiteOptions::default()
+    })
+    .await?;
+    create_item(&suite, "unsaved", 700, 2, 1).await?;
+    top_up(&suite, "pia", 1_000).await?;
+    proxy.blackhole(); // the order stays out of inventory for now
+    let request = PurchaseRequest { item_id: "unsaved".into(), quantity: 1, idempotency_key: String::new() };
+    let order_id = suite.buyers().purchase(suite.as_user("pia", request)).await?.into_inner().order_id;
+
+    let client = redis::Client::open(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))?;
+    let mut redis = client.get_multiplexed_async_connection().await?;
+    let deleted: u32 =
+        redis::cmd("DEL").arg(format!("{}:order:{order_id}", suite.redis_prefix)).query_async(&mut redis).await?;
+    assert_eq!(deleted, 1, "the admission record was not where expected");
+
+    let order = suite
+        .buyers()
+        .get_order(suite.as_user("pia", GetOrderRequest { order_id: order_id.clone() }))
+        .await?
+        .into_inner()
+        .order
+        .ok_or_else(|| anyhow::anyhow!("no order"))?;
+    assert_eq!(order.status(), OrderStatus::Pending);
+    assert_eq!((order.item_id.as_str(), order.quantity), ("unsaved", 1));
+    assert_eq!(order.amount.map(|m| m.amount_minor), Some(700));
+    // Someone else still cannot see it.
+    let other = suite.buyers().get_order(suite.as_user("quinn", GetOrderRequest { order_id: order_id.clone() })).await;
+    assert_eq!(other.err().map(|s| s.code()), Some(tonic::Code::NotFound));
+
+    proxy.restore();
+    let order = final_order(&suite, "pia", &order_id, Duration::from_secs(40)).await?;
+    assert_eq!(order.status(), OrderStatus::Confirmed, "{order:?}");
+    suite.shutdown().await
+}
+
 /// One client fires bursts of calls and cancels each after a few milliseconds.
 /// The gateway multiplexes every buyer over one connection to inventory, so
 /// those cancellations become stream resets there; they must not close that

@@ -274,6 +274,30 @@ impl Admission {
             .collect())
     }
 
+    /// The admission of `order_id` among the open ones of `item_ids`, as
+    /// (item id, user, quantity, admitted at ms, idempotency key). The admission
+    /// script writes it with the reservation itself, so it exists even when the
+    /// separate admission record could not be saved; it goes once the order is final.
+    pub async fn admitted_entry(
+        &self,
+        item_ids: &[String],
+        order_id: &str,
+    ) -> Result<Option<(String, String, u32, i64, String)>, GatewayError> {
+        let mut conn = self.pool.get().await?;
+        for item_id in item_ids {
+            let value: Option<String> = conn.hget(&self.keys(item_id).admitted, order_id).await?;
+            let Some(value) = value else { continue };
+            let mut fields = value.split('\n');
+            if let (Some(user), Some(quantity), Some(at), Some(key)) =
+                (fields.next(), fields.next(), fields.next(), fields.next())
+                && let (Ok(quantity), Ok(at)) = (quantity.parse(), at.parse())
+            {
+                return Ok(Some((item_id.clone(), user.to_owned(), quantity, at, key.to_owned())));
+            }
+        }
+        Ok(None)
+    }
+
     /// Applies a final order state to the admission state (idempotent).
     pub async fn apply_event(&self, event: &OrderEvent) -> Result<String, GatewayError> {
         let order = event.order.as_ref().ok_or_else(|| GatewayError::invalid("order", "missing in event"))?;

@@ -122,7 +122,10 @@ impl Gateway {
                 Ok(public_order(order))
             }
             Err(status) if status.code() == tonic::Code::NotFound => {
-                let record = record.ok_or(GatewayError::OrderNotFound)?;
+                let record = match record {
+                    Some(record) => record,
+                    None => return self.order_from_admission(buyer, order_id).await,
+                };
                 if record.user_id != buyer.user_id && !buyer.admin {
                     return Err(GatewayError::OrderNotFound);
                 }
@@ -141,6 +144,58 @@ impl Gateway {
                 })
             }
             Err(status) => Err(GatewayError::from_upstream(status)),
+        }
+    }
+
+    /// An order neither in inventory nor in an admission record: its record could
+    /// not be saved when it was admitted. The reservation itself names it, until
+    /// the order is final; if it became final meanwhile, inventory has it now.
+    async fn order_from_admission(&self, buyer: &Principal, order_id: &str) -> Result<pb::Order, GatewayError> {
+        let items: Vec<Arc<crate::catalog::CatalogItem>> = self.catalog.all();
+        let ids: Vec<String> = items.iter().map(|item| item.id.clone()).collect();
+        match self.purchases.admission.admitted_entry(&ids, order_id).await? {
+            Some((item_id, user_id, quantity, at_ms, idempotency_key)) => {
+                if user_id != buyer.user_id && !buyer.admin {
+                    return Err(GatewayError::OrderNotFound);
+                }
+                let price = items.iter().find(|item| item.id == item_id);
+                let amount = price.map(|item| pb::Money {
+                    currency: item.currency.clone(),
+                    amount_minor: item.price_minor.saturating_mul(i64::from(quantity)),
+                });
+                let created = timestamp_ms(at_ms);
+                Ok(pb::Order {
+                    id: order_id.to_owned(),
+                    user_id,
+                    item_id,
+                    quantity,
+                    amount,
+                    status: OrderStatus::Pending.into(),
+                    reject_reason: String::new(),
+                    created_at: Some(created),
+                    updated_at: Some(created),
+                    idempotency_key,
+                })
+            }
+            None => {
+                let found = retry_if_lost(|| {
+                    let mut client = self.upstreams.inventory.clone();
+                    let lookup = inventory::GetOrderRequest { order_id: order_id.to_owned() };
+                    async move { client.get_order(request(lookup)).await }
+                })
+                .await;
+                match found {
+                    Ok(reply) => {
+                        let order = reply.into_inner().order.ok_or(GatewayError::OrderNotFound)?;
+                        if order.user_id != buyer.user_id && !buyer.admin {
+                            return Err(GatewayError::OrderNotFound);
+                        }
+                        Ok(public_order(order))
+                    }
+                    Err(status) if status.code() == tonic::Code::NotFound => Err(GatewayError::OrderNotFound),
+                    Err(status) => Err(GatewayError::from_upstream(status)),
+                }
+            }
         }
     }
 
