@@ -276,12 +276,15 @@ async fn buyer(
     }
 }
 
-/// A call that ended without the service's answer: the gateway was down or died
-/// mid-call (the client's own transport error), or it said UNAVAILABLE.
+/// A call that ended without the service's answer: it said UNAVAILABLE, or the
+/// gateway was down, died mid-call or closed the connection under it. tonic
+/// reports the last as the client's own transport error (kept as the status's
+/// source), for a GOAWAY race even with the code INTERNAL; a status the gateway
+/// sent has no source.
 fn is_no_answer(status: &tonic::Status) -> bool {
     use tonic::Code;
     matches!(status.code(), Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded)
-        || (status.code() == Code::Unknown && status.metadata().is_empty())
+        || (matches!(status.code(), Code::Unknown | Code::Internal) && std::error::Error::source(status).is_some())
 }
 
 /// Follows an order until it is final, as a buyer's app does, through restarts:
