@@ -106,6 +106,26 @@ impl Gateway {
         // after inventory has committed the order, so one of the two always answers.
         // (Asking inventory first leaves a gap: not there yet, then record deleted.)
         let record = self.purchases.admission.load_record(order_id).await?;
+        if let Some(order) = self.recorded_order(order_id).await? {
+            visible_to(buyer, &order.user_id)?;
+            return Ok(public_order(order));
+        }
+        let Some(record) = record else { return self.order_from_admission(buyer, order_id).await };
+        visible_to(buyer, &record.user_id)?;
+        let amount = pb::Money { currency: record.currency, amount_minor: record.amount_minor };
+        Ok(pending_order(
+            record.order_id,
+            record.user_id,
+            record.item_id,
+            record.quantity,
+            Some(amount),
+            record.created_at_ms,
+            record.idempotency_key,
+        ))
+    }
+
+    /// Inventory's copy of the order, or `None` while it has not recorded it.
+    async fn recorded_order(&self, order_id: &str) -> Result<Option<pb::Order>, GatewayError> {
         let found = retry_if_lost(|| {
             let mut client = self.upstreams.inventory.clone();
             let lookup = inventory::GetOrderRequest { order_id: order_id.to_owned() };
@@ -113,36 +133,8 @@ impl Gateway {
         })
         .await;
         match found {
-            Ok(reply) => {
-                let order = reply.into_inner().order.ok_or(GatewayError::OrderNotFound)?;
-                // Someone else's order does not exist, as far as this caller can tell.
-                if order.user_id != buyer.user_id && !buyer.admin {
-                    return Err(GatewayError::OrderNotFound);
-                }
-                Ok(public_order(order))
-            }
-            Err(status) if status.code() == tonic::Code::NotFound => {
-                let record = match record {
-                    Some(record) => record,
-                    None => return self.order_from_admission(buyer, order_id).await,
-                };
-                if record.user_id != buyer.user_id && !buyer.admin {
-                    return Err(GatewayError::OrderNotFound);
-                }
-                let created = timestamp_ms(record.created_at_ms);
-                Ok(pb::Order {
-                    id: record.order_id,
-                    user_id: record.user_id,
-                    item_id: record.item_id,
-                    quantity: record.quantity,
-                    amount: Some(pb::Money { currency: record.currency, amount_minor: record.amount_minor }),
-                    status: OrderStatus::Pending.into(),
-                    reject_reason: String::new(),
-                    created_at: Some(created),
-                    updated_at: Some(created),
-                    idempotency_key: record.idempotency_key,
-                })
-            }
+            Ok(reply) => Ok(Some(reply.into_inner().order.ok_or(GatewayError::OrderNotFound)?)),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
             Err(status) => Err(GatewayError::from_upstream(status)),
         }
     }
@@ -153,50 +145,19 @@ impl Gateway {
     async fn order_from_admission(&self, buyer: &Principal, order_id: &str) -> Result<pb::Order, GatewayError> {
         let items: Vec<Arc<crate::catalog::CatalogItem>> = self.catalog.all();
         let ids: Vec<String> = items.iter().map(|item| item.id.clone()).collect();
-        match self.purchases.admission.admitted_entry(&ids, order_id).await? {
-            Some((item_id, user_id, quantity, at_ms, idempotency_key)) => {
-                if user_id != buyer.user_id && !buyer.admin {
-                    return Err(GatewayError::OrderNotFound);
-                }
-                let price = items.iter().find(|item| item.id == item_id);
-                let amount = price.map(|item| pb::Money {
-                    currency: item.currency.clone(),
-                    amount_minor: item.price_minor.saturating_mul(i64::from(quantity)),
-                });
-                let created = timestamp_ms(at_ms);
-                Ok(pb::Order {
-                    id: order_id.to_owned(),
-                    user_id,
-                    item_id,
-                    quantity,
-                    amount,
-                    status: OrderStatus::Pending.into(),
-                    reject_reason: String::new(),
-                    created_at: Some(created),
-                    updated_at: Some(created),
-                    idempotency_key,
-                })
-            }
-            None => {
-                let found = retry_if_lost(|| {
-                    let mut client = self.upstreams.inventory.clone();
-                    let lookup = inventory::GetOrderRequest { order_id: order_id.to_owned() };
-                    async move { client.get_order(request(lookup)).await }
-                })
-                .await;
-                match found {
-                    Ok(reply) => {
-                        let order = reply.into_inner().order.ok_or(GatewayError::OrderNotFound)?;
-                        if order.user_id != buyer.user_id && !buyer.admin {
-                            return Err(GatewayError::OrderNotFound);
-                        }
-                        Ok(public_order(order))
-                    }
-                    Err(status) if status.code() == tonic::Code::NotFound => Err(GatewayError::OrderNotFound),
-                    Err(status) => Err(GatewayError::from_upstream(status)),
-                }
-            }
-        }
+        let Some((item_id, user_id, quantity, at_ms, key)) =
+            self.purchases.admission.admitted_entry(&ids, order_id).await?
+        else {
+            let order = self.recorded_order(order_id).await?.ok_or(GatewayError::OrderNotFound)?;
+            visible_to(buyer, &order.user_id)?;
+            return Ok(public_order(order));
+        };
+        visible_to(buyer, &user_id)?;
+        let amount = items.iter().find(|item| item.id == item_id).map(|item| pb::Money {
+            currency: item.currency.clone(),
+            amount_minor: item.price_minor.saturating_mul(i64::from(quantity)),
+        });
+        Ok(pending_order(order_id.to_owned(), user_id, item_id, quantity, amount, at_ms, key))
     }
 
     pub async fn list_orders(
@@ -421,4 +382,34 @@ pub fn is_final(order: &pb::Order) -> bool {
         OrderStatus::try_from(order.status),
         Ok(OrderStatus::Confirmed | OrderStatus::Rejected | OrderStatus::Refunded)
     )
+}
+
+/// Someone else's order does not exist, as far as this caller can tell.
+fn visible_to(buyer: &Principal, owner: &str) -> Result<(), GatewayError> {
+    if owner == buyer.user_id || buyer.admin { Ok(()) } else { Err(GatewayError::OrderNotFound) }
+}
+
+/// An order inventory has not recorded yet, as buyers see it: PENDING.
+fn pending_order(
+    id: String,
+    user_id: String,
+    item_id: String,
+    quantity: u32,
+    amount: Option<pb::Money>,
+    created_at_ms: i64,
+    idempotency_key: String,
+) -> pb::Order {
+    let created = timestamp_ms(created_at_ms);
+    pb::Order {
+        id,
+        user_id,
+        item_id,
+        quantity,
+        amount,
+        status: OrderStatus::Pending.into(),
+        reject_reason: String::new(),
+        created_at: Some(created),
+        updated_at: Some(created),
+        idempotency_key,
+    }
 }
