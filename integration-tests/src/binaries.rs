@@ -76,6 +76,17 @@ impl ServiceProcess {
         Ok(())
     }
 
+    /// Stops the process (SIGKILL) and starts it again on the same ports with
+    /// `key` set to `value` (replacing every earlier setting of it).
+    pub async fn restart_with(&mut self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.kill().await?;
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+        let env: Vec<(&str, String)> = self.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        *self = start_on(self.service, &env, self.grpc_port, self.metrics_port).await?;
+        Ok(())
+    }
+
     /// SIGTERM (a graceful stop, as an orchestrator sends), without waiting.
     pub async fn terminate(&self) -> anyhow::Result<()> {
         let pid = self.child.id().ok_or_else(|| anyhow::anyhow!("{} has exited", self.service.binary()))?;

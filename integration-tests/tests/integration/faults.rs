@@ -1015,3 +1015,55 @@ async fn behind_a_broker_proxy(
     .await?;
     Ok((proxy, suite))
 }
+
+/// The orders queue lags behind by more than the reconciler's grace: here
+/// inventory consumes another queue while 30 orders wait, unconsumed but
+/// queued. The reconciler cannot tell "queued" from "lost" and publishes them
+/// again, but under a claim shared in Redis with a growing wait (the grace,
+/// then twice it), not on every pass (every grace / 4): over 5 s with a 2 s
+/// grace each order is published again at most twice. Then inventory catches
+/// up on the right queue: each order is recorded once and the sale ends right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_queue_is_not_sent_its_backlog_on_every_pass() -> anyhow::Result<()> {
+    use flashsale_integration_tests::binaries::{BinarySuite, Service};
+    use flashsale_integration_tests::suite::{delete_amqp_names_at, queue_depth_at};
+
+    let _machine = flashsale_integration_tests::suite::whole_machine().await;
+    let elsewhere = format!("fs-held-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let own = [
+        (Service::Gateway, "UNRECORDED_GRACE_MS", "2000".to_owned()),
+        (Service::Inventory, "AMQP_PREFIX", elsewhere.clone()),
+    ];
+    let mut suite = BinarySuite::spawn_with_service_envs(&[], &own).await?;
+    let orders_queue = flashsale_messaging::Topology::with_prefix(&suite.amqp_prefix).orders_queue;
+    let sale = crate::sale::open(&suite).await?;
+    sale.accepted_at_least(crate::sale::STOCK as usize).await?;
+    let stock = crate::sale::STOCK;
+
+    // The first publish again (each order's comes 2 s after it was accepted).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while queue_depth_at(&suite.amqp_addr, &orders_queue).await?.0 <= stock {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no unrecorded order was published again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What the reconciler sends over the next 5 s: the measured window.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (queued, _) = queue_depth_at(&suite.amqp_addr, &orders_queue).await?;
+    let republished = queued - stock;
+    eprintln!(
+        "lagging queue: {republished} publishes again of {stock} queued orders within 5 s of the first (every pass: \
+         about {})",
+        stock * 10
+    );
+    assert!(republished <= 2 * stock, "{republished} publishes again of {stock} orders in 5 s with a 2 s grace");
+
+    // Inventory catches up on the right queue.
+    let prefix = suite.amqp_prefix.clone();
+    suite.process(Service::Inventory).restart_with("AMQP_PREFIX", &prefix).await?;
+    sale.recovered();
+    let outcome = sale.close().await?;
+    let audited = crate::sale::audit_sale(&suite, &outcome, "lagging queue").await?;
+    assert_eq!(audited.recorded, stock as usize, "one order per admission, whatever was queued twice");
+    delete_amqp_names_at(&suite.amqp_addr, &elsewhere).await?;
+    suite.shutdown().await
+}

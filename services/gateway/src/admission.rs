@@ -30,6 +30,9 @@ fn stamp_of(version: Option<i64>, admissions: Option<i64>) -> AdmissionStamp {
 
 /// How long an admission record (what GetOrder shows before inventory has the order) lives.
 const ORDER_RECORD_TTL_SECONDS: u64 = 24 * 3600;
+/// The longest wait between two publishes of one unrecorded admission, in
+/// multiples of the reconciler's grace.
+pub const MAX_REPUBLISH_FACTOR: i64 = 8;
 
 /// What the admission script decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +67,7 @@ struct ItemKeys {
     admitted: String,
     applied: String,
     parked: String,
+    republished: String,
 }
 
 pub struct Admission {
@@ -75,6 +79,7 @@ pub struct Admission {
     apply_event: Script,
     rebuild: Script,
     resync: Script,
+    claim_republish: Script,
 }
 
 impl Admission {
@@ -98,6 +103,7 @@ impl Admission {
             apply_event: Script::new(include_str!("lua/apply_event.lua")),
             rebuild: Script::new(include_str!("lua/rebuild.lua")),
             resync: Script::new(include_str!("lua/resync.lua")),
+            claim_republish: Script::new(include_str!("lua/claim_republish.lua")),
         })
     }
 
@@ -112,6 +118,7 @@ impl Admission {
             admitted: format!("{p}:{{{item_id}}}:admitted"),
             applied: format!("{p}:{{{item_id}}}:applied"),
             parked: format!("{p}:{{{item_id}}}:parked"),
+            republished: format!("{p}:{{{item_id}}}:republished"),
         }
     }
 
@@ -225,7 +232,9 @@ impl Admission {
         let k = self.keys(item_id);
         let mut conn = self.pool.get().await?;
         let mut pipe = redis::pipe();
-        for key in [&k.ready, &k.tokens, &k.held, &k.inflight, &k.idem, &k.admitted, &k.applied, &k.parked] {
+        for key in
+            [&k.ready, &k.tokens, &k.held, &k.inflight, &k.idem, &k.admitted, &k.applied, &k.parked, &k.republished]
+        {
             pipe.cmd("PEXPIREAT").arg(key).arg(at_ms).ignore();
         }
         let () = pipe.query_async(&mut *conn).await?;
@@ -272,6 +281,26 @@ impl Admission {
                 (at < older_than_ms).then(|| (order_id, user.to_owned(), quantity, key.to_owned()))
             })
             .collect())
+    }
+
+    /// Claims, for all gateways at once, the next publish of the unrecorded
+    /// admission `order_id`: true when this caller may publish it now. After a
+    /// publish the next one waits `grace`, then twice that, and so on up to
+    /// [`MAX_REPUBLISH_FACTOR`] times `grace` (`lua/claim_republish.lua`).
+    pub async fn claim_republish(&self, item_id: &str, order_id: &str, grace_ms: i64) -> Result<bool, GatewayError> {
+        let k = self.keys(item_id);
+        let mut conn = self.pool.get().await?;
+        let claimed: i64 = self
+            .claim_republish
+            .key(&k.republished)
+            .key(&k.admitted)
+            .arg(order_id)
+            .arg(crate::catalog::now_ms())
+            .arg(grace_ms)
+            .arg(MAX_REPUBLISH_FACTOR)
+            .invoke_async(&mut *conn)
+            .await?;
+        Ok(claimed == 1)
     }
 
     /// The admission of `order_id` among the open ones of `item_ids`, as

@@ -10,26 +10,29 @@
 //!   event would have been (idempotent per order and status), so no in-flight
 //!   mark or released unit stays stranded.
 //!
-//! A pass is bounded ([`MAX_PER_PASS`] admissions), asks inventory about them
-//! [`LOOKUP_BATCH`] at a time in one call, and leaves alone an order it
-//! republished within the grace: a queue that lags by more than the grace is not
-//! sent its backlog again on every pass of every gateway. One entry's failure
-//! does not end the pass; it is counted and tried again next pass.
+//! A pass is bounded ([`MAX_PER_PASS`] admissions) and asks inventory about them
+//! [`LOOKUP_BATCH`] at a time in one call. An unrecorded order may simply still
+//! be queued (the queue lags by more than the grace), so one is published again
+//! only under a claim taken in Redis for all gateways at once
+//! ([`Admission::claim_republish`]): after the grace, then after twice the
+//! grace, and so on up to [`MAX_REPUBLISH_FACTOR`] times, never on every pass of
+//! every gateway. One entry's failure does not end the pass; it is counted and
+//! tried again next pass.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use flashsale_proto::common::v1::{Order, OrderStatus};
-use flashsale_proto::inventory::v1::{BatchGetOrdersRequest, GetOrderRequest, OrderEvent};
-use parking_lot::Mutex;
-
+#[cfg(doc)]
+use crate::admission::MAX_REPUBLISH_FACTOR;
 use crate::admission::{Admission, AdmissionRecord};
 use crate::catalog::{Catalog, CatalogItem, now_ms};
 use crate::error::GatewayError;
 use crate::order_publisher::OrderPublisher;
 use crate::purchase::placed_message;
 use crate::upstream::{Upstreams, request, retry_if_lost};
+use flashsale_proto::common::v1::{Order, OrderStatus};
+use flashsale_proto::inventory::v1::{BatchGetOrdersRequest, GetOrderRequest, OrderEvent};
 
 /// Most admissions one pass looks at; the rest wait for the next pass.
 const MAX_PER_PASS: usize = 2_000;
@@ -41,11 +44,21 @@ const LOOKUP_BATCH: usize = 200;
 pub struct Reconciled {
     /// Admissions inventory never recorded, published again.
     pub republished: usize,
+    /// Admissions inventory never recorded, left alone: published again lately
+    /// (by any gateway), so perhaps still queued.
+    pub held_back: usize,
     /// Admissions inventory has final, whose event this gateway's Redis never
     /// applied (lost, or dead-lettered): applied now.
     pub applied: usize,
     /// Entries whose look-up or repair failed (tried again next pass).
     pub failed: usize,
+}
+
+/// What was done about one admission.
+enum Repair {
+    Republished,
+    HeldBack,
+    Applied,
 }
 
 /// One admission still open in Redis.
@@ -62,8 +75,6 @@ pub struct Reconciler {
     admission: Arc<Admission>,
     publisher: Arc<OrderPublisher>,
     upstreams: Upstreams,
-    /// Orders this gateway republished lately, and when.
-    republished: Mutex<HashMap<String, Instant>>,
 }
 
 impl Reconciler {
@@ -73,21 +84,18 @@ impl Reconciler {
         publisher: Arc<OrderPublisher>,
         upstreams: Upstreams,
     ) -> Self {
-        Self { catalog, admission, publisher, upstreams, republished: Mutex::new(HashMap::new()) }
+        Self { catalog, admission, publisher, upstreams }
     }
 
     /// One pass over the admissions older than `grace`.
     pub async fn reconcile(&self, grace: Duration) -> Result<Reconciled, GatewayError> {
-        let cutoff = now_ms() - i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
-        self.republished.lock().retain(|_, at| at.elapsed() < grace);
+        let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = now_ms().saturating_sub(grace_ms);
         let mut open = Vec::new();
         'items: for item in self.catalog.all() {
             for (order_id, user_id, quantity, idempotency_key) in
                 self.admission.unsettled_before(&item.id, cutoff).await?
             {
-                if self.republished.lock().contains_key(&order_id) {
-                    continue;
-                }
                 open.push(Open { item: item.clone(), order_id, user_id, quantity, idempotency_key });
                 if open.len() >= MAX_PER_PASS {
                     break 'items;
@@ -106,13 +114,16 @@ impl Reconciler {
             };
             for entry in chunk {
                 let repaired = match known.remove(&entry.order_id) {
-                    Some(order) => self.apply_final(entry, order).await.map(|applied| (false, applied)),
-                    None => self.republish(entry).await.map(|()| (true, true)),
+                    Some(order) => {
+                        self.apply_final(entry, order).await.map(|applied| applied.then_some(Repair::Applied))
+                    }
+                    None => self.republish(entry, grace_ms).await,
                 };
                 match repaired {
-                    Ok((true, _)) => done.republished += 1,
-                    Ok((false, true)) => done.applied += 1,
-                    Ok((false, false)) => {}
+                    Ok(Some(Repair::Republished)) => done.republished += 1,
+                    Ok(Some(Repair::HeldBack)) => done.held_back += 1,
+                    Ok(Some(Repair::Applied)) => done.applied += 1,
+                    Ok(None) => {}
                     Err(e) => {
                         tracing::debug!(error = %e, order.id = %entry.order_id, "reconciling an admission failed");
                         done.failed += 1;
@@ -178,8 +189,12 @@ impl Reconciler {
         Ok(true)
     }
 
-    /// Publishes an admission inventory never recorded.
-    async fn republish(&self, entry: &Open) -> Result<(), GatewayError> {
+    /// Publishes an admission inventory never recorded, unless it was
+    /// published again lately.
+    async fn republish(&self, entry: &Open, grace_ms: i64) -> Result<Option<Repair>, GatewayError> {
+        if !self.admission.claim_republish(&entry.item.id, &entry.order_id, grace_ms).await? {
+            return Ok(Some(Repair::HeldBack));
+        }
         let record = match self.admission.load_record(&entry.order_id).await? {
             Some(record) => record,
             None => AdmissionRecord {
@@ -195,8 +210,8 @@ impl Reconciler {
         };
         self.admission.save_record(&record).await?;
         self.publisher.publish(&placed_message(&record)).await.map_err(|e| GatewayError::Unavailable(Box::new(e)))?;
-        self.republished.lock().insert(entry.order_id.clone(), Instant::now());
+        metrics::counter!("flashsale_reconciler_republished_total").increment(1);
         tracing::warn!(order.id = %entry.order_id, item.id = %entry.item.id, "published an unrecorded admission again");
-        Ok(())
+        Ok(Some(Repair::Republished))
     }
 }
