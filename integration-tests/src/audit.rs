@@ -118,6 +118,31 @@ pub async fn wait_until_settled(
     }
 }
 
+/// Waits until at least `n` orders of inventory's database are final
+/// (CONFIRMED or REJECTED), at most `timeout`: a point in a sale's settlement
+/// at which a test injects a fault.
+pub async fn wait_until_final_at_least(inventory_url: &str, n: usize, timeout: Duration) -> anyhow::Result<usize> {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let deadline = Instant::now() + timeout;
+    let mut conn = AsyncPgConnection::establish(inventory_url).await?;
+    loop {
+        let done: Count =
+            diesel::sql_query("SELECT count(*) AS n FROM orders WHERE status IN ('CONFIRMED', 'REJECTED')")
+                .get_result(&mut conn)
+                .await?;
+        let done = usize::try_from(done.n).unwrap_or(0);
+        if done >= n {
+            return Ok(done);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{done} orders final after {timeout:?}, not {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn load_orders(conn: &mut AsyncPgConnection) -> anyhow::Result<Vec<OrderRow>> {
     Ok(diesel::sql_query(
         "SELECT id::text AS id, user_id, item_id, quantity, amount_currency, amount_minor, status, reject_reason,

@@ -1067,3 +1067,69 @@ async fn a_lagging_queue_is_not_sent_its_backlog_on_every_pass() -> anyhow::Resu
     delete_amqp_names_at(&suite.amqp_addr, &elsewhere).await?;
     suite.shutdown().await
 }
+
+/// Inventory's and the wallet's links to PostgreSQL (one fault proxy in front
+/// of the server) turn slow mid-sale (40 ms per chunk of bytes, both ways),
+/// are reset (RST on every connection, mid-transaction and mid-debit), and
+/// once the next order is final swallow every byte for 2 s (a partition:
+/// connections hang) before they heal. Nothing is lost or charged twice, every unit is sold, every order is
+/// final, Redis agrees with PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reset_then_partitioned_database_links_lose_nothing() -> anyhow::Result<()> {
+    use flashsale_integration_tests::binaries::{Backing, BinarySuite, Service};
+    use flashsale_integration_tests::proxy::FaultProxy;
+
+    let _machine = flashsale_integration_tests::suite::whole_machine().await;
+    let server = std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let upstream: std::net::SocketAddr = server
+        .rsplit('@')
+        .next()
+        .and_then(|host| host.split('/').next())
+        .ok_or_else(|| anyhow::anyhow!("no host in {server}"))?
+        .parse()?;
+    let pg = FaultProxy::start(upstream).await?;
+    let backing = Backing {
+        database_server: Some(server.replace(&upstream.to_string(), &format!("127.0.0.1:{}", pg.port))),
+        ..Backing::default()
+    };
+    let own = [(Service::Gateway, "UNRECORDED_GRACE_MS", "2000".to_owned())];
+    let suite = BinarySuite::spawn_on(&backing, &[], &own).await?;
+    // Each fault lands once this many orders are final, read past the proxy.
+    let direct = suite.databases().inventory_url.replace(&format!("127.0.0.1:{}", pg.port), &upstream.to_string());
+    let settled_at_least = |n: usize| {
+        flashsale_integration_tests::audit::wait_until_final_at_least(&direct, n, crate::sale::BUYING_WINDOW)
+    };
+    let sale = crate::sale::open(&suite).await?;
+    let mut at_fault = Vec::new();
+    settled_at_least(2).await?;
+    pg.delay(Duration::from_millis(40));
+    at_fault.push(("slow", settled_at_least(0).await?));
+    let before = settled_at_least(4).await?;
+    pg.reset_connections();
+    at_fault.push(("reset", before));
+    // The next order final after the reset (over new connections), then the partition.
+    let before = settled_at_least(before + 1).await?;
+    pg.blackhole();
+    at_fault.push(("partition", before));
+    // The partition's length: the fault itself, not a wait for a condition.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.restore();
+    let healed = tokio::time::Instant::now();
+    settled_at_least(crate::sale::STOCK as usize).await?;
+    let all_sold_in = healed.elapsed();
+    let outcome = sale.close().await?;
+    let audited = crate::sale::audit_sale(&suite, &outcome, "database links").await?;
+    assert!(
+        at_fault.iter().all(|(_, settled)| *settled < crate::sale::STOCK as usize),
+        "a fault landed after the sale had settled: {at_fault:?}"
+    );
+    eprintln!(
+        "database links: faults at (fault, orders final) {at_fault:?}; {} accepted, {} recorded, all sold, lost 0; \
+         {} orders final {all_sold_in:?} after the links healed; refusals {:?}",
+        outcome.accepted.len(),
+        audited.recorded,
+        crate::sale::STOCK,
+        outcome.refusals
+    );
+    suite.shutdown().await
+}
