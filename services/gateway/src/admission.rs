@@ -1,7 +1,8 @@
 //! Admission state in Redis: the per-item stock tokens, per-buyer counts,
 //! in-flight marks and idempotency keys, changed only by the Lua scripts beside
 //! this file, each one atomic and touching only keys of one item (hash tag
-//! `{ITEM}`), so it runs unchanged on Redis Cluster.
+//! `{ITEM}`), so it runs unchanged on Redis Cluster. Every key, its type, its
+//! encoding and who writes and reads it: `services/DESIGN.md`, "Redis keys".
 //!
 //! The hot path (`admit`) uses one multiplexed `ConnectionManager`: concurrent
 //! requests pipeline on it, where a pool would give each request a connection

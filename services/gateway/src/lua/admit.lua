@@ -1,5 +1,6 @@
 -- Admits or refuses one purchase attempt, atomically (README, "The purchase path", step 2).
 -- Every key is hash-tagged by item ({ITEM}) so the script runs on Redis Cluster.
+-- Key types and value encodings: services/DESIGN.md, "Redis keys".
 -- KEYS: 1 ready (a hash: the state's version, the admissions count), 2 tokens, 3 held, 4 inflight, 5 idem, 6 admitted
 -- ARGV: 1 user, 2 quantity, 3 per-user limit, 4 idempotency key, 5 new order id,
 --       6 now (unix ms, for the reconciler)

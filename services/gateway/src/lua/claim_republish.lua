@@ -3,6 +3,7 @@
 -- four times, up to MAX_FACTOR times, never on every reconciler pass of every
 -- gateway. A queue that lags behind (the order is queued, not lost) is thus not
 -- sent its whole backlog again and again while it catches up.
+-- Key types and value encodings: services/DESIGN.md, "Redis keys".
 -- KEYS: 1 republished (hash: order id -> "attempts:next allowed at ms"), 2 admitted
 -- ARGV: 1 order id, 2 now (unix ms), 3 grace (ms), 4 max factor
 -- Returns 1 when this caller may publish now, 0 when another publish is recent.

@@ -1,6 +1,7 @@
 -- Rebuilds an item's admission state from an inventory snapshot, unless another
 -- gateway got there first, then applies the events parked meanwhile that the
 -- snapshot does not contain (README, "Known limits": Redis is a cache).
+-- Key types and value encodings: services/DESIGN.md, "Redis keys".
 -- KEYS: 1 ready, 2 tokens, 3 held, 4 inflight, 5 admitted, 6 applied, 7 parked, 8 idem
 -- ARGV: 1 item version, 2 stock remaining, 3 holdings count n,
 --       then n triples: user, quantity held, in-flight order id ('' if none),

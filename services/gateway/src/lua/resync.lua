@@ -3,6 +3,7 @@
 -- its tokens consumed even if Redis was over by fewer units, which can leave
 -- units on sale in PostgreSQL that Redis no longer offers. Never lowers tokens:
 -- PostgreSQL judges every order anyway.
+-- Key types and value encodings: services/DESIGN.md, "Redis keys".
 -- KEYS: 1 ready, 2 tokens, 3 admitted
 -- ARGV: 1 PostgreSQL stock remaining (read just before this call)
 -- Returns the number of tokens added.

@@ -2,6 +2,7 @@
 -- connection, or the broker refused it), so the units go back on sale and the
 -- buyer's retry with the same idempotency key starts afresh.
 -- Idempotent: does nothing unless the order's admission record is present.
+-- Key types and value encodings: services/DESIGN.md, "Redis keys".
 -- KEYS: 1 tokens, 2 held, 3 inflight, 4 idem, 5 admitted
 -- ARGV: 1 order id, 2 user, 3 idempotency key
 local record = redis.call('HGET', KEYS[5], ARGV[1])
