@@ -169,7 +169,7 @@ pub(super) async fn order_events(
         (status = 200, description = "Refunded (or already refunded: refunds are idempotent)", body = Order),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, description = "ORDER_NOT_FOUND", body = ErrorBody),
-        (status = 409, description = "ORDER_NOT_REFUNDABLE: only confirmed orders are refunded", body = ErrorBody),
+        (status = 409, description = "ORDER_NOT_REFUNDABLE: the order is neither confirmed nor refunded", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ),
     security(("bearer" = []))
