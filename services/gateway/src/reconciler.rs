@@ -32,7 +32,7 @@ use crate::order_publisher::OrderPublisher;
 use crate::purchase::placed_message;
 use crate::upstream::{Upstreams, request, retry_if_lost};
 use flashsale_proto::common::v1::{Order, OrderStatus};
-use flashsale_proto::inventory::v1::{BatchGetOrdersRequest, GetOrderRequest, OrderEvent};
+use flashsale_proto::inventory::v1::{BatchGetOrdersRequest, OrderEvent};
 
 /// Most admissions one pass looks at; the rest wait for the next pass.
 const MAX_PER_PASS: usize = 2_000;
@@ -142,33 +142,9 @@ impl Reconciler {
             let lookup = BatchGetOrdersRequest { order_ids: order_ids.clone() };
             async move { client.batch_get_orders(request(lookup)).await }
         })
-        .await;
-        match found {
-            Ok(reply) => Ok(reply.into_inner().orders.into_iter().map(|order| (order.id.clone(), order)).collect()),
-            // An inventory older than this gateway (a rolling upgrade): one at a time.
-            Err(status) if status.code() == tonic::Code::Unimplemented => {
-                let mut known = HashMap::new();
-                for order_id in order_ids {
-                    let found = retry_if_lost(|| {
-                        let mut client = self.upstreams.inventory.clone();
-                        let lookup = GetOrderRequest { order_id: order_id.clone() };
-                        async move { client.get_order(request(lookup)).await }
-                    })
-                    .await;
-                    match found {
-                        Ok(reply) => {
-                            if let Some(order) = reply.into_inner().order {
-                                known.insert(order_id, order);
-                            }
-                        }
-                        Err(status) if status.code() == tonic::Code::NotFound => {}
-                        Err(status) => return Err(GatewayError::from_upstream(status)),
-                    }
-                }
-                Ok(known)
-            }
-            Err(status) => Err(GatewayError::from_upstream(status)),
-        }
+        .await
+        .map_err(GatewayError::from_upstream)?;
+        Ok(found.into_inner().orders.into_iter().map(|order| (order.id.clone(), order)).collect())
     }
 
     /// Applies the final state inventory reports; false while it is still settling.

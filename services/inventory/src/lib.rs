@@ -10,6 +10,7 @@ pub mod db;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod judgement;
 pub mod metrics;
 pub mod order_consumer;
 pub mod outbox_relay;

@@ -49,44 +49,6 @@ impl Settlement {
         Self { pool, wallet, outbox_ready }
     }
 
-    /// One attempt to pay `order`. A transient failure leaves it PAYMENT_PENDING
-    /// for the sweeper; that is not an error of this call.
-    pub async fn pay(&self, order: &Order) -> Result<(), InventoryError> {
-        match self.wallet.pay(order).await {
-            Ok(payment) => {
-                // Fault tests: debited in the wallet, the order not yet final.
-                flashsale_server::crash_point("inventory-before-settle");
-                let span = flashsale_telemetry::info_span!(
-                    "orders.settle",
-                    db.system.name = "postgresql",
-                    order.id = %order.id,
-                    order.status = tracing::field::Empty,
-                );
-                async {
-                    let mut conn = self.pool.get().await?;
-                    if let Some(settled) = orders::settle(&mut conn, order.id, payment).await? {
-                        tracing::Span::current().record("order.status", settled.status.as_str());
-                        crate::metrics::final_state(&settled);
-                        self.outbox_ready.notify_one();
-                    }
-                    Ok(())
-                }
-                .instrument(span)
-                .await
-            }
-            Err(WalletCallError::Transient(status) | WalletCallError::Unimplemented(status)) => {
-                tracing::warn!(order.id = %order.id, code = ?status.code(), "debit not settled; the sweeper will retry");
-                Ok(())
-            }
-            Err(WalletCallError::Refused(status)) => {
-                // Our own request was malformed: a bug, not a buyer's problem. The
-                // order stays pending (never silently dropped) and is retried.
-                tracing::error!(order.id = %order.id, code = ?status.code(), "wallet refused a debit request");
-                Ok(())
-            }
-        }
-    }
-
     /// Pays many orders with one wallet call and settles them in one
     /// transaction. Each order comes with the span of its own trace: the batch's
     /// spans are children of the first traced one, linked to the others, and each
@@ -103,15 +65,6 @@ impl Settlement {
         let orders: Vec<Order> = chunk.iter().map(|(order, _)| order.clone()).collect();
         let answers = match self.wallet.pay_batch(&orders).await {
             Ok(answers) => answers,
-            Err(WalletCallError::Unimplemented(_)) => {
-                // An older wallet: one call per order.
-                for (order, span) in chunk {
-                    if let Err(e) = self.pay(order).instrument(span.clone()).await {
-                        tracing::warn!(error = %e, order.id = %order.id, "payment attempt failed");
-                    }
-                }
-                return;
-            }
             Err(e) => {
                 tracing::warn!(error = %e, orders = chunk.len(), "batch debit not settled; the sweeper will retry");
                 return;
@@ -175,9 +128,7 @@ impl Settlement {
     /// (once, whatever the retries), then marks the order and returns its units.
     pub async fn complete_refund(&self, order: &Order) -> Result<Order, InventoryError> {
         self.wallet.refund(order).await.map_err(|e| match e {
-            WalletCallError::Transient(status) | WalletCallError::Unimplemented(status) => {
-                InventoryError::Unavailable(Box::new(status))
-            }
+            WalletCallError::Transient(status) => InventoryError::Unavailable(Box::new(status)),
             WalletCallError::Refused(status) => InventoryError::Internal(Box::new(status)),
         })?;
         let mut conn = self.pool.get().await?;

@@ -1,4 +1,4 @@
-//! Calls to the wallet: the debit that pays an order, the credit that refunds it.
+//! Calls to the wallet: the batch of debits that pays orders, the credit that refunds one.
 //! Both are idempotent by key (the order id), so any retry is safe.
 
 use std::time::Duration;
@@ -9,7 +9,6 @@ use flashsale_proto::wallet::v1::wallet_service_client::WalletServiceClient;
 use flashsale_proto::wallet::v1::{BatchDebitRequest, CreditRequest, DebitRequest};
 use flashsale_server::TracedChannel;
 use tonic::{Code, Request};
-use tonic_types::StatusExt;
 
 use crate::db::models::Order;
 use crate::db::orders::Payment;
@@ -17,9 +16,6 @@ use crate::db::orders::Payment;
 /// Why a wallet call did not give a final answer.
 #[derive(Debug, thiserror::Error)]
 pub enum WalletCallError {
-    /// The wallet predates the call (a rolling upgrade): use the older one.
-    #[error("wallet does not implement this call: {0}")]
-    Unimplemented(tonic::Status),
     /// Worth retrying later with the same key (wallet down, timeout, overload).
     #[error("wallet unavailable: {0}")]
     Transient(tonic::Status),
@@ -39,18 +35,6 @@ impl WalletClient {
     pub fn new(url: &str, timeout: Duration) -> Result<Self, tonic::transport::Error> {
         let channel = flashsale_server::internal_endpoint(url)?.connect_lazy();
         Ok(Self { client: WalletServiceClient::new(flashsale_server::traced(channel)), timeout })
-    }
-
-    /// Debits the order's amount under the order id as idempotency key.
-    pub async fn pay(&self, order: &Order) -> Result<Payment, WalletCallError> {
-        let mut request = Request::new(debit(order));
-        // Sends grpc-timeout so the wallet stops working on it too.
-        request.set_timeout(self.timeout);
-        match self.client.clone().debit(request).await {
-            Ok(_) => Ok(Payment::Paid),
-            Err(status) if reason(&status).as_deref() == Some("INSUFFICIENT_FUNDS") => Ok(Payment::InsufficientFunds),
-            Err(status) => Err(classify(status)),
-        }
     }
 
     /// Debits many orders in one call (one wallet transaction). The outer error
@@ -101,16 +85,15 @@ fn debit(order: &Order) -> DebitRequest {
     }
 }
 
-fn reason(status: &tonic::Status) -> Option<String> {
-    status.get_details_error_info().map(|info| info.reason)
-}
-
 fn classify(status: tonic::Status) -> WalletCallError {
     match status.code() {
-        Code::Unimplemented => WalletCallError::Unimplemented(status),
-        Code::InvalidArgument | Code::AlreadyExists | Code::FailedPrecondition | Code::PermissionDenied => {
-            WalletCallError::Refused(status)
-        }
+        // Unimplemented: a wallet older than this inventory (wallets are
+        // upgraded first; README, Configuration).
+        Code::Unimplemented
+        | Code::InvalidArgument
+        | Code::AlreadyExists
+        | Code::FailedPrecondition
+        | Code::PermissionDenied => WalletCallError::Refused(status),
         _ => WalletCallError::Transient(status),
     }
 }

@@ -23,24 +23,13 @@ use super::outbox;
 use super::schema::{holdings, items, orders};
 use crate::domain::{OrderStatus, Page, RejectReason};
 use crate::error::InventoryError;
+use crate::judgement::{ItemTerms, Judgement, Terms, Verdict, judge};
 
 /// How long the consumer's own first debit attempt has before the sweeper may
 /// retry the order (the wallet makes a concurrent retry harmless anyway).
 const FIRST_ATTEMPT_GRACE: Duration = Duration::seconds(10);
 
-/// A validated `OrderPlaced`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Placed {
-    pub id: Uuid,
-    pub user_id: String,
-    pub item_id: String,
-    pub quantity: i32,
-    pub currency: String,
-    pub amount_minor: i64,
-    pub idempotency_key: String,
-    /// The W3C traceparent of the consume span that carries this order.
-    pub traceparent: Option<String>,
-}
+pub use crate::judgement::Placed;
 
 /// What recording an `OrderPlaced` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,26 +101,9 @@ pub async fn record_batch(conn: &mut AsyncPgConnection, batch: &[Placed]) -> Res
 }
 
 /// What a batch's recording reads (and locks) once: the orders already
-/// recorded, the items and the buyers' holdings (kept current in memory as the
-/// batch is judged), and the live orders holding any of the batch's keys.
-struct Known {
-    existing: HashMap<Uuid, Order>,
-    items: HashMap<String, ItemTerms>,
-    /// (item, user) → (quantity held, that holding's limit).
-    holdings: HashMap<(String, String), (i32, i32)>,
-    live_keys: HashSet<(String, String, String)>,
-}
-
-#[derive(Debug, Clone)]
-struct ItemTerms {
-    currency: String,
-    price_minor: i64,
-    per_user_limit: i32,
-    remaining: i32,
-    version: i64,
-}
-
-async fn known(conn: &mut AsyncPgConnection, batch: &[Placed]) -> QueryResult<Known> {
+/// recorded, and the [`Terms`] it is judged against (the items, the buyers'
+/// holdings, the live orders holding any of the batch's keys).
+async fn read_and_lock(conn: &mut AsyncPgConnection, batch: &[Placed]) -> QueryResult<(HashMap<Uuid, Order>, Terms)> {
     use diesel::sql_types::{Array, Integer, Text};
 
     #[derive(QueryableByName)]
@@ -221,99 +193,52 @@ async fn known(conn: &mut AsyncPgConnection, batch: &[Placed]) -> QueryResult<Kn
     .into_iter()
     .map(|k| (k.user_id, k.item_id, k.idempotency_key))
     .collect();
-    Ok(Known { existing, items, holdings, live_keys })
+    Ok((existing, Terms { items, holdings, live_keys }))
 }
 
 /// Records a batch inside the caller's transaction; outcomes in the batch's
-/// order. The orders are judged in memory, in (item, order id) order, against
-/// the locked item rows and holdings, exactly as one conditional update after
-/// another would judge them; then a handful of set-based statements write the
+/// order. The orders are judged in memory ([`judge`]) against the locked item
+/// rows and holdings, exactly as one conditional update after another would
+/// judge them; then a handful of set-based statements write the
 /// result: per item one guarded stock update, one holdings upsert, one orders
 /// insert, one outbox insert. PostgreSQL still has the last word: the guard
 /// (`stock_remaining >= taken`), the CHECKs on stock and holdings and the
 /// unique keys fail the transaction rather than let a wrong judgement through.
 async fn record_all_in_tx(conn: &mut AsyncPgConnection, batch: &[Placed]) -> QueryResult<Vec<Recorded>> {
-    let mut order: Vec<usize> = (0..batch.len()).collect();
-    order.sort_by(|a, b| (&batch[*a].item_id, batch[*a].id).cmp(&(&batch[*b].item_id, batch[*b].id)));
-    let mut known = known(conn, batch).await?;
-
-    // Judge.
-    let mut verdicts: Vec<Option<Option<RejectReason>>> = vec![None; batch.len()];
-    let mut taken: HashMap<&str, i32> = HashMap::new();
-    // (item, user) → (units added, the holding's limit), in lock order.
-    let mut held: BTreeMap<(&str, &str), (i32, i32)> = BTreeMap::new();
-    let mut seen = HashSet::new();
-    for &i in &order {
-        let placed = &batch[i];
-        if known.existing.contains_key(&placed.id) {
-            continue;
-        }
-        let Some(item) = known.items.get_mut(&placed.item_id) else { continue };
-        // The same order twice in one batch (a redelivery): the first copy decides.
-        if !seen.insert(placed.id) {
-            continue;
-        }
-        let quantity = placed.quantity;
-        let key = (placed.user_id.clone(), placed.item_id.clone(), placed.idempotency_key.clone());
-        let holding =
-            known.holdings.entry((placed.item_id.clone(), placed.user_id.clone())).or_insert((0, item.per_user_limit));
-        let expected_amount = item.price_minor.checked_mul(i64::from(quantity));
-        let reason = if placed.currency != item.currency || expected_amount != Some(placed.amount_minor) {
-            Some(RejectReason::InvalidOrder)
-        } else if quantity > item.per_user_limit {
-            Some(RejectReason::LimitReached)
-        } else if known.live_keys.contains(&key) {
-            Some(RejectReason::DuplicateKey)
-        } else if item.remaining < quantity {
-            Some(RejectReason::SoldOut)
-        } else if holding.0 + quantity > holding.1 {
-            Some(RejectReason::LimitReached)
-        } else {
-            item.remaining -= quantity;
-            holding.0 += quantity;
-            *taken.entry(placed.item_id.as_str()).or_default() += quantity;
-            let entry = held.entry((placed.item_id.as_str(), placed.user_id.as_str())).or_insert((0, holding.1));
-            entry.0 += quantity;
-            known.live_keys.insert(key);
-            None
-        };
-        verdicts[i] = Some(reason);
-    }
+    let (existing, mut terms) = read_and_lock(conn, batch).await?;
+    let recorded: HashSet<Uuid> = existing.keys().copied().collect();
+    let Judgement { verdicts, taken, held } = judge(batch, &recorded, &mut terms);
 
     // Write: stock (guarded) and versions, holdings, orders, events.
-    let mut taken: Vec<(&str, i32)> = taken.into_iter().collect();
-    taken.sort_unstable();
     for (item_id, quantity) in taken {
         let version = take_stock(conn, item_id, quantity).await?.ok_or_else(|| {
             DieselError::QueryBuilderError(
                 format!("item {item_id}: judged {quantity} units in stock, found fewer").into(),
             )
         })?;
-        if let Some(item) = known.items.get_mut(item_id) {
+        if let Some(item) = terms.items.get_mut(item_id) {
             item.version = version;
         }
     }
     hold_for_buyers(conn, &held).await?;
     let now = Utc::now();
     let rows: Vec<NewOrder<'_>> = (0..batch.len())
-        .filter_map(|i| verdicts[i].map(|reason| (&batch[i], reason)))
-        .map(|(placed, reason)| {
-            let (status, reject_reason) = match reason {
-                None => (OrderStatus::PaymentPending, ""),
-                Some(reason) => (OrderStatus::Rejected, reason.code()),
-            };
-            NewOrder {
-                id: placed.id,
-                user_id: &placed.user_id,
-                item_id: &placed.item_id,
-                quantity: placed.quantity,
-                amount_currency: &placed.currency,
-                amount_minor: placed.amount_minor,
-                status: status.as_db(),
-                reject_reason,
-                idempotency_key: &placed.idempotency_key,
-                next_attempt_at: now + FIRST_ATTEMPT_GRACE,
-            }
+        .filter_map(|i| match verdicts[i] {
+            Verdict::NotJudged => None,
+            Verdict::Held => Some((&batch[i], OrderStatus::PaymentPending, "")),
+            Verdict::Rejected(reason) => Some((&batch[i], OrderStatus::Rejected, reason.code())),
+        })
+        .map(|(placed, status, reject_reason)| NewOrder {
+            id: placed.id,
+            user_id: &placed.user_id,
+            item_id: &placed.item_id,
+            quantity: placed.quantity,
+            amount_currency: &placed.currency,
+            amount_minor: placed.amount_minor,
+            status: status.as_db(),
+            reject_reason,
+            idempotency_key: &placed.idempotency_key,
+            next_attempt_at: now + FIRST_ATTEMPT_GRACE,
         })
         .collect();
     let inserted: HashMap<Uuid, Order> = if rows.is_empty() {
@@ -335,22 +260,23 @@ async fn record_all_in_tx(conn: &mut AsyncPgConnection, batch: &[Placed]) -> Que
         .map(|order| outbox::Pending {
             order,
             units_released: 0,
-            item_version: known.items.get(&order.item_id).map_or(0, |item| item.version),
+            item_version: terms.items.get(&order.item_id).map_or(0, |item| item.version),
             traceparent: traces.get(&order.id).copied().flatten(),
         })
         .collect();
-    outbox::enqueue_many(conn, &events).await?;
+    outbox::enqueue(conn, &events).await?;
 
     Ok((0..batch.len())
         .map(|i| {
             let id = batch[i].id;
-            match (verdicts[i], inserted.get(&id), known.existing.get(&id)) {
-                (Some(_), Some(order), _) if order.status == OrderStatus::Rejected.as_db() => {
+            let judged = verdicts[i] != Verdict::NotJudged;
+            match (judged, inserted.get(&id), existing.get(&id)) {
+                (true, Some(order), _) if order.status == OrderStatus::Rejected.as_db() => {
                     Recorded::Rejected(order.clone())
                 }
-                (Some(_), Some(order), _) => Recorded::Held(order.clone()),
+                (true, Some(order), _) => Recorded::Held(order.clone()),
                 // Recorded before, or earlier in this very batch (a redelivery).
-                (_, _, Some(order)) | (None, Some(order), None) => Recorded::Existing(order.clone()),
+                (_, _, Some(order)) | (false, Some(order), None) => Recorded::Existing(order.clone()),
                 _ => Recorded::UnknownItem,
             }
         })
@@ -423,46 +349,6 @@ pub enum Payment {
     InsufficientFunds,
 }
 
-/// Moves a PAYMENT_PENDING order to its final state. Returns the order if this
-/// call settled it, `None` if it was settled already (a concurrent retry).
-pub async fn settle(conn: &mut AsyncPgConnection, id: Uuid, payment: Payment) -> Result<Option<Order>, InventoryError> {
-    Ok(conn
-        .transaction::<_, DieselError, _>(async |conn| {
-            let (status, reason) = match payment {
-                Payment::Paid => (OrderStatus::Confirmed, ""),
-                Payment::InsufficientFunds => (OrderStatus::Rejected, RejectReason::InsufficientFunds.code()),
-            };
-            let Some(order) = diesel::update(orders::table.find(id))
-                .filter(orders::status.eq(OrderStatus::PaymentPending.as_db()))
-                .set((
-                    orders::status.eq(status.as_db()),
-                    orders::reject_reason.eq(reason),
-                    orders::updated_at.eq(diesel::dsl::now),
-                ))
-                .returning(Order::as_returning())
-                .get_result(conn)
-                .await
-                .optional()?
-            else {
-                return Ok(None);
-            };
-            match payment {
-                Payment::Paid => {
-                    let version = current_version(conn, &order.item_id).await?;
-                    outbox::enqueue(conn, &order, 0, version).await?;
-                }
-                Payment::InsufficientFunds => {
-                    // The unit goes back on sale and the buyer may try again.
-                    let version = return_stock(conn, &order.item_id, order.quantity).await?;
-                    release_for_buyer(conn, &order.item_id, &order.user_id, order.quantity).await?;
-                    outbox::enqueue(conn, &order, order.quantity, version).await?;
-                }
-            }
-            Ok(Some(order))
-        })
-        .await?)
-}
-
 /// One wallet answer to settle with [`settle_batch`], and the trace its event joins.
 #[derive(Debug, Clone)]
 pub struct Settling {
@@ -515,7 +401,7 @@ pub async fn settle_batch(conn: &mut AsyncPgConnection, batch: &[Settling]) -> R
                     traceparent: trace(order),
                 })
                 .collect();
-            outbox::enqueue_many(conn, &events).await?;
+            outbox::enqueue(conn, &events).await?;
             Ok(confirmed.into_iter().chain(rejected).collect())
         })
         .await?)
@@ -594,7 +480,14 @@ pub async fn mark_refunded(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Ord
             Some(order) => {
                 let version = return_stock(conn, &order.item_id, order.quantity).await?;
                 release_for_buyer(conn, &order.item_id, &order.user_id, order.quantity).await?;
-                outbox::enqueue(conn, &order, order.quantity, version).await?;
+                let traceparent = flashsale_telemetry::traceparent(&tracing::Span::current());
+                let event = outbox::Pending {
+                    order: &order,
+                    units_released: order.quantity,
+                    item_version: version,
+                    traceparent: traceparent.as_deref(),
+                };
+                outbox::enqueue(conn, &[event]).await?;
                 Ok(order)
             }
             None => match find(conn, id).await? {

@@ -12,37 +12,9 @@ use super::schema::outbox;
 use crate::convert::{order_to_proto, timestamp};
 use crate::domain::OrderStatus;
 
-/// Records the event for `order`'s current state. `units_released` units went
-/// back on sale with it; `item_version` is the item's version after the change.
-/// The event joins the trace of the current span.
-pub async fn enqueue(
-    conn: &mut AsyncPgConnection,
-    order: &Order,
-    units_released: i32,
-    item_version: i64,
-) -> QueryResult<()> {
-    let traceparent = flashsale_telemetry::traceparent(&tracing::Span::current());
-    enqueue_in_trace(conn, order, units_released, item_version, traceparent.as_deref()).await
-}
-
-/// [`enqueue`], joining the trace named by `traceparent`.
-pub async fn enqueue_in_trace(
-    conn: &mut AsyncPgConnection,
-    order: &Order,
-    units_released: i32,
-    item_version: i64,
-    traceparent: Option<&str>,
-) -> QueryResult<()> {
-    let payload = event(order, units_released, item_version).encode_to_vec();
-    diesel::insert_into(outbox::table)
-        .values(NewOutboxRow { routing_key: routing_key(order), payload: &payload, traceparent })
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// One event of [`enqueue_many`]: the order, the units it released, the item's
-/// version after the change, and the trace the event joins.
+/// One event of [`enqueue`]: the order (in its new state), the units that went
+/// back on sale with it, the item's version after the change, and the trace the
+/// event joins.
 pub struct Pending<'a> {
     pub order: &'a Order,
     pub units_released: i32,
@@ -50,8 +22,8 @@ pub struct Pending<'a> {
     pub traceparent: Option<&'a str>,
 }
 
-/// [`enqueue_in_trace`] for many events, in one statement.
-pub async fn enqueue_many(conn: &mut AsyncPgConnection, events: &[Pending<'_>]) -> QueryResult<()> {
+/// Records the events, in one statement, in the caller's transaction.
+pub async fn enqueue(conn: &mut AsyncPgConnection, events: &[Pending<'_>]) -> QueryResult<()> {
     if events.is_empty() {
         return Ok(());
     }
