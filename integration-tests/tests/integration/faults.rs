@@ -1096,40 +1096,91 @@ async fn slow_reset_then_partitioned_database_links_lose_nothing() -> anyhow::Re
     let suite = BinarySuite::spawn_on(&backing, &[], &own).await?;
     // Each fault lands once this many orders are final, read past the proxy.
     let direct = suite.databases().inventory_url.replace(&format!("127.0.0.1:{}", pg.port), &upstream.to_string());
+    fault_links_mid_settlement(&suite, &pg, &direct, PartitionAt::NextFinalOrder, "database links").await?;
+    suite.shutdown().await
+}
+
+/// Inventory's link to RabbitMQ (its order consumer and its outbox relay
+/// share one connection, behind a fault proxy) turns slow mid-settlement, is
+/// reset, and swallows every byte for 2 s as inventory reconnects (its
+/// consumer takes the whole backlog at once after a reconnect, so the partition
+/// must come before that), then heals: unacked orders go back to the queue,
+/// unconfirmed events stay in the outbox. Nothing is lost or
+/// charged twice, every unit is sold, Redis agrees with PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reset_then_partitioned_broker_link_of_inventory_loses_nothing() -> anyhow::Result<()> {
+    use flashsale_integration_tests::binaries::{BinarySuite, Service};
+    use flashsale_integration_tests::proxy::FaultProxy;
+    use flashsale_integration_tests::suite::amqp_addr;
+
+    let _machine = flashsale_integration_tests::suite::whole_machine().await;
+    let broker = FaultProxy::start("127.0.0.1:5672".parse()?).await?;
+    let own = [
+        (Service::Gateway, "UNRECORDED_GRACE_MS", "2000".to_owned()),
+        (Service::Inventory, "AMQP_ADDR", amqp_addr().replace(":5672", &format!(":{}", broker.port))),
+    ];
+    let suite = BinarySuite::spawn_with_service_envs(&[], &own).await?;
+    let direct = suite.databases().inventory_url;
+    fault_links_mid_settlement(&suite, &broker, &direct, PartitionAt::Reconnect, "inventory's broker link").await?;
+    suite.shutdown().await
+}
+
+/// When the partition of [`fault_links_mid_settlement`] starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartitionAt {
+    /// Once the next order is final after the reset (over new connections).
+    NextFinalOrder,
+    /// Right after the reset, as the service reconnects.
+    Reconnect,
+}
+
+/// Runs the sale with `link` delayed (40 ms per chunk) once 2 orders are
+/// final, reset at 4 or more, blackholed for 2 s from `partition_at`, then
+/// healed; waits for every unit to be sold and audits (`inventory_url` reaches
+/// inventory's database past any proxy).
+async fn fault_links_mid_settlement(
+    suite: &flashsale_integration_tests::binaries::BinarySuite,
+    link: &flashsale_integration_tests::proxy::FaultProxy,
+    inventory_url: &str,
+    partition_at: PartitionAt,
+    label: &str,
+) -> anyhow::Result<()> {
     let settled_at_least = |n: usize| {
-        flashsale_integration_tests::audit::wait_until_final_at_least(&direct, n, crate::sale::BUYING_WINDOW)
+        flashsale_integration_tests::audit::wait_until_final_at_least(inventory_url, n, crate::sale::BUYING_WINDOW)
     };
-    let sale = crate::sale::open(&suite).await?;
+    let sale = crate::sale::open(suite).await?;
     let mut at_fault = Vec::new();
     settled_at_least(2).await?;
-    pg.delay(Duration::from_millis(40));
+    link.delay(Duration::from_millis(40));
     at_fault.push(("slow", settled_at_least(0).await?));
     let before = settled_at_least(4).await?;
-    pg.reset_connections();
+    link.reset_connections();
     at_fault.push(("reset", before));
-    // The next order final after the reset (over new connections), then the partition.
-    let before = settled_at_least(before + 1).await?;
-    pg.blackhole();
+    let before = match partition_at {
+        PartitionAt::NextFinalOrder => settled_at_least(before + 1).await?,
+        PartitionAt::Reconnect => settled_at_least(0).await?,
+    };
+    link.blackhole();
     at_fault.push(("partition", before));
     // The partition's length: the fault itself, not a wait for a condition.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    pg.restore();
+    link.restore();
     let healed = tokio::time::Instant::now();
     settled_at_least(crate::sale::STOCK as usize).await?;
     let all_sold_in = healed.elapsed();
     let outcome = sale.close().await?;
-    let audited = crate::sale::audit_sale(&suite, &outcome, "database links").await?;
+    let audited = crate::sale::audit_sale(suite, &outcome, label).await?;
     assert!(
         at_fault.iter().all(|(_, settled)| *settled < crate::sale::STOCK as usize),
-        "a fault landed after the sale had settled: {at_fault:?}"
+        "{label}: a fault landed after the sale had settled: {at_fault:?}"
     );
     eprintln!(
-        "database links: faults at (fault, orders final) {at_fault:?}; {} accepted, {} recorded, all sold, lost 0; \
-         {} orders final {all_sold_in:?} after the links healed; refusals {:?}",
+        "{label}: faults at (fault, orders final) {at_fault:?}; {} accepted, {} recorded, all sold, lost 0; {} \
+         orders final {all_sold_in:?} after the link healed; refusals {:?}",
         outcome.accepted.len(),
         audited.recorded,
         crate::sale::STOCK,
         outcome.refusals
     );
-    suite.shutdown().await
+    Ok(())
 }
