@@ -28,7 +28,8 @@ pub const TOP_UP_KEY_PREFIX: &str = "top-up:";
 /// (consumer reconnecting, broadcast lag).
 const WATCH_RECHECK: Duration = Duration::from_secs(2);
 
-pub struct Gateway {
+/// The operations layer: one implementation of every gateway operation.
+pub struct Operations {
     pub auth: Authenticator,
     pub purchases: Arc<Purchases>,
     pub catalog: Arc<Catalog>,
@@ -36,7 +37,7 @@ pub struct Gateway {
     pub watchers: broadcast::Sender<Arc<OrderEvent>>,
 }
 
-impl Gateway {
+impl Operations {
     /// The caller named by an `Authorization: Bearer …` value (gRPC metadata or HTTP header).
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, GatewayError> {
         self.auth.authenticate_header(authorization)

@@ -62,7 +62,7 @@ pub struct CatalogItem {
 pub struct SoldOut {
     /// `generation << 1 | flag`, so flag and generation change together.
     state: AtomicU64,
-    known: Mutex<Known>,
+    key_holders: Mutex<KeyHolderCache>,
     /// One load of the key holders at a time.
     loading: tokio::sync::Mutex<()>,
 }
@@ -77,7 +77,7 @@ pub struct AdmissionStamp {
 }
 
 #[derive(Debug, Default)]
-struct Known {
+struct KeyHolderCache {
     holders: Option<KeyHolders>,
     /// When a load last failed: keyed attempts fall back to one Redis read each
     /// for a while, instead of queueing behind one failing load after another.
@@ -119,7 +119,7 @@ impl SoldOut {
     /// The refresher's check while sold out: forget key holders that Redis has
     /// admitted past (another gateway sold units that came back).
     pub fn check_stamp(&self, stamp: AdmissionStamp) {
-        let mut known = self.known.lock();
+        let mut known = self.key_holders.lock();
         if known.holders.as_ref().is_some_and(|holders| holders.stamp != stamp) {
             known.holders = None;
         }
@@ -127,7 +127,7 @@ impl SoldOut {
 
     fn current(&self) -> Option<Arc<HashSet<String>>> {
         let state = self.state.load(Ordering::Acquire);
-        let known = self.known.lock();
+        let known = self.key_holders.lock();
         known
             .holders
             .as_ref()
@@ -155,7 +155,7 @@ impl SoldOut {
         }
         let state = self.state.load(Ordering::Acquire);
         let (previous, failed_at) = {
-            let known = self.known.lock();
+            let known = self.key_holders.lock();
             (known.holders.as_ref().map(|holders| (holders.stamp, holders.buyers.clone())), known.failed_at)
         };
         if state & 1 == 0 || failed_at.is_some_and(|at| at.elapsed() < LOAD_BACKOFF) {
@@ -173,11 +173,11 @@ impl SoldOut {
         let (stamp, buyers) = match read.await {
             Ok(read) => read,
             Err(e) => {
-                self.known.lock().failed_at = Some(Instant::now());
+                self.key_holders.lock().failed_at = Some(Instant::now());
                 return Err(e);
             }
         };
-        let mut known = self.known.lock();
+        let mut known = self.key_holders.lock();
         known.failed_at = None;
         known.holders = Some(KeyHolders { generation: state >> 1, stamp, buyers: buyers.clone() });
         Ok((self.state.load(Ordering::Acquire) == state).then_some(buyers))

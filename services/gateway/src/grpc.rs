@@ -12,13 +12,13 @@ use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::api::Gateway;
+use crate::api::Operations;
 use crate::auth::Principal;
 use crate::error::GatewayError;
 
 #[derive(Clone)]
 pub struct GatewayGrpc {
-    pub api: Arc<Gateway>,
+    pub api: Arc<Operations>,
 }
 
 impl GatewayGrpc {

@@ -17,7 +17,7 @@ use tonic::server::NamedService;
 use tracing::Instrument;
 
 use crate::admission::Admission;
-use crate::api::Gateway;
+use crate::api::Operations;
 use crate::auth::Authenticator;
 use crate::catalog::Catalog;
 use crate::config::Config;
@@ -41,7 +41,7 @@ pub struct Application {
     http_listener: TcpListener,
     http_port: u16,
     metrics: flashsale_server::MetricsEndpoint,
-    api: Arc<Gateway>,
+    api: Arc<Operations>,
     config: Config,
 }
 
@@ -75,7 +75,7 @@ impl Application {
         publisher.warm_up().await.context("connecting to RabbitMQ")?;
         let catalog = Arc::new(Catalog::new(upstreams.clone()));
         let (watchers, _) = broadcast::channel(4096);
-        let api = Arc::new(Gateway {
+        let api = Arc::new(Operations {
             auth: Authenticator::new(secret, config.jwt_issuer.as_deref(), config.jwt_audience.as_deref()),
             purchases: Arc::new(Purchases::new(
                 catalog.clone(),

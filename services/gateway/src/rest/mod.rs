@@ -24,7 +24,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use self::dto::HealthStatus;
 use self::error::{ApiError, Json};
-use crate::api::Gateway;
+use crate::api::Operations;
 use crate::auth::Principal;
 
 /// Largest request body; every body this API takes is far smaller.
@@ -32,7 +32,7 @@ const MAX_BODY_BYTES: usize = 16 * 1024;
 
 #[derive(Clone)]
 pub struct RestState {
-    pub api: Arc<Gateway>,
+    pub api: Arc<Operations>,
     /// Signing secret for `POST /v1/dev/token`, only when development tokens are enabled.
     pub dev_token_secret: Option<Arc<str>>,
     /// Cancelled when the gateway begins to shut down (then `/readyz` says 503).

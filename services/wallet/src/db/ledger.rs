@@ -21,7 +21,7 @@ const INSUFFICIENT_FUNDS: &str = "insufficient_funds";
 
 /// How a movement's transaction ended.
 #[derive(Debug)]
-enum Settled {
+enum MovementOutcome {
     Applied(LedgerEntry),
     /// Committed as a refusal: the key now answers INSUFFICIENT_FUNDS for good.
     Refused,
@@ -51,14 +51,14 @@ pub async fn apply(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<
         count(movement, "replayed");
         return replay(conn, claim, movement).await;
     }
-    let settled = conn
+    let outcome = conn
         .transaction::<_, Abort, _>(async |conn| {
             lock_accounts(conn, [movement]).await?;
-            settle(conn, movement).await
+            apply_movement(conn, movement).await
         })
         .await;
-    match settled {
-        Ok(settled) => answer(conn, movement, settled).await,
+    match outcome {
+        Ok(outcome) => answer(conn, movement, outcome).await,
         Err(Abort::Overflow) => Err(WalletError::BalanceOverflow),
         Err(Abort::Db(error)) => Err(error.into()),
     }
@@ -92,9 +92,9 @@ pub async fn apply_batch(
         let (a, b) = (&movements[a], &movements[b]);
         (a.user.as_str(), a.currency.code(), a.key.as_str()).cmp(&(b.user.as_str(), b.currency.code(), b.key.as_str()))
     });
-    let settled = conn
+    let outcomes = conn
         .transaction::<_, Abort, _>(async |conn| {
-            let mut settled = Vec::with_capacity(fresh.len());
+            let mut outcomes = Vec::with_capacity(fresh.len());
             lock_accounts(conn, fresh.iter().map(|&i| &movements[i])).await?;
             // Each account's first debit goes in the set-based statements; whatever
             // else touches an account already in them follows one by one.
@@ -108,18 +108,18 @@ pub async fn apply_batch(
                     && accounts.insert((m.user.as_str(), m.currency.code()))
                     && seen_keys.insert(m.key.as_str())
             });
-            settled.extend(debit_set(conn, movements, &first).await?);
+            outcomes.extend(debit_set(conn, movements, &first).await?);
             for i in rest {
-                settled.push((i, settle(conn, &movements[i]).await?));
+                outcomes.push((i, apply_movement(conn, &movements[i]).await?));
             }
-            Ok(settled)
+            Ok(outcomes)
         })
         .await;
     let mut results: Vec<Option<Result<LedgerEntry, WalletError>>> = (0..movements.len()).map(|_| None).collect();
-    match settled {
-        Ok(settled) => {
-            for (i, settled) in settled {
-                results[i] = Some(answer(conn, &movements[i], settled).await);
+    match outcomes {
+        Ok(outcomes) => {
+            for (i, outcome) in outcomes {
+                results[i] = Some(answer(conn, &movements[i], outcome).await);
             }
         }
         Err(error) => {
@@ -177,7 +177,7 @@ async fn lock_accounts<'a>(
     Ok(())
 }
 
-/// [`settle`] for debits of distinct accounts, as three set-based statements
+/// [`apply_movement`] for debits of distinct accounts, as three set-based statements
 /// (claim the keys, move the money and append the entries, record the
 /// outcomes) instead of four per debit. Inside the caller's transaction, with
 /// the accounts locked already.
@@ -185,7 +185,7 @@ async fn debit_set<'a>(
     conn: &mut AsyncPgConnection,
     movements: &'a [Movement],
     indices: &[usize],
-) -> Result<Vec<(usize, Settled)>, Abort> {
+) -> Result<Vec<(usize, MovementOutcome)>, Abort> {
     use diesel::sql_types::{Array, BigInt, Nullable, Text};
     if indices.is_empty() {
         return Ok(Vec::new());
@@ -267,21 +267,21 @@ async fn debit_set<'a>(
 
     Ok((0..batch.len())
         .map(|j| {
-            let settled = if !claimed.contains(keys[j]) {
-                Settled::KeyTaken
+            let outcome = if !claimed.contains(keys[j]) {
+                MovementOutcome::KeyTaken
             } else {
                 match by_key.remove(keys[j]) {
-                    Some(entry) => Settled::Applied(entry),
-                    None => Settled::Refused,
+                    Some(entry) => MovementOutcome::Applied(entry),
+                    None => MovementOutcome::Refused,
                 }
             };
-            (indices[j], settled)
+            (indices[j], outcome)
         })
         .collect())
 }
 
 /// The statements of one movement, inside the caller's transaction.
-async fn settle(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<Settled, Abort> {
+async fn apply_movement(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<MovementOutcome, Abort> {
     let claimed = diesel::insert_into(idempotency_keys::table)
         .values(NewKeyClaim {
             idempotency_key: movement.key.as_str(),
@@ -295,7 +295,7 @@ async fn settle(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<Set
         .execute(conn)
         .await?;
     if claimed == 0 {
-        return Ok(Settled::KeyTaken);
+        return Ok(MovementOutcome::KeyTaken);
     }
     let balance_after = match movement.kind {
         Kind::Debit => debit_balance(conn, movement).await?,
@@ -303,7 +303,7 @@ async fn settle(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<Set
     };
     let Some(balance_after) = balance_after else {
         record_outcome(conn, movement, INSUFFICIENT_FUNDS, None).await?;
-        return Ok(Settled::Refused);
+        return Ok(MovementOutcome::Refused);
     };
     let entry = diesel::insert_into(ledger_entries::table)
         .values(NewLedgerEntry {
@@ -319,25 +319,25 @@ async fn settle(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<Set
         .get_result(conn)
         .await?;
     record_outcome(conn, movement, APPLIED, Some(entry.id)).await?;
-    Ok(Settled::Applied(entry))
+    Ok(MovementOutcome::Applied(entry))
 }
 
 /// The caller's answer once the movement's transaction committed.
 async fn answer(
     conn: &mut AsyncPgConnection,
     movement: &Movement,
-    settled: Settled,
+    outcome: MovementOutcome,
 ) -> Result<LedgerEntry, WalletError> {
-    match settled {
-        Settled::Applied(entry) => {
+    match outcome {
+        MovementOutcome::Applied(entry) => {
             count(movement, "applied");
             Ok(entry)
         }
-        Settled::Refused => {
+        MovementOutcome::Refused => {
             count(movement, "insufficient_funds");
             Err(WalletError::InsufficientFunds)
         }
-        Settled::KeyTaken => {
+        MovementOutcome::KeyTaken => {
             count(movement, "replayed");
             let claim = find_claim(conn, movement.key.as_str())
                 .await?
