@@ -44,9 +44,6 @@ const LOOKUP_BATCH: usize = 200;
 pub struct Reconciled {
     /// Admissions inventory never recorded, published again.
     pub republished: usize,
-    /// Admissions inventory never recorded, left alone: published again lately
-    /// (by any gateway), so perhaps still queued.
-    pub held_back: usize,
     /// Admissions inventory has final, whose event this gateway's Redis never
     /// applied (lost, or dead-lettered): applied now.
     pub applied: usize,
@@ -57,7 +54,6 @@ pub struct Reconciled {
 /// What was done about one admission.
 enum Repair {
     Republished,
-    HeldBack,
     Applied,
 }
 
@@ -121,7 +117,6 @@ impl Reconciler {
                 };
                 match repaired {
                     Ok(Some(Repair::Republished)) => done.republished += 1,
-                    Ok(Some(Repair::HeldBack)) => done.held_back += 1,
                     Ok(Some(Repair::Applied)) => done.applied += 1,
                     Ok(None) => {}
                     Err(e) => {
@@ -169,7 +164,7 @@ impl Reconciler {
     /// published again lately.
     async fn republish(&self, entry: &Open, grace_ms: i64) -> Result<Option<Repair>, GatewayError> {
         if !self.admission.claim_republish(&entry.item.id, &entry.order_id, grace_ms).await? {
-            return Ok(Some(Repair::HeldBack));
+            return Ok(None); // published again lately (by any gateway): perhaps still queued
         }
         let record = match self.admission.load_record(&entry.order_id).await? {
             Some(record) => record,
