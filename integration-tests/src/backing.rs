@@ -8,6 +8,8 @@
 use std::path::{Path, PathBuf};
 use tokio::process::Command;
 
+use crate::ports::free_port;
+
 /// A PostgreSQL cluster owned by one test.
 pub struct PrivatePostgres {
     bin: PathBuf,
@@ -153,10 +155,6 @@ fn is_root() -> bool {
         .output()
         .map(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
         .unwrap_or(false)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// A redis-server owned by one test, on a free port, keeping nothing on disk.

@@ -12,6 +12,7 @@ use flashsale_proto::gateway::v1::flash_sale_gateway_client::FlashSaleGatewayCli
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
+use crate::ports::free_port;
 use crate::suite::{JWT_SECRET, amqp_addr, delete_amqp_names_at, flush_redis_prefix_at};
 use crate::{TestDatabase, service_binary};
 
@@ -128,11 +129,6 @@ pub struct BinarySuite {
     gateway_channel: Channel,
 }
 
-/// A port that was free a moment ago (the binary binds it; a clash fails loudly).
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 async fn start(service: Service, env: &[(&str, String)]) -> anyhow::Result<ServiceProcess> {
     start_on(service, env, free_port()?, free_port()?).await
 }
@@ -158,20 +154,34 @@ async fn start_on(
     }
     let child = command.spawn()?;
     let env = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
-    let process = ServiceProcess { child, service, env, grpc_port, metrics_port };
-    wait_for_port(grpc_port, binary).await?;
-    wait_for_port(metrics_port, binary).await?;
+    let mut process = ServiceProcess { child, service, env, grpc_port, metrics_port };
+    process.wait_until_listening().await?;
     Ok(process)
 }
 
-async fn wait_for_port(port: u16, what: &str) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return Ok(());
+impl ServiceProcess {
+    /// Waits until both ports accept connections, failing at once if the
+    /// process exits first (a port it could not bind, a bad setting). Metrics
+    /// are bound last, so both answering means start-up got past every bind.
+    async fn wait_until_listening(&mut self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for port in [self.grpc_port, self.metrics_port] {
+            loop {
+                if let Some(status) = self.child.try_wait()? {
+                    anyhow::bail!("{} exited during start-up ({status})", self.service.binary());
+                }
+                if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                    break;
+                }
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "{} is not listening on {port}",
+                    self.service.binary()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{what} is not listening on {port}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(())
     }
 }
 

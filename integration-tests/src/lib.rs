@@ -9,6 +9,7 @@ pub mod binaries;
 pub mod db;
 pub mod load;
 pub mod otlp;
+pub mod ports;
 pub mod proxy;
 pub mod running;
 pub mod suite;

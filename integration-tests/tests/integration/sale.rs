@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use anyhow::Context;
+
 use flashsale_integration_tests::audit::{audit, redis_agrees_at, wait_until_admissions_final_at, wait_until_settled};
 use flashsale_integration_tests::binaries::BinarySuite;
 use flashsale_integration_tests::error_reason;
@@ -84,7 +86,8 @@ pub(crate) async fn open(suite: &BinarySuite) -> anyhow::Result<Sale> {
             },
             &admin,
         ))
-        .await?;
+        .await
+        .context("creating the sale's item")?;
     futures::stream::iter(0..BUYERS)
         .map(|n| {
             let mut client = suite.admin();
@@ -100,7 +103,8 @@ pub(crate) async fn open(suite: &BinarySuite) -> anyhow::Result<Sale> {
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .context("funding the buyers")?;
 
     let seen = Arc::new(Mutex::new(Seen::default()));
     let done = Arc::new(AtomicBool::new(false));
