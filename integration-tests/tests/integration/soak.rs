@@ -6,8 +6,10 @@
 //! restart, each at a drawn moment of the sale. Every run ends with the full audit.
 //!
 //! `SOAK_RUNS` runs (default 3, what CI runs) from seed `SOAK_SEED` (default 1)
-//! up. A failing run prints the command that replays its seed. The long soak:
-//! `SOAK_RUNS=1000 SOAK_SEED=1000 cargo test -p flashsale-integration-tests --test integration soak:: -- --nocapture`.
+//! up. A failing run prints the command that replays its seed and ends the
+//! test, unless `SOAK_KEEP_GOING=1`: then the soak carries on with fresh servers
+//! and fails at the end, listing every failed seed. The long soak:
+//! `SOAK_KEEP_GOING=1 SOAK_RUNS=1000 SOAK_SEED=1000 cargo test -p flashsale-integration-tests --test integration soak:: -- --nocapture`.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
@@ -96,6 +98,16 @@ struct Servers {
     postgres: PrivatePostgres,
     redis: PrivateRedis,
     rabbit: PrivateRabbit,
+}
+
+impl Servers {
+    async fn start() -> anyhow::Result<Self> {
+        Ok(Self {
+            postgres: PrivatePostgres::start().await?,
+            redis: PrivateRedis::start().await?,
+            rabbit: PrivateRabbit::start().await?,
+        })
+    }
 }
 
 /// What one run did and saw.
@@ -238,21 +250,29 @@ async fn seeded_soak_loses_nothing() -> anyhow::Result<()> {
     let runs = env_u64("SOAK_RUNS", 3)?;
     let first = env_u64("SOAK_SEED", 1)?;
     let _machine = flashsale_integration_tests::suite::whole_machine().await;
-    let servers = Servers {
-        postgres: PrivatePostgres::start().await?,
-        redis: PrivateRedis::start().await?,
-        rabbit: PrivateRabbit::start().await?,
-    };
+    let keep_going = env_u64("SOAK_KEEP_GOING", 0)? != 0;
+    let mut servers = Servers::start().await?;
     let mut faults: BTreeMap<String, u64> = BTreeMap::new();
     let (mut orders, mut worst_accept, mut worst_settle) = (0, Duration::ZERO, Duration::ZERO);
+    let mut failed = Vec::new();
     for seed in first..first + runs {
         let figures = match one_run(&servers, seed).await {
             Ok(figures) => figures,
-            Err(e) => anyhow::bail!(
-                "soak run with seed {seed} failed ({:?}): {e:#}\nreplay it: SOAK_SEED={seed} SOAK_RUNS=1 cargo test \
-                 -p flashsale-integration-tests --test integration soak:: -- --nocapture",
-                plan(seed)
-            ),
+            Err(e) => {
+                let failure = format!(
+                    "soak run with seed {seed} failed ({:?}): {e:#}\nreplay it: SOAK_SEED={seed} SOAK_RUNS=1 cargo \
+                     test -p flashsale-integration-tests --test integration soak:: -- --nocapture",
+                    plan(seed)
+                );
+                anyhow::ensure!(keep_going, "{failure}");
+                eprintln!("{failure}");
+                failed.push(seed);
+                // The failed run may have left a server stopped mid-fault: the
+                // next runs get fresh ones.
+                drop(servers);
+                servers = Servers::start().await?;
+                continue;
+            }
         };
         eprintln!(
             "soak seed {seed}: faults {:?}; {} accepted, {} recorded, {STOCK}/{STOCK} sold, lost 0, double debits 0; \
@@ -272,5 +292,6 @@ async fn seeded_soak_loses_nothing() -> anyhow::Result<()> {
          {worst_settle:?}",
         faults.values().sum::<u64>()
     );
+    anyhow::ensure!(failed.is_empty(), "{} of {runs} soak runs failed: seeds {failed:?}", failed.len());
     Ok(())
 }
