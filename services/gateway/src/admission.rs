@@ -167,7 +167,7 @@ impl Admission {
             .arg(limit)
             .arg(idempotency_key)
             .arg(order_id)
-            .arg(chrono::Utc::now().timestamp_millis())
+            .arg(flashsale_domain::time::now_ms())
             .invoke_async(&mut self.hot.clone())
             .await?;
         Ok(match outcome.as_str() {
@@ -296,7 +296,7 @@ impl Admission {
             .key(&k.republished)
             .key(&k.admitted)
             .arg(order_id)
-            .arg(crate::catalog::now_ms())
+            .arg(flashsale_domain::time::now_ms())
             .arg(grace_ms)
             .arg(MAX_REPUBLISH_FACTOR)
             .invoke_async(&mut *conn)

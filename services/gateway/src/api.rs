@@ -18,7 +18,9 @@ use tracing::Instrument;
 use crate::auth::{Authenticator, Principal};
 use crate::catalog::Catalog;
 use crate::error::GatewayError;
-use crate::purchase::{Purchases, public_status, validate_item_id};
+use flashsale_domain::{ItemId, OrderId};
+
+use crate::purchase::{Purchases, public_status};
 use crate::upstream::{Upstreams, request, retry_if_lost};
 
 /// Prefix of every top-up's key in the wallet (the operator's key follows it).
@@ -65,7 +67,7 @@ impl Operations {
 
     pub async fn get_item(&self, _caller: &Principal, req: GetItemRequest) -> Result<GetItemResponse, GatewayError> {
         let GetItemRequest { item_id } = req;
-        validate_item_id(&item_id)?;
+        ItemId::check(&item_id)?;
         let reply = retry_if_lost(|| {
             let mut client = self.upstreams.inventory.clone();
             let lookup = inventory::GetItemRequest { item_id: item_id.clone() };
@@ -102,7 +104,7 @@ impl Operations {
     /// The caller's order as buyers see it: from inventory once recorded, from
     /// the admission record before that (PENDING, never NOT_FOUND).
     pub async fn get_order(&self, buyer: &Principal, order_id: &str) -> Result<pb::Order, GatewayError> {
-        validate_order_id(order_id)?;
+        OrderId::parse(order_id)?;
         // The admission record is read before asking inventory: it is deleted only
         // after inventory has committed the order, so one of the two always answers.
         // (Asking inventory first leaves a gap: not there yet, then record deleted.)
@@ -234,7 +236,7 @@ impl Operations {
     }
 
     pub async fn refund_order(&self, buyer: &Principal, order_id: &str) -> Result<pb::Order, GatewayError> {
-        validate_order_id(order_id)?;
+        OrderId::parse(order_id)?;
         let reply = self
             .upstreams
             .inventory
@@ -330,7 +332,7 @@ impl Operations {
     ) -> Result<GetItemStatsResponse, GatewayError> {
         caller.require_admin()?;
         let GetItemStatsRequest { item_id } = req;
-        validate_item_id(&item_id)?;
+        ItemId::check(&item_id)?;
         let inventory::GetItemStatsResponse {
             item,
             orders_pending,
@@ -356,20 +358,6 @@ impl Operations {
             buyers,
             units_sold,
         })
-    }
-}
-
-fn validate_order_id(order_id: &str) -> Result<(), GatewayError> {
-    match uuid::Uuid::parse_str(order_id) {
-        Ok(_) => Ok(()),
-        Err(_) => Err(GatewayError::invalid("order_id", "must be a UUID")),
-    }
-}
-
-fn timestamp_ms(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
     }
 }
 
@@ -400,7 +388,7 @@ fn pending_order(
     created_at_ms: i64,
     idempotency_key: String,
 ) -> pb::Order {
-    let created = timestamp_ms(created_at_ms);
+    let created = flashsale_domain::time::from_ms(created_at_ms);
     pb::Order {
         id,
         user_id,

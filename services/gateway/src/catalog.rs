@@ -192,8 +192,8 @@ impl CatalogItem {
             currency: price.currency.clone(),
             price_minor: price.amount_minor,
             per_user_limit: item.per_user_limit,
-            starts_at_ms: millis(item.starts_at.as_ref()?),
-            ends_at_ms: millis(item.ends_at.as_ref()?),
+            starts_at_ms: flashsale_domain::time::to_ms(item.starts_at.as_ref()?),
+            ends_at_ms: flashsale_domain::time::to_ms(item.ends_at.as_ref()?),
             sold_out: Arc::default(),
             pg_remaining: AtomicU32::new(item.stock_remaining),
             keys_expire: Arc::default(),
@@ -208,14 +208,6 @@ impl CatalogItem {
     pub fn clear_sold_out(&self) {
         self.sold_out.clear();
     }
-}
-
-fn millis(at: &prost_types::Timestamp) -> i64 {
-    at.seconds.saturating_mul(1000).saturating_add(i64::from(at.nanos / 1_000_000))
-}
-
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 pub struct Catalog {

@@ -97,6 +97,12 @@ impl GatewayError {
     }
 }
 
+impl From<flashsale_domain::Invalid> for GatewayError {
+    fn from(invalid: flashsale_domain::Invalid) -> Self {
+        Self::invalid(invalid.field, invalid.rule)
+    }
+}
+
 impl From<redis::RedisError> for GatewayError {
     fn from(error: redis::RedisError) -> Self {
         Self::Unavailable(Box::new(error))

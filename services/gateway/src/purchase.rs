@@ -13,7 +13,10 @@ use parking_lot::Mutex;
 
 use crate::admission::{Admission, AdmissionRecord, Admit};
 use crate::auth::Principal;
-use crate::catalog::{Catalog, CatalogItem, now_ms};
+use flashsale_domain::time::now_ms;
+use flashsale_domain::{IdempotencyKey, ItemId};
+
+use crate::catalog::{Catalog, CatalogItem};
 use crate::error::GatewayError;
 use crate::order_publisher::{OrderPublisher, PublishFailure};
 use crate::upstream::{Upstreams, request};
@@ -73,15 +76,11 @@ impl Purchases {
         request: PurchaseRequest,
     ) -> Result<PurchaseResponse, GatewayError> {
         let PurchaseRequest { item_id, quantity, idempotency_key } = request;
-        validate_item_id(&item_id)?;
+        ItemId::check(&item_id)?;
         if quantity == 0 {
             return Err(GatewayError::invalid("quantity", "must be at least 1"));
         }
-        if !idempotency_key.is_empty()
-            && (idempotency_key.len() > 128 || !idempotency_key.bytes().all(|b| b.is_ascii_graphic()))
-        {
-            return Err(GatewayError::invalid("idempotency_key", "must be 1..=128 visible ASCII characters"));
-        }
+        IdempotencyKey::parse_optional(&idempotency_key)?;
 
         // Step 1: in memory.
         let item = self.catalog.lookup(&item_id).await?;
@@ -359,10 +358,7 @@ pub(crate) fn placed_message(record: &AdmissionRecord) -> OrderPlaced {
         quantity: record.quantity,
         amount: Some(Money { currency: record.currency.clone(), amount_minor: record.amount_minor }),
         idempotency_key: record.idempotency_key.clone(),
-        placed_at: Some(prost_types::Timestamp {
-            seconds: record.created_at_ms.div_euclid(1000),
-            nanos: i32::try_from(record.created_at_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-        }),
+        placed_at: Some(flashsale_domain::time::from_ms(record.created_at_ms)),
     }
 }
 
@@ -373,14 +369,4 @@ pub fn public_status(status: i32) -> OrderStatus {
         Ok(other) => other,
         Err(_) => OrderStatus::Unspecified,
     }
-}
-
-pub fn validate_item_id(item_id: &str) -> Result<(), GatewayError> {
-    if item_id.is_empty()
-        || item_id.len() > 64
-        || !item_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
-        return Err(GatewayError::invalid("item_id", "must be 1..=64 characters of [A-Za-z0-9_-]"));
-    }
-    Ok(())
 }

@@ -26,7 +26,9 @@ use std::time::Duration;
 #[cfg(doc)]
 use crate::admission::MAX_REPUBLISH_FACTOR;
 use crate::admission::{Admission, AdmissionRecord};
-use crate::catalog::{Catalog, CatalogItem, now_ms};
+use flashsale_domain::time::now_ms;
+
+use crate::catalog::{Catalog, CatalogItem};
 use crate::error::GatewayError;
 use crate::order_publisher::OrderPublisher;
 use crate::purchase::placed_message;

@@ -301,7 +301,7 @@ async fn clear_stale_sold_out_flags(catalog: &Catalog, admission: &Admission) {
 /// gateway start's pass; per-item state stays bounded by the live sales.
 async fn expire_ended_sales(catalog: &Catalog, admission: &Admission, retention: Duration) {
     use std::sync::atomic::Ordering;
-    let now = crate::catalog::now_ms();
+    let now = flashsale_domain::time::now_ms();
     let keep = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
     for item in catalog.all() {
         if item.ends_at_ms > now || item.keys_expire.load(Ordering::Acquire) {

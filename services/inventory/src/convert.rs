@@ -9,17 +9,15 @@ use crate::db::models::{Item, Order};
 use crate::domain::{ItemSpec, MAX_PRICE_MINOR, MAX_STOCK, OrderStatus, parse_currency, parse_item_id};
 use crate::error::InventoryError;
 
-pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: at.timestamp(), nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0) }
-}
+pub(crate) use flashsale_domain::time::from_datetime as timestamp;
 
+/// A required timestamp field.
 pub(crate) fn parse_timestamp(
     field: &'static str,
     at: Option<prost_types::Timestamp>,
 ) -> Result<DateTime<Utc>, InventoryError> {
     let at = at.ok_or_else(|| InventoryError::invalid(field, "is required"))?;
-    let nanos = u32::try_from(at.nanos).map_err(|_| InventoryError::invalid(field, "has negative nanos"))?;
-    DateTime::from_timestamp(at.seconds, nanos).ok_or_else(|| InventoryError::invalid(field, "is out of range"))
+    Ok(flashsale_domain::time::to_datetime(&at).map_err(|e| e.at(field))?)
 }
 
 impl TryFrom<CreateItemRequest> for ItemSpec {

@@ -90,28 +90,24 @@ pub struct ItemSpec {
     pub ends_at: DateTime<Utc>,
 }
 
-/// Item ids are path- and key-safe: 1..=64 of `[A-Za-z0-9_-]`.
+// The shared value rules live in `flashsale-domain`; these keep inventory's
+// call sites short (a checked `&str` back, the error already inventory's).
+
 pub fn parse_item_id(raw: &str) -> Result<&str, InventoryError> {
-    if raw.is_empty() || raw.len() > 64 || !raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-        return Err(InventoryError::invalid("item_id", "must be 1..=64 characters of [A-Za-z0-9_-]"));
-    }
+    flashsale_domain::ItemId::check(raw)?;
     Ok(raw)
 }
 
 pub fn parse_order_id(raw: &str) -> Result<uuid::Uuid, InventoryError> {
-    uuid::Uuid::parse_str(raw).map_err(|_| InventoryError::invalid("order_id", "must be a UUID"))
+    Ok(flashsale_domain::OrderId::parse(raw)?)
 }
 
 pub fn parse_currency(raw: &str) -> Result<&'static str, InventoryError> {
-    iso_currency::Currency::from_code(raw)
-        .map(|c| c.code())
-        .ok_or_else(|| InventoryError::invalid("price.currency", "must be an ISO 4217 code such as \"USD\""))
+    Ok(flashsale_domain::Currency::parse(raw).map_err(|e| e.at("price.currency"))?.code())
 }
 
 pub fn parse_user_id(raw: &str) -> Result<&str, InventoryError> {
-    if raw.trim().is_empty() || raw.chars().count() > 128 || raw.chars().any(char::is_control) {
-        return Err(InventoryError::invalid("user_id", "must be 1..=128 characters without control characters"));
-    }
+    flashsale_domain::UserId::check(raw)?;
     Ok(raw)
 }
 
@@ -131,7 +127,7 @@ impl Page {
         };
         let after = if token.is_empty() {
             None
-        } else if token.len() <= 64 && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        } else if flashsale_domain::is_token(token, 64) {
             Some(token.to_owned())
         } else {
             return Err(InventoryError::invalid("page_token", "is not a token this service issued"));

@@ -35,6 +35,12 @@ impl InventoryError {
     }
 }
 
+impl From<flashsale_domain::Invalid> for InventoryError {
+    fn from(invalid: flashsale_domain::Invalid) -> Self {
+        Self::invalid(invalid.field, invalid.rule)
+    }
+}
+
 impl From<diesel::result::Error> for InventoryError {
     /// Transient by the one classification both services share (a restarted,
     /// failed-over or overloaded server, a deadlock victim), internal otherwise.

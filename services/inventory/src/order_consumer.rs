@@ -352,15 +352,12 @@ pub fn decode(data: &[u8]) -> Result<Placed, InventoryError> {
         .ok()
         .filter(|q| (1..=1_000).contains(q))
         .ok_or_else(|| InventoryError::invalid("quantity", "must be 1..=1000"))?;
-    if idempotency_key.is_empty() || idempotency_key.len() > 128 {
-        return Err(InventoryError::invalid("idempotency_key", "must be 1..=128 characters"));
-    }
-    // What the orders table's CHECKs demand, checked here so a malformed message
-    // is rejected once instead of failing its insert for ever.
-    let currency = crate::domain::parse_currency(&currency)?.to_owned();
-    if amount_minor <= 0 {
-        return Err(InventoryError::invalid("amount.amount_minor", "must be positive"));
-    }
+    // The gateway's rules (one home: `flashsale-domain`), and what the orders
+    // table's CHECKs demand, checked here so a malformed message is rejected
+    // once instead of failing its insert for ever.
+    flashsale_domain::IdempotencyKey::check(&idempotency_key)?;
+    let currency = flashsale_domain::Currency::parse(&currency).map_err(|e| e.at("amount.currency"))?.code().to_owned();
+    let amount_minor = flashsale_domain::Amount::parse(amount_minor)?.minor();
     Ok(Placed {
         id: parse_order_id(&order_id)?,
         user_id: parse_user_id(&user_id)?.to_owned(),

@@ -29,6 +29,12 @@ impl WalletError {
     }
 }
 
+impl From<flashsale_domain::Invalid> for WalletError {
+    fn from(invalid: flashsale_domain::Invalid) -> Self {
+        Self::invalid(invalid.field, invalid.rule)
+    }
+}
+
 impl From<diesel::result::Error> for WalletError {
     /// Transient by the one classification both services share (a restarted,
     /// failed-over or overloaded server, a deadlock victim), internal otherwise.

@@ -81,8 +81,8 @@ impl WalletGrpc {
 impl WalletService for WalletGrpc {
     async fn get_balance(&self, request: Request<GetBalanceRequest>) -> Result<Response<GetBalanceResponse>, Status> {
         let GetBalanceRequest { user_id, currency } = request.into_inner();
-        let user = UserId::parse(&user_id)?;
-        let currency = Currency::parse_optional(&currency)?;
+        let user = UserId::parse(&user_id).map_err(WalletError::from)?;
+        let currency = Currency::parse_optional(&currency).map_err(WalletError::from)?;
         let mut conn = self.pool.get().await.map_err(WalletError::from)?;
         let balances = ledger::balances(&mut conn, &user, currency).await?;
         Ok(Response::new(GetBalanceResponse { balances: balances.into_iter().map(Into::into).collect() }))
@@ -93,8 +93,8 @@ impl WalletService for WalletGrpc {
         request: Request<ListTransactionsRequest>,
     ) -> Result<Response<ListTransactionsResponse>, Status> {
         let ListTransactionsRequest { user_id, currency, page_size, page_token } = request.into_inner();
-        let user = UserId::parse(&user_id)?;
-        let currency = Currency::parse_optional(&currency)?;
+        let user = UserId::parse(&user_id).map_err(WalletError::from)?;
+        let currency = Currency::parse_optional(&currency).map_err(WalletError::from)?;
         let page = Page::parse(page_size, &page_token)?;
         let mut conn = self.pool.get().await.map_err(WalletError::from)?;
         let (entries, next) = ledger::transactions(&mut conn, &user, currency, page).await?;

@@ -34,7 +34,7 @@ impl From<pb::Money> for Money {
 #[serde(deny_unknown_fields)]
 pub struct Price {
     /// ISO 4217 code, e.g. `USD`.
-    #[schema(example = "USD", pattern = "^[A-Z]{3}$")]
+    #[schema(example = "USD")]
     pub currency: String,
     #[schema(example = 2500, minimum = 1, maximum = 1_000_000_000_000_i64)]
     pub amount_minor: i64,
@@ -45,7 +45,7 @@ pub struct Price {
 #[serde(deny_unknown_fields)]
 pub struct Amount {
     /// ISO 4217 code, e.g. `USD`.
-    #[schema(example = "USD", pattern = "^[A-Z]{3}$")]
+    #[schema(example = "USD")]
     pub currency: String,
     #[schema(example = 10_000, minimum = 1, maximum = 1_000_000_000_000_000_i64)]
     pub amount_minor: i64,
@@ -111,16 +111,10 @@ impl From<i32> for OrderStatus {
 }
 
 fn time(timestamp: Option<prost_types::Timestamp>) -> Option<DateTime<Utc>> {
-    let timestamp = timestamp?;
-    DateTime::from_timestamp(timestamp.seconds, u32::try_from(timestamp.nanos).unwrap_or(0))
+    flashsale_domain::time::to_datetime(&timestamp?).ok()
 }
 
-pub fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: time.timestamp(),
-        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
-    }
-}
+pub use flashsale_domain::time::from_datetime as timestamp;
 
 /// An item on sale.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -244,7 +238,7 @@ impl From<gw::ListOrdersResponse> for OrderList {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PurchaseBody {
-    #[schema(example = "demo-drop", pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    #[schema(example = "demo-drop")]
     pub item_id: String,
     /// 1 up to the item's per-user limit.
     #[schema(example = 1, minimum = 1, maximum = 1000)]
@@ -275,7 +269,6 @@ pub struct Wallet {
 #[into_params(parameter_in = Query)]
 pub struct WalletQuery {
     /// Only this ISO 4217 currency.
-    #[param(pattern = "^[A-Z]{3}$")]
     pub currency: Option<String>,
 }
 
@@ -284,7 +277,7 @@ pub struct WalletQuery {
 #[serde(deny_unknown_fields)]
 pub struct CreateItemBody {
     /// 1..=64 characters of `[A-Za-z0-9_-]`.
-    #[schema(example = "drop-42", pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    #[schema(example = "drop-42")]
     pub id: String,
     /// 1..=200 characters, no control characters.
     #[schema(example = "Limited sneakers", pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]{1,200}$")]
@@ -321,7 +314,6 @@ pub struct TopUpBody {
     pub amount: Amount,
     /// Makes a retried top-up credit once; a fresh key is made when absent.
     #[serde(default)]
-    #[schema(pattern = "^[!-~]{1,128}$")]
     pub idempotency_key: Option<String>,
 }
 

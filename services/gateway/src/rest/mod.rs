@@ -7,6 +7,7 @@ mod admin;
 mod buyers;
 pub mod dto;
 pub mod error;
+mod rules;
 mod web;
 
 use std::sync::Arc;
@@ -78,7 +79,7 @@ impl utoipa::Modify for BearerAuth {
 
 /// The routes and their OpenAPI description, built together from the handlers.
 fn api_routes() -> (Router<RestState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let routes = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(buyers::list_items))
         .routes(routes!(buyers::get_item))
         .routes(routes!(buyers::purchase))
@@ -92,7 +93,10 @@ fn api_routes() -> (Router<RestState>, utoipa::openapi::OpenApi) {
         .routes(routes!(admin::item_stats))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
-        .split_for_parts()
+        .split_for_parts();
+    let (router, mut spec) = (routes.0, routes.1);
+    rules::apply(&mut spec);
+    (router, spec)
 }
 
 /// The OpenAPI document, as served at `/openapi.json`.
