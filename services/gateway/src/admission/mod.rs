@@ -1,7 +1,8 @@
 //! Admission state in Redis: the per-item stock tokens, per-buyer counts,
-//! in-flight marks and idempotency keys, changed only by the Lua scripts beside
-//! this file, each one atomic and touching only keys of one item (hash tag
-//! `{ITEM}`), so it runs unchanged on Redis Cluster. Every key, its type, its
+//! in-flight marks and idempotency keys, changed only by the Lua scripts in
+//! `src/lua/`, each one atomic and touching only keys of one item (hash tag
+//! `{ITEM}`), so it runs unchanged on Redis Cluster. Key names, each script's
+//! `KEYS` and the value encodings are [`protocol`]'s; every key, its type, its
 //! encoding and who writes and reads it: `services/DESIGN.md`, "Redis keys".
 //!
 //! The hot path (`admit`) uses one multiplexed `ConnectionManager`: concurrent
@@ -14,15 +15,17 @@ use std::collections::HashSet;
 
 use bb8_redis::RedisConnectionManager;
 use flashsale_proto::inventory::v1::{GetAdmissionSnapshotResponse, OrderEvent};
+use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
-use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 
+use self::protocol::{
+    AdmittedEntry, Part, PriorOrder, STAMP_FIELDS, Scripts, idem_field, idem_field_user, item_key, order_key,
+};
 use crate::catalog::AdmissionStamp;
 use crate::error::GatewayError;
 
-/// The fields of an item's `ready` hash that make its [`AdmissionStamp`].
-const STAMP_FIELDS: [&str; 2] = ["version", "admissions"];
+mod protocol;
 
 /// An [`AdmissionStamp`] from the `STAMP_FIELDS` of the `ready` hash (absent: 0).
 fn stamp_of(version: Option<i64>, admissions: Option<i64>) -> AdmissionStamp {
@@ -59,28 +62,11 @@ pub struct AdmissionRecord {
     pub created_at_ms: i64,
 }
 
-struct ItemKeys {
-    ready: String,
-    tokens: String,
-    held: String,
-    inflight: String,
-    idem: String,
-    admitted: String,
-    applied: String,
-    parked: String,
-    republished: String,
-}
-
 pub struct Admission {
     hot: ConnectionManager,
     pool: bb8::Pool<RedisConnectionManager>,
     prefix: String,
-    admit: Script,
-    unadmit: Script,
-    apply_event: Script,
-    rebuild: Script,
-    resync: Script,
-    claim_republish: Script,
+    scripts: Scripts,
 }
 
 impl Admission {
@@ -95,36 +81,15 @@ impl Admission {
             .connection_timeout(std::time::Duration::from_secs(2))
             .build(RedisConnectionManager::new(redis_url)?)
             .await?;
-        Ok(Self {
-            hot,
-            pool,
-            prefix: prefix.to_owned(),
-            admit: Script::new(include_str!("lua/admit.lua")),
-            unadmit: Script::new(include_str!("lua/unadmit.lua")),
-            apply_event: Script::new(include_str!("lua/apply_event.lua")),
-            rebuild: Script::new(include_str!("lua/rebuild.lua")),
-            resync: Script::new(include_str!("lua/resync.lua")),
-            claim_republish: Script::new(include_str!("lua/claim_republish.lua")),
-        })
+        Ok(Self { hot, pool, prefix: prefix.to_owned(), scripts: Scripts::load() })
     }
 
-    fn keys(&self, item_id: &str) -> ItemKeys {
-        let p = &self.prefix;
-        ItemKeys {
-            ready: format!("{p}:{{{item_id}}}:ready"),
-            tokens: format!("{p}:{{{item_id}}}:tokens"),
-            held: format!("{p}:{{{item_id}}}:held"),
-            inflight: format!("{p}:{{{item_id}}}:inflight"),
-            idem: format!("{p}:{{{item_id}}}:idem"),
-            admitted: format!("{p}:{{{item_id}}}:admitted"),
-            applied: format!("{p}:{{{item_id}}}:applied"),
-            parked: format!("{p}:{{{item_id}}}:parked"),
-            republished: format!("{p}:{{{item_id}}}:republished"),
-        }
+    fn key(&self, item_id: &str, part: Part) -> String {
+        item_key(&self.prefix, item_id, part)
     }
 
     fn order_key(&self, order_id: &str) -> String {
-        format!("{}:order:{order_id}", self.prefix)
+        order_key(&self.prefix, order_id)
     }
 
     /// One purchase attempt: one round trip.
@@ -153,15 +118,10 @@ impl Admission {
         idempotency_key: &str,
         order_id: &str,
     ) -> Result<Admit, GatewayError> {
-        let k = self.keys(item_id);
         let (outcome, detail): (String, String) = self
+            .scripts
             .admit
-            .key(&k.ready)
-            .key(&k.tokens)
-            .key(&k.held)
-            .key(&k.inflight)
-            .key(&k.idem)
-            .key(&k.admitted)
+            .on(&self.prefix, item_id)
             .arg(user_id)
             .arg(quantity)
             .arg(limit)
@@ -173,8 +133,10 @@ impl Admission {
         Ok(match outcome.as_str() {
             "RESERVED" => Admit::Reserved { tokens_left: detail.parse().unwrap_or(0) },
             "DUPLICATE" => {
-                let (order_id, quantity) = detail.split_once('|').unwrap_or((detail.as_str(), "0"));
-                Admit::Duplicate { order_id: order_id.to_owned(), quantity: quantity.parse().unwrap_or(0) }
+                let prior = PriorOrder::decode(&detail).ok_or_else(|| {
+                    GatewayError::Internal(format!("admission script's DUPLICATE detail {detail:?}").into())
+                })?;
+                Admit::Duplicate { order_id: prior.order_id, quantity: prior.quantity }
             }
             "IN_PROGRESS" => Admit::InProgress { order_id: detail },
             "LIMIT_REACHED" => Admit::LimitReached,
@@ -191,12 +153,9 @@ impl Admission {
         user_id: &str,
         idempotency_key: &str,
     ) -> Result<Option<(String, u32)>, GatewayError> {
-        let k = self.keys(item_id);
-        let value: Option<String> = self.hot.clone().hget(&k.idem, format!("{user_id}\n{idempotency_key}")).await?;
-        Ok(value.and_then(|value| {
-            let (order_id, quantity) = value.split_once('|')?;
-            Some((order_id.to_owned(), quantity.parse().ok()?))
-        }))
+        let idem = self.key(item_id, Part::Idem);
+        let value: Option<String> = self.hot.clone().hget(idem, idem_field(user_id, idempotency_key)).await?;
+        Ok(value.and_then(|value| PriorOrder::decode(&value)).map(|prior| (prior.order_id, prior.quantity)))
     }
 
     /// The buyers holding an idempotency key for `item_id` (each admission made
@@ -205,38 +164,36 @@ impl Admission {
     /// crowd's keyed attempts need no Redis read.
     /// `None` when the item's state is missing (Redis lost it): rebuild first.
     pub async fn key_holders(&self, item_id: &str) -> Result<Option<(AdmissionStamp, HashSet<String>)>, GatewayError> {
-        let k = self.keys(item_id);
         let mut conn = self.pool.get().await?;
-        let ((version, admissions), fields): ((Option<i64>, Option<i64>), Vec<String>) =
-            redis::pipe().atomic().hmget(&k.ready, &STAMP_FIELDS).hkeys(&k.idem).query_async(&mut *conn).await?;
+        let ((version, admissions), fields): ((Option<i64>, Option<i64>), Vec<String>) = redis::pipe()
+            .atomic()
+            .hmget(self.key(item_id, Part::Ready), &STAMP_FIELDS)
+            .hkeys(self.key(item_id, Part::Idem))
+            .query_async(&mut *conn)
+            .await?;
         if version.is_none() {
             return Ok(None);
         }
         let stamp = stamp_of(version, admissions);
-        // Fields are "user\nkey" (admit.lua).
-        let buyers =
-            fields.into_iter().filter_map(|field| field.split_once('\n').map(|(user, _)| user.to_owned())).collect();
+        let buyers = fields.iter().filter_map(|field| idem_field_user(field).map(str::to_owned)).collect();
         Ok(Some((stamp, buyers)))
     }
 
     /// The item's [`AdmissionStamp`]: one HMGET.
     pub async fn admission_stamp(&self, item_id: &str) -> Result<AdmissionStamp, GatewayError> {
-        let k = self.keys(item_id);
         let mut conn = self.pool.get().await?;
-        let (version, admissions): (Option<i64>, Option<i64>) = conn.hmget(&k.ready, &STAMP_FIELDS).await?;
+        let (version, admissions): (Option<i64>, Option<i64>) =
+            conn.hmget(self.key(item_id, Part::Ready), &STAMP_FIELDS).await?;
         Ok(stamp_of(version, admissions))
     }
 
     /// Makes every admission key of `item_id` expire at `at_ms` (unix ms): the
     /// sale is over, and its state is kept only for the retention period.
     pub async fn expire_item(&self, item_id: &str, at_ms: i64) -> Result<(), GatewayError> {
-        let k = self.keys(item_id);
         let mut conn = self.pool.get().await?;
         let mut pipe = redis::pipe();
-        for key in
-            [&k.ready, &k.tokens, &k.held, &k.inflight, &k.idem, &k.admitted, &k.applied, &k.parked, &k.republished]
-        {
-            pipe.cmd("PEXPIREAT").arg(key).arg(at_ms).ignore();
+        for part in Part::ALL {
+            pipe.cmd("PEXPIREAT").arg(self.key(item_id, part)).arg(at_ms).ignore();
         }
         let () = pipe.query_async(&mut *conn).await?;
         Ok(())
@@ -244,15 +201,11 @@ impl Admission {
 
     /// Undoes an admission whose order never reached the broker.
     pub async fn unadmit(&self, item_id: &str, order_id: &str, user_id: &str, key: &str) -> Result<(), GatewayError> {
-        let k = self.keys(item_id);
         let mut conn = self.pool.get().await?;
         let _: i64 = self
+            .scripts
             .unadmit
-            .key(&k.tokens)
-            .key(&k.held)
-            .key(&k.inflight)
-            .key(&k.idem)
-            .key(&k.admitted)
+            .on(&self.prefix, item_id)
             .arg(order_id)
             .arg(user_id)
             .arg(key)
@@ -270,16 +223,18 @@ impl Admission {
         item_id: &str,
         older_than_ms: i64,
     ) -> Result<Vec<(String, String, u32, String)>, GatewayError> {
-        let k = self.keys(item_id);
         let mut conn = self.pool.get().await?;
-        let entries: Vec<(String, String)> = conn.hgetall(&k.admitted).await?;
+        let entries: Vec<(String, String)> = conn.hgetall(self.key(item_id, Part::Admitted)).await?;
         Ok(entries
             .into_iter()
             .filter_map(|(order_id, value)| {
-                let mut fields = value.split('\n');
-                let (user, quantity, at, key) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
-                let (quantity, at): (u32, i64) = (quantity.parse().ok()?, at.parse().ok()?);
-                (at < older_than_ms).then(|| (order_id, user.to_owned(), quantity, key.to_owned()))
+                let entry = AdmittedEntry::decode(&value)?;
+                (entry.at_ms < older_than_ms).then_some((
+                    order_id,
+                    entry.user_id,
+                    entry.quantity,
+                    entry.idempotency_key,
+                ))
             })
             .collect())
     }
@@ -289,12 +244,11 @@ impl Admission {
     /// publish the next one waits `grace`, then twice that, and so on up to
     /// [`MAX_REPUBLISH_FACTOR`] times `grace` (`lua/claim_republish.lua`).
     pub async fn claim_republish(&self, item_id: &str, order_id: &str, grace_ms: i64) -> Result<bool, GatewayError> {
-        let k = self.keys(item_id);
         let mut conn = self.pool.get().await?;
         let claimed: i64 = self
+            .scripts
             .claim_republish
-            .key(&k.republished)
-            .key(&k.admitted)
+            .on(&self.prefix, item_id)
             .arg(order_id)
             .arg(flashsale_domain::time::now_ms())
             .arg(grace_ms)
@@ -315,14 +269,9 @@ impl Admission {
     ) -> Result<Option<(String, String, u32, i64, String)>, GatewayError> {
         let mut conn = self.pool.get().await?;
         for item_id in item_ids {
-            let value: Option<String> = conn.hget(&self.keys(item_id).admitted, order_id).await?;
-            let Some(value) = value else { continue };
-            let mut fields = value.split('\n');
-            if let (Some(user), Some(quantity), Some(at), Some(key)) =
-                (fields.next(), fields.next(), fields.next(), fields.next())
-                && let (Ok(quantity), Ok(at)) = (quantity.parse(), at.parse())
-            {
-                return Ok(Some((item_id.clone(), user.to_owned(), quantity, at, key.to_owned())));
+            let value: Option<String> = conn.hget(self.key(item_id, Part::Admitted), order_id).await?;
+            if let Some(entry) = value.as_deref().and_then(AdmittedEntry::decode) {
+                return Ok(Some((item_id.clone(), entry.user_id, entry.quantity, entry.at_ms, entry.idempotency_key)));
             }
         }
         Ok(None)
@@ -340,17 +289,11 @@ impl Admission {
             // Only final states are published; anything else has nothing to undo.
             _ => return Ok("IGNORED".into()),
         };
-        let k = self.keys(&order.item_id);
         let mut conn = self.pool.get().await?;
         let outcome: String = self
+            .scripts
             .apply_event
-            .key(&k.ready)
-            .key(&k.tokens)
-            .key(&k.held)
-            .key(&k.inflight)
-            .key(&k.admitted)
-            .key(&k.applied)
-            .key(&k.parked)
+            .on(&self.prefix, &order.item_id)
             .arg(&order.id)
             .arg(&order.user_id)
             .arg(order.quantity)
@@ -367,29 +310,17 @@ impl Admission {
 
     /// Rebuilds an item's state from an inventory snapshot (no-op if present).
     pub async fn rebuild(&self, snapshot: &GetAdmissionSnapshotResponse) -> Result<bool, GatewayError> {
-        let k = self.keys(&snapshot.item_id);
-        let mut invocation = self.rebuild.prepare_invoke();
-        invocation
-            .key(&k.ready)
-            .key(&k.tokens)
-            .key(&k.held)
-            .key(&k.inflight)
-            .key(&k.admitted)
-            .key(&k.applied)
-            .key(&k.parked)
-            .key(&k.idem)
-            .arg(snapshot.item_version)
-            .arg(snapshot.stock_remaining)
-            .arg(snapshot.holdings.len());
+        let mut invocation = self.scripts.rebuild.on(&self.prefix, &snapshot.item_id);
+        invocation.arg(snapshot.item_version).arg(snapshot.stock_remaining).arg(snapshot.holdings.len());
         for holding in &snapshot.holdings {
             invocation.arg(&holding.user_id).arg(holding.quantity).arg(&holding.in_flight_order_id);
         }
         invocation.arg(snapshot.admitted_keys.len());
         for key in &snapshot.admitted_keys {
-            // The same field and value admit.lua writes: `user\nkey` → `order|quantity`.
+            // The same field and value admit.lua writes.
             invocation
-                .arg(format!("{}\n{}", key.user_id, key.idempotency_key))
-                .arg(format!("{}|{}", key.order_id, key.quantity));
+                .arg(idem_field(&key.user_id, &key.idempotency_key))
+                .arg(PriorOrder::encode(&key.order_id, key.quantity));
         }
         let mut conn = self.pool.get().await?;
         let rebuilt: i64 = invocation.invoke_async(&mut *conn).await?;
@@ -399,20 +330,19 @@ impl Admission {
     /// Raises the item's tokens to PostgreSQL's `remaining` if nothing is in
     /// flight and Redis offers fewer; returns the tokens added.
     pub async fn resync(&self, item_id: &str, remaining: u32) -> Result<i64, GatewayError> {
-        let k = self.keys(item_id);
         let mut conn = self.pool.get().await?;
-        Ok(self.resync.key(&k.ready).key(&k.tokens).key(&k.admitted).arg(remaining).invoke_async(&mut *conn).await?)
+        Ok(self.scripts.resync.on(&self.prefix, item_id).arg(remaining).invoke_async(&mut *conn).await?)
     }
 
     /// Units Redis still offers and the [`AdmissionStamp`], or `None` when the
     /// item's state is missing (the refresher's check of a sold-out item).
     pub async fn sold_out_check(&self, item_id: &str) -> Result<Option<(i64, AdmissionStamp)>, GatewayError> {
-        let k = self.keys(item_id);
+        let (ready_key, tokens_key) = (self.key(item_id, Part::Ready), self.key(item_id, Part::Tokens));
         let mut conn = self.pool.get().await?;
         let (ready, tokens, (version, admissions)): (bool, Option<i64>, (Option<i64>, Option<i64>)) = redis::pipe()
-            .exists(&k.ready)
-            .get(&k.tokens)
-            .hmget(&k.ready, &STAMP_FIELDS)
+            .exists(&ready_key)
+            .get(&tokens_key)
+            .hmget(&ready_key, &STAMP_FIELDS)
             .query_async(&mut *conn)
             .await?;
         let stamp = stamp_of(version, admissions);
@@ -421,10 +351,12 @@ impl Admission {
 
     /// Units Redis still offers, or `None` when the item's state is missing.
     pub async fn tokens(&self, item_id: &str) -> Result<Option<i64>, GatewayError> {
-        let k = self.keys(item_id);
         let mut conn = self.pool.get().await?;
-        let (ready, tokens): (bool, Option<i64>) =
-            redis::pipe().exists(&k.ready).get(&k.tokens).query_async(&mut *conn).await?;
+        let (ready, tokens): (bool, Option<i64>) = redis::pipe()
+            .exists(self.key(item_id, Part::Ready))
+            .get(self.key(item_id, Part::Tokens))
+            .query_async(&mut *conn)
+            .await?;
         Ok(if ready { Some(tokens.unwrap_or(0)) } else { None })
     }
 
