@@ -89,7 +89,7 @@ impl Settlement {
                     } else {
                         flashsale_telemetry::traceparent(span)
                     };
-                    settling.push(orders::Settling { id: order.id, payment, traceparent });
+                    settling.push(orders::PaymentOutcome { id: order.id, payment, traceparent });
                 }
                 Err(e) => {
                     // Our own request was malformed: a bug, not a buyer's problem. The
