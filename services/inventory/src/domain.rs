@@ -35,13 +35,14 @@ impl OrderStatus {
         })
     }
 
-    /// The routing key its event is published with.
-    pub fn routing_key(self) -> &'static str {
+    /// The routing key an order's event is published with. Only final states
+    /// have events: an order waiting for its payment publishes nothing.
+    pub fn event_routing_key(self) -> Option<&'static str> {
         match self {
-            Self::PaymentPending => "order.payment_pending",
-            Self::Confirmed => "order.confirmed",
-            Self::Rejected => "order.rejected",
-            Self::Refunded => "order.refunded",
+            Self::PaymentPending => None,
+            Self::Confirmed => Some("order.confirmed"),
+            Self::Rejected => Some("order.rejected"),
+            Self::Refunded => Some("order.refunded"),
         }
     }
 }

@@ -29,8 +29,8 @@ pub async fn enqueue(conn: &mut AsyncPgConnection, events: &[Pending<'_>]) -> Qu
     }
     let encoded: Vec<(&'static str, Vec<u8>)> = events
         .iter()
-        .map(|e| (routing_key(e.order), event(e.order, e.units_released, e.item_version).encode_to_vec()))
-        .collect();
+        .map(|e| Ok((routing_key(e.order)?, event(e.order, e.units_released, e.item_version).encode_to_vec())))
+        .collect::<QueryResult<_>>()?;
     let rows: Vec<NewOutboxRow<'_>> = encoded
         .iter()
         .zip(events)
@@ -40,8 +40,12 @@ pub async fn enqueue(conn: &mut AsyncPgConnection, events: &[Pending<'_>]) -> Qu
     Ok(())
 }
 
-fn routing_key(order: &Order) -> &'static str {
-    OrderStatus::from_db(&order.status).map_or("order.unknown", OrderStatus::routing_key)
+/// An event of an order that is not final would be a bug in the caller: the
+/// transaction fails rather than publish it.
+fn routing_key(order: &Order) -> QueryResult<&'static str> {
+    OrderStatus::from_db(&order.status).and_then(OrderStatus::event_routing_key).ok_or_else(|| {
+        diesel::result::Error::QueryBuilderError(format!("no event for an order in status {}", order.status).into())
+    })
 }
 
 fn event(order: &Order, units_released: i32, item_version: i64) -> OrderEvent {
