@@ -1,5 +1,15 @@
-//! Faults the purchase path must absorb: duplicate deliveries, a wallet outage,
-//! and (in storm.rs) a Redis flush mid-sale.
+//! Faults the purchase path must absorb, one test per fault: duplicate
+//! deliveries; a wallet, broker or Redis outage; poison messages; lost events
+//! and confirms; expired deadlines, connection rotation and hostile clients;
+//! slow, reset and partitioned links to every dependency; and the load the
+//! reconciler may put on a lagging queue. The crash points are in
+//! `crashes.rs`, a Redis flush mid-storm in `storm.rs`, the seeded mix in
+//! `soak.rs`.
+//!
+//! Longer than the ~400 lines other files keep to, on purpose: it is a
+//! catalogue of independent tests, one scenario each with its own set-up and
+//! audit, read one test at a time; the docs cite them by name (`faults::name`),
+//! and splitting it would scatter those names for no gain in reading.
 
 use std::collections::BTreeSet;
 use std::time::Duration;

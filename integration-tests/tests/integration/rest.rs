@@ -1,5 +1,10 @@
 //! REST/JSON on the gateway's HTTP port: every route, every reason code with
 //! its HTTP status, and one set of rules shared with gRPC.
+//!
+//! Longer than the ~400 lines other files keep to, on purpose: it is a
+//! catalogue of independent tests, one scenario each with its own set-up and
+//! audit, read one test at a time; the docs cite them by name (`rest::name`),
+//! and splitting it would scatter those names for no gain in reading.
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -2,6 +2,11 @@
 //! each firing 1–3 concurrent purchases (some under one shared idempotency key)
 //! and retrying while units may still come back, as real buyers refresh. After
 //! settling, every invariant is audited from the databases.
+//!
+//! Longer than the ~400 lines other files keep to, on purpose: it is a
+//! catalogue of independent tests, one scenario each with its own set-up and
+//! audit, read one test at a time; the docs cite them by name (`storm::name`),
+//! and splitting it would scatter those names for no gain in reading.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

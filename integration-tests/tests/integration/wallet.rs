@@ -1,4 +1,9 @@
 //! The wallet against real PostgreSQL: concurrency, idempotency, conservation, bad input.
+//!
+//! Longer than the ~400 lines other files keep to, on purpose: it is a
+//! catalogue of independent tests, one scenario each with its own set-up and
+//! audit, read one test at a time; the docs cite them by name (`wallet::name`),
+//! and splitting it would scatter those names for no gain in reading.
 
 use std::collections::BTreeMap;
 
