@@ -38,6 +38,16 @@ const BUYERS: usize = 90;
 const ARRIVAL_GAP: Duration = Duration::from_millis(25);
 /// Buyers give up after this long (every unit must be sold well before).
 pub(crate) const BUYING_WINDOW: Duration = Duration::from_secs(90);
+/// A buyer's app waits this long for an answer, then treats the call as
+/// unanswered (and retries under the same key), so no call can hold the sale.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `call`, or DEADLINE_EXCEEDED once [`CALL_TIMEOUT`] has passed.
+async fn bounded<T>(call: impl Future<Output = Result<T, tonic::Status>>) -> Result<T, tonic::Status> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer within the buyer's timeout")))
+}
 
 fn token(user: &str, admin: bool) -> String {
     let secret = flashsale_integration_tests::suite::JWT_SECRET;
@@ -237,7 +247,7 @@ async fn buyer(
         same_key = false;
         let request =
             PurchaseRequest { item_id: ITEM.into(), quantity: 1, idempotency_key: format!("{name}-r{round}") };
-        match client.purchase(with_token(request, &token)).await {
+        match bounded(client.purchase(with_token(request, &token))).await {
             Ok(reply) => {
                 let order_id = reply.into_inner().order_id;
                 {
@@ -300,7 +310,7 @@ async fn follow(
     deadline: Instant,
 ) -> anyhow::Result<(OrderStatus, String)> {
     loop {
-        match client.get_order(with_token(GetOrderRequest { order_id: order_id.into() }, token)).await {
+        match bounded(client.get_order(with_token(GetOrderRequest { order_id: order_id.into() }, token))).await {
             Ok(reply) => {
                 let order = reply.into_inner().order.ok_or_else(|| anyhow::anyhow!("no order in the reply"))?;
                 if order.status() != OrderStatus::Pending {

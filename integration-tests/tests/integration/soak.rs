@@ -32,6 +32,10 @@ const POINTS: [(Service, &str); 6] = [
     (Service::Wallet, "wallet-before-reply"),
 ];
 const SERVICES: [Service; 3] = [Service::Gateway, Service::Inventory, Service::Wallet];
+/// Far beyond any run's own bounds (buying window, settlement, restarts).
+const RUN_LIMIT: Duration = Duration::from_secs(600);
+/// Far beyond the slowest fault (a RabbitMQ restart takes up to 10 s here).
+const FAULT_LIMIT: Duration = Duration::from_secs(180);
 
 /// A fault injected at a moment of the sale.
 #[derive(Debug, Clone, Copy)]
@@ -154,7 +158,9 @@ async fn one_run(servers: &Servers, seed: u64) -> anyhow::Result<Figures> {
             && sale.accepted() >= after
         {
             timed.next();
-            inject(&mut suite, servers, fault, &mut armed).await?;
+            tokio::time::timeout(FAULT_LIMIT, inject(&mut suite, servers, fault, &mut armed))
+                .await
+                .map_err(|_| anyhow::anyhow!("{} did not finish within {FAULT_LIMIT:?}", fault.name()))??;
             sale.recovered();
             figures.faults.push(fault.name());
         }
@@ -256,7 +262,12 @@ async fn seeded_soak_loses_nothing() -> anyhow::Result<()> {
     let (mut orders, mut worst_accept, mut worst_settle) = (0, Duration::ZERO, Duration::ZERO);
     let mut failed = Vec::new();
     for seed in first..first + runs {
-        let figures = match one_run(&servers, seed).await {
+        // Every wait inside a run is bounded; this bounds what might not be
+        // (a client library's call), so a hang fails its seed instead of the soak.
+        let run = tokio::time::timeout(RUN_LIMIT, one_run(&servers, seed))
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the run did not end within {RUN_LIMIT:?}")));
+        let figures = match run {
             Ok(figures) => figures,
             Err(e) => {
                 let failure = format!(

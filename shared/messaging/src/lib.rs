@@ -22,8 +22,17 @@ pub use self::dead_letters::{
 pub use self::publisher::{ConfirmedPublisher, PublishError};
 pub use self::topology::{DELIVERY_LIMIT, ORDER_EVENT_ROUTING_PREFIX, Topology};
 
-/// Opens a connection, naming it after the service in the broker's UI.
+/// How long opening a connection (TCP and the AMQP handshake) may take.
+/// lapin's connect has no deadline of its own, and one attempt was seen never
+/// to return while a restarted node came up (the soak, seed 1581): without
+/// this bound a consumer's reconnect loop would wait on it for ever.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Opens a connection, naming it after the service in the broker's UI; a
+/// timeout after [`CONNECT_TIMEOUT`] is an I/O error like a refused connection.
 pub async fn connect(addr: &str, service: &str) -> Result<Connection, lapin::Error> {
     let properties = ConnectionProperties::default().with_connection_name(service.into());
-    Connection::connect(addr, properties).await
+    tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(addr, properties)).await.map_err(|_| {
+        lapin::Error::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the broker timed out"))
+    })?
 }
