@@ -2,6 +2,30 @@
 
 use crate::Invalid;
 
+/// `parse` (the type's `check`, then an owned copy), `as_str` and `into_string`
+/// for a checked string newtype.
+macro_rules! checked_string {
+    ($name:ident) => {
+        impl $name {
+            pub fn parse(raw: &str) -> Result<Self, Invalid> {
+                Self::check(raw).map(|()| Self(raw.to_owned()))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            pub fn into_string(self) -> String {
+                self.0
+            }
+        }
+    };
+}
+
+checked_string!(ItemId);
+checked_string!(UserId);
+checked_string!(IdempotencyKey);
+
 /// Whether `raw` is 1..=`max` characters of `[A-Za-z0-9_-]`: safe in a URL
 /// path, a Redis key and a log line without escaping. Item ids and page
 /// tokens follow it.
@@ -23,18 +47,6 @@ impl ItemId {
     pub fn check(raw: &str) -> Result<(), Invalid> {
         if is_token(raw, Self::MAX_LEN) { Ok(()) } else { Err(Self::INVALID) }
     }
-
-    pub fn parse(raw: &str) -> Result<Self, Invalid> {
-        Self::check(raw).map(|()| Self(raw.to_owned()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    pub fn into_string(self) -> String {
-        self.0
-    }
 }
 
 /// A buyer's id: the `sub` of their token. 1..=128 characters, not blank,
@@ -54,18 +66,6 @@ impl UserId {
         let ok = !raw.trim().is_empty() && raw.chars().count() <= Self::MAX_CHARS && !raw.chars().any(char::is_control);
         if ok { Ok(()) } else { Err(Self::INVALID) }
     }
-
-    pub fn parse(raw: &str) -> Result<Self, Invalid> {
-        Self::check(raw).map(|()| Self(raw.to_owned()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    pub fn into_string(self) -> String {
-        self.0
-    }
 }
 
 /// The caller's name for one purchase or money movement: 1..=128 visible
@@ -84,21 +84,9 @@ impl IdempotencyKey {
         if ok { Ok(()) } else { Err(Self::INVALID) }
     }
 
-    pub fn parse(raw: &str) -> Result<Self, Invalid> {
-        Self::check(raw).map(|()| Self(raw.to_owned()))
-    }
-
     /// An optional key: empty is `None`, anything else must follow the rule.
     pub fn parse_optional(raw: &str) -> Result<Option<Self>, Invalid> {
         if raw.is_empty() { Ok(None) } else { Self::parse(raw).map(Some) }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    pub fn into_string(self) -> String {
-        self.0
     }
 }
 
