@@ -933,6 +933,60 @@ async fn purchases_do_not_queue_behind_a_broker_reconnect() -> anyhow::Result<()
     suite.shutdown().await
 }
 
+/// A key first written after a sale ended, once its keys were given their
+/// expiry (as a late event or republish claim writes one), expires with them:
+/// the gateway sets the expiry again while it keeps the sale, instead of once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_written_after_a_sale_ended_expires_with_the_others() -> anyhow::Result<()> {
+    use flashsale_integration_tests::suite::SuiteOptions;
+
+    let suite =
+        TestSuite::spawn_with(SuiteOptions { sale_state_retention_ms: Some(4_000), ..SuiteOptions::default() }).await?;
+    let ends = std::time::SystemTime::now() + Duration::from_secs(2);
+    crate::common::create_item_between(
+        &suite,
+        "late",
+        100,
+        3,
+        1,
+        crate::common::at(Duration::from_secs(1), false),
+        Some(prost_types::Timestamp::from(ends)),
+    )
+    .await?;
+    // A purchase, so the sale has admission state in Redis.
+    top_up(&suite, "max", 1_000).await?;
+    let request = PurchaseRequest { item_id: "late".into(), quantity: 1, idempotency_key: "m".into() };
+    let reply = suite.buyers().purchase(suite.as_user("max", request)).await?.into_inner();
+    final_order(&suite, "max", &reply.order_id, Duration::from_secs(20)).await?;
+    let client = redis::Client::open(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))?;
+    let mut redis = client.get_multiplexed_async_connection().await?;
+    let ready = format!("{}:{{late}}:ready", suite.redis_prefix);
+    // The sale's state exists, then ends and gets its expiry (a TTL on `ready`).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ttl: i64 = redis::cmd("PTTL").arg(&ready).query_async(&mut redis).await?;
+        if ttl > 0 {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the ended sale's keys never got an expiry");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Now a key the pass has not seen: before the fix it lived for ever.
+    let late = format!("{}:{{late}}:republished", suite.redis_prefix);
+    let () = redis::cmd("HSET").arg(&late).arg("some-order").arg("1:0").query_async(&mut redis).await?;
+    let pattern = format!("{}:{{late}}:*", suite.redis_prefix);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await?;
+        if keys.is_empty() {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "keys still there after the retention: {keys:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    suite.shutdown().await
+}
+
 /// State that only grew: once a sale has ended and its retention passed, the
 /// item's Redis keys are gone and inventory lists it only to callers that ask
 /// for old sales; a late buyer still gets SALE_ENDED.

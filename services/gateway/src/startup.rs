@@ -295,20 +295,27 @@ async fn clear_stale_sold_out_flags(catalog: &Catalog, admission: &Admission) {
     }
 }
 
-/// Sets the expiry of the Redis keys of every sale that has ended (once per
-/// item and gateway): they live `retention` past the end, then Redis drops them.
-/// Keys first written after this (a late refund's) expire with the next
-/// gateway start's pass; per-item state stays bounded by the live sales.
+/// The longest wait between two passes that set the expiry of an ended sale's
+/// keys (shorter when the retention is: at least two passes per retention).
+const EXPIRY_PASS_EVERY_MS: i64 = 60_000;
+
+/// Sets the expiry of the Redis keys of every sale that has ended: they live
+/// `retention` past the end, then Redis drops them, so per-item state stays
+/// bounded by the live sales. The pass is repeated while the catalog keeps the
+/// sale, so a key first written after the previous pass (a late refund's
+/// event, a republish claim) expires with the others.
 async fn expire_ended_sales(catalog: &Catalog, admission: &Admission, retention: Duration) {
     use std::sync::atomic::Ordering;
     let now = flashsale_domain::time::now_ms();
     let keep = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let every = EXPIRY_PASS_EVERY_MS.min(keep / 2);
     for item in catalog.all() {
-        if item.ends_at_ms > now || item.keys_expire.load(Ordering::Acquire) {
+        let set_at = item.keys_expiry_set_at_ms.load(Ordering::Acquire);
+        if item.ends_at_ms > now || (set_at > 0 && now - set_at < every) {
             continue;
         }
         match admission.expire_item(&item.id, item.ends_at_ms.saturating_add(keep)).await {
-            Ok(()) => item.keys_expire.store(true, Ordering::Release),
+            Ok(()) => item.keys_expiry_set_at_ms.store(now, Ordering::Release),
             Err(e) => {
                 tracing::debug!(error = %e, item.id = %item.id, "could not set the expiry of an ended sale's keys")
             }

@@ -43,9 +43,9 @@ pub struct CatalogItem {
     pub sold_out: Arc<SoldOut>,
     /// PostgreSQL's units left as of the last refresh.
     pub pg_remaining: AtomicU32,
-    /// Whether this gateway has set the expiry of the item's Redis keys (once
-    /// the sale has ended), kept across refreshes of the item.
-    pub keys_expire: Arc<std::sync::atomic::AtomicBool>,
+    /// When (unix ms) this gateway last set the expiry of the item's Redis keys
+    /// once the sale had ended (0: not yet), kept across refreshes of the item.
+    pub keys_expiry_set_at_ms: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl CatalogItem {
@@ -60,7 +60,7 @@ impl CatalogItem {
             ends_at_ms: flashsale_domain::time::to_ms(item.ends_at.as_ref()?),
             sold_out: Arc::default(),
             pg_remaining: AtomicU32::new(item.stock_remaining),
-            keys_expire: Arc::default(),
+            keys_expiry_set_at_ms: Arc::default(),
         })
     }
 
@@ -129,7 +129,7 @@ impl Catalog {
         let mut items = self.items.write();
         if let Some(existing) = items.get(&item.id) {
             fresh.sold_out = existing.sold_out.clone();
-            fresh.keys_expire = existing.keys_expire.clone();
+            fresh.keys_expiry_set_at_ms = existing.keys_expiry_set_at_ms.clone();
         }
         let fresh = Arc::new(fresh);
         items.insert(item.id.clone(), fresh.clone());
