@@ -237,17 +237,17 @@ impl Operations {
 
     pub async fn refund_order(&self, buyer: &Principal, order_id: &str) -> Result<pb::Order, GatewayError> {
         OrderId::parse(order_id)?;
-        let reply = self
-            .upstreams
-            .inventory
-            .clone()
-            .refund_order(request(inventory::RefundOrderRequest {
-                order_id: order_id.to_owned(),
-                user_id: buyer.user_id.clone(),
-            }))
-            .await
-            .map_err(GatewayError::from_upstream)?
-            .into_inner();
+        // Safe to send again: a refund is idempotent (a second one answers the
+        // refunded order; the wallet credits once per order).
+        let reply = retry_if_lost(|| {
+            let mut client = self.upstreams.inventory.clone();
+            let refund =
+                inventory::RefundOrderRequest { order_id: order_id.to_owned(), user_id: buyer.user_id.clone() };
+            async move { client.refund_order(request(refund)).await }
+        })
+        .await
+        .map_err(GatewayError::from_upstream)?
+        .into_inner();
         reply.order.map(public_order).ok_or(GatewayError::OrderNotFound)
     }
 
