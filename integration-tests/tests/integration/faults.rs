@@ -487,11 +487,12 @@ async fn an_expired_deadline_is_answered_deadline_exceeded() -> anyhow::Result<(
 /// Inventory rotates the gateway's connection every 100 ms (a graceful GOAWAY,
 /// as `max_connection_age` does every 5 minutes in production). Calls that race
 /// a rotation fail on the gateway's side of the wire; the gateway sends them
-/// again on the new connection, so buyers never see it.
+/// again on the new connection, so buyers never see it: reads, and refunds
+/// (idempotent: after the first, each answers the refunded order).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_rotation_is_invisible_to_buyers() -> anyhow::Result<()> {
     use flashsale_integration_tests::suite::SuiteOptions;
-    use flashsale_proto::gateway::v1::{GetItemRequest, GetOrderRequest};
+    use flashsale_proto::gateway::v1::{GetItemRequest, GetOrderRequest, RefundOrderRequest};
 
     let suite =
         TestSuite::spawn_with(SuiteOptions { inventory_max_connection_age_ms: Some(100), ..SuiteOptions::default() })
@@ -500,6 +501,7 @@ async fn connection_rotation_is_invisible_to_buyers() -> anyhow::Result<()> {
     top_up(&suite, "kim", 1_000).await?;
     let request = PurchaseRequest { item_id: "rotating".into(), quantity: 1, idempotency_key: String::new() };
     let order_id = suite.buyers().purchase(suite.as_user("kim", request)).await?.into_inner().order_id;
+    assert_eq!(final_order(&suite, "kim", &order_id, Duration::from_secs(20)).await?.status(), OrderStatus::Confirmed);
 
     let until = tokio::time::Instant::now() + Duration::from_secs(3);
     let readers = (0..8).map(|_| {
@@ -517,7 +519,13 @@ async fn connection_rotation_is_invisible_to_buyers() -> anyhow::Result<()> {
                 *order.metadata_mut() = order_meta.clone();
                 let mut item = tonic::Request::new(GetItemRequest { item_id: "rotating".into() });
                 *item.metadata_mut() = item_meta.clone();
-                for result in [client.get_order(order).await.err(), client.get_item(item).await.err()] {
+                let mut refund = tonic::Request::new(RefundOrderRequest { order_id: order_id.clone() });
+                *refund.metadata_mut() = order_meta.clone();
+                for result in [
+                    client.get_order(order).await.err(),
+                    client.get_item(item).await.err(),
+                    client.refund_order(refund).await.err(),
+                ] {
                     calls += 1;
                     failures.extend(result.map(|status| format!("{:?}: {}", status.code(), status.message())));
                 }
@@ -539,6 +547,8 @@ async fn connection_rotation_is_invisible_to_buyers() -> anyhow::Result<()> {
         failures.len(),
         &failures[..failures.len().min(5)]
     );
+    let report = audit(&suite.databases()).await?;
+    assert_eq!(report.orders.iter().filter(|o| o.status == "REFUNDED").count(), 1);
     suite.shutdown().await
 }
 
