@@ -1,5 +1,8 @@
 // Flash-sale storefront: vanilla JS, no build step. Talks to the gateway's REST
 // API on the same origin with a bearer token kept in sessionStorage.
+// One file on purpose, though longer than ~400 lines: with no build step or
+// module loader it is served as compiled into the gateway; the `// ---- …`
+// sections below (session, tabs, shop, order updates, history, admin) are its parts.
 'use strict';
 
 const FINAL = new Set(['CONFIRMED', 'REJECTED', 'REFUNDED']);
