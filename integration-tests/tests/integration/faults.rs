@@ -952,22 +952,7 @@ async fn a_key_written_after_a_sale_ended_expires_with_the_others() -> anyhow::R
 
     let suite =
         TestSuite::spawn_with(SuiteOptions { sale_state_retention_ms: Some(4_000), ..SuiteOptions::default() }).await?;
-    let ends = std::time::SystemTime::now() + Duration::from_secs(2);
-    crate::common::create_item_between(
-        &suite,
-        "late",
-        100,
-        3,
-        1,
-        crate::common::at(Duration::from_secs(1), false),
-        Some(prost_types::Timestamp::from(ends)),
-    )
-    .await?;
-    // A purchase, so the sale has admission state in Redis.
-    top_up(&suite, "max", 1_000).await?;
-    let request = PurchaseRequest { item_id: "late".into(), quantity: 1, idempotency_key: "m".into() };
-    let reply = suite.buyers().purchase(suite.as_user("max", request)).await?.into_inner();
-    final_order(&suite, "max", &reply.order_id, Duration::from_secs(20)).await?;
+    brief_sale_bought_once(&suite, "late").await?;
     let client = redis::Client::open(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))?;
     let mut redis = client.get_multiplexed_async_connection().await?;
     let ready = format!("{}:{{late}}:ready", suite.redis_prefix);
@@ -984,17 +969,43 @@ async fn a_key_written_after_a_sale_ended_expires_with_the_others() -> anyhow::R
     // Now a key the pass has not seen: before the fix it lived for ever.
     let late = format!("{}:{{late}}:republished", suite.redis_prefix);
     let () = redis::cmd("HSET").arg(&late).arg("some-order").arg("1:0").query_async(&mut redis).await?;
-    let pattern = format!("{}:{{late}}:*", suite.redis_prefix);
+    until_no_keys(&mut redis, &format!("{}:{{late}}:*", suite.redis_prefix)).await?;
+    suite.shutdown().await
+}
+
+/// A sale of `item` that ends 2 s from now, with one confirmed purchase (so it
+/// has admission state in Redis).
+async fn brief_sale_bought_once(suite: &TestSuite, item: &str) -> anyhow::Result<()> {
+    let ends = std::time::SystemTime::now() + Duration::from_secs(2);
+    crate::common::create_item_between(
+        suite,
+        item,
+        100,
+        3,
+        1,
+        crate::common::at(Duration::from_secs(1), false),
+        Some(prost_types::Timestamp::from(ends)),
+    )
+    .await?;
+    top_up(suite, "max", 1_000).await?;
+    let request = PurchaseRequest { item_id: item.into(), quantity: 1, idempotency_key: "m".into() };
+    let reply = suite.buyers().purchase(suite.as_user("max", request)).await?.into_inner();
+    let order = final_order(suite, "max", &reply.order_id, Duration::from_secs(20)).await?;
+    anyhow::ensure!(order.status() == OrderStatus::Confirmed, "the one purchase was not confirmed: {order:?}");
+    Ok(())
+}
+
+/// Waits until no key matches `pattern` (at most 30 s).
+async fn until_no_keys(redis: &mut redis::aio::MultiplexedConnection, pattern: &str) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await?;
+        let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(redis).await?;
         if keys.is_empty() {
-            break;
+            return Ok(());
         }
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "keys still there after the retention: {keys:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    suite.shutdown().await
 }
 
 /// State that only grew: once a sale has ended and its retention passed, the
@@ -1008,44 +1019,14 @@ async fn an_ended_sale_leaves_no_redis_keys_after_its_retention() -> anyhow::Res
 
     let suite =
         TestSuite::spawn_with(SuiteOptions { sale_state_retention_ms: Some(500), ..SuiteOptions::default() }).await?;
-    let ends = std::time::SystemTime::now() + Duration::from_secs(2);
-    crate::common::create_item_between(
-        &suite,
-        "brief",
-        100,
-        3,
-        1,
-        crate::common::at(Duration::from_secs(1), false),
-        Some(prost_types::Timestamp::from(ends)),
-    )
-    .await?;
-    top_up(&suite, "max", 1_000).await?;
-    let reply = suite
-        .buyers()
-        .purchase(
-            suite.as_user("max", PurchaseRequest { item_id: "brief".into(), quantity: 1, idempotency_key: "m".into() }),
-        )
-        .await?
-        .into_inner();
-    assert_eq!(
-        final_order(&suite, "max", &reply.order_id, Duration::from_secs(20)).await?.status(),
-        OrderStatus::Confirmed
-    );
+    brief_sale_bought_once(&suite, "brief").await?;
 
     let client = redis::Client::open(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))?;
     let mut redis = client.get_multiplexed_async_connection().await?;
     let pattern = format!("{}:{{brief}}:*", suite.redis_prefix);
     let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await?;
     assert!(!keys.is_empty(), "the sale left no keys to expire");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await?;
-        if keys.is_empty() {
-            break;
-        }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "keys still there after the retention: {keys:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_no_keys(&mut redis, &pattern).await?;
 
     let url = suite.url("inventory").ok_or_else(|| anyhow::anyhow!("inventory not running"))?;
     let mut inventory = InventoryServiceClient::connect(url).await?;

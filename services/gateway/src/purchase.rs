@@ -80,7 +80,9 @@ impl Purchases {
         if quantity == 0 {
             return Err(GatewayError::invalid("quantity", "must be at least 1"));
         }
-        IdempotencyKey::parse_optional(&idempotency_key)?;
+        if !idempotency_key.is_empty() {
+            IdempotencyKey::check(&idempotency_key)?;
+        }
 
         // Step 1: in memory.
         let item = self.catalog.lookup(&item_id).await?;
