@@ -33,27 +33,75 @@ async fn wallet_reports_health_and_turns_not_serving_on_shutdown() -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wallet_serves_reflection_for_its_api_and_health() -> anyhow::Result<()> {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-
     let wallet = TestWallet::spawn().await?;
-    let mut reflection = ServerReflectionClient::new(wallet.channel.clone());
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = reflection.server_reflection_info(tokio_stream::once(request)).await?.into_inner();
-    let response = responses.next().await.ok_or_else(|| anyhow::anyhow!("no reflection reply"))??;
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        anyhow::bail!("unexpected reflection reply {:?}", response.message_response);
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    let names = reflected_services(wallet.channel.clone()).await?;
     for expected in ["flashsale.wallet.v1.WalletService", "grpc.health.v1.Health"] {
         assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
     }
     wallet.shutdown().await
+}
+
+/// The public port describes the public API only: the gateway's reflection
+/// lists its own services and health, and refuses to describe the internal
+/// inventory and wallet services (their full descriptors were served to anyone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_reflection_describes_only_the_public_api() -> anyhow::Result<()> {
+    let suite = TestSuite::spawn().await?;
+    let mut names = reflected_services(suite.gateway_channel()).await?;
+    names.retain(|name| !name.starts_with("grpc.reflection."));
+    names.sort();
+    assert_eq!(
+        names,
+        ["flashsale.gateway.v1.AdminService", "flashsale.gateway.v1.FlashSaleGateway", "grpc.health.v1.Health"]
+    );
+    assert!(describes(suite.gateway_channel(), "flashsale.gateway.v1.FlashSaleGateway").await?);
+    for internal in ["flashsale.inventory.v1.InventoryService", "flashsale.wallet.v1.WalletService"] {
+        assert!(!describes(suite.gateway_channel(), internal).await?, "the gateway describes {internal}");
+    }
+    suite.shutdown().await
+}
+
+/// The reply to one reflection request, or the status the stream ended with.
+async fn reflection_reply(
+    channel: tonic::transport::Channel,
+    request: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
+) -> anyhow::Result<Result<tonic_reflection::pb::v1::server_reflection_response::MessageResponse, tonic::Status>> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest { host: String::new(), message_request: Some(request) };
+    let mut responses = reflection.server_reflection_info(tokio_stream::once(request)).await?.into_inner();
+    match responses.next().await.ok_or_else(|| anyhow::anyhow!("no reflection reply"))? {
+        Ok(response) => {
+            Ok(Ok(response.message_response.ok_or_else(|| anyhow::anyhow!("an empty reflection reply"))?))
+        }
+        Err(status) => Ok(Err(status)),
+    }
+}
+
+/// The services a server's reflection lists.
+async fn reflected_services(channel: tonic::transport::Channel) -> anyhow::Result<Vec<String>> {
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    match reflection_reply(channel, MessageRequest::ListServices(String::new())).await?? {
+        MessageResponse::ListServicesResponse(list) => Ok(list.service.into_iter().map(|s| s.name).collect()),
+        other => anyhow::bail!("unexpected reflection reply {other:?}"),
+    }
+}
+
+/// Whether a server's reflection hands out the descriptor of `symbol`.
+async fn describes(channel: tonic::transport::Channel, symbol: &str) -> anyhow::Result<bool> {
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    match reflection_reply(channel, MessageRequest::FileContainingSymbol(symbol.into())).await? {
+        Ok(MessageResponse::FileDescriptorResponse(files)) => Ok(!files.file_descriptor_proto.is_empty()),
+        Ok(MessageResponse::ErrorResponse(error)) if error.error_code == tonic::Code::NotFound as i32 => Ok(false),
+        Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
+        other => anyhow::bail!("unexpected reflection reply {other:?}"),
+    }
 }
 
 /// The real binary, started the way operators start it, stops cleanly on SIGTERM.

@@ -192,6 +192,7 @@ impl Application {
         let (mut health, router) = flashsale_server::standard_router(
             flashsale_server::Exposure::Public,
             flashsale_server::MAX_CONNECTION_AGE,
+            &["flashsale/gateway/v1/gateway.proto"],
         )?;
         health.track(<FlashSaleGatewayServer<GatewayGrpc> as NamedService>::NAME);
         health.track(<AdminServiceServer<GatewayGrpc> as NamedService>::NAME);

@@ -98,6 +98,7 @@ impl Application {
         let (mut health, router) = flashsale_server::standard_router(
             flashsale_server::Exposure::Internal,
             Duration::from_millis(config.max_connection_age_ms),
+            &["flashsale/inventory/v1/inventory.proto"],
         )?;
         health.track(<InventoryServiceServer<InventoryGrpc> as NamedService>::NAME);
         let inventory = InventoryServiceServer::new(InventoryGrpc::new(self.pool, api_settlement))

@@ -55,6 +55,7 @@ impl Application {
         let (mut health, router) = flashsale_server::standard_router(
             flashsale_server::Exposure::Internal,
             flashsale_server::MAX_CONNECTION_AGE,
+            &["flashsale/wallet/v1/wallet.proto"],
         )?;
         health.track(<WalletServiceServer<WalletGrpc> as NamedService>::NAME);
         let wallet = WalletServiceServer::new(WalletGrpc::new(self.pool))

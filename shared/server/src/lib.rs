@@ -151,8 +151,13 @@ impl Health {
 }
 
 /// gRPC server reflection (v1 and v1alpha: grpcurl, Postman and older tools ask
-/// for one or the other) over every flash-sale proto and the health service.
-pub fn reflection() -> Result<
+/// for one or the other) over the proto files of the APIs this server serves
+/// (`files`, e.g. `flashsale/wallet/v1/wallet.proto`, with everything they
+/// import) and the health service. Only those: the public gateway must not
+/// describe the internal services to whoever asks.
+pub fn reflection(
+    files: &[&str],
+) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
         tonic_reflection::server::v1alpha::ServerReflectionServer<
@@ -161,22 +166,48 @@ pub fn reflection() -> Result<
     ),
     tonic_reflection::server::Error,
 > {
+    let served = served_descriptors(files)?;
     let builder = || {
         tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(flashsale_proto::FILE_DESCRIPTOR_SET)
+            .register_file_descriptor_set(served.clone())
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }
 
-/// A server with our settings already serving health and reflection; add the
-/// service's own APIs (and `Health::track` their names) before serving.
+/// The descriptors of `roots` and of every file they import, out of all of ours.
+fn served_descriptors(roots: &[&str]) -> Result<prost_types::FileDescriptorSet, tonic_reflection::server::Error> {
+    use prost::Message as _;
+    let all = prost_types::FileDescriptorSet::decode(flashsale_proto::FILE_DESCRIPTOR_SET)?;
+    let mut wanted: Vec<String> = roots.iter().map(|root| (*root).to_owned()).collect();
+    let mut keep = std::collections::BTreeSet::new();
+    while let Some(name) = wanted.pop() {
+        let Some(file) = all.file.iter().find(|file| file.name() == name) else {
+            // A well-known import (google/protobuf/…) clients already know, or a typo.
+            if roots.contains(&name.as_str()) {
+                return Err(tonic_reflection::server::Error::InvalidFileDescriptorSet(format!("no proto file {name}")));
+            }
+            continue;
+        };
+        if keep.insert(name) {
+            wanted.extend(file.dependency.iter().cloned());
+        }
+    }
+    Ok(prost_types::FileDescriptorSet {
+        file: all.file.into_iter().filter(|file| keep.contains(file.name())).collect(),
+    })
+}
+
+/// A server with our settings already serving health and reflection (of
+/// `proto_files`, see [`reflection`]); add the service's own APIs (and
+/// `Health::track` their names) before serving.
 pub fn standard_router(
     exposure: Exposure,
     max_connection_age: Duration,
+    proto_files: &[&str],
 ) -> Result<(Health, StandardRouter), tonic_reflection::server::Error> {
     let (health, health_service) = Health::new();
-    let (reflection_v1, reflection_v1alpha) = reflection()?;
+    let (reflection_v1, reflection_v1alpha) = reflection(proto_files)?;
     let router = server_builder(exposure, max_connection_age)
         .add_service(health_service)
         .add_service(reflection_v1)
