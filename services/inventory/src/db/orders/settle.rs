@@ -1,4 +1,4 @@
-//! PaymentOutcome orders with the wallet's final answers, and claiming the payments
+//! Settling orders with the wallet's final answers, and claiming the payments
 //! whose retry time has come.
 
 use diesel::prelude::*;
@@ -47,7 +47,7 @@ pub async fn settle_batch(
             let confirmed = finish(conn, &paid, OrderStatus::Confirmed, "").await?;
             let mut rejected =
                 finish(conn, &refused, OrderStatus::Rejected, RejectReason::InsufficientFunds.code()).await?;
-            // Items before holdings, each in key order (see the module's note on locks).
+            // Items before holdings, each in key order (see the lock note in orders/mod.rs).
             rejected.sort_by(|a, b| (&a.item_id, &a.user_id).cmp(&(&b.item_id, &b.user_id)));
             let mut versions = std::collections::HashMap::new();
             for order in &rejected {
