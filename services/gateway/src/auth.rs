@@ -90,7 +90,7 @@ impl Authenticator {
             .map_err(|_| GatewayError::Unauthenticated)?;
         let sub = data.claims.sub;
         // The subject becomes a key and a log field: keep it plain.
-        if sub.trim().is_empty() || sub.chars().count() > 128 || sub.chars().any(char::is_control) {
+        if flashsale_domain::UserId::check(&sub).is_err() {
             return Err(GatewayError::Unauthenticated);
         }
         let principal = Principal { admin: data.claims.roles.iter().any(|role| role == "admin"), user_id: sub };
