@@ -185,6 +185,26 @@ impl ServiceProcess {
     }
 }
 
+impl ServiceProcess {
+    /// Waits until the process's `/metrics` show `gauge` at `value` (30 s at most).
+    pub async fn wait_for_gauge(&self, gauge: &str, value: f64) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(samples) = scrape(&self.metrics_url()).await
+                && sum(&samples, gauge, &[]) == value
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{}: {gauge} did not reach {value}",
+                self.service.binary()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 impl BinarySuite {
     pub async fn spawn() -> anyhow::Result<Self> {
         Self::spawn_with_env(&[]).await
@@ -272,6 +292,10 @@ impl BinarySuite {
             ),
         )
         .await?;
+        // Health answers before the gateway has bound its own event queue;
+        // events published before that never reach it (its WatchOrder streams
+        // then learn by polling), so tests start once it consumes.
+        gateway.wait_for_gauge("flashsale_order_events_consumer_up", 1.0).await?;
         let gateway_channel =
             Channel::from_shared(format!("http://127.0.0.1:{}", gateway.grpc_port))?.connect().await?;
         Ok(Self {

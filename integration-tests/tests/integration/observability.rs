@@ -94,6 +94,7 @@ async fn metrics_of_each_service_agree_with_the_audit_after_a_storm() -> anyhow:
         "one confirmed publish per accepted order"
     );
     assert_eq!(sum(&gateway, "flashsale_redis_up", &[]), 1.0);
+    assert_eq!(sum(&gateway, "flashsale_order_events_consumer_up", &[]), 1.0);
 
     let inventory = scrape(&suite.inventory.metrics_url()).await?;
     assert_eq!(sum(&inventory, "flashsale_orders_final_total", &["status=\"CONFIRMED\""]), confirmed);
@@ -243,8 +244,12 @@ async fn the_binaries_export_one_trace_per_purchase_over_otlp() -> anyhow::Resul
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "no complete trace for {order_id}; received {:#?}",
-            spans.iter().filter(|s| !s.name.ends_with("/ListItems")).collect::<Vec<_>>()
+            "no complete trace for {order_id}; received (service, span, trace, parent): {:#?}",
+            spans
+                .iter()
+                .filter(|s| !s.name.ends_with("/ListItems"))
+                .map(|s| format!("{} {} {} {}", s.service, s.name, s.trace_id, s.parent_span_id))
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };

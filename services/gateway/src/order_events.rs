@@ -82,6 +82,11 @@ impl OrderEvents {
                 FieldTable::default(),
             )
             .await?;
+        // `flashsale_order_events_consumer_up`: 1 while both subscriptions are held.
+        // Until then this gateway's own queue is not bound, and the events
+        // published meanwhile never reach it (`WatchOrder` streams fall back to
+        // re-reading the order).
+        let _up = flashsale_messaging::SubscribedGauge::mark("flashsale_order_events_consumer_up");
         loop {
             tokio::select! {
                 delivery = shared.next() => match delivery {

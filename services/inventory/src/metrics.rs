@@ -41,23 +41,6 @@ pub fn final_state(order: &Order) {
     }
 }
 
-/// `flashsale_consumer_up`: 1 while the order consumer holds a subscription,
-/// 0 from the moment it loses it (dropped on every exit path of a session).
-pub struct ConsumerUp(());
-
-impl ConsumerUp {
-    pub fn mark() -> Self {
-        metrics::gauge!("flashsale_consumer_up").set(1.0);
-        Self(())
-    }
-}
-
-impl Drop for ConsumerUp {
-    fn drop(&mut self) {
-        metrics::gauge!("flashsale_consumer_up").set(0.0);
-    }
-}
-
 /// A recording attempt failed transiently and is retried in place:
 /// `flashsale_order_recording_retries_total` (a database outage shows here).
 pub fn recording_retried() {

@@ -87,7 +87,8 @@ impl OrderConsumer {
             )
             .await?;
         tracing::info!(queue = %self.options.topology.orders_queue, "consuming orders");
-        let _up = crate::metrics::ConsumerUp::mark();
+        // `flashsale_consumer_up`: 1 while this session holds the subscription.
+        let _up = flashsale_messaging::SubscribedGauge::mark("flashsale_consumer_up");
         // Payments run beside the consumer, at most `concurrency` at once.
         let payments = Arc::new(Semaphore::new(self.options.concurrency));
         // Most orders recorded in one transaction: half the prefetch, so the broker

@@ -17,6 +17,25 @@ pub enum ConsumeError {
     StreamEnded,
 }
 
+/// A gauge that reads 1 while a consumer holds its subscription and 0 from the
+/// moment it loses it: mark it once subscribed and keep the value for the
+/// session, so every exit path of the session (error, ended stream, shutdown)
+/// drops it.
+pub struct SubscribedGauge(&'static str);
+
+impl SubscribedGauge {
+    pub fn mark(name: &'static str) -> Self {
+        metrics::gauge!(name).set(1.0);
+        Self(name)
+    }
+}
+
+impl Drop for SubscribedGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(self.0).set(0.0);
+    }
+}
+
 /// Runs `attempt` until `shutdown`, starting it again after every failure with
 /// exponential back-off (100 ms, doubling, at most 5 s). Consumers and relays
 /// treat a broken connection or an ended stream as a fault and reconnect;
