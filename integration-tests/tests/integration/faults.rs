@@ -440,6 +440,49 @@ async fn a_purchase_whose_confirm_never_comes_is_accepted_and_goes_through_once(
     suite.shutdown().await
 }
 
+/// As above, and Redis then loses everything before the link returns (seed 1959
+/// of the soak: a broker restart, then a Redis restart). Redis held the only
+/// other copy of the order (its reservation, which the reconciler would
+/// publish), so the gateway itself keeps the unconfirmed order and publishes it
+/// again until the broker confirms it: the buyer told PENDING still gets the
+/// order, charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfirmed_order_goes_through_even_when_redis_is_lost_meanwhile() -> anyhow::Result<()> {
+    use flashsale_integration_tests::suite::SuiteOptions;
+
+    let (proxy, suite) = behind_a_broker_proxy(SuiteOptions {
+        publish_timeout_ms: Some(1_000),
+        unrecorded_grace_ms: Some(2_000),
+        ..SuiteOptions::default()
+    })
+    .await?;
+    create_item(&suite, "amnesia", 900, 1, 1).await?;
+    top_up(&suite, "iris", 1_000).await?;
+
+    proxy.blackhole();
+    let reply = suite
+        .buyers()
+        .purchase(suite.as_user(
+            "iris",
+            PurchaseRequest { item_id: "amnesia".into(), quantity: 1, idempotency_key: String::new() },
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(reply.status(), OrderStatus::Pending);
+    let flushed = suite.flush_redis().await?;
+    assert!(flushed > 0, "the reservation was not in Redis");
+    proxy.restore();
+
+    // Inventory's own table, not the gateway's view: the order was recorded and settled.
+    wait_until_settled(&suite.databases(), &BTreeSet::from([reply.order_id.clone()]), Duration::from_secs(40)).await?;
+    let order = final_order(&suite, "iris", &reply.order_id, Duration::from_secs(10)).await?;
+    assert_eq!(order.status(), OrderStatus::Confirmed, "{order:?}");
+    let report = audit(&suite.databases()).await?;
+    assert_eq!(report.orders.len(), 1, "{:?}", report.orders);
+    assert_eq!(report.confirmed_units.get("amnesia"), Some(&1));
+    suite.shutdown().await
+}
+
 /// A caller's deadline that passes mid-call is answered DEADLINE_EXCEEDED (tonic's
 /// own timer answers CANCELLED, which says someone cancelled the call), and the
 /// order the call may have placed is found by a retry under the same key.

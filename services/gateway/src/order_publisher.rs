@@ -9,7 +9,15 @@
 //! connect timeout, each holding a reservation meanwhile. A publish that fails
 //! drops only the channel it used, so a purchase that saw an old channel fail
 //! cannot throw away the fresh one another purchase is already using.
+//!
+//! A publish whose confirm never came ([`PublishFailure::Unknown`]) is kept
+//! here and sent again until the broker confirms it
+//! ([`OrderPublisher::publish_until_confirmed`]). The reservation in Redis lets
+//! the reconciler publish it too, but Redis may restart before the reconciler
+//! gets to it (it keeps no data across a restart), and then this copy is the
+//! only one left. Inventory records one order per id, so a second copy is harmless.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -52,7 +60,15 @@ pub struct OrderPublisher {
     /// Wakes the reconnector when a purchase finds no usable channel.
     wanted: Notify,
     generations: AtomicU64,
+    /// Orders whose publish went unanswered, by id, until a confirm comes.
+    unconfirmed: Mutex<HashMap<String, OrderPlaced>>,
+    /// Wakes the republisher when an order joins `unconfirmed`.
+    unconfirmed_added: Notify,
 }
+
+/// At most this many unconfirmed orders are kept in memory (a few hundred bytes
+/// each); past it, the reservation in Redis and the reconciler are their only copy.
+const MAX_UNCONFIRMED: usize = 100_000;
 
 impl OrderPublisher {
     pub fn new(amqp_addr: String, topology: Topology, timeout: Duration) -> Self {
@@ -63,6 +79,8 @@ impl OrderPublisher {
             current: Mutex::new(None),
             wanted: Notify::new(),
             generations: AtomicU64::new(0),
+            unconfirmed: Mutex::new(HashMap::new()),
+            unconfirmed_added: Notify::new(),
         }
     }
 
@@ -183,7 +201,74 @@ impl OrderPublisher {
         })
     }
 
+    /// Keeps `order` (whose publish went unanswered) and publishes it again until
+    /// the broker confirms it. False when the in-memory set is full.
+    pub fn publish_until_confirmed(&self, order: OrderPlaced) -> bool {
+        let mut unconfirmed = self.unconfirmed.lock();
+        if unconfirmed.len() >= MAX_UNCONFIRMED && !unconfirmed.contains_key(&order.order_id) {
+            return false;
+        }
+        unconfirmed.insert(order.order_id.clone(), order);
+        metrics::gauge!("flashsale_unconfirmed_orders").set(unconfirmed.len() as f64);
+        drop(unconfirmed);
+        self.unconfirmed_added.notify_one();
+        true
+    }
+
+    /// Publishes the orders kept by [`OrderPublisher::publish_until_confirmed`]
+    /// until each is confirmed, backing off (100 ms doubling to 5 s) while the
+    /// broker fails, until `shutdown`; then makes one last attempt.
+    pub async fn run_republisher(self: Arc<Self>, shutdown: CancellationToken) {
+        metrics::gauge!("flashsale_unconfirmed_orders").set(0.0);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let confirmed_all = self.republish_once().await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if confirmed_all {
+                backoff = Duration::from_millis(100);
+                tokio::select! {
+                    () = self.unconfirmed_added.notified() => {}
+                    () = shutdown.cancelled() => {}
+                }
+            } else {
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.cancelled() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+
+    /// One pass over the unconfirmed orders, stopping at the first failure:
+    /// whether every one was confirmed.
+    async fn republish_once(&self) -> bool {
+        let orders: Vec<OrderPlaced> = self.unconfirmed.lock().values().cloned().collect();
+        for order in orders {
+            let span = flashsale_telemetry::unrecorded_span("unconfirmed-order republish");
+            if let Err(e) = self.publish(&order).instrument(span).await {
+                tracing::debug!(error = %e, order.id = %order.order_id, "republishing an unconfirmed order failed");
+                return false;
+            }
+            let mut unconfirmed = self.unconfirmed.lock();
+            unconfirmed.remove(&order.order_id);
+            metrics::gauge!("flashsale_unconfirmed_orders").set(unconfirmed.len() as f64);
+            drop(unconfirmed);
+            tracing::info!(order.id = %order.order_id, "an order whose publish went unanswered is confirmed now");
+        }
+        true
+    }
+
     pub async fn close(&self) {
+        let left = self.unconfirmed.lock().len();
+        if left > 0 {
+            tracing::warn!(
+                orders = left,
+                "unconfirmed orders left to the reconciler (their reservations are in Redis)"
+            );
+        }
         let live = self.current.lock().take();
         if let Some(live) = live {
             let _ = live.connection.close(200, "shutdown".into()).await;

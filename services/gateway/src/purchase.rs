@@ -253,12 +253,16 @@ impl Purchases {
                 return Err(GatewayError::Unavailable(Box::new(error)));
             }
             Err(PublishFailure::Unknown(error)) => {
-                // Perhaps queued, and if not, the reconciler publishes the kept
-                // reservation after its grace (inventory keeps one copy per order
-                // id). Either way the order goes through, so the buyer is told so,
-                // with its id to follow: answering UNAVAILABLE here would tell a
-                // buyer "nothing was bought" who is charged a minute later.
+                // Perhaps queued, and if not, the publisher sends it again until
+                // confirmed, and the reconciler publishes the kept reservation
+                // after its grace (inventory keeps one copy per order id). Either
+                // way the order goes through, so the buyer is told so, with its id
+                // to follow: answering UNAVAILABLE here would tell a buyer "nothing
+                // was bought" who is charged a minute later.
                 tracing::warn!(error = %error, order.id = %attempt.order_id, "publish outcome unknown; the order stays accepted");
+                if !self.publisher.publish_until_confirmed(placed_message(&record)) {
+                    tracing::warn!(order.id = %attempt.order_id, "too many unconfirmed orders kept; this one is left to the reconciler");
+                }
             }
         }
         tracing::debug!(order.id = %attempt.order_id, item.id = %attempt.item.id, user.id = %buyer.user_id, "order accepted");

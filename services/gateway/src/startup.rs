@@ -170,6 +170,7 @@ impl Application {
         let tasks = [
             self.metrics.spawn(background.clone()),
             tokio::spawn(api.purchases.publisher.clone().run_reconnector(background.clone())),
+            tokio::spawn(api.purchases.publisher.clone().run_republisher(background.clone())),
             tokio::spawn(reconciler),
             tokio::spawn(events.run(background.clone())),
             tokio::spawn(api.catalog.clone().run_refresher(
