@@ -17,8 +17,10 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// The range ports are taken from: above the well-known and the usual
-/// fixed service ports of this suite's backing servers, below the ephemeral range.
+/// The range ports are taken from: clear of the well-known ports and of the
+/// services' default ports (8080, 9091–9093, 50051–50053), below the ephemeral
+/// range. It holds RabbitMQ's default distribution port 25672; a port in use
+/// (by the machine's node or anyone else) fails the bind check and is skipped.
 const FIRST: u32 = 20_000;
 const LAST: u32 = 32_000;
 

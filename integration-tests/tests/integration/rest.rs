@@ -360,6 +360,17 @@ async fn rest_errors_carry_the_reason_and_http_status_of_the_table() -> anyhow::
         StatusCode::UNPROCESSABLE_ENTITY,
         "IDEMPOTENCY_KEY_REUSED",
     );
+    // A top-up key is at most 121 characters: the wallet files it under `top-up:`,
+    // and the whole must be a 128-character key. One more is refused and credits nothing.
+    let keyed = |key: String| json!({"amount": {"currency": "USD", "amount_minor": 1}, "idempotency_key": key});
+    assert_eq!(rest.post("/v1/admin/users/dan/top-up", &admin, keyed("k".repeat(121))).await?.0, StatusCode::OK);
+    expect(
+        rest.post("/v1/admin/users/dan/top-up", &admin, keyed("k".repeat(122))).await?,
+        StatusCode::BAD_REQUEST,
+        "INVALID_ARGUMENT",
+    );
+    let (_, wallet) = rest.get("/v1/wallet", &suite.token("dan", false)).await?;
+    assert_eq!(wallet["balances"][0]["amount_minor"].as_i64(), Some(101), "{wallet}");
 
     // 409 PURCHASE_IN_PROGRESS and 503 UNAVAILABLE (with Retry-After), wallet down.
     top_up(&suite, "eve", 1_000).await?;

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use flashsale_domain::{ItemId, OrderId, TopUpKey};
 use flashsale_proto::common::v1::{self as pb, OrderStatus};
 use flashsale_proto::gateway::v1::*;
 use flashsale_proto::inventory::v1 as inventory;
@@ -18,13 +19,8 @@ use tracing::Instrument;
 use crate::auth::{Authenticator, Principal};
 use crate::catalog::Catalog;
 use crate::error::GatewayError;
-use flashsale_domain::{ItemId, OrderId};
-
 use crate::purchase::{Purchases, public_status};
 use crate::upstream::{Upstreams, request, retry_if_lost};
-
-/// Prefix of every top-up's key in the wallet (the operator's key follows it).
-pub const TOP_UP_KEY_PREFIX: &str = "top-up:";
 
 /// How often an order watch re-reads the order in case an event was missed
 /// (consumer reconnecting, broadcast lag).
@@ -300,14 +296,8 @@ impl Operations {
     pub async fn top_up(&self, caller: &Principal, req: TopUpRequest) -> Result<TopUpResponse, GatewayError> {
         caller.require_admin()?;
         let TopUpRequest { user_id, amount, idempotency_key } = req;
-        // The wallet has one key space for every movement; top-ups get their own
-        // corner of it, so an operator's key can never equal a purchase's debit
-        // key (the order id) or a refund's (`refund:<order id>`) and block it.
-        let idempotency_key = if idempotency_key.is_empty() {
-            format!("{TOP_UP_KEY_PREFIX}auto:{}", uuid::Uuid::now_v7())
-        } else {
-            format!("{TOP_UP_KEY_PREFIX}{idempotency_key}")
-        };
+        // Top-ups have their own corner of the wallet's key space (`TopUpKey`).
+        let idempotency_key = TopUpKey::scoped(&idempotency_key)?.into_string();
         // Under its key, a second attempt cannot credit twice.
         let reply = retry_if_lost(|| {
             let mut client = self.upstreams.wallet.clone();

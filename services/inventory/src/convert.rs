@@ -6,7 +6,10 @@ use flashsale_proto::common::v1 as pb;
 use flashsale_proto::inventory::v1::CreateItemRequest;
 
 use crate::db::models::{Item, Order};
-use crate::domain::{ItemSpec, MAX_PRICE_MINOR, MAX_STOCK, OrderStatus, parse_currency, parse_item_id};
+use crate::domain::{
+    ItemSpec, MAX_ITEM_NAME_CHARS, MAX_PER_USER_LIMIT, MAX_PRICE_MINOR, MAX_STOCK, OrderStatus, parse_currency,
+    parse_item_id,
+};
 use crate::error::InventoryError;
 
 pub(crate) use flashsale_domain::time::from_datetime as timestamp;
@@ -27,7 +30,7 @@ impl TryFrom<CreateItemRequest> for ItemSpec {
         let CreateItemRequest { id, name, price, stock_total, per_user_limit, starts_at, ends_at } = request;
         let id = if id.is_empty() { uuid::Uuid::now_v7().simple().to_string() } else { parse_item_id(&id)?.to_owned() };
         let name = name.trim().to_owned();
-        if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+        if name.is_empty() || name.chars().count() > MAX_ITEM_NAME_CHARS || name.chars().any(char::is_control) {
             return Err(InventoryError::invalid("name", "must be 1..=200 characters without control characters"));
         }
         let pb::Money { currency, amount_minor } =
@@ -39,7 +42,7 @@ impl TryFrom<CreateItemRequest> for ItemSpec {
         if stock_total > MAX_STOCK {
             return Err(InventoryError::invalid("stock_total", "must be at most 10^9"));
         }
-        if per_user_limit == 0 || per_user_limit > 1_000 {
+        if per_user_limit == 0 || per_user_limit > MAX_PER_USER_LIMIT {
             return Err(InventoryError::invalid("per_user_limit", "must be between 1 and 1000"));
         }
         let starts_at = parse_timestamp("starts_at", starts_at)?;

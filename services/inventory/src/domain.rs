@@ -73,10 +73,7 @@ impl RejectReason {
     }
 }
 
-/// Largest stock of one item (fits PostgreSQL INTEGER with room to spare).
-pub const MAX_STOCK: u32 = 1_000_000_000;
-/// Largest unit price, in minor units.
-pub const MAX_PRICE_MINOR: i64 = 1_000_000_000_000;
+pub use flashsale_domain::{MAX_ITEM_NAME_CHARS, MAX_PAGE_SIZE, MAX_PER_USER_LIMIT, MAX_PRICE_MINOR, MAX_STOCK};
 
 /// A validated CreateItem request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,7 +120,7 @@ impl Page {
     pub fn parse(size: u32, token: &str, default_size: u32) -> Result<Self, InventoryError> {
         let size = match size {
             0 => default_size,
-            1..=500 => size,
+            1..=MAX_PAGE_SIZE => size,
             _ => return Err(InventoryError::invalid("page_size", "must be at most 500")),
         };
         let after = if token.is_empty() {

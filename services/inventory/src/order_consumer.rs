@@ -349,9 +349,9 @@ pub fn decode(data: &[u8]) -> Result<Placed, InventoryError> {
     let OrderPlaced { order_id, user_id, item_id, quantity, amount, idempotency_key, placed_at: _ } =
         OrderPlaced::decode(data).map_err(|_| InventoryError::invalid("message", "not an OrderPlaced"))?;
     let Money { currency, amount_minor } = amount.ok_or_else(|| InventoryError::invalid("amount", "is required"))?;
-    let quantity = i32::try_from(quantity)
-        .ok()
-        .filter(|q| (1..=1_000).contains(q))
+    let quantity = Some(quantity)
+        .filter(|q| (1..=flashsale_domain::MAX_PER_USER_LIMIT).contains(q))
+        .and_then(|q| i32::try_from(q).ok())
         .ok_or_else(|| InventoryError::invalid("quantity", "must be 1..=1000"))?;
     // The gateway's rules (one home: `flashsale-domain`), and what the orders
     // table's CHECKs demand, checked here so a malformed message is rejected

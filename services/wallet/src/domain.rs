@@ -66,7 +66,7 @@ pub struct Page {
 
 impl Page {
     pub const DEFAULT_SIZE: u32 = 50;
-    pub const MAX_SIZE: u32 = 500;
+    pub const MAX_SIZE: u32 = flashsale_domain::MAX_PAGE_SIZE;
 
     /// `token` is the `next_page_token` a previous page returned (opaque to
     /// clients; today the last id seen).

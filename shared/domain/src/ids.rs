@@ -90,6 +90,35 @@ impl IdempotencyKey {
     }
 }
 
+/// An operator's key for a top-up. The wallet has one key space for every
+/// movement, so the gateway files top-ups under [`TopUpKey::SCOPE`]: an
+/// operator's key can then never equal a purchase's debit key (the order id) or
+/// a refund's (`refund:<order id>`) and block it. The scoped whole must still be
+/// an [`IdempotencyKey`], which leaves the operator [`TopUpKey::MAX_LEN`] characters.
+pub struct TopUpKey;
+
+impl TopUpKey {
+    pub const SCOPE: &'static str = "top-up:";
+    pub const MAX_LEN: usize = IdempotencyKey::MAX_LEN - Self::SCOPE.len();
+    pub const PATTERN: &'static str = "^[!-~]{1,121}$";
+    pub const RULE: &'static str = "must be 1..=121 visible ASCII characters";
+
+    /// The wallet's key for a top-up under the operator's `raw` key; without
+    /// one (empty), a fresh key, so each such call is its own top-up.
+    pub fn scoped(raw: &str) -> Result<IdempotencyKey, Invalid> {
+        let scoped = if raw.is_empty() {
+            format!("{}auto:{}", Self::SCOPE, uuid::Uuid::now_v7())
+        } else {
+            let ok = raw.len() <= Self::MAX_LEN && raw.bytes().all(|b| b.is_ascii_graphic());
+            if !ok {
+                return Err(Invalid { field: "idempotency_key", rule: Self::RULE });
+            }
+            format!("{}{raw}", Self::SCOPE)
+        };
+        IdempotencyKey::parse(&scoped)
+    }
+}
+
 /// Order ids are UUIDs (v7, chosen by the gateway when it admits the order).
 pub struct OrderId;
 
@@ -176,6 +205,12 @@ mod tests {
     #[test]
     fn order_ids_follow_their_pattern() {
         agree(OrderId::PATTERN, |s| OrderId::parse(s).is_ok(), &[]);
+        agree(TopUpKey::PATTERN, |s| !s.is_empty() && TopUpKey::scoped(s).is_ok(), &[long(121, 'k'), long(122, 'k')]);
+        // The longest operator key still makes a valid wallet key, and the
+        // pattern's bound is the one computed from the scope.
+        assert_eq!(TopUpKey::MAX_LEN, 121);
+        assert_eq!(TopUpKey::scoped(&long(121, 'k')).map(|k| k.as_str().len()), Ok(IdempotencyKey::MAX_LEN));
+        assert!(TopUpKey::scoped("").is_ok_and(|k| k.as_str().starts_with("top-up:auto:")));
     }
 
     #[test]

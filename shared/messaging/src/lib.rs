@@ -2,9 +2,9 @@
 //! topology both sides must agree on, connecting, and publishing that waits for
 //! the broker's confirm. Payloads are proto messages encoded by the callers.
 //!
-//! By concern: [`topology`] (names and declarations), [`publisher`] (publishing
-//! with confirms), [`consume`] (supervised consumers, trace context in
-//! headers), [`dead_letters`] (setting messages aside, listing, replaying).
+//! By concern: `topology.rs` (names and declarations), `publisher.rs` (publishing
+//! with confirms), `consume.rs` (supervised consumers, trace context in
+//! headers), `dead_letters.rs` (setting messages aside, listing, replaying).
 
 mod consume;
 mod dead_letters;

@@ -14,8 +14,8 @@
 //!   [`traceparent`] carry it over any header map (gRPC metadata, AMQP headers,
 //!   a database column).
 //!
-//! By concern: [`logs`] (the JSON log layer), [`sampling`] (which requests get
-//! spans, decided at the edge), [`propagation`] (trace context in and out);
+//! By concern: `logs.rs` (the JSON log layer), `sampling.rs` (which requests get
+//! spans, decided at the edge), `propagation.rs` (trace context in and out);
 //! installing the subscriber is here.
 
 mod logs;

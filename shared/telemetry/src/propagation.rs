@@ -7,10 +7,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::exporting;
 
 /// Writes `span`'s trace context (W3C `traceparent`, `tracestate`) into `carrier`.
-/// Writes nothing when the span is not traced.
-/// When `span` is no span (its request was not sampled), writes a
-/// `traceparent` marked not sampled, so that the next hop does not sample the
-/// same request again as if it started there. Writes nothing when not exporting.
+/// When `span` is no span (its request was not sampled), writes a fresh
+/// `traceparent` marked not sampled instead, so that the next hop does not
+/// sample the same request again as if it started there. Writes nothing when
+/// not exporting.
 pub fn inject(span: &tracing::Span, carrier: &mut dyn Injector) {
     if !exporting() {
         return;
@@ -30,8 +30,9 @@ fn unsampled_traceparent() -> String {
     format!("00-{:032x}-{:016x}-00", trace.max(1), span.max(1))
 }
 
-/// `span`'s W3C `traceparent`, to keep where headers cannot go (a database row
-/// that becomes a message later). `None` when the span is not traced.
+/// `span`'s W3C `traceparent` as [`inject`] writes it (marked not sampled when
+/// `span` is no span), to keep where headers cannot go (a database row that
+/// becomes a message later). `None` when not exporting.
 pub fn traceparent(span: &tracing::Span) -> Option<String> {
     let mut carrier = TraceParent(None);
     inject(span, &mut carrier);

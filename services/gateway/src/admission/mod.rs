@@ -2,7 +2,7 @@
 //! in-flight marks and idempotency keys, changed only by the Lua scripts in
 //! `src/lua/`, each one atomic and touching only keys of one item (hash tag
 //! `{ITEM}`), so it runs unchanged on Redis Cluster. Key names, each script's
-//! `KEYS` and the value encodings are [`protocol`]'s; every key, its type, its
+//! `KEYS` and the value encodings are `protocol.rs`'s; every key, its type, its
 //! encoding and who writes and reads it: `services/DESIGN.md`, "Redis keys".
 //!
 //! The hot path (`admit`) uses one multiplexed `ConnectionManager`: concurrent

@@ -4,7 +4,7 @@
 //! the sold-out flags are cleared by order events and checked against Redis.
 //!
 //! Each item's sold-out state machine (what the gateway may answer from
-//! memory once an item sold out, and when it must ask Redis) is [`sold_out`].
+//! memory once an item sold out, and when it must ask Redis) is `sold_out.rs`.
 
 mod sold_out;
 
@@ -160,7 +160,7 @@ impl Catalog {
             let page = crate::upstream::retry_if_lost(|| {
                 let mut client = self.upstreams.inventory.clone();
                 let listing = ListItemsRequest {
-                    page_size: 500,
+                    page_size: flashsale_domain::MAX_PAGE_SIZE,
                     page_token: token.clone(),
                     ending_after: Some(prost_types::Timestamp::from(horizon)),
                 };

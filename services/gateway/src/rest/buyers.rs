@@ -6,6 +6,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::response::sse::{Event, KeepAlive, Sse};
+use flashsale_domain::IdempotencyKey;
 use flashsale_proto::gateway::v1 as gw;
 use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -80,7 +81,8 @@ pub(super) async fn purchase(
         None => String::new(),
         Some(value) => match value.to_str() {
             Ok(key) if !key.is_empty() => key.to_owned(),
-            _ => return Err(ApiError::invalid("invalid Idempotency-Key: must be 1..=128 visible ASCII characters")),
+            // Not text at all; text is checked by the same rule as gRPC's field.
+            _ => return Err(ApiError::invalid(format!("invalid Idempotency-Key: {}", IdempotencyKey::RULE))),
         },
     };
     let PurchaseBody { item_id, quantity } = body;

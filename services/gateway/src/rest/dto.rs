@@ -3,6 +3,8 @@
 //! `"ORDER_STATUS_PENDING"`); timestamps are RFC 3339; money is integer minor
 //! units with an ISO 4217 code. Conversions destructure the proto messages fully,
 //! so a new proto field fails to compile here until the JSON side decides on it.
+//! The patterns and numeric bounds the document publishes for these fields are
+//! set by `rules.rs`, from the constants the services check with.
 
 use chrono::{DateTime, Utc};
 use flashsale_proto::common::v1 as pb;
@@ -36,7 +38,7 @@ pub struct Price {
     /// ISO 4217 code, e.g. `USD`.
     #[schema(example = "USD")]
     pub currency: String,
-    #[schema(example = 2500, minimum = 1, maximum = 1_000_000_000_000_i64)]
+    #[schema(example = 2500)]
     pub amount_minor: i64,
 }
 
@@ -47,7 +49,7 @@ pub struct Amount {
     /// ISO 4217 code, e.g. `USD`.
     #[schema(example = "USD")]
     pub currency: String,
-    #[schema(example = 10_000, minimum = 1, maximum = 1_000_000_000_000_000_i64)]
+    #[schema(example = 10_000)]
     pub amount_minor: i64,
 }
 
@@ -199,7 +201,6 @@ impl From<pb::Order> for Order {
 #[into_params(parameter_in = Query)]
 pub struct Page {
     /// At most this many entries (0 or absent: the default).
-    #[param(maximum = 500)]
     pub page_size: Option<u32>,
     /// `next_page_token` of the previous page (opaque; only tokens this API issued are accepted).
     #[param(max_length = 512)]
@@ -241,7 +242,7 @@ pub struct PurchaseBody {
     #[schema(example = "demo-drop")]
     pub item_id: String,
     /// 1 up to the item's per-user limit.
-    #[schema(example = 1, minimum = 1, maximum = 1000)]
+    #[schema(example = 1)]
     pub quantity: u32,
 }
 
@@ -283,9 +284,7 @@ pub struct CreateItemBody {
     #[schema(example = "Limited sneakers", pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]{1,200}$")]
     pub name: String,
     pub price: Price,
-    #[schema(maximum = 1_000_000_000)]
     pub stock_total: u32,
-    #[schema(minimum = 1, maximum = 1000)]
     pub per_user_limit: u32,
     pub starts_at: DateTime<Utc>,
     /// After `starts_at`.
@@ -312,7 +311,7 @@ impl From<CreateItemBody> for gw::CreateItemRequest {
 #[serde(deny_unknown_fields)]
 pub struct TopUpBody {
     pub amount: Amount,
-    /// Makes a retried top-up credit once; a fresh key is made when absent.
+    /// Makes a retried top-up credit once (1..=121 visible ASCII); a fresh key is made when absent.
     #[serde(default)]
     pub idempotency_key: Option<String>,
 }

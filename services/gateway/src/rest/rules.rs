@@ -1,10 +1,15 @@
 //! The value rules in the OpenAPI document come from `flashsale-domain`, the
 //! same constants the services check with, so the published contract cannot
 //! drift from what the gateway, inventory and wallet accept. (utoipa takes
-//! only string literals in its `pattern` attributes, so the patterns are set
-//! here, on the built document, instead of in the handlers' annotations.)
+//! only literals in its `pattern`, `minimum` and `maximum` attributes, so the
+//! rules are set here, on the built document, instead of in the handlers'
+//! annotations.)
 
-use flashsale_domain::{Currency, IdempotencyKey, ItemId, OrderId, UserId};
+use flashsale_domain::{
+    Currency, IdempotencyKey, ItemId, MAX_AMOUNT_MINOR, MAX_PAGE_SIZE, MAX_PER_USER_LIMIT, MAX_PRICE_MINOR, MAX_STOCK,
+    OrderId, TopUpKey, UserId,
+};
+use utoipa::Number;
 use utoipa::openapi::schema::Schema;
 use utoipa::openapi::{OpenApi, RefOr};
 
@@ -21,12 +26,24 @@ const PARAMETERS: &[(&str, &str)] = &[
 const PROPERTIES: &[(&str, &str, &str)] = &[
     ("PurchaseBody", "item_id", ItemId::PATTERN),
     ("CreateItemBody", "id", ItemId::PATTERN),
-    ("TopUpBody", "idempotency_key", IdempotencyKey::PATTERN),
+    ("TopUpBody", "idempotency_key", TopUpKey::PATTERN),
     ("Price", "currency", Currency::PATTERN),
     ("Amount", "currency", Currency::PATTERN),
 ];
 
-/// Sets every rule's pattern. Returns the property rules that found no such
+/// Numeric request body properties: schema, property, minimum, maximum.
+const BOUNDS: &[(&str, &str, Option<i64>, i64)] = &[
+    ("Price", "amount_minor", Some(1), MAX_PRICE_MINOR),
+    ("Amount", "amount_minor", Some(1), MAX_AMOUNT_MINOR),
+    ("PurchaseBody", "quantity", Some(1), MAX_PER_USER_LIMIT as i64),
+    ("CreateItemBody", "stock_total", None, MAX_STOCK as i64),
+    ("CreateItemBody", "per_user_limit", Some(1), MAX_PER_USER_LIMIT as i64),
+];
+
+/// Numeric parameters: name, maximum.
+const PARAMETER_BOUNDS: &[(&str, i64)] = &[("page_size", MAX_PAGE_SIZE as i64)];
+
+/// Sets every rule's pattern and bounds. Returns the property rules that found no such
 /// schema property (a test keeps that empty, so a renamed field cannot
 /// silently lose its pattern).
 pub(super) fn apply(spec: &mut OpenApi) -> Vec<String> {
@@ -40,12 +57,24 @@ pub(super) fn apply(spec: &mut OpenApi) -> Vec<String> {
                 {
                     set_pattern(schema, pattern);
                 }
+                if let Some((_, maximum)) = PARAMETER_BOUNDS.iter().find(|(name, _)| *name == parameter.name)
+                    && let Some(schema) = parameter.schema.as_mut()
+                {
+                    set_bounds(schema, None, *maximum);
+                }
             }
         }
     }
     let mut missing = Vec::new();
     for (schema_name, property, pattern) in PROPERTIES {
         let found = spec_property(spec, schema_name, property).map(|schema| set_pattern(schema, pattern)).is_some();
+        if !found {
+            missing.push(format!("{schema_name}.{property}"));
+        }
+    }
+    for (schema_name, property, minimum, maximum) in BOUNDS {
+        let found =
+            spec_property(spec, schema_name, property).map(|schema| set_bounds(schema, *minimum, *maximum)).is_some();
         if !found {
             missing.push(format!("{schema_name}.{property}"));
         }
@@ -71,20 +100,50 @@ fn set_pattern(schema: &mut RefOr<Schema>, pattern: &str) {
     }
 }
 
+/// On a number schema, or on the number member of an `Option`'s composite.
+fn set_bounds(schema: &mut RefOr<Schema>, minimum: Option<i64>, maximum: i64) {
+    let number = |n: i64| Number::Int(isize::try_from(n).unwrap_or(isize::MAX));
+    match schema {
+        RefOr::T(Schema::Object(object)) => {
+            if let Some(minimum) = minimum {
+                object.minimum = Some(number(minimum));
+            }
+            object.maximum = Some(number(maximum));
+        }
+        RefOr::T(Schema::OneOf(one_of)) => one_of.items.iter_mut().for_each(|s| set_bounds(s, minimum, maximum)),
+        RefOr::T(Schema::AllOf(all_of)) => all_of.items.iter_mut().for_each(|s| set_bounds(s, minimum, maximum)),
+        RefOr::T(Schema::AnyOf(any_of)) => any_of.items.iter_mut().for_each(|s| set_bounds(s, minimum, maximum)),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn every_rule_lands_on_its_field() {
-        let mut spec = super::super::api_routes().1;
-        assert_eq!(apply(&mut spec), Vec::<String>::new());
+        // The document as served at /openapi.json.
+        let spec = super::super::openapi();
+        // Every property rule names a property that exists.
+        assert_eq!(apply(&mut spec.clone()), Vec::<String>::new());
         let json = serde_json::to_value(&spec).unwrap();
         let pattern_of = |pointer: &str| json.pointer(pointer).and_then(|v| v.as_str()).map(str::to_owned);
         let schema = |name: &str, property: &str| format!("/components/schemas/{name}/properties/{property}/pattern");
         assert_eq!(pattern_of(&schema("PurchaseBody", "item_id")).as_deref(), Some(ItemId::PATTERN));
         assert_eq!(pattern_of(&schema("CreateItemBody", "id")).as_deref(), Some(ItemId::PATTERN));
         assert_eq!(pattern_of(&schema("Price", "currency")).as_deref(), Some(Currency::PATTERN));
+        let bound = |name: &str, property: &str, which: &str| {
+            json.pointer(&format!("/components/schemas/{name}/properties/{property}/{which}")).and_then(|v| v.as_i64())
+        };
+        assert_eq!(bound("Price", "amount_minor", "maximum"), Some(MAX_PRICE_MINOR));
+        assert_eq!(bound("Amount", "amount_minor", "maximum"), Some(MAX_AMOUNT_MINOR));
+        assert_eq!(bound("PurchaseBody", "quantity", "maximum"), Some(i64::from(MAX_PER_USER_LIMIT)));
+        assert_eq!(bound("CreateItemBody", "per_user_limit", "minimum"), Some(1));
+        assert_eq!(bound("CreateItemBody", "stock_total", "maximum"), Some(i64::from(MAX_STOCK)));
+        // Properties that are `Option`s carry the pattern on their string member.
+        let text = json.pointer("/components/schemas/TopUpBody/properties/idempotency_key").unwrap().to_string();
+        assert!(text.contains(&serde_json::to_string(TopUpKey::PATTERN).unwrap()), "{text}");
         // Every parameter the table names carries its pattern wherever it appears.
         let mut seen = std::collections::BTreeSet::new();
         for (path, item) in json["paths"].as_object().unwrap() {
@@ -98,6 +157,19 @@ mod tests {
                     }
                 }
             }
+        }
+        let page_sizes: Vec<String> = json["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|item| item.as_object().unwrap().values())
+            .flat_map(|operation| operation["parameters"].as_array().cloned().unwrap_or_default())
+            .filter(|parameter| parameter["name"] == "page_size")
+            .map(|parameter| parameter["schema"].to_string())
+            .collect();
+        assert!(!page_sizes.is_empty(), "no page_size parameter");
+        for text in page_sizes {
+            assert!(text.contains(&format!("\"maximum\":{MAX_PAGE_SIZE}")), "page_size: {text}");
         }
         let named: std::collections::BTreeSet<String> = PARAMETERS.iter().map(|(n, _)| (*n).to_owned()).collect();
         assert_eq!(seen, named, "a parameter rule matches no parameter");

@@ -10,9 +10,9 @@
 //! transaction that touches both (and items by id within a batch), so
 //! concurrent transactions cannot deadlock.
 //!
-//! The statements by concern: [`record`] (admitted orders, judged and written
-//! per batch), [`settle`] (the wallet's answers, payment retries), [`refund`],
-//! and [`stock`], the guarded updates of stock and holdings they share.
+//! The statements by concern: `record.rs` (admitted orders, judged and written
+//! per batch), `settle.rs` (the wallet's answers, payment retries), `refund.rs`,
+//! and `stock.rs`, the guarded updates of stock and holdings they share.
 
 mod record;
 mod refund;

@@ -8,8 +8,8 @@
 //!   what it recorded: the ledger entry, or the refusal for insufficient funds;
 //! - no overflow: the credit adds only `WHERE balance_minor <= i64::MAX - amount`.
 //!
-//! By concern: [`movement`] (one credit or debit), [`batch`] (many in one
-//! transaction), [`reads`] (balances, history); the idempotency-key claim, the
+//! By concern: `movement.rs` (one credit or debit), `batch.rs` (many in one
+//! transaction), `reads.rs` (balances, history); the idempotency-key claim, the
 //! guarded balance updates and the replay they share are here.
 
 mod batch;
