@@ -2,7 +2,8 @@
 # Runs every check and test of the repository, the same way on a laptop and in CI:
 # backing services up, proto lint, format and lint checks, the Rust unit and
 # integration tests (real PostgreSQL, Redis, RabbitMQ; the storefront in headless
-# Chromium; schemathesis against /openapi.json), and the independent Python gRPC client.
+# Chromium; schemathesis against /openapi.json), the deployment files' offline
+# checks, and the independent Python gRPC client.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -37,7 +38,13 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
   }
 fi
-"$VENV/bin/pip" install --quiet --disable-pip-version-check -r integration-tests/python/requirements.txt
+"$VENV/bin/pip" install --quiet --disable-pip-version-check -r integration-tests/python/requirements.txt \
+  -r deploy/lint-requirements.txt
+
+step "deploy files: hadolint (Dockerfile), the Compose specification's schema, yamllint"
+"$VENV/bin/hadolint" deploy/docker/Dockerfile
+"$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose/compose.yaml
+"$VENV/bin/yamllint" --strict -c deploy/yamllint.yaml deploy
 
 step "cargo test --workspace (screenshots and reports: target/test-output/)"
 cargo test --workspace

@@ -172,3 +172,32 @@ async fn every_service_reports_its_apis_serving() -> anyhow::Result<()> {
     }
     suite.shutdown().await
 }
+
+/// `flashsale-<service> health`, the container health check: exit 0 while the
+/// service on its listen address answers SERVING, non-zero once it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_command_exits_zero_only_while_the_service_serves() -> anyhow::Result<()> {
+    let mut suite = flashsale_integration_tests::binaries::BinarySuite::spawn().await?;
+    let health = |binary: &str, listen_var: &str, port: u16| -> anyhow::Result<std::process::ExitStatus> {
+        Ok(std::process::Command::new(service_binary(binary)?)
+            .arg("health")
+            // The probe asks this host when the service listens on every interface.
+            .env(listen_var, format!("0.0.0.0:{port}"))
+            .env("JWT_SECRET", "a-secret-of-at-least-thirty-two-bytes")
+            .stderr(Stdio::null())
+            .status()?)
+    };
+    let services = [
+        ("flashsale-wallet", "WALLET_LISTEN_ADDR", suite.wallet.grpc_port),
+        ("flashsale-inventory", "INVENTORY_LISTEN_ADDR", suite.inventory.grpc_port),
+        ("flashsale-gateway", "GATEWAY_LISTEN_ADDR", suite.gateway.grpc_port),
+    ];
+    for (binary, listen_var, port) in services {
+        assert!(health(binary, listen_var, port)?.success(), "{binary} health failed while serving");
+    }
+    let wallet_port = suite.wallet.grpc_port;
+    suite.wallet.kill().await?;
+    assert!(!health("flashsale-wallet", "WALLET_LISTEN_ADDR", wallet_port)?.success(), "healthy with no wallet");
+    suite.wallet.restart_without("FAILPOINTS").await?;
+    suite.shutdown().await
+}

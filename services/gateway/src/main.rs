@@ -1,4 +1,4 @@
-//! `flashsale-gateway`: run the gateway, or mint a development token.
+//! `flashsale-gateway`: run the gateway, mint a development token, or check its health.
 
 use std::time::Duration;
 
@@ -26,6 +26,8 @@ enum Command {
     Serve,
     /// Print a signed development token (HS256 with JWT_SECRET).
     Token(TokenArgs),
+    /// Exit 0 if the gateway on the listen address reports SERVING (container health checks).
+    Health,
 }
 
 #[derive(Debug, Args)]
@@ -63,6 +65,9 @@ fn main() -> std::process::ExitCode {
 
 async fn run() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Health) = &cli.command {
+        return flashsale_server::probe("gateway", cli.config.listen_addr).await;
+    }
     if let Some(Command::Token(args)) = &cli.command {
         return match flashsale_gateway::auth::mint(&args.jwt_secret, &args.sub, args.admin, args.ttl) {
             Ok(token) => {

@@ -28,6 +28,8 @@ enum Command {
     /// database, or past the delivery limit), per queue.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
+    /// Exit 0 if inventory on the listen address reports SERVING (container health checks).
+    Health,
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,6 +65,9 @@ fn main() -> std::process::ExitCode {
 async fn run() -> std::process::ExitCode {
     // clap exits with a usage message on bad flags or environment values.
     let cli = Cli::parse();
+    if let Some(Command::Health) = cli.command {
+        return flashsale_server::probe("inventory", cli.config.listen_addr).await;
+    }
     flashsale_server::run_service("inventory", || async move {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => {
@@ -71,6 +76,7 @@ async fn run() -> std::process::ExitCode {
             }
             Command::Migrate => Ok(flashsale_db::create_and_migrate(&cli.config.database_url, MIGRATIONS).await?),
             Command::DeadLetters(command) => dead_letters(&cli.config, command).await,
+            Command::Health => Ok(()),
         }
     })
     .await

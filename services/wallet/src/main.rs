@@ -24,6 +24,8 @@ enum Command {
     Serve,
     /// Create the database if it is missing, apply pending migrations, exit.
     Migrate,
+    /// Exit 0 if the wallet on the listen address reports SERVING (container health checks).
+    Health,
 }
 
 fn main() -> std::process::ExitCode {
@@ -33,6 +35,9 @@ fn main() -> std::process::ExitCode {
 async fn run() -> std::process::ExitCode {
     // clap exits with a usage message on bad flags or environment values.
     let cli = Cli::parse();
+    if let Some(Command::Health) = cli.command {
+        return flashsale_server::probe("wallet", cli.config.listen_addr).await;
+    }
     flashsale_server::run_service("wallet", || async move {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => {
@@ -40,6 +45,7 @@ async fn run() -> std::process::ExitCode {
                 app.run_until_stopped(flashsale_server::shutdown_signal()).await
             }
             Command::Migrate => Ok(flashsale_db::create_and_migrate(&cli.config.database_url, MIGRATIONS).await?),
+            Command::Health => Ok(()),
         }
     })
     .await

@@ -215,6 +215,48 @@ pub fn standard_router(
     Ok((health, router))
 }
 
+/// The `health` command of every service binary, for container health checks
+/// (Docker's `HEALTHCHECK`, Compose) where no gRPC probe is at hand: asks the
+/// service listening on `listen` (its own listen address; an unspecified IP
+/// means this host) for `grpc.health.v1` of the whole server, and exits 0 only
+/// when it answers SERVING, within 3 s. Kubernetes asks the same service with
+/// its native gRPC probes instead.
+pub async fn probe(service: &'static str, listen: std::net::SocketAddr) -> std::process::ExitCode {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus as Status;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let ip = if listen.ip().is_unspecified() {
+        match listen {
+            std::net::SocketAddr::V4(_) => std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+            std::net::SocketAddr::V6(_) => std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        }
+    } else {
+        listen.ip()
+    };
+    let url = format!("http://{}", std::net::SocketAddr::new(ip, listen.port()));
+    let check = async {
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())?.connect().await?;
+        let reply = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await?;
+        Ok::<_, anyhow::Error>(reply.into_inner().status())
+    };
+    match tokio::time::timeout(Duration::from_secs(3), check).await {
+        Ok(Ok(Status::Serving)) => std::process::ExitCode::SUCCESS,
+        Ok(Ok(status)) => {
+            eprintln!("flashsale-{service}: {url} is {}", status.as_str_name());
+            std::process::ExitCode::FAILURE
+        }
+        Ok(Err(e)) => {
+            eprintln!("flashsale-{service}: health check of {url} failed: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("flashsale-{service}: {url} did not answer its health check within 3 s");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs a service's `main` on a multi-threaded runtime whose worker threads are
 /// named after the service, so `top -H` and `perf` tell the services apart
 /// (`#[tokio::main]` names every worker `tokio-rt-worker`).
