@@ -41,10 +41,12 @@ fi
 "$VENV/bin/pip" install --quiet --disable-pip-version-check -r integration-tests/python/requirements.txt \
   -r deploy/lint-requirements.txt
 
-step "deploy files: hadolint (Dockerfile), the Compose specification's schema, yamllint"
+step "deploy files: hadolint (Dockerfile), Compose and Kubernetes schemas, yamllint, manifest checks"
 "$VENV/bin/hadolint" deploy/docker/Dockerfile
 "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose/compose.yaml
 "$VENV/bin/yamllint" --strict -c deploy/yamllint.yaml deploy
+"$VENV/bin/python" deploy/k8s/check.py target/k8s deploy/k8s/base deploy/k8s/overlays/linkerd deploy/k8s/overlays/istio
+"$VENV/bin/kubernetes-validate" --strict --quiet target/k8s/*.yaml
 
 step "cargo test --workspace (screenshots and reports: target/test-output/)"
 cargo test --workspace
