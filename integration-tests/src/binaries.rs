@@ -126,7 +126,25 @@ pub struct BinarySuite {
     pub wallet: ServiceProcess,
     pub inventory: ServiceProcess,
     pub gateway: ServiceProcess,
+    /// Instances beyond the first of each kind ([`BinarySuite::spawn_cluster_on`]).
+    pub more_wallets: Vec<ServiceProcess>,
+    pub more_inventories: Vec<ServiceProcess>,
+    pub more_gateways: Vec<ServiceProcess>,
     gateway_channel: Channel,
+    /// Round robin of [`BinarySuite::new_gateway_channel`] over the gateways.
+    next_gateway: std::sync::atomic::AtomicUsize,
+}
+
+/// How many processes of each service a [`BinarySuite`] runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Instances {
+    pub wallets: usize,
+    pub inventories: usize,
+    pub gateways: usize,
+}
+
+impl Instances {
+    pub const ONE_EACH: Self = Self { wallets: 1, inventories: 1, gateways: 1 };
 }
 
 async fn start(service: Service, env: &[(&str, String)]) -> anyhow::Result<ServiceProcess> {
@@ -237,6 +255,24 @@ impl BinarySuite {
         common: &[(&str, String)],
         own: &[(Service, &str, String)],
     ) -> anyhow::Result<Self> {
+        Self::spawn_cluster_on(backing, common, own, Instances::ONE_EACH).await
+    }
+
+    /// As [`BinarySuite::spawn_on`], with `instances` processes of each service,
+    /// all sharing the suite's databases, Redis prefix and queues, as replicas
+    /// do. Without a load balancer in front, each caller is wired to one callee:
+    /// inventory `j` pays through wallet `j mod wallets`, gateway `i` calls
+    /// inventory `i mod inventories` and wallet `i mod wallets`.
+    pub async fn spawn_cluster_on(
+        backing: &Backing,
+        common: &[(&str, String)],
+        own: &[(Service, &str, String)],
+        instances: Instances,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            instances.wallets > 0 && instances.inventories > 0 && instances.gateways > 0,
+            "at least one process of each service"
+        );
         let redis_url = backing
             .redis_url
             .clone()
@@ -259,43 +295,60 @@ impl BinarySuite {
         };
         let redis_prefix = format!("fs-bin-{tag}");
         let amqp_prefix = format!("fs-bin-{tag}");
-        let wallet =
-            start(Service::Wallet, &with(Service::Wallet, vec![("DATABASE_URL", wallet_db.url().to_owned())])).await?;
-        let wallet_url = format!("http://127.0.0.1:{}", wallet.grpc_port);
-        let inventory = start(
-            Service::Inventory,
-            &with(
-                Service::Inventory,
-                vec![
-                    ("DATABASE_URL", inventory_db.url().to_owned()),
-                    ("WALLET_URL", wallet_url.clone()),
-                    ("AMQP_PREFIX", amqp_prefix.clone()),
-                    ("SWEEP_INTERVAL_MS", "200".into()),
-                ],
-            ),
-        )
-        .await?;
-        let gateway = start(
-            Service::Gateway,
-            &with(
+        let mut wallets = Vec::new();
+        for _ in 0..instances.wallets {
+            wallets.push(
+                start(Service::Wallet, &with(Service::Wallet, vec![("DATABASE_URL", wallet_db.url().to_owned())]))
+                    .await?,
+            );
+        }
+        let wallet_url = |n: usize| format!("http://127.0.0.1:{}", wallets[n % wallets.len()].grpc_port);
+        let mut inventories = Vec::new();
+        for n in 0..instances.inventories {
+            inventories.push(
+                start(
+                    Service::Inventory,
+                    &with(
+                        Service::Inventory,
+                        vec![
+                            ("DATABASE_URL", inventory_db.url().to_owned()),
+                            ("WALLET_URL", wallet_url(n)),
+                            ("AMQP_PREFIX", amqp_prefix.clone()),
+                            ("SWEEP_INTERVAL_MS", "200".into()),
+                        ],
+                    ),
+                )
+                .await?,
+            );
+        }
+        let mut gateways = Vec::new();
+        for n in 0..instances.gateways {
+            let gateway = start(
                 Service::Gateway,
-                vec![
-                    ("INVENTORY_URL", format!("http://127.0.0.1:{}", inventory.grpc_port)),
-                    ("WALLET_URL", wallet_url),
-                    ("AMQP_PREFIX", amqp_prefix.clone()),
-                    ("REDIS_KEY_PREFIX", redis_prefix.clone()),
-                    ("JWT_SECRET", JWT_SECRET.into()),
-                    ("GATEWAY_HTTP_ADDR", "127.0.0.1:0".into()),
-                    ("CATALOG_REFRESH_MS", "200".into()),
-                    ("PURCHASE_RATE_PER_SECOND", "0".into()),
-                ],
-            ),
-        )
-        .await?;
-        // Health answers before the gateway has bound its own event queue;
-        // events published before that never reach it (its WatchOrder streams
-        // then learn by polling), so tests start once it consumes.
-        gateway.wait_for_gauge("flashsale_order_events_consumer_up", 1.0).await?;
+                &with(
+                    Service::Gateway,
+                    vec![
+                        ("INVENTORY_URL", format!("http://127.0.0.1:{}", inventories[n % inventories.len()].grpc_port)),
+                        ("WALLET_URL", wallet_url(n)),
+                        ("AMQP_PREFIX", amqp_prefix.clone()),
+                        ("REDIS_KEY_PREFIX", redis_prefix.clone()),
+                        ("JWT_SECRET", JWT_SECRET.into()),
+                        ("GATEWAY_HTTP_ADDR", "127.0.0.1:0".into()),
+                        ("CATALOG_REFRESH_MS", "200".into()),
+                        ("PURCHASE_RATE_PER_SECOND", "0".into()),
+                    ],
+                ),
+            )
+            .await?;
+            // Health answers before the gateway has bound its own event queue;
+            // events published before that never reach it (its WatchOrder streams
+            // then learn by polling), so tests start once it consumes.
+            gateway.wait_for_gauge("flashsale_order_events_consumer_up", 1.0).await?;
+            gateways.push(gateway);
+        }
+        let (wallet, more_wallets) = first_and_rest(wallets);
+        let (inventory, more_inventories) = first_and_rest(inventories);
+        let (gateway, more_gateways) = first_and_rest(gateways);
         let gateway_channel =
             Channel::from_shared(format!("http://127.0.0.1:{}", gateway.grpc_port))?.connect().await?;
         Ok(Self {
@@ -308,8 +361,27 @@ impl BinarySuite {
             wallet,
             inventory,
             gateway,
+            more_wallets,
+            more_inventories,
+            more_gateways,
             gateway_channel,
+            next_gateway: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Every process of `service`, the first one first.
+    pub fn instances(&mut self, service: Service) -> Vec<&mut ServiceProcess> {
+        let (first, rest) = match service {
+            Service::Wallet => (&mut self.wallet, &mut self.more_wallets),
+            Service::Inventory => (&mut self.inventory, &mut self.more_inventories),
+            Service::Gateway => (&mut self.gateway, &mut self.more_gateways),
+        };
+        std::iter::once(first).chain(rest.iter_mut()).collect()
+    }
+
+    /// The gRPC ports of every gateway.
+    pub fn gateway_ports(&self) -> Vec<u16> {
+        std::iter::once(&self.gateway).chain(&self.more_gateways).map(|g| g.grpc_port).collect()
     }
 
     /// The process of `service`.
@@ -321,9 +393,12 @@ impl BinarySuite {
         }
     }
 
-    /// A new connection to the gateway (buyers spread over several, as real ones do).
+    /// A new connection to a gateway (buyers spread over several, as real ones
+    /// do): with several gateways, each call picks the next one in turn.
     pub async fn new_gateway_channel(&self) -> anyhow::Result<Channel> {
-        Ok(Channel::from_shared(format!("http://127.0.0.1:{}", self.gateway.grpc_port))?.connect().await?)
+        let ports = self.gateway_ports();
+        let port = ports[self.next_gateway.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % ports.len()];
+        Ok(Channel::from_shared(format!("http://127.0.0.1:{port}"))?.connect().await?)
     }
 
     pub fn buyers(&self) -> FlashSaleGatewayClient<Channel> {
@@ -343,7 +418,13 @@ impl BinarySuite {
 
     /// Stops the processes, then removes the suite's queues, keys and databases.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        for process in [&mut self.gateway, &mut self.inventory, &mut self.wallet] {
+        for process in std::iter::once(&mut self.gateway)
+            .chain(self.more_gateways.iter_mut())
+            .chain([&mut self.inventory])
+            .chain(self.more_inventories.iter_mut())
+            .chain([&mut self.wallet])
+            .chain(self.more_wallets.iter_mut())
+        {
             process.child.kill().await?;
         }
         flush_redis_prefix_at(&self.redis_url, &self.redis_prefix).await?;
@@ -352,6 +433,12 @@ impl BinarySuite {
         self.inventory_db.drop_now().await?;
         Ok(())
     }
+}
+
+/// The first of a non-empty list of processes, and the rest.
+fn first_and_rest(mut processes: Vec<ServiceProcess>) -> (ServiceProcess, Vec<ServiceProcess>) {
+    let first = processes.remove(0);
+    (first, processes)
 }
 
 /// Fetches a Prometheus text page and returns its samples as (series, value),
