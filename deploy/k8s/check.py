@@ -5,6 +5,7 @@ the mesh and operator resources (GRPCRoute, Istio, ServiceMonitor) have no
 schema available offline, and no schema knows what this suite needs. This
 script checks that, on each rendered overlay given on the command line:
 
+- every resource but the Namespace lands in namespace `flashsale`;
 - every Deployment has gRPC startup, readiness and liveness probes on its gRPC
   port, resource requests and limits, a preStop pause, and a grace period that
   covers the pause plus SHUTDOWN_GRACE_SECONDS;
@@ -19,11 +20,13 @@ script checks that, on each rendered overlay given on the command line:
 
 Usage: python3 deploy/k8s/check.py OUT_DIR KUSTOMIZATION_DIR...
 renders each directory with `kubectl kustomize` into OUT_DIR/<name>.yaml (for
-kubernetes-validate to read next), checks it, and exits 1 on any finding.
+kubernetes-validate to read next), and the last one again with the optional
+Prometheus Operator component; checks each, and exits 1 on any finding.
 Without kubectl it says so and falls back to concatenating the listed
 resources and components (no patches applied), so the checks still run.
 """
 
+import os
 import re
 import shutil
 import subprocess
@@ -108,6 +111,13 @@ def check(path, problems):
             problem(f"{key} without a name")
         by_kind.setdefault(doc["kind"], []).append(doc)
 
+    for doc in docs:
+        if doc["kind"] != "Namespace" and doc.get("metadata", {}).get("namespace") != "flashsale":
+            problem(f"{doc['kind']} {doc['metadata'].get('name')} is not in namespace flashsale")
+    if "Secret" not in by_kind:
+        # The Secret is created by the operator, from the example's keys.
+        example = ROOT / "deploy/k8s/base/secrets.example.yaml"
+        by_kind["Secret"] = [d for d in yaml.safe_load_all(example.read_text()) if d]
     config = {k for d in by_kind.get("ConfigMap", []) for k in d.get("data", {})}
     secrets = {k for d in by_kind.get("Secret", []) for k in d.get("stringData", {}) | d.get("data", {})}
     grace = int(next(d["data"]["SHUTDOWN_GRACE_SECONDS"] for d in by_kind["ConfigMap"]))
@@ -190,6 +200,8 @@ def check(path, problems):
                 problem(f"virtual service {vs['metadata']['name']}: no Service {host}")
         for http in vs["spec"]["http"]:
             for match in http.get("match", []):
+                if "uri" not in match:
+                    continue
                 rpc = match["uri"]["exact"].lstrip("/")
                 if rpc not in known_rpcs:
                     problem(f"virtual service {vs['metadata']['name']}: {rpc} is no RPC of proto/")
@@ -255,7 +267,24 @@ def main():
     out_dir = Path(sys.argv[1])
     out_dir.mkdir(parents=True, exist_ok=True)
     problems = []
-    for directory in map(Path, sys.argv[2:]):
+    directories = list(map(Path, sys.argv[2:]))
+    # The optional Prometheus Operator component, on the first overlay given.
+    monitored = out_dir / "with-prometheus-operator"
+    monitored.mkdir(exist_ok=True)
+    (monitored / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                # Kustomize takes only relative paths to other kustomizations.
+                "resources": [os.path.relpath(directories[-1].resolve(), monitored.resolve())],
+                "components": [
+                    os.path.relpath(ROOT / "deploy/k8s/components/prometheus-operator", monitored.resolve())
+                ],
+            }
+        )
+    )
+    for directory in directories + [monitored]:
         path = render(directory, out_dir / f"{directory.name}.yaml")
         count = check(path, problems)
         print(f"{directory}: {count} resources checked")
