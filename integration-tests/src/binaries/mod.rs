@@ -4,103 +4,16 @@
 //! instead of the in-process [`crate::TestSuite`], where every service shares
 //! one metrics recorder.
 
-use std::process::Stdio;
-use std::time::Duration;
-
 use flashsale_proto::gateway::v1::admin_service_client::AdminServiceClient;
 use flashsale_proto::gateway::v1::flash_sale_gateway_client::FlashSaleGatewayClient;
-use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
-use crate::ports::free_port;
+use self::process::start;
+pub use self::process::{Service, ServiceProcess, scrape, sum};
+use crate::TestDatabase;
 use crate::suite::{JWT_SECRET, amqp_addr, delete_amqp_names_at, flush_redis_prefix_at};
-use crate::{TestDatabase, service_binary};
 
-/// The three services.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Service {
-    Wallet,
-    Inventory,
-    Gateway,
-}
-
-impl Service {
-    fn binary(self) -> &'static str {
-        match self {
-            Self::Wallet => "flashsale-wallet",
-            Self::Inventory => "flashsale-inventory",
-            Self::Gateway => "flashsale-gateway",
-        }
-    }
-
-    fn listen_var(self) -> &'static str {
-        match self {
-            Self::Wallet => "WALLET_LISTEN_ADDR",
-            Self::Inventory => "INVENTORY_LISTEN_ADDR",
-            Self::Gateway => "GATEWAY_LISTEN_ADDR",
-        }
-    }
-}
-
-/// One service process and its ports.
-pub struct ServiceProcess {
-    child: Child,
-    service: Service,
-    env: Vec<(String, String)>,
-    pub grpc_port: u16,
-    pub metrics_port: u16,
-}
-
-impl ServiceProcess {
-    pub fn metrics_url(&self) -> String {
-        format!("http://127.0.0.1:{}/metrics", self.metrics_port)
-    }
-
-    /// Waits until the process ends by itself (a crash point fired), at most `timeout`.
-    pub async fn exited(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        tokio::time::timeout(timeout, self.child.wait())
-            .await
-            .map_err(|_| anyhow::anyhow!("{} still running after {timeout:?}", self.service.binary()))?
-            .map_err(Into::into)
-    }
-
-    /// The exit status, if the process has ended (without waiting).
-    pub fn try_exited(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
-        Ok(self.child.try_wait()?)
-    }
-
-    /// Starts the service again on the same ports, with `drop` removed from its environment.
-    pub async fn restart_without(&mut self, drop: &str) -> anyhow::Result<()> {
-        self.env.retain(|(key, _)| key != drop);
-        let env: Vec<(&str, String)> = self.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        *self = start_on(self.service, &env, self.grpc_port, self.metrics_port).await?;
-        Ok(())
-    }
-
-    /// Stops the process (SIGKILL) and starts it again on the same ports with
-    /// `key` set to `value` (replacing every earlier setting of it).
-    pub async fn restart_with(&mut self, key: &str, value: &str) -> anyhow::Result<()> {
-        self.kill().await?;
-        self.env.retain(|(k, _)| k != key);
-        self.env.push((key.to_owned(), value.to_owned()));
-        let env: Vec<(&str, String)> = self.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        *self = start_on(self.service, &env, self.grpc_port, self.metrics_port).await?;
-        Ok(())
-    }
-
-    /// SIGTERM (a graceful stop, as an orchestrator sends), without waiting.
-    pub async fn terminate(&self) -> anyhow::Result<()> {
-        let pid = self.child.id().ok_or_else(|| anyhow::anyhow!("{} has exited", self.service.binary()))?;
-        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
-        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
-        Ok(())
-    }
-
-    /// SIGKILL, and waits until the process is gone.
-    pub async fn kill(&mut self) -> anyhow::Result<()> {
-        self.child.kill().await.map_err(Into::into)
-    }
-}
+mod process;
 
 /// Where a [`BinarySuite`]'s services find their backing servers: the
 /// machine's shared ones by default, or a test's private ones (which it may
@@ -145,82 +58,6 @@ pub struct Instances {
 
 impl Instances {
     pub const ONE_EACH: Self = Self { wallets: 1, inventories: 1, gateways: 1 };
-}
-
-async fn start(service: Service, env: &[(&str, String)]) -> anyhow::Result<ServiceProcess> {
-    start_on(service, env, free_port()?, free_port()?).await
-}
-
-async fn start_on(
-    service: Service,
-    env: &[(&str, String)],
-    grpc_port: u16,
-    metrics_port: u16,
-) -> anyhow::Result<ServiceProcess> {
-    let binary = service.binary();
-    let mut command = Command::new(service_binary(binary)?);
-    command
-        .env(service.listen_var(), format!("127.0.0.1:{grpc_port}"))
-        .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
-        .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "error".into()))
-        .env("AMQP_ADDR", amqp_addr())
-        .stdout(if std::env::var_os("TEST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let child = command.spawn()?;
-    let env = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
-    let mut process = ServiceProcess { child, service, env, grpc_port, metrics_port };
-    process.wait_until_listening().await?;
-    Ok(process)
-}
-
-impl ServiceProcess {
-    /// Waits until both ports accept connections, failing at once if the
-    /// process exits first (a port it could not bind, a bad setting). Metrics
-    /// are bound last, so both answering means start-up got past every bind.
-    async fn wait_until_listening(&mut self) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        for port in [self.grpc_port, self.metrics_port] {
-            loop {
-                if let Some(status) = self.child.try_wait()? {
-                    anyhow::bail!("{} exited during start-up ({status})", self.service.binary());
-                }
-                if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                    break;
-                }
-                anyhow::ensure!(
-                    tokio::time::Instant::now() < deadline,
-                    "{} is not listening on {port}",
-                    self.service.binary()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl ServiceProcess {
-    /// Waits until the process's `/metrics` show `gauge` at `value` (30 s at most).
-    pub async fn wait_for_gauge(&self, gauge: &str, value: f64) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(samples) = scrape(&self.metrics_url()).await
-                && sum(&samples, gauge, &[]) == value
-            {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "{}: {gauge} did not reach {value}",
-                self.service.binary()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
 }
 
 impl BinarySuite {
@@ -425,7 +262,7 @@ impl BinarySuite {
             .chain([&mut self.wallet])
             .chain(self.more_wallets.iter_mut())
         {
-            process.child.kill().await?;
+            process.kill().await?;
         }
         flush_redis_prefix_at(&self.redis_url, &self.redis_prefix).await?;
         delete_amqp_names_at(&self.amqp_addr, &self.amqp_prefix).await?;
@@ -439,29 +276,4 @@ impl BinarySuite {
 fn first_and_rest(mut processes: Vec<ServiceProcess>) -> (ServiceProcess, Vec<ServiceProcess>) {
     let first = processes.remove(0);
     (first, processes)
-}
-
-/// Fetches a Prometheus text page and returns its samples as (series, value),
-/// where series is the name with its labels exactly as printed.
-pub async fn scrape(url: &str) -> anyhow::Result<Vec<(String, f64)>> {
-    let text = reqwest::get(url).await?.error_for_status()?.text().await?;
-    let mut samples = Vec::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-        let (series, value) = line.rsplit_once(' ').ok_or_else(|| anyhow::anyhow!("bad sample line {line:?}"))?;
-        samples.push((series.to_owned(), value.parse()?));
-    }
-    Ok(samples)
-}
-
-/// The sum of every sample of `name` whose labels include all of `labels`
-/// (each as `key="value"`).
-pub fn sum(samples: &[(String, f64)], name: &str, labels: &[&str]) -> f64 {
-    samples
-        .iter()
-        .filter(|(series, _)| {
-            let (metric, rest) = series.split_once('{').unwrap_or((series.as_str(), ""));
-            metric == name && labels.iter().all(|label| rest.contains(label))
-        })
-        .map(|(_, value)| value)
-        .sum()
 }
