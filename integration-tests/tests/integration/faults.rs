@@ -400,13 +400,14 @@ async fn a_top_up_key_cannot_block_a_refund() -> anyhow::Result<()> {
     suite.shutdown().await
 }
 
-/// The broker's link goes silent mid-publish: the confirm never comes, so the
-/// order may or may not be queued. The buyer (with no idempotency key) is told
-/// ACCEPTED with the order id, never "UNAVAILABLE, nothing bought", and that
-/// order is charged exactly once after the link returns (the reconciler
-/// publishes the kept reservation; inventory keeps one copy per order id).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_purchase_whose_confirm_never_comes_is_accepted_and_goes_through_once() -> anyhow::Result<()> {
+/// A suite whose gateway's broker link went silent mid-publish: `buyer`
+/// (funded, no idempotency key) bought one `item`, the confirm never came, and
+/// was told PENDING with the order id. The link is still silent; the order id
+/// is returned.
+async fn accepted_without_a_confirm(
+    item: &str,
+    buyer: &str,
+) -> anyhow::Result<(flashsale_integration_tests::proxy::FaultProxy, TestSuite, String)> {
     use flashsale_integration_tests::suite::SuiteOptions;
 
     let (proxy, suite) = behind_a_broker_proxy(SuiteOptions {
@@ -415,25 +416,35 @@ async fn a_purchase_whose_confirm_never_comes_is_accepted_and_goes_through_once(
         ..SuiteOptions::default()
     })
     .await?;
-    create_item(&suite, "silent", 900, 1, 1).await?;
-    top_up(&suite, "gus", 1_000).await?;
+    create_item(&suite, item, 900, 1, 1).await?;
+    top_up(&suite, buyer, 1_000).await?;
 
     proxy.blackhole();
-    let reply =
-        suite
-            .buyers()
-            .purchase(suite.as_user(
-                "gus",
-                PurchaseRequest { item_id: "silent".into(), quantity: 1, idempotency_key: String::new() },
-            ))
-            .await?
-            .into_inner();
+    let reply = suite
+        .buyers()
+        .purchase(
+            suite.as_user(buyer, PurchaseRequest { item_id: item.into(), quantity: 1, idempotency_key: String::new() }),
+        )
+        .await?
+        .into_inner();
     assert_eq!(reply.status(), OrderStatus::Pending);
+    Ok((proxy, suite, reply.order_id))
+}
+
+/// The broker's link goes silent mid-publish: the confirm never comes, so the
+/// order may or may not be queued. The buyer (with no idempotency key) is told
+/// ACCEPTED with the order id, never "UNAVAILABLE, nothing bought", and that
+/// order is charged exactly once after the link returns (the gateway publishes
+/// it again until confirmed, the reconciler the kept reservation; inventory
+/// keeps one copy per order id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purchase_whose_confirm_never_comes_is_accepted_and_goes_through_once() -> anyhow::Result<()> {
+    let (proxy, suite, order_id) = accepted_without_a_confirm("silent", "gus").await?;
     proxy.restore();
 
-    let order = final_order(&suite, "gus", &reply.order_id, Duration::from_secs(40)).await?;
+    let order = final_order(&suite, "gus", &order_id, Duration::from_secs(40)).await?;
     assert_eq!(order.status(), OrderStatus::Confirmed, "{order:?}");
-    wait_until_settled(&suite.databases(), &BTreeSet::from([reply.order_id.clone()]), Duration::from_secs(20)).await?;
+    wait_until_settled(&suite.databases(), &BTreeSet::from([order_id.clone()]), Duration::from_secs(20)).await?;
     let report = audit(&suite.databases()).await?; // one debit for the one order
     assert_eq!(report.orders.len(), 1, "{:?}", report.orders);
     assert_eq!(report.confirmed_units.get("silent"), Some(&1));
@@ -448,34 +459,14 @@ async fn a_purchase_whose_confirm_never_comes_is_accepted_and_goes_through_once(
 /// order, charged once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unconfirmed_order_goes_through_even_when_redis_is_lost_meanwhile() -> anyhow::Result<()> {
-    use flashsale_integration_tests::suite::SuiteOptions;
-
-    let (proxy, suite) = behind_a_broker_proxy(SuiteOptions {
-        publish_timeout_ms: Some(1_000),
-        unrecorded_grace_ms: Some(2_000),
-        ..SuiteOptions::default()
-    })
-    .await?;
-    create_item(&suite, "amnesia", 900, 1, 1).await?;
-    top_up(&suite, "iris", 1_000).await?;
-
-    proxy.blackhole();
-    let reply = suite
-        .buyers()
-        .purchase(suite.as_user(
-            "iris",
-            PurchaseRequest { item_id: "amnesia".into(), quantity: 1, idempotency_key: String::new() },
-        ))
-        .await?
-        .into_inner();
-    assert_eq!(reply.status(), OrderStatus::Pending);
+    let (proxy, suite, order_id) = accepted_without_a_confirm("amnesia", "iris").await?;
     let flushed = suite.flush_redis().await?;
     assert!(flushed > 0, "the reservation was not in Redis");
     proxy.restore();
 
     // Inventory's own table, not the gateway's view: the order was recorded and settled.
-    wait_until_settled(&suite.databases(), &BTreeSet::from([reply.order_id.clone()]), Duration::from_secs(40)).await?;
-    let order = final_order(&suite, "iris", &reply.order_id, Duration::from_secs(10)).await?;
+    wait_until_settled(&suite.databases(), &BTreeSet::from([order_id.clone()]), Duration::from_secs(40)).await?;
+    let order = final_order(&suite, "iris", &order_id, Duration::from_secs(10)).await?;
     assert_eq!(order.status(), OrderStatus::Confirmed, "{order:?}");
     let report = audit(&suite.databases()).await?;
     assert_eq!(report.orders.len(), 1, "{:?}", report.orders);
