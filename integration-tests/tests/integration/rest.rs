@@ -260,6 +260,20 @@ async fn rest_errors_carry_the_reason_and_http_status_of_the_table() -> anyhow::
     let sale = json!({"id": "x", "name": "x", "price": {"currency": "USD", "amount_minor": 1}, "stock_total": 1,
         "per_user_limit": 1, "starts_at": "2026-01-01T00:00:00Z", "ends_at": "2027-01-01T00:00:00Z"});
     expect(rest.post("/v1/admin/items", &bob, sale.clone()).await?, StatusCode::FORBIDDEN, "FORBIDDEN");
+    // Authorization comes first: a buyer's malformed admin request is FORBIDDEN,
+    // not a 400 that describes the admin API, and nothing is created.
+    let raw_admin = |path: &'static str, body: &'static str| {
+        rest.request(Method::POST, path, Some(&bob)).header("content-type", "application/json").body(body)
+    };
+    for (path, body) in [
+        ("/v1/admin/items", "{\"bogus\": 1}"),
+        ("/v1/admin/items", "{\"id\": \"x\","),
+        ("/v1/admin/users/bob/top-up", "{\"amount\": \"lots\"}"),
+        ("/v1/admin/users/bob/top-up", "[]"),
+    ] {
+        expect(rest.send(raw_admin(path, body)).await?, StatusCode::FORBIDDEN, "FORBIDDEN");
+    }
+    expect(rest.get("/v1/items/x", &bob).await?, StatusCode::NOT_FOUND, "ITEM_NOT_FOUND");
 
     // 400: malformed requests of every kind, and each changes nothing.
     let bad = StatusCode::BAD_REQUEST;

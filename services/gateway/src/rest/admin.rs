@@ -7,7 +7,7 @@ use flashsale_proto::gateway::v1 as gw;
 
 use super::dto::*;
 use super::error::{ApiError, Json, Path};
-use super::{Caller, RestState};
+use super::{Operator, RestState};
 use crate::error::GatewayError;
 
 #[utoipa::path(
@@ -23,7 +23,7 @@ use crate::error::GatewayError;
 )]
 pub(super) async fn create_item(
     State(state): State<RestState>,
-    Caller(caller): Caller,
+    Operator(caller): Operator,
     Json(body): Json<CreateItemBody>,
 ) -> Result<impl IntoResponse, ApiError> {
     let reply = state.api.create_item(&caller, body.into()).await?;
@@ -48,7 +48,7 @@ pub(super) async fn create_item(
 )]
 pub(super) async fn top_up(
     State(state): State<RestState>,
-    Caller(caller): Caller,
+    Operator(caller): Operator,
     Path(user_id): Path<String>,
     Json(body): Json<TopUpBody>,
 ) -> Result<Json<TopUpResult>, ApiError> {
@@ -76,7 +76,7 @@ pub(super) async fn top_up(
 )]
 pub(super) async fn item_stats(
     State(state): State<RestState>,
-    Caller(caller): Caller,
+    Operator(caller): Operator,
     Path(item_id): Path<String>,
 ) -> Result<Json<ItemStats>, ApiError> {
     let reply = state.api.get_item_stats(&caller, gw::GetItemStatsRequest { item_id }).await?;

@@ -52,6 +52,22 @@ impl FromRequestParts<RestState> for Caller {
     }
 }
 
+/// A caller with the admin role, checked before anything else of the request
+/// is read: a non-admin gets FORBIDDEN whatever the path or body holds, never a
+/// validation error that describes the admin API. Admin handlers take it
+/// first, ahead of their `Path` and `Json` extractors.
+pub struct Operator(pub Principal);
+
+impl FromRequestParts<RestState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &RestState) -> Result<Self, Self::Rejection> {
+        let Caller(caller) = Caller::from_request_parts(parts, state).await?;
+        caller.require_admin()?;
+        Ok(Self(caller))
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
