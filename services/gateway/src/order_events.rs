@@ -126,7 +126,7 @@ impl OrderEvents {
         if let Some(order) = &event.order {
             tracing::Span::current().record("order.id", order.id.as_str());
         }
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = flashsale_messaging::Backoff::new();
         loop {
             match self.admission.apply_event(&event).await {
                 Ok(outcome) => {
@@ -146,7 +146,7 @@ impl OrderEvents {
                 Err(e @ GatewayError::Unavailable(_)) => {
                     // Redis is down or restarting: the event waits here, unacked, so
                     // the outage does not count against its delivery limit.
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "applying an order event to Redis failed; retrying");
+                    tracing::warn!(error = %e, retry_in_ms = backoff.delay().as_millis() as u64, "applying an order event to Redis failed; retrying");
                 }
                 Err(e) => {
                     tracing::error!(error = ?e, "order event cannot be applied");
@@ -155,11 +155,11 @@ impl OrderEvents {
                 }
             }
             tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(backoff.delay()) => {}
                 // Unacked, the event goes back to the queue when the channel closes.
                 () = shutdown.cancelled() => return,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff.grow();
         }
     }
 

@@ -95,7 +95,7 @@ impl OrderPublisher {
     /// Keeps a usable channel while the gateway runs: reconnects (with back-off,
     /// 100 ms doubling to 5 s) whenever there is none, until `shutdown`.
     pub async fn run_reconnector(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = flashsale_messaging::Backoff::new();
         loop {
             let usable = self.current.lock().as_ref().is_some_and(|live| live.publisher.is_usable());
             if usable {
@@ -112,15 +112,15 @@ impl OrderPublisher {
                 Ok(live) => {
                     tracing::info!("connected to the broker for publishing");
                     *self.current.lock() = Some(live);
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach the broker; retrying");
+                    tracing::warn!(error = %e, retry_in_ms = backoff.delay().as_millis() as u64, "cannot reach the broker; retrying");
                     tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(backoff.delay()) => {}
                         () = shutdown.cancelled() => return,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff.grow();
                 }
             }
         }
@@ -220,24 +220,24 @@ impl OrderPublisher {
     /// broker fails, until `shutdown`; then makes one last attempt.
     pub async fn run_republisher(self: Arc<Self>, shutdown: CancellationToken) {
         metrics::gauge!("flashsale_unconfirmed_orders").set(0.0);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = flashsale_messaging::Backoff::new();
         loop {
             let confirmed_all = self.republish_once().await;
             if shutdown.is_cancelled() {
                 return;
             }
             if confirmed_all {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 tokio::select! {
                     () = self.unconfirmed_added.notified() => {}
                     () = shutdown.cancelled() => {}
                 }
             } else {
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(backoff.delay()) => {}
                     () = shutdown.cancelled() => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff.grow();
             }
         }
     }

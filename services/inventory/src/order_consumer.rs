@@ -231,20 +231,20 @@ impl OrderConsumer {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, InventoryError>>,
     {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = flashsale_messaging::Backoff::new();
         loop {
             match attempt().await {
                 Err(e) if e.is_transient() => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "recording failed; retrying");
+                    tracing::warn!(error = %e, retry_in_ms = backoff.delay().as_millis() as u64, "recording failed; retrying");
                     crate::metrics::recording_retried();
                 }
                 outcome => return Some(outcome),
             }
             tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(backoff.delay()) => {}
                 () = shutdown.cancelled() => return None,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff.grow();
         }
     }
 

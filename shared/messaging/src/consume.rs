@@ -17,6 +17,42 @@ pub enum ConsumeError {
     StreamEnded,
 }
 
+/// The pause between attempts of every reconnect and retry loop of the suite:
+/// 100 ms, doubling after each failure to at most 5 s, back to 100 ms after a
+/// success.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    pub fn new() -> Self {
+        Self(Self::FIRST)
+    }
+
+    /// How long to wait before the next attempt.
+    pub fn delay(&self) -> Duration {
+        self.0
+    }
+
+    /// After a failed attempt: the next wait is twice as long (at most 5 s).
+    pub fn grow(&mut self) {
+        self.0 = (self.0 * 2).min(Self::MAX);
+    }
+
+    /// After a success: start again from 100 ms.
+    pub fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A gauge that reads 1 while a consumer holds its subscription and 0 from the
 /// moment it loses it: mark it once subscribed and keep the value for the
 /// session, so every exit path of the session (error, ended stream, shutdown)
@@ -47,7 +83,7 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::error::Error,
 {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     loop {
         match attempt().await {
             Ok(()) => return,
@@ -61,14 +97,14 @@ where
                     error.push_str(&cause.to_string());
                     source = cause.source();
                 }
-                tracing::warn!(task, error, retry_in_ms = backoff.as_millis() as u64, "stopped; reconnecting")
+                tracing::warn!(task, error, retry_in_ms = backoff.delay().as_millis() as u64, "stopped; reconnecting")
             }
         }
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(backoff.delay()) => {}
             () = shutdown.cancelled() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff.grow();
     }
 }
 

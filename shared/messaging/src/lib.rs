@@ -14,7 +14,7 @@ mod topology;
 pub use lapin;
 use lapin::{Connection, ConnectionProperties};
 
-pub use self::consume::{ConsumeError, HeaderExtractor, HeaderInjector, SubscribedGauge, supervise};
+pub use self::consume::{Backoff, ConsumeError, HeaderExtractor, HeaderInjector, SubscribedGauge, supervise};
 pub use self::dead_letters::{
     DEAD_LETTER_QUEUE_HEADER, DEAD_LETTER_REASON_HEADER, DeadLetter, dead_letter, export_dead_letter_counter,
     list_dead_letters, replay_dead_letters,

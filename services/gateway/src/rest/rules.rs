@@ -89,32 +89,30 @@ fn spec_property<'a>(spec: &'a mut OpenApi, schema: &str, property: &str) -> Opt
     }
 }
 
-/// On a string schema, or on the string member of an `Option`'s composite.
-fn set_pattern(schema: &mut RefOr<Schema>, pattern: &str) {
+/// `set` on the schema itself, or on every member of an `Option`'s composite
+/// (utoipa writes `Option<T>` as a one-of of `T` and null).
+fn on_members(schema: &mut RefOr<Schema>, set: &mut impl FnMut(&mut utoipa::openapi::schema::Object)) {
     match schema {
-        RefOr::T(Schema::Object(object)) => object.pattern = Some(pattern.to_owned()),
-        RefOr::T(Schema::OneOf(one_of)) => one_of.items.iter_mut().for_each(|s| set_pattern(s, pattern)),
-        RefOr::T(Schema::AllOf(all_of)) => all_of.items.iter_mut().for_each(|s| set_pattern(s, pattern)),
-        RefOr::T(Schema::AnyOf(any_of)) => any_of.items.iter_mut().for_each(|s| set_pattern(s, pattern)),
+        RefOr::T(Schema::Object(object)) => set(object),
+        RefOr::T(Schema::OneOf(one_of)) => one_of.items.iter_mut().for_each(|s| on_members(s, set)),
+        RefOr::T(Schema::AllOf(all_of)) => all_of.items.iter_mut().for_each(|s| on_members(s, set)),
+        RefOr::T(Schema::AnyOf(any_of)) => any_of.items.iter_mut().for_each(|s| on_members(s, set)),
         _ => {}
     }
 }
 
-/// On a number schema, or on the number member of an `Option`'s composite.
+fn set_pattern(schema: &mut RefOr<Schema>, pattern: &str) {
+    on_members(schema, &mut |object| object.pattern = Some(pattern.to_owned()));
+}
+
 fn set_bounds(schema: &mut RefOr<Schema>, minimum: Option<i64>, maximum: i64) {
     let number = |n: i64| Number::Int(isize::try_from(n).unwrap_or(isize::MAX));
-    match schema {
-        RefOr::T(Schema::Object(object)) => {
-            if let Some(minimum) = minimum {
-                object.minimum = Some(number(minimum));
-            }
-            object.maximum = Some(number(maximum));
+    on_members(schema, &mut |object| {
+        if let Some(minimum) = minimum {
+            object.minimum = Some(number(minimum));
         }
-        RefOr::T(Schema::OneOf(one_of)) => one_of.items.iter_mut().for_each(|s| set_bounds(s, minimum, maximum)),
-        RefOr::T(Schema::AllOf(all_of)) => all_of.items.iter_mut().for_each(|s| set_bounds(s, minimum, maximum)),
-        RefOr::T(Schema::AnyOf(any_of)) => any_of.items.iter_mut().for_each(|s| set_bounds(s, minimum, maximum)),
-        _ => {}
-    }
+        object.maximum = Some(number(maximum));
+    });
 }
 
 #[cfg(test)]
