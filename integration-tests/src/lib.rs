@@ -38,3 +38,19 @@ pub fn service_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
     anyhow::ensure!(path.exists(), "{} not found: run `cargo build --workspace` first", path.display());
     Ok(path)
 }
+
+/// Runs a test's body for at most `limit`. libtest has no per-test timeout,
+/// and a test stuck on a wait that never ends (a consumer that never comes back
+/// after a fault) would otherwise hold the whole run until CI kills it, with no
+/// word of which test it was. Ending with an error drops the test's servers and
+/// processes as a failure would.
+pub async fn within<T>(
+    limit: std::time::Duration,
+    what: &str,
+    body: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(limit, body).await {
+        Ok(outcome) => outcome,
+        Err(_) => anyhow::bail!("{what} did not end within {limit:?}"),
+    }
+}

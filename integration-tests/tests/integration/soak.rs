@@ -264,9 +264,7 @@ async fn seeded_soak_loses_nothing() -> anyhow::Result<()> {
     for seed in first..first + runs {
         // Every wait inside a run is bounded; this bounds what might not be
         // (a client library's call), so a hang fails its seed instead of the soak.
-        let run = tokio::time::timeout(RUN_LIMIT, one_run(&servers, seed))
-            .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the run did not end within {RUN_LIMIT:?}")));
+        let run = flashsale_integration_tests::within(RUN_LIMIT, "the run", one_run(&servers, seed)).await;
         let figures = match run {
             Ok(figures) => figures,
             Err(e) => {

@@ -102,6 +102,16 @@ struct Buyer {
 
 async fn run_storm(spec: Spec) -> anyhow::Result<()> {
     let _machine = flashsale_integration_tests::suite::whole_machine().await;
+    // Every wait below is bounded, but not every call a client library makes:
+    // a storm that hangs fails here instead of holding the whole run.
+    flashsale_integration_tests::within(STORM_LIMIT, "the storm", storm(spec)).await
+}
+
+/// Longest a storm may take from start to audit (a few of its bounded waits
+/// back to back, and then some); they take well under a minute here.
+const STORM_LIMIT: Duration = Duration::from_secs(360);
+
+async fn storm(spec: Spec) -> anyhow::Result<()> {
     let postgres = match spec.restart_postgres_after {
         Some(_) => Some(Arc::new(PrivatePostgres::start().await?)),
         None => None,

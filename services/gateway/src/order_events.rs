@@ -43,45 +43,50 @@ impl OrderEvents {
 
     async fn consume(&self, shutdown: &CancellationToken) -> Result<(), ConsumeError> {
         let connection = flashsale_messaging::connect(&self.amqp_addr, "gateway-order-events").await?;
-        let channel = connection.create_channel().await?;
-        self.topology.declare(&channel).await?;
-        channel.basic_qos(100, BasicQosOptions::default()).await?;
-        // Its own channel: dead-letter copies wait for their confirms.
-        let dead_letters = ConfirmedPublisher::new(&connection, Duration::from_secs(5)).await?;
+        // The session's set-up, bounded as one exchange with the broker.
+        let (_channel, dead_letters, mut shared, mut notifications) = flashsale_messaging::bounded(async {
+            let channel = connection.create_channel().await?;
+            self.topology.declare(&channel).await?;
+            channel.basic_qos(100, BasicQosOptions::default()).await?;
+            // Its own channel: dead-letter copies wait for their confirms.
+            let dead_letters = ConfirmedPublisher::new(&connection, Duration::from_secs(5)).await?;
+            let shared = channel
+                .basic_consume(
+                    self.topology.admission_events_queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            // This gateway's own queue: server-named, gone when the gateway is.
+            let own = channel
+                .queue_declare(
+                    "".into(),
+                    QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
+                    FieldTable::default(),
+                )
+                .await?;
+            channel
+                .queue_bind(
+                    own.name().clone(),
+                    self.topology.events_exchange.as_str().into(),
+                    format!("{}#", flashsale_messaging::ORDER_EVENT_ROUTING_PREFIX).as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            let notifications = channel
+                .basic_consume(
+                    own.name().clone(),
+                    "".into(),
+                    BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok((channel, dead_letters, shared, notifications))
+        })
+        .await?;
         flashsale_messaging::export_dead_letter_counter(&self.topology, &self.topology.admission_events_queue);
-        let mut shared = channel
-            .basic_consume(
-                self.topology.admission_events_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        // This gateway's own queue: server-named, gone when the gateway is.
-        let own = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                own.name().clone(),
-                self.topology.events_exchange.as_str().into(),
-                format!("{}#", flashsale_messaging::ORDER_EVENT_ROUTING_PREFIX).as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let mut notifications = channel
-            .basic_consume(
-                own.name().clone(),
-                "".into(),
-                BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
-                FieldTable::default(),
-            )
-            .await?;
         // `flashsale_order_events_consumer_up`: 1 while both subscriptions are held.
         // Until then this gateway's own queue is not bound, and the events
         // published meanwhile never reach it (`WatchOrder` streams fall back to
@@ -105,6 +110,7 @@ impl OrderEvents {
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(ConsumeError::StreamEnded),
                 },
+                () = flashsale_messaging::connection_lost(&connection) => return Err(ConsumeError::ConnectionLost),
                 () = shutdown.cancelled() => {
                     let _ = connection.close(200, "shutdown".into()).await;
                     return Ok(());
@@ -140,7 +146,7 @@ impl OrderEvents {
                     {
                         item.clear_sold_out();
                     }
-                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                    let _ = flashsale_messaging::bounded(delivery.ack(BasicAckOptions::default())).await;
                     return;
                 }
                 Err(e @ GatewayError::Unavailable(_)) => {
@@ -176,11 +182,14 @@ impl OrderEvents {
         match flashsale_messaging::dead_letter(dead_letters, &self.topology, queue, delivery, reason).await {
             Ok(()) => {
                 tracing::error!(reason, "order event dead-lettered");
-                let _ = delivery.ack(BasicAckOptions::default()).await;
+                let _ = flashsale_messaging::bounded(delivery.ack(BasicAckOptions::default())).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, reason, "dead-lettering an order event failed; requeueing it");
-                let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+                let _ = flashsale_messaging::bounded(
+                    delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }),
+                )
+                .await;
             }
         }
     }

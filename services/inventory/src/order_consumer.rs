@@ -72,20 +72,25 @@ impl OrderConsumer {
 
     async fn consume(&self, shutdown: &CancellationToken) -> Result<(), ConsumeError> {
         let connection = flashsale_messaging::connect(&self.options.amqp_addr, "inventory-order-consumer").await?;
-        let channel = connection.create_channel().await?;
-        self.options.topology.declare(&channel).await?;
-        channel.basic_qos(self.options.prefetch, BasicQosOptions::default()).await?;
-        // Its own channel: dead-letter copies wait for their confirms.
-        let dead_letters = ConfirmedPublisher::new(&connection, Duration::from_secs(5)).await?;
+        // The session's set-up, bounded as one exchange with the broker.
+        let (_channel, dead_letters, mut deliveries) = flashsale_messaging::bounded(async {
+            let channel = connection.create_channel().await?;
+            self.options.topology.declare(&channel).await?;
+            channel.basic_qos(self.options.prefetch, BasicQosOptions::default()).await?;
+            // Its own channel: dead-letter copies wait for their confirms.
+            let dead_letters = ConfirmedPublisher::new(&connection, Duration::from_secs(5)).await?;
+            let deliveries = channel
+                .basic_consume(
+                    self.options.topology.orders_queue.as_str().into(),
+                    "inventory".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok((channel, dead_letters, deliveries))
+        })
+        .await?;
         flashsale_messaging::export_dead_letter_counter(&self.options.topology, &self.options.topology.orders_queue);
-        let mut deliveries = channel
-            .basic_consume(
-                self.options.topology.orders_queue.as_str().into(),
-                "inventory".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
         tracing::info!(queue = %self.options.topology.orders_queue, "consuming orders");
         // `flashsale_consumer_up`: 1 while this session holds the subscription.
         let _up = flashsale_messaging::SubscribedGauge::mark("flashsale_consumer_up");
@@ -97,6 +102,7 @@ impl OrderConsumer {
         loop {
             let first = tokio::select! {
                 delivery = deliveries.next() => delivery,
+                () = flashsale_messaging::connection_lost(&connection) => return Err(ConsumeError::ConnectionLost),
                 () = shutdown.cancelled() => {
                     // Let payments in hand finish; unacked messages return to the queue.
                     let _ = tokio::time::timeout(
@@ -204,7 +210,7 @@ impl OrderConsumer {
         }
         // Every earlier delivery on this channel is settled already (batches are
         // handled one at a time), so one multiple-ack covers exactly this batch.
-        if let Err(e) = acker.ack(BasicAckOptions { multiple: true }).await {
+        if let Err(e) = flashsale_messaging::bounded(acker.ack(BasicAckOptions { multiple: true })).await {
             // Recorded already: redeliveries will find the orders and do nothing.
             tracing::warn!(error = %e, delivery.tag = last_tag, "ack failed after commit");
         }
@@ -286,7 +292,7 @@ impl OrderConsumer {
                 self.set_aside(dead_letters, &delivery, &format!("unknown-item: {}", placed.item_id)).await;
             }
             Some(Ok(recorded)) => {
-                let _ = delivery.ack(BasicAckOptions::default()).await;
+                let _ = flashsale_messaging::bounded(delivery.ack(BasicAckOptions::default())).await;
                 if let Some(order) = self.after_recording(recorded) {
                     self.pay_later(vec![(order, Span::current())], payments).await;
                 }
@@ -302,7 +308,7 @@ impl OrderConsumer {
     /// Copies `delivery` to the dead-letter queue, then acks it.
     async fn set_aside(&self, dead_letters: &ConfirmedPublisher, delivery: &Delivery, reason: &str) {
         if self.dead_letter_or_requeue(dead_letters, delivery, reason).await {
-            let _ = delivery.ack(BasicAckOptions::default()).await;
+            let _ = flashsale_messaging::bounded(delivery.ack(BasicAckOptions::default())).await;
         }
     }
 
@@ -323,7 +329,10 @@ impl OrderConsumer {
             }
             Err(e) => {
                 tracing::warn!(error = %e, reason, "dead-lettering failed; requeueing the message");
-                let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+                let _ = flashsale_messaging::bounded(
+                    delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }),
+                )
+                .await;
                 false
             }
         }

@@ -36,8 +36,13 @@ impl OutboxRelay {
         let unavailable = |e: flashsale_messaging::lapin::Error| InventoryError::Unavailable(Box::new(e));
         let connection =
             flashsale_messaging::connect(&self.amqp_addr, "inventory-outbox-relay").await.map_err(unavailable)?;
-        let publisher = ConfirmedPublisher::new(&connection, Duration::from_secs(5)).await.map_err(unavailable)?;
-        self.topology.declare(publisher.channel()).await.map_err(unavailable)?;
+        let publisher = flashsale_messaging::bounded(async {
+            let publisher = ConfirmedPublisher::new(&connection, Duration::from_secs(5)).await?;
+            self.topology.declare(publisher.channel()).await?;
+            Ok(publisher)
+        })
+        .await
+        .map_err(unavailable)?;
         loop {
             let published = self.publish_batch(&publisher).await?;
             if published as i64 == BATCH {

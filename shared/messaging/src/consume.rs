@@ -15,6 +15,9 @@ pub enum ConsumeError {
     /// The broker cancelled the consumer (queue deleted, node failover): a fault.
     #[error("the consumer stream ended")]
     StreamEnded,
+    /// The connection closed or failed while the session was consuming.
+    #[error("the connection to the broker was lost")]
+    ConnectionLost,
 }
 
 /// The pause between attempts of every reconnect and retry loop of the suite:

@@ -32,7 +32,36 @@ pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// timeout after [`CONNECT_TIMEOUT`] is an I/O error like a refused connection.
 pub async fn connect(addr: &str, service: &str) -> Result<Connection, lapin::Error> {
     let properties = ConnectionProperties::default().with_connection_name(service.into());
-    tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(addr, properties)).await.map_err(|_| {
-        lapin::Error::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the broker timed out"))
-    })?
+    tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(addr, properties))
+        .await
+        .map_err(|_| timed_out("connecting to the broker timed out"))?
+}
+
+/// How long one exchange with the broker (a session's declarations and
+/// subscriptions, an ack) may take. lapin's calls have no deadline of their
+/// own; a consumer session waiting on one for ever after the broker died
+/// would never return to its supervisor and never reconnect.
+pub const BROKER_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs `call` for at most [`BROKER_CALL_TIMEOUT`]; running out of time is an
+/// I/O error, like a dropped connection.
+pub async fn bounded<T>(call: impl std::future::Future<Output = Result<T, lapin::Error>>) -> Result<T, lapin::Error> {
+    tokio::time::timeout(BROKER_CALL_TIMEOUT, call).await.map_err(|_| timed_out("a broker call timed out"))?
+}
+
+/// Resolves once `connection` is no longer open (closed, errored, or being
+/// torn down). Consumers race their delivery streams against it: the streams
+/// should end when the connection does, and this makes sure they do not wait
+/// beyond that. lapin exposes the state but no notification, hence the poll
+/// (every 250 ms: cheap, and well inside any reconnect's back-off).
+pub async fn connection_lost(connection: &Connection) {
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(250));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while connection.status().connected() {
+        every.tick().await;
+    }
+}
+
+fn timed_out(what: &'static str) -> lapin::Error {
+    lapin::Error::from(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
 }
