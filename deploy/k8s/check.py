@@ -16,16 +16,20 @@ script checks that, on each rendered overlay given on the command line:
 - autoscalers and disruption budgets point at Deployments that exist;
 - mesh routes name Services, ports and RPCs that exist (RPCs from proto/);
 - Istio's AuthorizationPolicies allow exactly the callers the NetworkPolicies
-  allow, by the service accounts of those callers' pods.
+  allow, by the service accounts of those callers' pods;
+- the gRPC-JSON transcoder option reads a descriptor file its sidecar mounts
+  from a ConfigMap that holds it, and names services of proto/.
 
 Usage: python3 deploy/k8s/check.py OUT_DIR KUSTOMIZATION_DIR...
 renders each directory with `kubectl kustomize` into OUT_DIR/<name>.yaml (for
-kubernetes-validate to read next), and the last one again with the optional
-Prometheus Operator component; checks each, and exits 1 on any finding.
+kubernetes-validate to read next), and the last one again with each optional
+component (the Prometheus Operator's; the Istio gRPC-JSON transcoder on the
+Istio overlay); checks each, and exits 1 on any finding.
 Without kubectl it says so and falls back to concatenating the listed
 resources and components (no patches applied), so the checks still run.
 """
 
+import json
 import os
 import re
 import shutil
@@ -48,6 +52,7 @@ KNOWN_CRDS = {
     ("security.istio.io/v1", "AuthorizationPolicy"),
     ("networking.istio.io/v1", "DestinationRule"),
     ("networking.istio.io/v1", "VirtualService"),
+    ("networking.istio.io/v1alpha3", "EnvoyFilter"),
 }
 
 SERVICES = {"gateway", "inventory", "wallet"}
@@ -209,6 +214,9 @@ def check(path, problems):
         if dr["spec"]["host"] not in services:
             problem(f"destination rule {dr['metadata']['name']}: no Service {dr['spec']['host']}")
 
+    for envoy_filter in by_kind.get("EnvoyFilter", []):
+        check_transcoder(envoy_filter, deployments, by_kind.get("ConfigMap", []), problem)
+
     policies = [p for p in by_kind.get("AuthorizationPolicy", []) if p.get("spec")]
     if policies:
         namespace = next(d["metadata"]["name"] for d in by_kind["Namespace"])
@@ -241,6 +249,36 @@ def check(path, problems):
     return len(docs)
 
 
+def check_transcoder(envoy_filter, deployments, config_maps, problem):
+    """The descriptor the transcoder reads is mounted into the selected pods'
+    sidecar from a ConfigMap key of that name, and its services exist."""
+    name = envoy_filter["metadata"]["name"]
+    target = envoy_filter["spec"]["workloadSelector"]["labels"].get("app.kubernetes.io/name")
+    if target not in deployments:
+        problem(f"envoy filter {name}: selects no Deployment")
+        return
+    annotations = deployments[target]["spec"]["template"]["metadata"].get("annotations", {})
+    volumes = {v["name"]: v for v in json.loads(annotations.get("sidecar.istio.io/userVolume", "[]"))}
+    mounts = json.loads(annotations.get("sidecar.istio.io/userVolumeMount", "[]"))
+    services = {rpc.split("/")[0] for rpc in rpcs()}
+    for patch in envoy_filter["spec"]["configPatches"]:
+        config = patch["patch"]["value"].get("typed_config", {})
+        if not config.get("@type", "").endswith(".GrpcJsonTranscoder"):
+            continue
+        descriptor = Path(config.get("proto_descriptor", ""))
+        mount = next((m for m in mounts if Path(m["mountPath"]) == descriptor.parent), None)
+        volume = volumes.get(mount["name"]) if mount else None
+        if volume is None or "configMap" not in volume:
+            problem(f"envoy filter {name}: {descriptor} is on no ConfigMap volume of {target}'s sidecar")
+            continue
+        held = next((c for c in config_maps if c["metadata"]["name"] == volume["configMap"]["name"]), None)
+        if held is None or descriptor.name not in held.get("binaryData", {}) | held.get("data", {}):
+            problem(f"envoy filter {name}: ConfigMap {volume['configMap']['name']} holds no {descriptor.name}")
+        for service in config.get("services", []):
+            if service not in services:
+                problem(f"envoy filter {name}: {service} is no service of proto/")
+
+
 def concatenated(directory):
     """The resources a kustomization lists, without its patches or transformers."""
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
@@ -261,6 +299,24 @@ def render(directory, out):
     return out
 
 
+def with_component(out_dir, name, overlay, component):
+    """A kustomization in OUT_DIR/NAME: OVERLAY plus deploy/k8s/components/COMPONENT."""
+    variant = out_dir / name
+    variant.mkdir(exist_ok=True)
+    (variant / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                # Kustomize takes only relative paths to other kustomizations.
+                "resources": [os.path.relpath(overlay.resolve(), variant.resolve())],
+                "components": [os.path.relpath(ROOT / "deploy/k8s/components" / component, variant.resolve())],
+            }
+        )
+    )
+    return variant
+
+
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
@@ -268,23 +324,12 @@ def main():
     out_dir.mkdir(parents=True, exist_ok=True)
     problems = []
     directories = list(map(Path, sys.argv[2:]))
-    # The optional Prometheus Operator component, on the first overlay given.
-    monitored = out_dir / "with-prometheus-operator"
-    monitored.mkdir(exist_ok=True)
-    (monitored / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                # Kustomize takes only relative paths to other kustomizations.
-                "resources": [os.path.relpath(directories[-1].resolve(), monitored.resolve())],
-                "components": [
-                    os.path.relpath(ROOT / "deploy/k8s/components/prometheus-operator", monitored.resolve())
-                ],
-            }
-        )
-    )
-    for directory in directories + [monitored]:
+    # The optional components, on the last overlay given (the Istio one in CI).
+    variants = [
+        with_component(out_dir, "with-prometheus-operator", directories[-1], "prometheus-operator"),
+        with_component(out_dir, "with-grpc-json-transcoder", directories[-1], "istio-grpc-json-transcoder"),
+    ]
+    for directory in directories + variants:
         path = render(directory, out_dir / f"{directory.name}.yaml")
         count = check(path, problems)
         print(f"{directory}: {count} resources checked")

@@ -24,11 +24,18 @@ def _generate_stubs(out_dir: pathlib.Path) -> None:
     from grpc_tools import protoc
 
     well_known = pathlib.Path(grpc_tools.__file__).parent / "_proto"
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+    third_party = PROTO_ROOT / "third_party"
+    # Ours only: the vendored google.api protos are imported from their own root
+    # (their Python modules come with googleapis-common-protos, a grpcio-status
+    # dependency).
+    protos = sorted(
+        str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto") if third_party not in p.parents
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
+        f"-I{third_party}",
         f"-I{well_known}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",

@@ -201,3 +201,65 @@ async fn the_health_command_exits_zero_only_while_the_service_serves() -> anyhow
     suite.wallet.restart_without("FAILPOINTS").await?;
     suite.shutdown().await
 }
+
+/// Development tokens stay on this machine: the gateway refuses to start with
+/// `DEV_TOKENS` on a non-loopback address, and `flashsale-gateway token`
+/// refuses admin tokens for a gateway configured beyond loopback (buyer tokens
+/// still come out; the operator's come from the identity provider).
+#[tokio::test]
+async fn development_tokens_are_refused_beyond_loopback() -> anyhow::Result<()> {
+    let gateway = service_binary("flashsale-gateway")?;
+    let secret = "a-secret-of-at-least-thirty-two-bytes";
+    let token = |admin: bool, env: &[(&str, &str)]| -> anyhow::Result<std::process::Output> {
+        let mut command = std::process::Command::new(&gateway);
+        command.args(["token", "--sub", "someone"]).env("JWT_SECRET", secret).envs(env.iter().copied());
+        if admin {
+            command.arg("--admin");
+        }
+        Ok(command.output()?)
+    };
+    // What the gateway itself makes of a printed token.
+    let verifier = flashsale_gateway::auth::Authenticator::new(secret, None, None);
+    let is_admin = |output: &std::process::Output| -> anyhow::Result<bool> {
+        let token = String::from_utf8(output.stdout.clone())?;
+        let principal = verifier.verify(token.trim()).map_err(|e| anyhow::anyhow!("{token}: {e:?}"))?;
+        Ok(principal.admin)
+    };
+
+    let local = token(true, &[])?;
+    assert!(local.status.success(), "{}", String::from_utf8_lossy(&local.stderr));
+    assert!(is_admin(&local)?, "no admin role in the local admin token");
+    for (var, addr) in [("GATEWAY_HTTP_ADDR", "0.0.0.0:8080"), ("GATEWAY_LISTEN_ADDR", "10.1.2.3:50051")] {
+        let refused = token(true, &[(var, addr)])?;
+        assert!(!refused.status.success(), "an admin token with {var}={addr}");
+        assert!(refused.stdout.is_empty(), "a token was printed with {var}={addr}");
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("no admin token"), "{refused:?}");
+        let buyer = token(false, &[(var, addr)])?;
+        assert!(buyer.status.success(), "{}", String::from_utf8_lossy(&buyer.stderr));
+        assert!(!is_admin(&buyer)?, "a buyer token with the admin role");
+    }
+
+    // The server itself: refused before it binds or connects to anything.
+    let started = tokio::process::Command::new(&gateway)
+        .env("JWT_SECRET", secret)
+        .env("DEV_TOKENS", "true")
+        .env("GATEWAY_LISTEN_ADDR", "127.0.0.1:0")
+        .env("GATEWAY_HTTP_ADDR", "0.0.0.0:0")
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), started).await??;
+    assert!(!output.status.success(), "the gateway started with DEV_TOKENS on 0.0.0.0");
+    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(said.contains("DEV_TOKENS needs GATEWAY_LISTEN_ADDR and GATEWAY_HTTP_ADDR on a loopback"), "{said}");
+
+    // `descriptor-set` writes the set the Istio transcoder option ships.
+    let set = std::process::Command::new(&gateway).arg("descriptor-set").output()?;
+    assert!(set.status.success());
+    let shipped = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/k8s/components/istio-grpc-json-transcoder/flashsale-gateway.binpb"),
+    )?;
+    assert!(set.stdout == shipped, "flashsale-gateway descriptor-set differs from the shipped descriptor set");
+    Ok(())
+}

@@ -72,6 +72,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether this gateway listens on this machine's loopback only (gRPC and
+    /// HTTP). Development tokens, which anyone who reaches the gateway could
+    /// ask for, exist only then: the `/v1/dev/token` route (`DEV_TOKENS`) and
+    /// admin tokens from `flashsale-gateway token`, whose settings are read
+    /// from the same environment as the server's.
+    pub fn listens_on_loopback_only(&self) -> bool {
+        self.listen_addr.ip().is_loopback() && self.http_addr.ip().is_loopback()
+    }
+
     /// Settings for tests: a free local port and the given neighbours and names.
     pub fn for_tests(
         inventory_url: impl Into<String>,

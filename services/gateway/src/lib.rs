@@ -21,3 +21,8 @@ pub mod upstream;
 
 pub use config::Config;
 pub use startup::Application;
+
+/// The proto files of the API this gateway serves (with what they import):
+/// what its reflection describes and what its descriptor set for transcoders
+/// holds. The internal services' files are not among them.
+pub const PUBLIC_PROTO_FILES: &[&str] = &["flashsale/gateway/v1/gateway.proto"];

@@ -1,4 +1,5 @@
-//! `flashsale-gateway`: run the gateway, mint a development token, or check its health.
+//! `flashsale-gateway`: run the gateway, mint a development token, check its
+//! health, or write its descriptor set.
 
 use std::time::Duration;
 
@@ -28,6 +29,9 @@ enum Command {
     Token(TokenArgs),
     /// Exit 0 if the gateway on the listen address reports SERVING (container health checks).
     Health,
+    /// Write the public API's descriptor set (with its `google.api.http` REST
+    /// routes) to stdout, for gRPC-JSON transcoders such as Envoy's.
+    DescriptorSet,
 }
 
 #[derive(Debug, Args)]
@@ -35,7 +39,8 @@ struct TokenArgs {
     /// The buyer's id (`sub` claim).
     #[arg(long)]
     sub: String,
-    /// Grant the admin role.
+    /// Grant the admin role (only while the gateway's settings in this
+    /// environment listen on loopback alone).
     #[arg(long)]
     admin: bool,
     /// Lifetime, e.g. 30m, 1h, 7d.
@@ -68,7 +73,33 @@ async fn run() -> std::process::ExitCode {
     if let Some(Command::Health) = &cli.command {
         return flashsale_server::probe("gateway", cli.config.listen_addr).await;
     }
+    if let Some(Command::DescriptorSet) = &cli.command {
+        return match flashsale_proto::descriptor_set_of(flashsale_gateway::PUBLIC_PROTO_FILES) {
+            Ok(set) => {
+                use std::io::Write as _;
+                match std::io::stdout().lock().write_all(&set) {
+                    Ok(()) => std::process::ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("flashsale-gateway: cannot write the descriptor set: {e}");
+                        std::process::ExitCode::FAILURE
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("flashsale-gateway: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::Token(args)) = &cli.command {
+        if args.admin && !cli.config.listens_on_loopback_only() {
+            eprintln!(
+                "flashsale-gateway: no admin token for a gateway listening beyond loopback (GATEWAY_LISTEN_ADDR \
+                 {}, GATEWAY_HTTP_ADDR {}): operators get theirs from the identity provider",
+                cli.config.listen_addr, cli.config.http_addr
+            );
+            return std::process::ExitCode::FAILURE;
+        }
         return match flashsale_gateway::auth::mint(&args.jwt_secret, &args.sub, args.admin, args.ttl) {
             Ok(token) => {
                 #[expect(clippy::print_stdout, reason = "the token is this command's output")]

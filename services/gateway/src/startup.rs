@@ -52,8 +52,9 @@ impl Application {
             // Development sign-in mints tokens, admin ones included, for anyone who
             // can reach the port: only ever on this machine's loopback.
             anyhow::ensure!(
-                config.http_addr.ip().is_loopback(),
-                "DEV_TOKENS needs GATEWAY_HTTP_ADDR on a loopback address (it signs tokens for anyone)"
+                config.listens_on_loopback_only(),
+                "DEV_TOKENS needs GATEWAY_LISTEN_ADDR and GATEWAY_HTTP_ADDR on a loopback address (it signs \
+                 tokens for anyone)"
             );
             anyhow::ensure!(
                 config.jwt_issuer.is_none() && config.jwt_audience.is_none(),
@@ -193,7 +194,7 @@ impl Application {
         let (mut health, router) = flashsale_server::standard_router(
             flashsale_server::Exposure::Public,
             flashsale_server::MAX_CONNECTION_AGE,
-            &["flashsale/gateway/v1/gateway.proto"],
+            crate::PUBLIC_PROTO_FILES,
         )?;
         health.track(<FlashSaleGatewayServer<GatewayGrpc> as NamedService>::NAME);
         health.track(<AdminServiceServer<GatewayGrpc> as NamedService>::NAME);

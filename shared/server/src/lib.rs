@@ -178,24 +178,9 @@ pub fn reflection(
 /// The descriptors of `roots` and of every file they import, out of all of ours.
 fn served_descriptors(roots: &[&str]) -> Result<prost_types::FileDescriptorSet, tonic_reflection::server::Error> {
     use prost::Message as _;
-    let all = prost_types::FileDescriptorSet::decode(flashsale_proto::FILE_DESCRIPTOR_SET)?;
-    let mut wanted: Vec<String> = roots.iter().map(|root| (*root).to_owned()).collect();
-    let mut keep = std::collections::BTreeSet::new();
-    while let Some(name) = wanted.pop() {
-        let Some(file) = all.file.iter().find(|file| file.name() == name) else {
-            // A well-known import (google/protobuf/…) clients already know, or a typo.
-            if roots.contains(&name.as_str()) {
-                return Err(tonic_reflection::server::Error::InvalidFileDescriptorSet(format!("no proto file {name}")));
-            }
-            continue;
-        };
-        if keep.insert(name) {
-            wanted.extend(file.dependency.iter().cloned());
-        }
-    }
-    Ok(prost_types::FileDescriptorSet {
-        file: all.file.into_iter().filter(|file| keep.contains(file.name())).collect(),
-    })
+    let encoded = flashsale_proto::descriptor_set_of(roots)
+        .map_err(|e| tonic_reflection::server::Error::InvalidFileDescriptorSet(e.to_string()))?;
+    Ok(prost_types::FileDescriptorSet::decode(encoded.as_slice())?)
 }
 
 /// A server with our settings already serving health and reflection (of

@@ -7,6 +7,8 @@ mod admin;
 mod buyers;
 pub mod dto;
 pub mod error;
+#[cfg(test)]
+mod mapping;
 mod rules;
 mod web;
 
