@@ -263,6 +263,15 @@ fn default_redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// A connection to `redis_url`: one server, or, when it lists several
+/// comma-separated nodes, the Redis Cluster they belong to (as the gateway's
+/// `REDIS_URL` with `REDIS_CLUSTER`). The audit's reads each touch one item's
+/// keys, which share a slot.
+pub async fn redis_connection(redis_url: &str) -> anyhow::Result<flashsale_gateway::admission::link::Hot> {
+    let urls: Vec<&str> = redis_url.split(',').collect();
+    Ok(flashsale_gateway::admission::link::connect(&urls, urls.len() > 1).await?.0)
+}
+
 /// As [`wait_until_admissions_final`], on the Redis server at `redis_url`.
 pub async fn wait_until_admissions_final_at(
     redis_url: &str,
@@ -270,8 +279,7 @@ pub async fn wait_until_admissions_final_at(
     items: &[&str],
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let client = redis::Client::open(redis_url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = redis_connection(redis_url).await?;
     let deadline = Instant::now() + timeout;
     for item in items {
         let prefix = format!("{redis_prefix}:{{{item}}}");
@@ -308,8 +316,7 @@ pub async fn redis_agrees_at(
     report: &AuditReport,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let client = redis::Client::open(redis_url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = redis_connection(redis_url).await?;
     let deadline = Instant::now() + timeout;
     for (item, remaining) in &report.remaining {
         loop {

@@ -207,6 +207,190 @@ impl PrivateRedis {
     }
 }
 
+/// A Redis Cluster owned by one test: three masters, each with one replica,
+/// on free loopback ports (client and cluster-bus ports), keeping nothing on
+/// disk but each node's `nodes.conf`. The node timeout is 1 s, so a killed
+/// master's replica takes over within a few seconds.
+pub struct PrivateRedisCluster {
+    dir: PathBuf,
+    nodes: Vec<ClusterNode>,
+}
+
+struct ClusterNode {
+    port: u16,
+    child: std::sync::Mutex<Option<tokio::process::Child>>,
+}
+
+impl PrivateRedisCluster {
+    const MASTERS: usize = 3;
+
+    pub async fn start() -> anyhow::Result<Self> {
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let dir = std::env::temp_dir().join(format!("fs-redis-cluster-{tag}"));
+        std::fs::create_dir_all(&dir)?;
+        let mut nodes = Vec::new();
+        for _ in 0..Self::MASTERS * 2 {
+            let (port, bus) = (free_port()?, free_port()?);
+            let node_dir = dir.join(port.to_string());
+            std::fs::create_dir_all(&node_dir)?;
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--cluster-port", &bus.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?;
+            nodes.push(ClusterNode { port, child: std::sync::Mutex::new(Some(child)) });
+        }
+        let this = Self { dir, nodes };
+        for node in &this.nodes {
+            this.wait_for(node.port, "PONG", &["PING"]).await?;
+        }
+        let addresses: Vec<String> = this.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await?;
+        anyhow::ensure!(
+            created.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        for node in &this.nodes {
+            this.wait_for(node.port, "cluster_state:ok", &["CLUSTER", "INFO"]).await?;
+        }
+        // A replica that has not synced yet cannot take over (its master's
+        // slots would stay down): wait until every replica has its copy.
+        for node in &this.nodes {
+            let replication: String = this.query(node.port, redis::cmd("INFO").arg("replication")).await?;
+            if replication.contains("role:slave") {
+                this.wait_for(node.port, "master_link_status:up", &["INFO", "replication"]).await?;
+            }
+        }
+        Ok(this)
+    }
+
+    /// `redis://127.0.0.1:<port>` of every node, comma-separated: what the
+    /// gateway's `REDIS_URL` takes with `REDIS_CLUSTER`.
+    pub fn urls(&self) -> String {
+        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",")
+    }
+
+    /// Kills (SIGKILL) the master serving `key`'s slot and waits until a
+    /// replica serves that slot and the cluster is whole again; returns the
+    /// killed node's port. What the master had not yet copied to its replica
+    /// is lost, as in a real failover.
+    pub async fn fail_over_master_of(&self, key: &str) -> anyhow::Result<u16> {
+        let alive = self.alive_port()?;
+        let slot: i64 = self.query(alive, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)).await?;
+        let old = self.master_of(alive, slot).await?;
+        let node = self.nodes.iter().find(|n| n.port == old).ok_or_else(|| anyhow::anyhow!("no node on {old}"))?;
+        let child = node.child.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.take();
+        if let Some(mut child) = child {
+            child.start_kill()?;
+            child.wait().await?;
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let survivor = self.alive_port()?;
+            let promoted = self.master_of(survivor, slot).await.ok().filter(|port| *port != old);
+            let info: String = self.query(survivor, redis::cmd("CLUSTER").arg("INFO")).await.unwrap_or_default();
+            if promoted.is_some() && info.contains("cluster_state:ok") {
+                return Ok(old);
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "no replica took over slot {slot} from {old}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Keys held by each live master (`DBSIZE`), by port.
+    pub async fn keys_per_master(&self) -> anyhow::Result<Vec<(u16, i64)>> {
+        let mut out = Vec::new();
+        for node in &self.nodes {
+            if node.child.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.is_none() {
+                continue;
+            }
+            let role: Vec<redis::Value> = self.query(node.port, &redis::cmd("ROLE")).await?;
+            if matches!(role.first(), Some(redis::Value::BulkString(role)) if role == b"master") {
+                out.push((node.port, self.query(node.port, &redis::cmd("DBSIZE")).await?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The port of the master serving `slot`, as the node on `port` sees it.
+    async fn master_of(&self, port: u16, slot: i64) -> anyhow::Result<u16> {
+        // CLUSTER SLOTS: [[start, end, [ip, port, id, …] (master), replicas…], …]
+        let ranges: Vec<redis::Value> = self.query(port, &redis::cmd("CLUSTER").arg("SLOTS").to_owned()).await?;
+        for range in ranges {
+            let redis::Value::Array(parts) = range else { continue };
+            let int = |value: Option<&redis::Value>| match value {
+                Some(redis::Value::Int(n)) => Some(*n),
+                _ => None,
+            };
+            let (Some(start), Some(end)) = (int(parts.first()), int(parts.get(1))) else { continue };
+            if (start..=end).contains(&slot)
+                && let Some(redis::Value::Array(master)) = parts.get(2)
+                && let Some(master_port) = int(master.get(1))
+            {
+                return Ok(u16::try_from(master_port)?);
+            }
+        }
+        anyhow::bail!("slot {slot} has no master")
+    }
+
+    fn alive_port(&self) -> anyhow::Result<u16> {
+        self.nodes
+            .iter()
+            .find(|n| n.child.lock().is_ok_and(|child| child.is_some()))
+            .map(|n| n.port)
+            .ok_or_else(|| anyhow::anyhow!("every node is down"))
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, port: u16, cmd: &redis::Cmd) -> anyhow::Result<T> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        Ok(cmd.query_async(&mut conn).await?)
+    }
+
+    /// Waits until the node on `port` answers `command` with text containing `expect`.
+    async fn wait_for(&self, port: u16, expect: &str, command: &[&str]) -> anyhow::Result<()> {
+        let mut cmd = redis::cmd(command[0]);
+        for arg in &command[1..] {
+            cmd.arg(*arg);
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Ok(answer) = self.query::<String>(port, &cmd).await
+                && answer.contains(expect)
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "redis on {port}: no {expect:?} to {command:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for PrivateRedisCluster {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            if let Ok(mut child) = node.child.lock()
+                && let Some(child) = child.as_mut()
+            {
+                let _ = child.start_kill();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A RabbitMQ node owned by one test: its own node name, AMQP and distribution
 /// ports, data and log directories, and no plugins (the machine's own broker
 /// holds the management ports). Its data survives [`PrivateRabbit::kill`], as a

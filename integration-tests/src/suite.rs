@@ -51,7 +51,8 @@ pub struct TestSuite {
 pub struct SuiteOptions {
     /// The gateway reaches RabbitMQ here instead of `AMQP_ADDR` (a fault proxy).
     pub gateway_amqp_addr: Option<String>,
-    /// The gateway reaches Redis here instead of `REDIS_URL` (a fault proxy).
+    /// The gateway reaches Redis here instead of `REDIS_URL` (a fault proxy),
+    /// or, when it lists several comma-separated nodes, a Redis Cluster.
     pub gateway_redis_url: Option<String>,
     /// How long the gateway waits for a publisher confirm.
     pub publish_timeout_ms: Option<u64>,
@@ -115,6 +116,7 @@ impl TestSuite {
             config.amqp_addr = addr;
         }
         if let Some(url) = options.gateway_redis_url {
+            config.redis_cluster = url.contains(',');
             config.redis_url = url;
         }
         if let Some(ms) = options.publish_timeout_ms {

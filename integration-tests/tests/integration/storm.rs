@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use flashsale_integration_tests::audit::{AuditReport, OrderRow, audit, redis_agrees_at, wait_until_settled};
-use flashsale_integration_tests::backing::{PrivatePostgres, PrivateRabbit, PrivateRedis, StopMode};
+use flashsale_integration_tests::backing::{
+    PrivatePostgres, PrivateRabbit, PrivateRedis, PrivateRedisCluster, StopMode,
+};
 use flashsale_integration_tests::suite::with_token;
 use flashsale_integration_tests::{TestSuite, error_reason};
 use flashsale_proto::common::v1::OrderStatus;
@@ -50,6 +52,11 @@ struct Spec {
     /// Run every service on a private RabbitMQ node and kill it (SIGKILL) once
     /// this many orders were accepted, then start it again on its own data.
     restart_rabbit_after: Option<usize>,
+    /// Keep admission state on a private Redis Cluster (3 masters, 3 replicas).
+    redis_cluster: bool,
+    /// On that cluster, kill the master holding the first item's slot once
+    /// this many orders were accepted; its replica takes over.
+    fail_over_redis_after: Option<usize>,
 }
 
 impl Default for Spec {
@@ -65,6 +72,8 @@ impl Default for Spec {
             restart_postgres_after: None,
             restart_redis_after: None,
             restart_rabbit_after: None,
+            redis_cluster: false,
+            fail_over_redis_after: None,
         }
     }
 }
@@ -124,14 +133,18 @@ async fn storm(spec: Spec) -> anyhow::Result<()> {
         Some(_) => Some(Arc::new(PrivateRabbit::start().await?)),
         None => None,
     };
-    let redis_url = redis.as_ref().map_or_else(
-        || std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
-        |redis| redis.url(),
-    );
+    let cluster = match spec.redis_cluster || spec.fail_over_redis_after.is_some() {
+        true => Some(Arc::new(PrivateRedisCluster::start().await?)),
+        false => None,
+    };
+    let private_redis = redis.as_ref().map(|redis| redis.url()).or_else(|| cluster.as_ref().map(|c| c.urls()));
+    let redis_url = private_redis
+        .clone()
+        .unwrap_or_else(|| std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()));
     let options = flashsale_integration_tests::suite::SuiteOptions {
         holds_machine: true,
         database_server: postgres.as_ref().map(|pg| pg.url()),
-        gateway_redis_url: redis.as_ref().map(|redis| redis.url()),
+        gateway_redis_url: private_redis,
         amqp_server: rabbit.as_ref().map(|rabbit| rabbit.url()),
         // An order whose confirm was lost with the broker is published again soon.
         unrecorded_grace_ms: rabbit.as_ref().map(|_| 3_000),
@@ -194,6 +207,25 @@ async fn storm(spec: Spec) -> anyhow::Result<()> {
         _ => None,
     };
 
+    let failover = match (spec.fail_over_redis_after, &cluster) {
+        (Some(after), Some(cluster)) => {
+            let (cluster, seen, tag) = (cluster.clone(), seen.clone(), format!("{{{}}}", spec.items[0].0));
+            Some(tokio::spawn(async move {
+                accepted_at_least(&seen, after).await?;
+                let killed = tokio::time::Instant::now();
+                let port = cluster.fail_over_master_of(&tag).await?;
+                seen.lock().recovered_at = Some(tokio::time::Instant::now());
+                eprintln!(
+                    "storm: Redis master on {port} (slot of {tag}) killed after {after} accepted orders, its replica \
+                     took over {:?} later",
+                    killed.elapsed()
+                );
+                anyhow::Ok(())
+            }))
+        }
+        _ => None,
+    };
+
     let started = tokio::time::Instant::now();
     let everyone: Vec<&Buyer> = buyers.iter().collect();
     buy(&everyone, &channels, &suite, &seen, &done, &flushed, spec.quantity, 0).await?;
@@ -209,9 +241,21 @@ async fn storm(spec: Spec) -> anyhow::Result<()> {
     if let Some(restart) = rabbit_restart {
         restart.await??;
     }
+    if let Some(failover) = failover {
+        failover.await??;
+        let after = seen.lock().first_accept_after_recovery;
+        anyhow::ensure!(after.is_some(), "no purchase was accepted after the failover: the sale did not span it");
+    }
 
     let items: Vec<&str> = spec.items.iter().map(|(id, _, _)| *id).collect();
     let mut report = settle(&suite, &spec, &redis_url, &items, &seen).await?;
+    if let Some(cluster) = &cluster {
+        // The items' state really is spread over the cluster's masters.
+        let keys = cluster.keys_per_master().await?;
+        eprintln!("storm: Redis Cluster keys per master (port, keys): {keys:?}");
+        let holding = keys.iter().filter(|(_, n)| *n > 0).count();
+        anyhow::ensure!(holding >= spec.items.len().min(2), "the items' keys sit on {holding} master(s): {keys:?}");
+    }
 
     // Units that came back after the crowd left (a buyer who could not pay, an
     // admission republished late on a starved machine) must still be on sale:
@@ -674,6 +718,39 @@ async fn postgres_crashed_mid_sale_loses_no_order() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_mid_sale_loses_no_order() -> anyhow::Result<()> {
     run_storm(Spec { restart_redis_after: Some(40), ..fault_storm("redis-restart", 7) }).await
+}
+
+/// Admission on a Redis Cluster (three masters with a replica each, on
+/// loopback ports): three items, so their slots spread over the masters; the
+/// audit is exact and Redis agrees with PostgreSQL at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_on_a_redis_cluster_sells_exactly_the_stock() -> anyhow::Result<()> {
+    run_storm(Spec {
+        items: vec![("cluster-a", 100, 1), ("cluster-b", 60, 1), ("cluster-c", 30, 1)],
+        buyers: 3_000,
+        seed: 11,
+        redis_cluster: true,
+        ..Spec::default()
+    })
+    .await
+}
+
+/// The Redis Cluster master holding the item's slot killed mid-sale: its
+/// replica takes over (writes not yet copied to it are lost, as in any
+/// asynchronous failover), buyers get `UNAVAILABLE` meanwhile, and nothing is
+/// lost, oversold or charged twice: PostgreSQL refuses what Redis admitted
+/// twice, and every unit sells (every buyer can pay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_failover_mid_sale_loses_no_order() -> anyhow::Result<()> {
+    // Enough stock that the sale goes on through the failover (150 units sell
+    // before a failover completes).
+    run_storm(Spec {
+        items: vec![("cluster-failover", 1_000, 1)],
+        buyers: 2_500,
+        fail_over_redis_after: Some(30),
+        ..fault_storm("cluster-failover", 13)
+    })
+    .await
 }
 
 /// The broker killed mid-sale (SIGKILL) and started again on its data: the

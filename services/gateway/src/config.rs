@@ -24,9 +24,13 @@ pub struct Config {
     /// The wallet's gRPC URL.
     #[arg(long, env = "WALLET_URL", default_value = "http://127.0.0.1:50053")]
     pub wallet_url: String,
-    /// Redis URL.
+    /// Redis URL; with `REDIS_CLUSTER`, comma-separated URLs of some of the
+    /// cluster's nodes (the rest is discovered).
     #[arg(long, env = "REDIS_URL", hide_env_values = true, default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+    /// `REDIS_URL` names nodes of a Redis Cluster.
+    #[arg(long, env = "REDIS_CLUSTER", default_value_t = false)]
+    pub redis_cluster: bool,
     /// Prefix of every Redis key this suite uses.
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "fs")]
     pub redis_key_prefix: String,
@@ -72,6 +76,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// The URLs of `REDIS_URL` (several only for a cluster).
+    pub fn redis_urls(&self) -> Vec<&str> {
+        self.redis_url.split(',').map(str::trim).filter(|url| !url.is_empty()).collect()
+    }
+
     /// Whether this gateway listens on this machine's loopback only (gRPC and
     /// HTTP). Development tokens, which anyone who reaches the gateway could
     /// ask for, exist only then: the `/v1/dev/token` route (`DEV_TOKENS`) and
@@ -97,6 +106,7 @@ impl Config {
             inventory_url: inventory_url.into(),
             wallet_url: wallet_url.into(),
             redis_url: std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            redis_cluster: false,
             redis_key_prefix: redis_key_prefix.into(),
             amqp_addr: std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
             amqp_prefix: amqp_prefix.into(),

@@ -65,7 +65,9 @@ impl Application {
         let upstreams =
             Upstreams::new(&config.inventory_url, &config.wallet_url).context("INVENTORY_URL or WALLET_URL")?;
         let admission = Arc::new(
-            Admission::connect(&config.redis_url, &config.redis_key_prefix).await.context("connecting to Redis")?,
+            Admission::connect(&config.redis_urls(), config.redis_cluster, &config.redis_key_prefix)
+                .await
+                .context("connecting to Redis")?,
         );
         let topology = Topology::with_prefix(&config.amqp_prefix);
         let publisher = Arc::new(OrderPublisher::new(

@@ -24,7 +24,7 @@ struct Scripts {
 impl Scripts {
     async fn connect() -> anyhow::Result<Self> {
         let prefix = format!("fs-lua-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        Ok(Self { admission: Admission::connect(&redis_url(), &prefix).await?, prefix })
+        Ok(Self { admission: Admission::connect(&[&redis_url()], false, &prefix).await?, prefix })
     }
 
     /// The item's state, as inventory's snapshot would give it.
@@ -259,7 +259,7 @@ async fn resync_raises_tokens_only_when_nothing_is_in_flight() -> anyhow::Result
 #[tokio::test]
 async fn claim_republish_waits_longer_after_each_publish() -> anyhow::Result<()> {
     let s = Scripts::connect().await?;
-    let other = Admission::connect(&redis_url(), &s.prefix).await?; // a second gateway
+    let other = Admission::connect(&[&redis_url()], false, &s.prefix).await?; // a second gateway
     let grace = Duration::from_millis(150);
     let grace_ms = 150;
     assert!(s.rebuild(1, 1, &[]).await?);

@@ -5,18 +5,18 @@
 //! `KEYS` and the value encodings are `protocol.rs`'s; every key, its type, its
 //! encoding and who writes and reads it: `services/DESIGN.md`, "Redis keys".
 //!
-//! The hot path (`admit`) uses one multiplexed `ConnectionManager`: concurrent
+//! The hot path (`admit`) uses one multiplexed connection: concurrent
 //! requests pipeline on it, where a pool would give each request a connection
 //! of its own and wait a round trip per request (about half the rate when it
-//! was measured against a bb8 pool on a two-core machine). Background work (events, rebuilds, checks) uses a bb8 pool so
-//! its bulk commands never queue in front of buyers' scripts.
+//! was measured against a bb8 pool on a two-core machine). Background work
+//! (events, rebuilds, checks) uses connections of its own so its bulk commands
+//! never queue in front of buyers' scripts. One server or a Redis Cluster:
+//! `link.rs`.
 
 use std::collections::HashSet;
 
-use bb8_redis::RedisConnectionManager;
 use flashsale_proto::inventory::v1::{GetAdmissionSnapshotResponse, OrderEvent};
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 use self::protocol::{
@@ -25,6 +25,7 @@ use self::protocol::{
 use crate::catalog::AdmissionStamp;
 use crate::error::GatewayError;
 
+pub mod link;
 mod protocol;
 
 /// An [`AdmissionStamp`] from the `STAMP_FIELDS` of the `ready` hash (absent: 0).
@@ -63,25 +64,17 @@ pub struct AdmissionRecord {
 }
 
 pub struct Admission {
-    hot: ConnectionManager,
-    pool: bb8::Pool<RedisConnectionManager>,
+    hot: link::Hot,
+    background: link::Background,
     prefix: String,
     scripts: Scripts,
 }
 
 impl Admission {
-    pub async fn connect(redis_url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(redis_url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(2)));
-        let hot = ConnectionManager::new_with_config(client, config).await?;
-        let pool = bb8::Pool::builder()
-            .max_size(8)
-            .connection_timeout(std::time::Duration::from_secs(2))
-            .build(RedisConnectionManager::new(redis_url)?)
-            .await?;
-        Ok(Self { hot, pool, prefix: prefix.to_owned(), scripts: Scripts::load() })
+    /// `redis_urls`: one server, or with `cluster` seed nodes of a Redis Cluster.
+    pub async fn connect(redis_urls: &[&str], cluster: bool, prefix: &str) -> Result<Self, redis::RedisError> {
+        let (hot, background) = link::connect(redis_urls, cluster).await?;
+        Ok(Self { hot, background, prefix: prefix.to_owned(), scripts: Scripts::load() })
     }
 
     fn key(&self, item_id: &str, part: Part) -> String {
@@ -95,11 +88,9 @@ impl Admission {
     /// One purchase attempt: one round trip.
     /// `flashsale_redis_pool_connections{state}` of the background pool (call when scraped).
     pub fn record_pool_state(&self) {
-        let state = self.pool.state();
-        let idle = f64::from(state.idle_connections);
-        metrics::gauge!("flashsale_redis_pool_connections", "state" => "idle").set(idle);
-        metrics::gauge!("flashsale_redis_pool_connections", "state" => "in_use")
-            .set(f64::from(state.connections) - idle);
+        let Some((idle, in_use)) = self.background.pool_state() else { return };
+        metrics::gauge!("flashsale_redis_pool_connections", "state" => "idle").set(f64::from(idle));
+        metrics::gauge!("flashsale_redis_pool_connections", "state" => "in_use").set(f64::from(in_use));
     }
 
     /// Readiness: Redis answers on the hot-path connection.
@@ -136,7 +127,15 @@ impl Admission {
                 let prior = PriorOrder::decode(&detail).ok_or_else(|| {
                     GatewayError::Internal(format!("admission script's DUPLICATE detail {detail:?}").into())
                 })?;
-                Admit::Duplicate { order_id: prior.order_id, quantity: prior.quantity }
+                if prior.order_id == order_id {
+                    // This very attempt ran twice: a Redis Cluster client sends a
+                    // command again after a dropped connection lost its reply. The
+                    // first run reserved this order; how many units remain is not
+                    // known (1: no sold-out mark from a guess).
+                    Admit::Reserved { tokens_left: 1 }
+                } else {
+                    Admit::Duplicate { order_id: prior.order_id, quantity: prior.quantity }
+                }
             }
             "IN_PROGRESS" => Admit::InProgress { order_id: detail },
             "LIMIT_REACHED" => Admit::LimitReached,
@@ -164,12 +163,12 @@ impl Admission {
     /// crowd's keyed attempts need no Redis read.
     /// `None` when the item's state is missing (Redis lost it): rebuild first.
     pub async fn key_holders(&self, item_id: &str) -> Result<Option<(AdmissionStamp, HashSet<String>)>, GatewayError> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.background.get().await?;
         let ((version, admissions), fields): ((Option<i64>, Option<i64>), Vec<String>) = redis::pipe()
             .atomic()
             .hmget(self.key(item_id, Part::Ready), &STAMP_FIELDS)
             .hkeys(self.key(item_id, Part::Idem))
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await?;
         if version.is_none() {
             return Ok(None);
@@ -181,7 +180,7 @@ impl Admission {
 
     /// The item's [`AdmissionStamp`]: one HMGET.
     pub async fn admission_stamp(&self, item_id: &str) -> Result<AdmissionStamp, GatewayError> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.background.get().await?;
         let (version, admissions): (Option<i64>, Option<i64>) =
             conn.hmget(self.key(item_id, Part::Ready), &STAMP_FIELDS).await?;
         Ok(stamp_of(version, admissions))
@@ -190,18 +189,18 @@ impl Admission {
     /// Makes every admission key of `item_id` expire at `at_ms` (unix ms): the
     /// sale is over, and its state is kept only for the retention period.
     pub async fn expire_item(&self, item_id: &str, at_ms: i64) -> Result<(), GatewayError> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.background.get().await?;
         let mut pipe = redis::pipe();
         for part in Part::ALL {
             pipe.cmd("PEXPIREAT").arg(self.key(item_id, part)).arg(at_ms).ignore();
         }
-        let () = pipe.query_async(&mut *conn).await?;
+        let () = pipe.query_async(&mut conn).await?;
         Ok(())
     }
 
     /// Undoes an admission whose order never reached the broker.
     pub async fn unadmit(&self, item_id: &str, order_id: &str, user_id: &str, key: &str) -> Result<(), GatewayError> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.background.get().await?;
         let _: i64 = self
             .scripts
             .unadmit
@@ -209,7 +208,7 @@ impl Admission {
             .arg(order_id)
             .arg(user_id)
             .arg(key)
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await?;
         // The admission record stays (it expires): a concurrent retry under the same
         // key may have published this order and named it to the buyer already.
@@ -223,7 +222,7 @@ impl Admission {
         item_id: &str,
         older_than_ms: i64,
     ) -> Result<Vec<(String, String, u32, String)>, GatewayError> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.background.get().await?;
         let entries: Vec<(String, String)> = conn.hgetall(self.key(item_id, Part::Admitted)).await?;
         Ok(entries
             .into_iter()
@@ -244,7 +243,7 @@ impl Admission {
     /// publish the next one waits `grace`, then twice that, and so on up to
     /// [`MAX_REPUBLISH_FACTOR`] times `grace` (`lua/claim_republish.lua`).
     pub async fn claim_republish(&self, item_id: &str, order_id: &str, grace_ms: i64) -> Result<bool, GatewayError> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.background.get().await?;
         let claimed: i64 = self
             .scripts
             .claim_republish
@@ -253,7 +252,7 @@ impl Admission {
             .arg(flashsale_domain::time::now_ms())
             .arg(grace_ms)
             .arg(MAX_REPUBLISH_FACTOR)
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await?;
         Ok(claimed == 1)
     }
@@ -267,7 +266,7 @@ impl Admission {
         item_ids: &[String],
         order_id: &str,
     ) -> Result<Option<(String, String, u32, i64, String)>, GatewayError> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.background.get().await?;
         for item_id in item_ids {
             let value: Option<String> = conn.hget(self.key(item_id, Part::Admitted), order_id).await?;
             if let Some(entry) = value.as_deref().and_then(AdmittedEntry::decode) {
@@ -289,7 +288,7 @@ impl Admission {
             // Only final states are published; anything else has nothing to undo.
             _ => return Ok("IGNORED".into()),
         };
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.background.get().await?;
         let outcome: String = self
             .scripts
             .apply_event
@@ -301,7 +300,7 @@ impl Admission {
             .arg(&order.reject_reason)
             .arg(event.units_released)
             .arg(event.item_version)
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await?;
         // Inventory has the order now; the gateway's own record is no longer needed.
         let _: () = conn.del(self.order_key(&order.id)).await?;
@@ -322,28 +321,28 @@ impl Admission {
                 .arg(idem_field(&key.user_id, &key.idempotency_key))
                 .arg(PriorOrder::encode(&key.order_id, key.quantity));
         }
-        let mut conn = self.pool.get().await?;
-        let rebuilt: i64 = invocation.invoke_async(&mut *conn).await?;
+        let mut conn = self.background.get().await?;
+        let rebuilt: i64 = invocation.invoke_async(&mut conn).await?;
         Ok(rebuilt == 1)
     }
 
     /// Raises the item's tokens to PostgreSQL's `remaining` if nothing is in
     /// flight and Redis offers fewer; returns the tokens added.
     pub async fn resync(&self, item_id: &str, remaining: u32) -> Result<i64, GatewayError> {
-        let mut conn = self.pool.get().await?;
-        Ok(self.scripts.resync.on(&self.prefix, item_id).arg(remaining).invoke_async(&mut *conn).await?)
+        let mut conn = self.background.get().await?;
+        Ok(self.scripts.resync.on(&self.prefix, item_id).arg(remaining).invoke_async(&mut conn).await?)
     }
 
     /// Units Redis still offers and the [`AdmissionStamp`], or `None` when the
     /// item's state is missing (the refresher's check of a sold-out item).
     pub async fn sold_out_check(&self, item_id: &str) -> Result<Option<(i64, AdmissionStamp)>, GatewayError> {
         let (ready_key, tokens_key) = (self.key(item_id, Part::Ready), self.key(item_id, Part::Tokens));
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.background.get().await?;
         let (ready, tokens, (version, admissions)): (bool, Option<i64>, (Option<i64>, Option<i64>)) = redis::pipe()
             .exists(&ready_key)
             .get(&tokens_key)
             .hmget(&ready_key, &STAMP_FIELDS)
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await?;
         let stamp = stamp_of(version, admissions);
         Ok(ready.then(|| (tokens.unwrap_or(0), stamp)))
@@ -351,11 +350,11 @@ impl Admission {
 
     /// Units Redis still offers, or `None` when the item's state is missing.
     pub async fn tokens(&self, item_id: &str) -> Result<Option<i64>, GatewayError> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.background.get().await?;
         let (ready, tokens): (bool, Option<i64>) = redis::pipe()
             .exists(self.key(item_id, Part::Ready))
             .get(self.key(item_id, Part::Tokens))
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await?;
         Ok(if ready { Some(tokens.unwrap_or(0)) } else { None })
     }
