@@ -8,6 +8,7 @@ pub mod backing;
 pub mod binaries;
 pub mod db;
 pub mod load;
+pub mod netns;
 pub mod otlp;
 pub mod ports;
 pub mod proxy;

@@ -31,7 +31,12 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Forwards 127.0.0.1:<port> to `upstream`.
     pub async fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST.into(), upstream).await
+    }
+
+    /// Forwards <bind>:<port> to `upstream`.
+    pub async fn start_on(bind: std::net::IpAddr, upstream: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind((bind, 0)).await?;
         let port = listener.local_addr()?.port();
         let cut = Arc::new(AtomicBool::new(false));
         let blackhole = Arc::new(AtomicBool::new(false));

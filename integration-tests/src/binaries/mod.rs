@@ -8,8 +8,8 @@ use flashsale_proto::gateway::v1::admin_service_client::AdminServiceClient;
 use flashsale_proto::gateway::v1::flash_sale_gateway_client::FlashSaleGatewayClient;
 use tonic::transport::Channel;
 
-use self::process::start;
-pub use self::process::{Service, ServiceProcess, scrape, sum};
+pub use self::process::{Place, Service, ServiceProcess, scrape, sum};
+use self::process::{start, start_at};
 use crate::TestDatabase;
 use crate::suite::{JWT_SECRET, amqp_addr, delete_amqp_names_at, flush_redis_prefix_at};
 
@@ -139,7 +139,7 @@ impl BinarySuite {
                     .await?,
             );
         }
-        let wallet_url = |n: usize| format!("http://127.0.0.1:{}", wallets[n % wallets.len()].grpc_port);
+        let wallet_url = |n: usize| wallets[n % wallets.len()].grpc_url();
         let mut inventories = Vec::new();
         for n in 0..instances.inventories {
             inventories.push(
@@ -160,34 +160,14 @@ impl BinarySuite {
         }
         let mut gateways = Vec::new();
         for n in 0..instances.gateways {
-            let gateway = start(
-                Service::Gateway,
-                &with(
-                    Service::Gateway,
-                    vec![
-                        ("INVENTORY_URL", format!("http://127.0.0.1:{}", inventories[n % inventories.len()].grpc_port)),
-                        ("WALLET_URL", wallet_url(n)),
-                        ("AMQP_PREFIX", amqp_prefix.clone()),
-                        ("REDIS_KEY_PREFIX", redis_prefix.clone()),
-                        ("JWT_SECRET", JWT_SECRET.into()),
-                        ("GATEWAY_HTTP_ADDR", "127.0.0.1:0".into()),
-                        ("CATALOG_REFRESH_MS", "200".into()),
-                        ("PURCHASE_RATE_PER_SECOND", "0".into()),
-                    ],
-                ),
-            )
-            .await?;
-            // Health answers before the gateway has bound its own event queue;
-            // events published before that never reach it (its WatchOrder streams
-            // then learn by polling), so tests start once it consumes.
-            gateway.wait_for_gauge("flashsale_order_events_consumer_up", 1.0).await?;
-            gateways.push(gateway);
+            let inventory_url = inventories[n % inventories.len()].grpc_url();
+            let settings = gateway_settings(inventory_url, wallet_url(n), &amqp_prefix, &redis_prefix);
+            gateways.push(consuming(start(Service::Gateway, &with(Service::Gateway, settings)).await?).await?);
         }
         let (wallet, more_wallets) = first_and_rest(wallets);
         let (inventory, more_inventories) = first_and_rest(inventories);
         let (gateway, more_gateways) = first_and_rest(gateways);
-        let gateway_channel =
-            Channel::from_shared(format!("http://127.0.0.1:{}", gateway.grpc_port))?.connect().await?;
+        let gateway_channel = Channel::from_shared(gateway.grpc_url())?.connect().await?;
         Ok(Self {
             wallet_db,
             inventory_db,
@@ -204,6 +184,20 @@ impl BinarySuite {
             gateway_channel,
             next_gateway: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Starts one more gateway at `place`, wired to the first inventory and
+    /// wallet and to the suite's Redis and broker, with `env` set last (the
+    /// `common` and `own` settings the suite was spawned with do not apply).
+    /// It serves buyers from [`BinarySuite::new_gateway_channel`] on.
+    pub async fn add_gateway(&mut self, place: Place, env: &[(&str, String)]) -> anyhow::Result<&ServiceProcess> {
+        let settings =
+            gateway_settings(self.inventory.grpc_url(), self.wallet.grpc_url(), &self.amqp_prefix, &self.redis_prefix);
+        let servers = [("REDIS_URL", self.redis_url.clone()), ("AMQP_ADDR", self.amqp_addr.clone())];
+        let env: Vec<(&str, String)> =
+            settings.into_iter().chain(servers).chain(env.iter().map(|(k, v)| (*k, v.clone()))).collect();
+        self.more_gateways.push(consuming(start_at(Service::Gateway, &env, place).await?).await?);
+        self.more_gateways.last().ok_or_else(|| anyhow::anyhow!("no gateway added"))
     }
 
     /// Every process of `service`, the first one first.
@@ -230,12 +224,17 @@ impl BinarySuite {
         }
     }
 
+    /// Where every gateway's gRPC server answers, the first one first.
+    pub fn gateway_urls(&self) -> Vec<String> {
+        std::iter::once(&self.gateway).chain(&self.more_gateways).map(ServiceProcess::grpc_url).collect()
+    }
+
     /// A new connection to a gateway (buyers spread over several, as real ones
     /// do): with several gateways, each call picks the next one in turn.
     pub async fn new_gateway_channel(&self) -> anyhow::Result<Channel> {
-        let ports = self.gateway_ports();
-        let port = ports[self.next_gateway.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % ports.len()];
-        Ok(Channel::from_shared(format!("http://127.0.0.1:{port}"))?.connect().await?)
+        let urls = self.gateway_urls();
+        let url = &urls[self.next_gateway.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % urls.len()];
+        Ok(Channel::from_shared(url.clone())?.connect().await?)
     }
 
     pub fn buyers(&self) -> FlashSaleGatewayClient<Channel> {
@@ -270,6 +269,33 @@ impl BinarySuite {
         self.inventory_db.drop_now().await?;
         Ok(())
     }
+}
+
+/// A gateway's own settings in a suite (before the servers and test overrides).
+fn gateway_settings(
+    inventory_url: String,
+    wallet_url: String,
+    amqp_prefix: &str,
+    redis_prefix: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("INVENTORY_URL", inventory_url),
+        ("WALLET_URL", wallet_url),
+        ("AMQP_PREFIX", amqp_prefix.to_owned()),
+        ("REDIS_KEY_PREFIX", redis_prefix.to_owned()),
+        ("JWT_SECRET", JWT_SECRET.into()),
+        ("GATEWAY_HTTP_ADDR", "127.0.0.1:0".into()),
+        ("CATALOG_REFRESH_MS", "200".into()),
+        ("PURCHASE_RATE_PER_SECOND", "0".into()),
+    ]
+}
+
+/// Waits until `gateway` consumes its own event queue: health answers before
+/// the gateway has bound it, and events published before that never reach it
+/// (its WatchOrder streams then learn by polling), so tests start once it does.
+async fn consuming(gateway: ServiceProcess) -> anyhow::Result<ServiceProcess> {
+    gateway.wait_for_gauge("flashsale_order_events_consumer_up", 1.0).await?;
+    Ok(gateway)
 }
 
 /// The first of a non-empty list of processes, and the rest.

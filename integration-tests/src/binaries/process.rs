@@ -2,6 +2,7 @@
 //! environment, starting (and restarting on the same ports), stopping, and
 //! reading its `/metrics`.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -37,18 +38,47 @@ impl Service {
     }
 }
 
+/// Where a process runs: this machine's loopback, or another network
+/// namespace ([`crate::netns::NetworkHost`]) and its address there.
+#[derive(Debug, Clone)]
+pub struct Place {
+    pub ip: IpAddr,
+    /// `ip netns exec …` prefix, when in another namespace.
+    pub prefix: Vec<String>,
+}
+
+impl Place {
+    pub fn loopback() -> Self {
+        Self { ip: Ipv4Addr::LOCALHOST.into(), prefix: Vec::new() }
+    }
+
+    /// In `host`, listening on its address on `link`.
+    pub fn in_host(host: &crate::netns::NetworkHost, link: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            ip: host.link(link)?.ns_ip.into(),
+            prefix: host.command_prefix().iter().map(|s| (*s).to_owned()).collect(),
+        })
+    }
+}
+
 /// One service process and its ports.
 pub struct ServiceProcess {
     child: Child,
     service: Service,
     env: Vec<(String, String)>,
+    place: Place,
     pub grpc_port: u16,
     pub metrics_port: u16,
 }
 
 impl ServiceProcess {
     pub fn metrics_url(&self) -> String {
-        format!("http://127.0.0.1:{}/metrics", self.metrics_port)
+        format!("http://{}/metrics", SocketAddr::new(self.place.ip, self.metrics_port))
+    }
+
+    /// Where its gRPC server answers.
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", SocketAddr::new(self.place.ip, self.grpc_port))
     }
 
     /// Waits until the process ends by itself (a crash point fired), at most `timeout`.
@@ -68,7 +98,7 @@ impl ServiceProcess {
     pub async fn restart_without(&mut self, drop: &str) -> anyhow::Result<()> {
         self.env.retain(|(key, _)| key != drop);
         let env: Vec<(&str, String)> = self.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        *self = start_on(self.service, &env, self.grpc_port, self.metrics_port).await?;
+        *self = start_on(self.service, &env, self.place.clone(), self.grpc_port, self.metrics_port).await?;
         Ok(())
     }
 
@@ -79,7 +109,7 @@ impl ServiceProcess {
         self.env.retain(|(k, _)| k != key);
         self.env.push((key.to_owned(), value.to_owned()));
         let env: Vec<(&str, String)> = self.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        *self = start_on(self.service, &env, self.grpc_port, self.metrics_port).await?;
+        *self = start_on(self.service, &env, self.place.clone(), self.grpc_port, self.metrics_port).await?;
         Ok(())
     }
 
@@ -98,20 +128,33 @@ impl ServiceProcess {
 }
 
 pub(super) async fn start(service: Service, env: &[(&str, String)]) -> anyhow::Result<ServiceProcess> {
-    start_on(service, env, free_port()?, free_port()?).await
+    start_at(service, env, Place::loopback()).await
+}
+
+pub(super) async fn start_at(service: Service, env: &[(&str, String)], place: Place) -> anyhow::Result<ServiceProcess> {
+    // A port free here is free in a fresh namespace too.
+    start_on(service, env, place, free_port()?, free_port()?).await
 }
 
 async fn start_on(
     service: Service,
     env: &[(&str, String)],
+    place: Place,
     grpc_port: u16,
     metrics_port: u16,
 ) -> anyhow::Result<ServiceProcess> {
-    let binary = service.binary();
-    let mut command = Command::new(service_binary(binary)?);
+    let binary = service_binary(service.binary())?;
+    let mut command = match place.prefix.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    };
     command
-        .env(service.listen_var(), format!("127.0.0.1:{grpc_port}"))
-        .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .env(service.listen_var(), SocketAddr::new(place.ip, grpc_port).to_string())
+        .env("METRICS_ADDR", SocketAddr::new(place.ip, metrics_port).to_string())
         .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "error".into()))
         .env("AMQP_ADDR", amqp_addr())
         .stdout(if std::env::var_os("TEST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
@@ -122,7 +165,7 @@ async fn start_on(
     }
     let child = command.spawn()?;
     let env = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
-    let mut process = ServiceProcess { child, service, env, grpc_port, metrics_port };
+    let mut process = ServiceProcess { child, service, env, place, grpc_port, metrics_port };
     process.wait_until_listening().await?;
     Ok(process)
 }
@@ -138,7 +181,7 @@ impl ServiceProcess {
                 if let Some(status) = self.child.try_wait()? {
                     anyhow::bail!("{} exited during start-up ({status})", self.service.binary());
                 }
-                if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                if tokio::net::TcpStream::connect((self.place.ip, port)).await.is_ok() {
                     break;
                 }
                 anyhow::ensure!(

@@ -9,6 +9,7 @@ mod faults;
 mod lifecycle;
 mod notifications;
 mod observability;
+mod partition;
 mod purchase;
 mod rest;
 mod sale;

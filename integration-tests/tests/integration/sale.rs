@@ -36,6 +36,22 @@ const BUYERS: usize = 90;
 /// Buyers arrive one every this long, so the sale spans many batches and a
 /// fault lands mid-sale rather than on the first message.
 const ARRIVAL_GAP: Duration = Duration::from_millis(25);
+
+/// How big a sale is and how fast its crowd arrives.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    pub(crate) stock: u32,
+    pub(crate) buyers: usize,
+    pub(crate) arrival_gap: Duration,
+    /// A buyer whose call got no answer tries the next gateway (under the same
+    /// key), as a client behind a load balancer ends up doing.
+    pub(crate) fail_over: bool,
+}
+
+impl Shape {
+    /// The crash and soak tests' sale: [`STOCK`] units, three buyers per unit.
+    pub(crate) const DEFAULT: Self = Self { stock: STOCK, buyers: BUYERS, arrival_gap: ARRIVAL_GAP, fail_over: false };
+}
 /// Buyers give up after this long (every unit must be sold well before).
 pub(crate) const BUYING_WINDOW: Duration = Duration::from_secs(90);
 /// A buyer's app waits this long for an answer, then treats the call as
@@ -70,6 +86,7 @@ pub(crate) struct Sale {
     buyers: Vec<JoinHandle<anyhow::Result<()>>>,
     watcher: JoinHandle<()>,
     pub(crate) started: Instant,
+    stock: u32,
 }
 
 /// What buyers saw, once they all left.
@@ -77,10 +94,17 @@ pub(crate) struct Outcome {
     pub(crate) accepted: BTreeSet<String>,
     pub(crate) refusals: BTreeMap<String, u64>,
     pub(crate) first_accept_after_recovery: Option<Duration>,
+    stock: u32,
 }
 
 /// Creates the item, funds the buyers, and lets them in.
 pub(crate) async fn open(suite: &BinarySuite) -> anyhow::Result<Sale> {
+    open_shaped(suite, Shape::DEFAULT).await
+}
+
+/// As [`open`], for a sale of `shape`.
+pub(crate) async fn open_shaped(suite: &BinarySuite, shape: Shape) -> anyhow::Result<Sale> {
+    let Shape { stock, buyers, arrival_gap, fail_over } = shape;
     let admin = token("operator", true);
     suite
         .admin()
@@ -89,7 +113,7 @@ pub(crate) async fn open(suite: &BinarySuite) -> anyhow::Result<Sale> {
                 id: ITEM.into(),
                 name: "crash drop".into(),
                 price: usd(PRICE),
-                stock_total: STOCK,
+                stock_total: stock,
                 per_user_limit: 1,
                 starts_at: at(Duration::from_secs(1), false),
                 ends_at: at(Duration::from_secs(3600), true),
@@ -98,7 +122,7 @@ pub(crate) async fn open(suite: &BinarySuite) -> anyhow::Result<Sale> {
         ))
         .await
         .context("creating the sale's item")?;
-    futures::stream::iter(0..BUYERS)
+    futures::stream::iter(0..buyers)
         .map(|n| {
             let mut client = suite.admin();
             let request = TopUpRequest {
@@ -119,17 +143,23 @@ pub(crate) async fn open(suite: &BinarySuite) -> anyhow::Result<Sale> {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let done = Arc::new(AtomicBool::new(false));
     let mut channels = Vec::new();
-    for _ in 0..4 {
+    // At least four connections, the same number to each gateway.
+    let gateways = suite.gateway_urls().len();
+    for _ in 0..4usize.div_ceil(gateways) * gateways {
         channels.push(suite.new_gateway_channel().await?);
     }
-    let buyers = (0..BUYERS)
+    let buyers = (0..buyers)
         .map(|n| {
-            let client = FlashSaleGatewayClient::new(channels[n % channels.len()].clone());
+            // Each buyer starts on its own gateway; failing over, it moves on in turn.
+            let gateways = if fail_over { channels.len() } else { 1 };
+            let clients = (0..gateways)
+                .map(|k| FlashSaleGatewayClient::new(channels[(n + k) % channels.len()].clone()))
+                .collect();
             let (seen, done) = (seen.clone(), done.clone());
             tokio::spawn(async move {
                 // The arrival schedule of the crowd, not a wait for a condition.
-                tokio::time::sleep(ARRIVAL_GAP * n as u32).await;
-                buyer(client, format!("c{n}"), seen, done).await
+                tokio::time::sleep(arrival_gap * n as u32).await;
+                buyer(clients, format!("c{n}"), seen, done).await
             })
         })
         .collect();
@@ -139,7 +169,7 @@ pub(crate) async fn open(suite: &BinarySuite) -> anyhow::Result<Sale> {
             loop {
                 let request = with_token(GetItemStatsRequest { item_id: ITEM.into() }, &admin);
                 if let Ok(stats) = admin_client.get_item_stats(request).await
-                    && stats.into_inner().units_sold >= u64::from(STOCK)
+                    && stats.into_inner().units_sold >= u64::from(stock)
                 {
                     done.store(true, Ordering::Relaxed);
                 }
@@ -147,7 +177,7 @@ pub(crate) async fn open(suite: &BinarySuite) -> anyhow::Result<Sale> {
             }
         })
     };
-    Ok(Sale { seen, buyers, watcher, started: Instant::now() })
+    Ok(Sale { seen, buyers, watcher, started: Instant::now(), stock })
 }
 
 impl Sale {
@@ -188,6 +218,7 @@ impl Sale {
             accepted: seen.accepted.clone(),
             refusals: seen.refusals.clone(),
             first_accept_after_recovery: seen.first_accept_after_recovery,
+            stock: self.stock,
         })
     }
 }
@@ -211,7 +242,8 @@ pub(crate) async fn audit_sale(suite: &BinarySuite, outcome: &Outcome, label: &s
     let report = audit(&suite.databases()).await?;
     redis_agrees_at(&suite.redis_url, &suite.redis_prefix, &report, Duration::from_secs(5)).await?;
     let sold = report.confirmed_units.get(ITEM).copied().unwrap_or(0);
-    anyhow::ensure!(sold == i64::from(STOCK), "{label}: {sold}/{STOCK} sold though every buyer could pay");
+    let stock = outcome.stock;
+    anyhow::ensure!(sold == i64::from(stock), "{label}: {sold}/{stock} sold though every buyer could pay");
     let recorded: BTreeSet<&str> = report.orders.iter().map(|o| o.id.as_str()).collect();
     for id in &outcome.accepted {
         anyhow::ensure!(recorded.contains(id.as_str()), "{label}: accepted order {id} was lost");
@@ -229,9 +261,10 @@ pub(crate) async fn audit_sale(suite: &BinarySuite, outcome: &Outcome, label: &s
     Ok(Audited { recorded: report.orders.len(), settled_in })
 }
 
-/// One buyer: buys until served, or the item is sold out for good.
+/// One buyer: buys until served, or the item is sold out for good, through
+/// the first of `clients` until a call goes unanswered, then the next.
 async fn buyer(
-    mut client: FlashSaleGatewayClient<Channel>,
+    mut clients: Vec<FlashSaleGatewayClient<Channel>>,
     name: String,
     seen: Arc<Mutex<Seen>>,
     done: Arc<AtomicBool>,
@@ -240,7 +273,10 @@ async fn buyer(
     let deadline = Instant::now() + BUYING_WINDOW;
     let mut round = 0;
     let mut same_key = false;
+    let mut at = 0;
     loop {
+        let count = clients.len();
+        let client = &mut clients[at % count];
         if !same_key {
             round += 1;
         }
@@ -259,7 +295,7 @@ async fn buyer(
                         seen.first_accept_after_recovery = Some(at.elapsed());
                     }
                 }
-                match follow(&mut client, &token, &order_id, deadline).await? {
+                match follow(client, &token, &order_id, deadline).await? {
                     (OrderStatus::Confirmed, _) => return Ok(()),
                     (_, reason) if reason == "INSUFFICIENT_FUNDS" => {
                         anyhow::bail!("{name}: order {order_id} refused for funds though the buyer could pay")
@@ -278,7 +314,10 @@ async fn buyer(
                     // One unit per buyer: an earlier attempt whose answer was lost got it.
                     "LIMIT_REACHED" => return Ok(()),
                     // No answer: the order may exist, so the same key again.
-                    _ if is_no_answer(&status) => same_key = true,
+                    _ if is_no_answer(&status) => {
+                        same_key = true;
+                        at += 1;
+                    }
                     _ => anyhow::bail!("{name}: unexpected answer {status:?}"),
                 }
             }
