@@ -43,7 +43,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Left at their defaults on purpose: optional claims, and the OTEL_* knobs
 # beyond the endpoint and sampler.
-OPTIONAL = {"JWT_ISSUER", "JWT_AUDIENCE", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"}
+OPTIONAL = {"JWT_ISSUER", "JWT_AUDIENCE", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            # sign-in through an identity provider instead of JWT_SECRET (k8s README)
+            "OIDC_ISSUER", "OIDC_AUDIENCE", "OIDC_JWKS_URL", "OIDC_JWKS_FILE", "OIDC_ROLES_CLAIM",
+            "OIDC_JWKS_MIN_REFETCH_MS"}
 
 KNOWN_CRDS = {
     ("gateway.networking.k8s.io/v1", "GRPCRoute"),

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod backing;
 pub mod binaries;
 pub mod db;
+pub mod idp;
 pub mod load;
 pub mod netns;
 pub mod otlp;

@@ -72,6 +72,9 @@ pub struct SuiteOptions {
     pub amqp_server: Option<String>,
     /// How often inventory's gRPC server rotates client connections.
     pub inventory_max_connection_age_ms: Option<u64>,
+    /// The gateway signs buyers in through this OpenID Connect provider
+    /// instead of the development secret (and serves no development tokens).
+    pub gateway_oidc: Option<flashsale_gateway::config::OidcConfig>,
 }
 
 impl TestSuite {
@@ -127,6 +130,11 @@ impl TestSuite {
         }
         if let Some(ms) = options.sale_state_retention_ms {
             config.sale_state_retention_ms = ms;
+        }
+        if let Some(oidc) = options.gateway_oidc {
+            config.oidc = oidc;
+            config.jwt_secret = None;
+            config.dev_tokens = false;
         }
         if let Some((rate, burst)) = options.purchase_rate {
             config.purchase_rate_per_second = rate;

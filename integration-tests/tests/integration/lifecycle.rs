@@ -220,15 +220,15 @@ async fn development_tokens_are_refused_beyond_loopback() -> anyhow::Result<()> 
     };
     // What the gateway itself makes of a printed token.
     let verifier = flashsale_gateway::auth::Authenticator::new(secret, None, None);
-    let is_admin = |output: &std::process::Output| -> anyhow::Result<bool> {
+    let is_admin = async |output: &std::process::Output| -> anyhow::Result<bool> {
         let token = String::from_utf8(output.stdout.clone())?;
-        let principal = verifier.verify(token.trim()).map_err(|e| anyhow::anyhow!("{token}: {e:?}"))?;
+        let principal = verifier.verify(token.trim()).await.map_err(|e| anyhow::anyhow!("{token}: {e:?}"))?;
         Ok(principal.admin)
     };
 
     let local = token(true, &[])?;
     assert!(local.status.success(), "{}", String::from_utf8_lossy(&local.stderr));
-    assert!(is_admin(&local)?, "no admin role in the local admin token");
+    assert!(is_admin(&local).await?, "no admin role in the local admin token");
     for (var, addr) in [("GATEWAY_HTTP_ADDR", "0.0.0.0:8080"), ("GATEWAY_LISTEN_ADDR", "10.1.2.3:50051")] {
         let refused = token(true, &[(var, addr)])?;
         assert!(!refused.status.success(), "an admin token with {var}={addr}");
@@ -236,7 +236,7 @@ async fn development_tokens_are_refused_beyond_loopback() -> anyhow::Result<()> 
         assert!(String::from_utf8_lossy(&refused.stderr).contains("no admin token"), "{refused:?}");
         let buyer = token(false, &[(var, addr)])?;
         assert!(buyer.status.success(), "{}", String::from_utf8_lossy(&buyer.stderr));
-        assert!(!is_admin(&buyer)?, "a buyer token with the admin role");
+        assert!(!is_admin(&buyer).await?, "a buyer token with the admin role");
     }
 
     // The server itself: refused before it binds or connects to anything.

@@ -13,6 +13,7 @@ mod partition;
 mod purchase;
 mod rest;
 mod sale;
+mod signin;
 mod soak;
 mod storm;
 mod wallet;

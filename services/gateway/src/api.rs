@@ -37,8 +37,8 @@ pub struct Operations {
 
 impl Operations {
     /// The caller named by an `Authorization: Bearer …` value (gRPC metadata or HTTP header).
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, GatewayError> {
-        self.auth.authenticate_header(authorization)
+    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, GatewayError> {
+        self.auth.authenticate_header(authorization).await
     }
 
     pub async fn list_items(

@@ -1,6 +1,7 @@
 //! The gateway's configuration, from flags or environment variables.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Gateway settings. Secrets (the JWT secret, URLs with passwords) are never printed.
@@ -40,9 +41,12 @@ pub struct Config {
     /// Prefix of every queue and exchange name (one suite per prefix).
     #[arg(long, env = "AMQP_PREFIX", default_value = "flashsale")]
     pub amqp_prefix: String,
-    /// HS256 secret that signs buyers' and operators' tokens (at least 32 bytes).
+    /// HS256 secret that signs buyers' and operators' tokens (at least 32
+    /// bytes); development sign-in. Refused together with `OIDC_ISSUER`.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    #[command(flatten)]
+    pub oidc: OidcConfig,
     /// Required `iss` claim, if set.
     #[arg(long, env = "JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -73,6 +77,59 @@ pub struct Config {
     /// admission keys live (retries of accepted orders are answered from them).
     #[arg(long, env = "SALE_STATE_RETENTION_MS", default_value_t = 86_400_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub sale_state_retention_ms: u64,
+}
+
+/// Sign-in through an OpenID Connect provider (Auth0, Okta, Keycloak, …):
+/// RS256 or ES256 tokens checked against the keys it publishes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OidcConfig {
+    /// The provider's issuer, exactly as its tokens' `iss` claim says it
+    /// (Auth0: `https://<tenant>.auth0.com/`). Turns OIDC on; keys are
+    /// discovered from `<issuer>/.well-known/openid-configuration`.
+    #[arg(long = "oidc-issuer", env = "OIDC_ISSUER")]
+    pub issuer: Option<String>,
+    /// The audience tokens must be issued for (Auth0: the API identifier). Required with OIDC.
+    #[arg(long = "oidc-audience", env = "OIDC_AUDIENCE")]
+    pub audience: Option<String>,
+    /// The key set's URL, instead of the one discovery names.
+    #[arg(long = "oidc-jwks-url", env = "OIDC_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// A file holding the key set, instead of fetching it.
+    #[arg(long = "oidc-jwks-file", env = "OIDC_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// The claim listing the caller's roles; "admin" among them opens the admin
+    /// API (Auth0 puts roles in a namespaced claim, set by an Action).
+    #[arg(long = "oidc-roles-claim", env = "OIDC_ROLES_CLAIM", default_value = "roles")]
+    pub roles_claim: String,
+    /// A token with an unknown `kid` makes the key set be fetched again at most
+    /// once per this long.
+    #[arg(long = "oidc-jwks-min-refetch-ms", env = "OIDC_JWKS_MIN_REFETCH_MS", default_value_t = 10_000)]
+    pub jwks_min_refetch_ms: u64,
+}
+
+impl OidcConfig {
+    /// OIDC off (development tokens).
+    pub fn off() -> Self {
+        Self {
+            issuer: None,
+            audience: None,
+            jwks_url: None,
+            jwks_file: None,
+            roles_claim: "roles".into(),
+            jwks_min_refetch_ms: 10_000,
+        }
+    }
+
+    /// Whether OIDC is on: an issuer is set (an empty value, as a blank
+    /// ConfigMap entry gives, is none).
+    pub fn enabled(&self) -> bool {
+        given(self.issuer.as_ref()).is_some()
+    }
+}
+
+/// A setting's value, if it is set and not empty.
+pub fn given(value: Option<&String>) -> Option<&str> {
+    value.map(String::as_str).filter(|v| !v.trim().is_empty())
 }
 
 impl Config {
@@ -111,6 +168,7 @@ impl Config {
             amqp_addr: std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
             amqp_prefix: amqp_prefix.into(),
             jwt_secret: Some(jwt_secret.into()),
+            oidc: OidcConfig::off(),
             jwt_issuer: None,
             jwt_audience: None,
             publish_timeout_ms: 3000,

@@ -22,9 +22,9 @@ pub struct GatewayGrpc {
 }
 
 impl GatewayGrpc {
-    fn caller<T>(&self, request: &Request<T>) -> Result<Principal, GatewayError> {
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Principal, GatewayError> {
         let header = request.metadata().get("authorization").and_then(|value| value.to_str().ok());
-        self.api.authenticate(header)
+        self.api.authenticate(header).await
     }
 }
 
@@ -33,29 +33,29 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchOrderResponse, Status>>
 #[tonic::async_trait]
 impl FlashSaleGateway for GatewayGrpc {
     async fn list_items(&self, request: Request<ListItemsRequest>) -> Result<Response<ListItemsResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&request).await?;
         Ok(Response::new(self.api.list_items(&caller, request.into_inner()).await?))
     }
 
     async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&request).await?;
         Ok(Response::new(self.api.get_item(&caller, request.into_inner()).await?))
     }
 
     async fn purchase(&self, request: Request<PurchaseRequest>) -> Result<Response<PurchaseResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&request).await?;
         Ok(Response::new(self.api.purchase(&caller, request.into_inner()).await?))
     }
 
     async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<GetOrderResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&request).await?;
         let GetOrderRequest { order_id } = request.into_inner();
         let order = self.api.get_order(&caller, &order_id).await?;
         Ok(Response::new(GetOrderResponse { order: Some(order) }))
     }
 
     async fn list_orders(&self, request: Request<ListOrdersRequest>) -> Result<Response<ListOrdersResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&request).await?;
         Ok(Response::new(self.api.list_orders(&caller, request.into_inner()).await?))
     }
 
@@ -65,7 +65,7 @@ impl FlashSaleGateway for GatewayGrpc {
         &self,
         request: Request<WatchOrderRequest>,
     ) -> Result<Response<Self::WatchOrderStream>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&request).await?;
         let WatchOrderRequest { order_id } = request.into_inner();
         let updates = self.api.watch_order(&caller, &order_id).await?;
         let stream = ReceiverStream::new(updates).map(|order| Ok(WatchOrderResponse { order: Some(order) }));
@@ -76,14 +76,14 @@ impl FlashSaleGateway for GatewayGrpc {
         &self,
         request: Request<RefundOrderRequest>,
     ) -> Result<Response<RefundOrderResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&request).await?;
         let RefundOrderRequest { order_id } = request.into_inner();
         let order = self.api.refund_order(&caller, &order_id).await?;
         Ok(Response::new(RefundOrderResponse { order: Some(order) }))
     }
 
     async fn get_balance(&self, request: Request<GetBalanceRequest>) -> Result<Response<GetBalanceResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&request).await?;
         Ok(Response::new(self.api.get_balance(&caller, request.into_inner()).await?))
     }
 }
@@ -91,12 +91,12 @@ impl FlashSaleGateway for GatewayGrpc {
 #[tonic::async_trait]
 impl AdminService for GatewayGrpc {
     async fn create_item(&self, request: Request<CreateItemRequest>) -> Result<Response<CreateItemResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&request).await?;
         Ok(Response::new(self.api.create_item(&caller, request.into_inner()).await?))
     }
 
     async fn top_up(&self, request: Request<TopUpRequest>) -> Result<Response<TopUpResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&request).await?;
         Ok(Response::new(self.api.top_up(&caller, request.into_inner()).await?))
     }
 
@@ -104,7 +104,7 @@ impl AdminService for GatewayGrpc {
         &self,
         request: Request<GetItemStatsRequest>,
     ) -> Result<Response<GetItemStatsResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&request).await?;
         Ok(Response::new(self.api.get_item_stats(&caller, request.into_inner()).await?))
     }
 }

@@ -47,21 +47,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
-        let secret = config.jwt_secret.as_deref().context("JWT_SECRET is required")?;
-        if config.dev_tokens {
-            // Development sign-in mints tokens, admin ones included, for anyone who
-            // can reach the port: only ever on this machine's loopback.
-            anyhow::ensure!(
-                config.listens_on_loopback_only(),
-                "DEV_TOKENS needs GATEWAY_LISTEN_ADDR and GATEWAY_HTTP_ADDR on a loopback address (it signs \
-                 tokens for anyone)"
-            );
-            anyhow::ensure!(
-                config.jwt_issuer.is_none() && config.jwt_audience.is_none(),
-                "DEV_TOKENS cannot be combined with JWT_ISSUER or JWT_AUDIENCE (development tokens carry neither)"
-            );
-        }
-        anyhow::ensure!(secret.len() >= MIN_SECRET_BYTES, "JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes");
+        let auth = authenticator(config)?;
         let upstreams =
             Upstreams::new(&config.inventory_url, &config.wallet_url).context("INVENTORY_URL or WALLET_URL")?;
         let admission = Arc::new(
@@ -79,7 +65,7 @@ impl Application {
         let catalog = Arc::new(Catalog::new(upstreams.clone()));
         let (watchers, _) = broadcast::channel(4096);
         let api = Arc::new(Operations {
-            auth: Authenticator::new(secret, config.jwt_issuer.as_deref(), config.jwt_audience.as_deref()),
+            auth,
             purchases: Arc::new(Purchases::new(
                 catalog.clone(),
                 admission,
@@ -139,6 +125,10 @@ impl Application {
             catalog: api.catalog.clone(),
             watchers: api.watchers.clone(),
         };
+        if let Some(keys) = api.auth.key_set() {
+            // Keys fetched now and every few minutes (and on an unknown kid, within the bound).
+            tokio::spawn(keys.run_refresher(background.clone()));
+        }
         let admission = api.purchases.admission.clone();
         let reconciler = {
             let purchases = api.purchases.clone();
@@ -269,6 +259,40 @@ impl Application {
     }
 }
 
+/// How tokens are checked: an OpenID Connect provider's keys, or (development)
+/// the HS256 secret. The configuration is refused where it would mix the two,
+/// or let development tokens out.
+fn authenticator(config: &Config) -> anyhow::Result<Authenticator> {
+    if config.oidc.enabled() {
+        anyhow::ensure!(
+            crate::config::given(config.jwt_secret.as_ref()).is_none(),
+            "JWT_SECRET and OIDC_ISSUER exclude each other: with OIDC only the provider's tokens are accepted"
+        );
+        anyhow::ensure!(!config.dev_tokens, "DEV_TOKENS needs JWT_SECRET, which OIDC_ISSUER excludes");
+        anyhow::ensure!(
+            config.jwt_issuer.is_none() && config.jwt_audience.is_none(),
+            "with OIDC_ISSUER, set the audience as OIDC_AUDIENCE (JWT_ISSUER and JWT_AUDIENCE are for HS256 tokens)"
+        );
+        return Ok(Authenticator::oidc(crate::auth::oidc::KeySet::new(&config.oidc)?));
+    }
+    let secret = config.jwt_secret.as_deref().context("JWT_SECRET (development) or OIDC_ISSUER is required")?;
+    if config.dev_tokens {
+        // Development sign-in mints tokens, admin ones included, for anyone who
+        // can reach the port: only ever on this machine's loopback.
+        anyhow::ensure!(
+            config.listens_on_loopback_only(),
+            "DEV_TOKENS needs GATEWAY_LISTEN_ADDR and GATEWAY_HTTP_ADDR on a loopback address (it signs \
+             tokens for anyone)"
+        );
+        anyhow::ensure!(
+            config.jwt_issuer.is_none() && config.jwt_audience.is_none(),
+            "DEV_TOKENS cannot be combined with JWT_ISSUER or JWT_AUDIENCE (development tokens carry neither)"
+        );
+    }
+    anyhow::ensure!(secret.len() >= MIN_SECRET_BYTES, "JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes");
+    Ok(Authenticator::new(secret, config.jwt_issuer.as_deref(), config.jwt_audience.as_deref()))
+}
+
 fn secret_of(config: &Config) -> &str {
     config.jwt_secret.as_deref().unwrap_or_default()
 }
@@ -325,5 +349,41 @@ async fn expire_ended_sales(catalog: &Catalog, admission: &Admission, retention:
                 tracing::debug!(error = %e, item.id = %item.id, "could not set the expiry of an ended sale's keys")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_oidc() -> Config {
+        let mut config = Config::for_tests("http://127.0.0.1:1", "http://127.0.0.1:2", "fs", "fs", "x".repeat(32));
+        config.oidc.issuer = Some("https://idp.example/".into());
+        config.oidc.audience = Some("api".into());
+        config
+    }
+
+    #[tokio::test]
+    async fn oidc_refuses_the_development_secret_and_tokens_and_needs_an_audience() {
+        let refused = |config: &Config| authenticator(config).err().map(|e| e.to_string()).unwrap_or_default();
+        let mut config = with_oidc();
+        config.dev_tokens = false;
+        assert!(refused(&config).contains("JWT_SECRET and OIDC_ISSUER exclude each other"), "{}", refused(&config));
+        config.jwt_secret = None;
+        config.dev_tokens = true;
+        assert!(refused(&config).contains("DEV_TOKENS"), "{}", refused(&config));
+        config.dev_tokens = false;
+        config.oidc.audience = Some(" ".into());
+        assert!(refused(&config).contains("OIDC_AUDIENCE is required"), "{}", refused(&config));
+        config.oidc.audience = Some("api".into());
+        let auth = authenticator(&config).map_err(|e| e.to_string());
+        assert!(auth.as_ref().is_ok_and(|auth| auth.key_set().is_some()), "{:?}", auth.err());
+        // An empty issuer (a blank ConfigMap entry) is no OIDC: the secret is needed then.
+        config.oidc.issuer = Some(String::new());
+        assert!(
+            refused(&config).contains("JWT_SECRET (development) or OIDC_ISSUER is required"),
+            "{}",
+            refused(&config)
+        );
     }
 }

@@ -50,7 +50,7 @@ impl FromRequestParts<RestState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &RestState) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
-        Ok(Self(state.api.authenticate(header)?))
+        Ok(Self(state.api.authenticate(header).await?))
     }
 }
 
