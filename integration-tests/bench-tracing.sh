@@ -63,7 +63,7 @@ sleep 1
 gateway() { # name grpc-port metrics-port http-port [env…]
   local name=$1 grpc=$2 metrics=$3 http=$4; shift 4
   env "$@" GATEWAY_LISTEN_ADDR=127.0.0.1:$grpc METRICS_ADDR=127.0.0.1:$metrics GATEWAY_HTTP_ADDR=127.0.0.1:$http \
-    PURCHASE_RATE_PER_SECOND=0 INVENTORY_URL=http://127.0.0.1:18252 WALLET_URL=http://127.0.0.1:18253 \
+    PURCHASE_RATE_PER_SECOND=0 CLIENT_RATE_PER_SECOND=0 INVENTORY_URL=http://127.0.0.1:18252 WALLET_URL=http://127.0.0.1:18253 \
     "$BIN/flashsale-gateway" >"$OUT/gateway-$name.log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/"$grpc") 2>/dev/null && break; sleep 0.2; done

@@ -68,7 +68,7 @@ sleep 1
 # The per-buyer rate limit is off: virtual users reuse buyers far faster than people do,
 # and S1 measures the admission path itself.
 GATEWAY_LISTEN_ADDR=127.0.0.1:18051 METRICS_ADDR=127.0.0.1:19091 GATEWAY_HTTP_ADDR=127.0.0.1:18080 \
-  PURCHASE_RATE_PER_SECOND=0 INVENTORY_URL=http://127.0.0.1:18052 WALLET_URL=http://127.0.0.1:18053 \
+  PURCHASE_RATE_PER_SECOND=0 CLIENT_RATE_PER_SECOND=0 INVENTORY_URL=http://127.0.0.1:18052 WALLET_URL=http://127.0.0.1:18053 \
   "$BIN/flashsale-gateway" >"$OUT/gateway.log" 2>&1 &
 PIDS+=($!); GATEWAY_PID=$!
 for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/18051) 2>/dev/null && break; sleep 0.2; done

@@ -64,7 +64,9 @@ start wallet DATABASE_URL="$WALLET_DB" WALLET_LISTEN_ADDR=127.0.0.1:50053
 start inventory DATABASE_URL="$INVENTORY_DB" INVENTORY_LISTEN_ADDR=127.0.0.1:50052 \
   WALLET_URL=http://127.0.0.1:50053
 # DEV_TOKENS: the storefront's sign-in signs a token for any name. Development only.
+# CLIENT_RATE_PER_SECOND: every local client (the load tool too) is 127.0.0.1, so no per-address limit.
 start gateway GATEWAY_LISTEN_ADDR=127.0.0.1:50051 GATEWAY_HTTP_ADDR=127.0.0.1:8080 DEV_TOKENS=true \
+  CLIENT_RATE_PER_SECOND="${CLIENT_RATE_PER_SECOND:-0}" \
   INVENTORY_URL=http://127.0.0.1:50052 WALLET_URL=http://127.0.0.1:50053
 
 stop_all() {

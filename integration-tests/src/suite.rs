@@ -75,6 +75,11 @@ pub struct SuiteOptions {
     /// The gateway signs buyers in through this OpenID Connect provider
     /// instead of the development secret (and serves no development tokens).
     pub gateway_oidc: Option<flashsale_gateway::config::OidcConfig>,
+    /// Per-client-address call limit (calls/s, burst); off by default, since
+    /// every test client is 127.0.0.1.
+    pub client_rate: Option<(u32, u32)>,
+    /// Concurrent WatchOrder streams per buyer.
+    pub watch_streams_per_buyer: Option<u32>,
 }
 
 impl TestSuite {
@@ -135,6 +140,13 @@ impl TestSuite {
             config.oidc = oidc;
             config.jwt_secret = None;
             config.dev_tokens = false;
+        }
+        if let Some((rate, burst)) = options.client_rate {
+            config.client_rate_per_second = rate;
+            config.client_burst = burst;
+        }
+        if let Some(streams) = options.watch_streams_per_buyer {
+            config.watch_streams_per_buyer = streams;
         }
         if let Some((rate, burst)) = options.purchase_rate {
             config.purchase_rate_per_second = rate;

@@ -287,6 +287,8 @@ fn gateway_settings(
         ("GATEWAY_HTTP_ADDR", "127.0.0.1:0".into()),
         ("CATALOG_REFRESH_MS", "200".into()),
         ("PURCHASE_RATE_PER_SECOND", "0".into()),
+        // Every test client is 127.0.0.1.
+        ("CLIENT_RATE_PER_SECOND", "0".into()),
     ]
 }
 

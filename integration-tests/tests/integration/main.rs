@@ -2,6 +2,7 @@
 //! started on port 0. Each test owns its databases, key prefix and queue names,
 //! so the harness runs them in parallel.
 
+mod abuse;
 mod cluster;
 mod common;
 mod crashes;

@@ -33,11 +33,19 @@ pub struct Operations {
     pub catalog: Arc<Catalog>,
     pub upstreams: Upstreams,
     pub watchers: broadcast::Sender<Arc<OrderEvent>>,
+    pub limits: Arc<crate::abuse::AbuseLimits>,
 }
 
 impl Operations {
-    /// The caller named by an `Authorization: Bearer …` value (gRPC metadata or HTTP header).
-    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, GatewayError> {
+    /// The caller named by an `Authorization: Bearer …` value (gRPC metadata
+    /// or HTTP header), once the call is within its client address's rate
+    /// (checked first, so a flood of forged tokens is turned away as cheaply).
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<Principal, GatewayError> {
+        self.limits.check_client(client)?;
         self.auth.authenticate_header(authorization).await
     }
 
@@ -192,6 +200,8 @@ impl Operations {
         buyer: &Principal,
         order_id: &str,
     ) -> Result<mpsc::Receiver<pb::Order>, GatewayError> {
+        // Held by the watch task: the buyer's slot frees when the stream ends.
+        let slot = self.limits.open_watch(&buyer.user_id)?;
         let mut events = self.watchers.subscribe();
         let current = self.get_order(buyer, order_id).await?;
         let (tx, rx) = mpsc::channel(8);
@@ -199,6 +209,7 @@ impl Operations {
         let buyer = buyer.clone();
         let order_id = order_id.to_owned();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut last = current;
             if tx.send(last.clone()).await.is_err() || is_final(&last) {
                 return;

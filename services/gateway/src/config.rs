@@ -63,6 +63,20 @@ pub struct Config {
     /// Attempts a buyer may make at once before the per-second rate applies.
     #[arg(long, env = "PURCHASE_BURST", default_value_t = 10)]
     pub purchase_burst: u32,
+    /// API calls per second from one client address (sustained; 0 turns the
+    /// limit off). Buyers behind one NAT share it: size it for the largest.
+    #[arg(long, env = "CLIENT_RATE_PER_SECOND", default_value_t = 100)]
+    pub client_rate_per_second: u32,
+    /// Calls one client address may make at once before its rate applies.
+    #[arg(long, env = "CLIENT_BURST", default_value_t = 200)]
+    pub client_burst: u32,
+    /// Proxies (addresses or CIDRs, comma-separated) whose `X-Forwarded-For`
+    /// names the client; from any other peer the header is ignored.
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
+    /// Concurrent WatchOrder streams (gRPC and REST) one buyer may hold (0: no limit).
+    #[arg(long, env = "WATCH_STREAMS_PER_BUYER", default_value_t = 8)]
+    pub watch_streams_per_buyer: u32,
     /// How often the local item cache is refreshed from inventory.
     #[arg(long, env = "CATALOG_REFRESH_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
     pub catalog_refresh_ms: u64,
@@ -176,10 +190,37 @@ impl Config {
             // Off: storms replay many attempts per buyer on purpose; the rate-limit test turns it on.
             purchase_rate_per_second: 0,
             purchase_burst: 10,
+            // Off: every test client shares 127.0.0.1; the abuse test turns it on.
+            client_rate_per_second: 0,
+            client_burst: 200,
+            trusted_proxies: String::new(),
+            watch_streams_per_buyer: 8,
             shutdown_grace_seconds: 5,
             unrecorded_grace_ms: 60_000,
             sale_state_retention_ms: 86_400_000,
         }
+    }
+
+    /// `TRUSTED_PROXIES` as networks (an address is a network of one).
+    pub fn trusted_proxy_networks(&self) -> anyhow::Result<Vec<ipnet::IpNet>> {
+        self.trusted_proxies
+            .split(',')
+            .map(str::trim)
+            .filter(|entry| !entry.is_empty())
+            .map(|entry| {
+                entry
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| anyhow::anyhow!("TRUSTED_PROXIES: {entry:?} is neither an address nor a CIDR network"))
+            })
+            .collect()
+    }
+
+    /// The per-client-address quota, if any.
+    pub fn client_quota(&self) -> Option<governor::Quota> {
+        let rate = std::num::NonZeroU32::new(self.client_rate_per_second)?;
+        let burst = std::num::NonZeroU32::new(self.client_burst).unwrap_or(rate);
+        Some(governor::Quota::per_second(rate).allow_burst(burst))
     }
 
     /// The per-buyer purchase quota, if any.

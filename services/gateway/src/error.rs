@@ -26,8 +26,9 @@ pub enum GatewayError {
     LimitReached,
     #[error("purchase in progress")]
     PurchaseInProgress { order_id: String },
+    /// Over a rate or a count; retry after the given wait.
     #[error("rate limited")]
-    RateLimited,
+    RateLimited(std::time::Duration),
     #[error("idempotency key reused for another request")]
     IdempotencyKeyReused,
     /// A business rejection from inventory or wallet, passed on as it came:
@@ -55,7 +56,7 @@ impl GatewayError {
             Self::SoldOut => "SOLD_OUT",
             Self::LimitReached => "LIMIT_REACHED",
             Self::PurchaseInProgress { .. } => "PURCHASE_IN_PROGRESS",
-            Self::RateLimited => "RATE_LIMITED",
+            Self::RateLimited(_) => "RATE_LIMITED",
             Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Self::Upstream(_) => "UPSTREAM",
             Self::Unavailable(_) => "UNAVAILABLE",
@@ -147,16 +148,16 @@ impl From<GatewayError> for Status {
                 "IDEMPOTENCY_KEY_REUSED",
                 "this idempotency key was used for a different request",
             ),
-            GatewayError::RateLimited => {
+            GatewayError::RateLimited(wait) => {
                 let mut details = tonic_types::ErrorDetails::with_error_info(
                     "RATE_LIMITED",
                     flashsale_server::ERROR_DOMAIN,
                     std::collections::HashMap::new(),
                 );
-                details.set_retry_info(Some(std::time::Duration::from_secs(1)));
+                details.set_retry_info(Some(wait));
                 <Status as tonic_types::StatusExt>::with_error_details(
                     Code::ResourceExhausted,
-                    "too many purchase attempts; retry in a second",
+                    "too many requests; retry after the delay in RetryInfo (Retry-After on REST)",
                     details,
                 )
             }

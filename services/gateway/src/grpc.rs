@@ -23,8 +23,11 @@ pub struct GatewayGrpc {
 
 impl GatewayGrpc {
     async fn caller<T>(&self, request: &Request<T>) -> Result<Principal, GatewayError> {
-        let header = request.metadata().get("authorization").and_then(|value| value.to_str().ok());
-        self.api.authenticate(header).await
+        let metadata = request.metadata();
+        let header = metadata.get("authorization").and_then(|value| value.to_str().ok());
+        let forwarded = metadata.get_all("x-forwarded-for").iter().filter_map(|value| value.to_str().ok());
+        let client = self.api.limits.client_address(request.remote_addr().map(|peer| peer.ip()), forwarded);
+        self.api.authenticate(header, client).await
     }
 }
 

@@ -4,6 +4,7 @@
 //! buyers the outcome (GetOrder, WatchOrder, server-sent events). gRPC API:
 //! `flashsale.gateway.v1`; the same operations over REST/JSON, and a storefront page.
 
+pub mod abuse;
 pub mod admission;
 pub mod api;
 pub mod auth;

@@ -34,6 +34,7 @@ pub struct Purchases {
     /// A script hammering the purchase button is turned away here, before it
     /// costs a Redis round trip; the crowd after sell-out never gets this far.
     rate: Option<DefaultKeyedRateLimiter<String>>,
+    clock: governor::clock::DefaultClock,
 }
 
 /// A validated purchase.
@@ -59,6 +60,7 @@ impl Purchases {
             upstreams,
             rebuilds: Mutex::new(HashMap::new()),
             rate: rate.map(RateLimiter::keyed),
+            clock: governor::clock::DefaultClock::default(),
         }
     }
 
@@ -108,9 +110,11 @@ impl Purchases {
         }
 
         if let Some(rate) = &self.rate
-            && rate.check_key(&buyer.user_id).is_err()
+            && let Err(not_until) = rate.check_key(&buyer.user_id)
         {
-            return Err(GatewayError::RateLimited);
+            metrics::counter!("flashsale_rate_limited_total", "limit" => "buyer_purchases").increment(1);
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
+            return Err(GatewayError::RateLimited(wait.max(std::time::Duration::from_millis(1))));
         }
 
         if item.is_sold_out() {

@@ -76,6 +76,11 @@ impl Application {
             catalog,
             upstreams,
             watchers,
+            limits: Arc::new(crate::abuse::AbuseLimits::new(
+                config.client_quota(),
+                config.trusted_proxy_networks()?,
+                config.watch_streams_per_buyer,
+            )),
         });
         let listener =
             TcpListener::bind(config.listen_addr).await.with_context(|| format!("binding {}", config.listen_addr))?;
@@ -132,6 +137,7 @@ impl Application {
         let admission = api.purchases.admission.clone();
         let reconciler = {
             let purchases = api.purchases.clone();
+            let limits = api.limits.clone();
             let reconciler = crate::reconciler::Reconciler::new(
                 api.catalog.clone(),
                 api.purchases.admission.clone(),
@@ -148,6 +154,7 @@ impl Application {
                         () = shutdown.cancelled() => return,
                     }
                     purchases.forget_idle_buyers();
+                    limits.forget_idle_clients();
                     let span = flashsale_telemetry::unrecorded_span("unrecorded-admission check");
                     match reconciler.reconcile(grace).instrument(span).await {
                         Ok(done) if done.failed > 0 => {
@@ -211,6 +218,8 @@ impl Application {
             let stopping = stopping.clone();
             let listener = self.http_listener;
             tokio::spawn(async move {
+                // The peer's address reaches the handlers (the per-client limit).
+                let rest = rest.into_make_service_with_connect_info::<std::net::SocketAddr>();
                 let served = axum::serve(listener, rest).with_graceful_shutdown(stopping.clone().cancelled_owned());
                 let mut served = std::pin::pin!(served.into_future());
                 let outcome = tokio::select! {

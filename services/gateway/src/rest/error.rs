@@ -19,15 +19,27 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: String,
     pub message: String,
+    /// Seconds for `Retry-After` (a status's `RetryInfo`, rounded up).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, code: "INVALID_ARGUMENT".into(), message: message.into() }
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "INVALID_ARGUMENT".into(),
+            message: message.into(),
+            retry_after: None,
+        }
     }
 
     pub fn not_found() -> Self {
-        Self { status: StatusCode::NOT_FOUND, code: "NOT_FOUND".into(), message: "no such route".into() }
+        Self {
+            status: StatusCode::NOT_FOUND,
+            code: "NOT_FOUND".into(),
+            message: "no such route".into(),
+            retry_after: None,
+        }
     }
 
     pub fn unavailable() -> Self {
@@ -37,7 +49,12 @@ impl ApiError {
     /// Maps a gRPC status (ours or one passed on from inventory or wallet) by its
     /// `ErrorInfo` reason, falling back on its code.
     pub fn from_status(status: &tonic::Status) -> Self {
-        let reason = status.get_error_details().error_info().map(|info| info.reason.clone());
+        let details = status.get_error_details();
+        let reason = details.error_info().map(|info| info.reason.clone());
+        let retry_after = details
+            .retry_info()
+            .and_then(|info| info.retry_delay)
+            .map(|delay| delay.as_secs() + u64::from(delay.subsec_nanos() > 0));
         let code = reason.unwrap_or_else(|| fallback_reason(status.code()).to_owned());
         let http = http_status(&code, status.code());
         // Our statuses carry fixed messages; anything else that ends in a 500 is
@@ -47,7 +64,7 @@ impl ApiError {
         } else {
             status.message().to_owned()
         };
-        Self { status: http, code, message }
+        Self { status: http, code, message, retry_after }
     }
 }
 
@@ -111,7 +128,8 @@ impl IntoResponse for ApiError {
         let body = ErrorBody { error: ErrorDetail { code: self.code, message: self.message } };
         let mut response = (self.status, axum::Json(body)).into_response();
         if retry {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            let seconds = self.retry_after.unwrap_or(1).max(1);
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

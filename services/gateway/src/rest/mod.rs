@@ -50,7 +50,10 @@ impl FromRequestParts<RestState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &RestState) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
-        Ok(Self(state.api.authenticate(header).await?))
+        let forwarded = parts.headers.get_all("x-forwarded-for").iter().filter_map(|value| value.to_str().ok());
+        let peer = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|info| info.0.ip());
+        let client = state.api.limits.client_address(peer, forwarded);
+        Ok(Self(state.api.authenticate(header, client).await?))
     }
 }
 
