@@ -297,3 +297,37 @@ async fn a_buyer_holds_at_most_the_allowed_watch_streams() -> anyhow::Result<()>
     suite.start_wallet().await?;
     suite.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_item_ids_cost_inventory_a_bounded_number_of_lookups() -> anyhow::Result<()> {
+    use flashsale_integration_tests::binaries::{BinarySuite, scrape, sum};
+    let suite = BinarySuite::spawn().await?;
+    let inventory = suite.inventory.metrics_url();
+    let lookups = async || -> anyhow::Result<f64> {
+        Ok(sum(&scrape(&inventory).await?, "grpc_server_handled_total", &["grpc_method=\"GetItem\""]))
+    };
+    let secret = flashsale_integration_tests::suite::JWT_SECRET;
+    let token = flashsale_gateway::auth::mint(secret, "prober", false, Duration::from_secs(600))?;
+    let before = lookups().await?;
+    let started = Instant::now();
+    let not_found = futures::stream::iter(0..2000)
+        .map(|n| {
+            let mut client = suite.buyers();
+            let request =
+                PurchaseRequest { item_id: format!("made-up-{n}"), quantity: 1, idempotency_key: String::new() };
+            let token = token.clone();
+            async move { client.purchase(with_token(request, &token)).await.err().and_then(|s| error_reason(&s)) }
+        })
+        .buffer_unordered(64)
+        .filter(|reason| futures::future::ready(reason.as_deref() == Some("ITEM_NOT_FOUND")))
+        .count()
+        .await;
+    let elapsed = started.elapsed();
+    let asked = lookups().await? - before;
+    // The gateway's bound: 50 at once, then 50 a second.
+    let bound = 50.0 + 50.0 * elapsed.as_secs_f64().ceil();
+    assert_eq!(not_found, 2000, "a made-up item was not ITEM_NOT_FOUND");
+    assert!(asked <= bound, "{asked} inventory lookups for 2000 made-up ids in {elapsed:?} (bound {bound})");
+    eprintln!("abuse: 2000 made-up item ids in {elapsed:?} cost inventory {asked} lookups (bound {bound})");
+    suite.shutdown().await
+}

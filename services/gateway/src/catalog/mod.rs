@@ -29,6 +29,12 @@ pub use self::sold_out::{AdmissionStamp, SoldOut};
 const MISSING_TTL: Duration = Duration::from_secs(1);
 /// Bound on remembered missing ids (each is client-chosen text).
 const MISSING_CAP: usize = 10_000;
+/// Ids not in the cache that may be asked of inventory per second (and at
+/// once), whatever the number of callers: a flood of made-up item ids costs
+/// inventory at most this, and the rest are answered ITEM_NOT_FOUND at once.
+/// Real items reach the cache through the refresher within
+/// `CATALOG_REFRESH_MS` anyway, and through CreateItem on this gateway at once.
+const MISSES_PER_SECOND: u32 = 50;
 
 /// What the hot path needs to know about an item.
 #[derive(Debug)]
@@ -77,12 +83,19 @@ impl CatalogItem {
 pub struct Catalog {
     items: RwLock<HashMap<String, Arc<CatalogItem>>>,
     missing: Mutex<HashMap<String, Instant>>,
+    misses: governor::DefaultDirectRateLimiter,
     upstreams: Upstreams,
 }
 
 impl Catalog {
     pub fn new(upstreams: Upstreams) -> Self {
-        Self { items: RwLock::new(HashMap::new()), missing: Mutex::new(HashMap::new()), upstreams }
+        let per_second = std::num::NonZeroU32::new(MISSES_PER_SECOND).unwrap_or(std::num::NonZeroU32::MIN);
+        Self {
+            items: RwLock::new(HashMap::new()),
+            missing: Mutex::new(HashMap::new()),
+            misses: governor::RateLimiter::direct(governor::Quota::per_second(per_second)),
+            upstreams,
+        }
     }
 
     /// The cached item, without I/O.
@@ -96,6 +109,10 @@ impl Catalog {
             return Ok(item);
         }
         if self.missing.lock().get(id).is_some_and(|at| at.elapsed() < MISSING_TTL) {
+            return Err(GatewayError::ItemNotFound);
+        }
+        if self.misses.check().is_err() {
+            metrics::counter!("flashsale_catalog_misses_refused_total").increment(1);
             return Err(GatewayError::ItemNotFound);
         }
         let lookup = || {
