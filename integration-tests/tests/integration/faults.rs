@@ -494,7 +494,19 @@ async fn an_expired_deadline_is_answered_deadline_exceeded() -> anyhow::Result<(
     proxy.blackhole(); // the confirm will not come within the caller's 300 ms
     let mut request = suite.as_user("lea", purchase());
     request.set_timeout(Duration::from_millis(300));
-    let status = suite.buyers().purchase(request).await.err().ok_or_else(|| anyhow::anyhow!("answered in time"))?;
+    // tonic's own channel would enforce the 300 ms too and race the gateway's
+    // answer (seen under load: CANCELLED "Timeout expired" from the client), so
+    // this call goes over a plain HTTP/2 client with no timer: what it gets is
+    // the gateway's verdict.
+    let url = suite.url("gateway").ok_or_else(|| anyhow::anyhow!("no gateway"))?;
+    let http2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<tonic::body::Body>();
+    let mut untimed = flashsale_proto::gateway::v1::flash_sale_gateway_client::FlashSaleGatewayClient::with_origin(
+        http2,
+        url.parse()?,
+    );
+    let status = untimed.purchase(request).await.err().ok_or_else(|| anyhow::anyhow!("answered in time"))?;
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     proxy.restore();
 
@@ -1237,7 +1249,10 @@ async fn fault_links_mid_settlement(
     let settled_at_least = |n: usize| {
         flashsale_integration_tests::audit::wait_until_final_at_least(inventory_url, n, crate::sale::BUYING_WINDOW)
     };
-    let sale = crate::sale::open(suite).await?;
+    // Buyers arrive 100 ms apart, so the 30 orders settle over seconds rather
+    // than in one batch that could finish before the last fault lands.
+    let shape = crate::sale::Shape { arrival_gap: Duration::from_millis(100), ..crate::sale::Shape::DEFAULT };
+    let sale = crate::sale::open_shaped(suite, shape).await?;
     let mut at_fault = Vec::new();
     settled_at_least(2).await?;
     link.delay(Duration::from_millis(40));
