@@ -3,6 +3,7 @@
 //! so the harness runs them in parallel.
 
 mod abuse;
+mod bola;
 mod cluster;
 mod common;
 mod crashes;
