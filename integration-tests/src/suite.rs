@@ -80,6 +80,8 @@ pub struct SuiteOptions {
     pub client_rate: Option<(u32, u32)>,
     /// Concurrent WatchOrder streams per buyer.
     pub watch_streams_per_buyer: Option<u32>,
+    /// The gateway's audit log goes to this file (otherwise nowhere).
+    pub audit_log: Option<String>,
 }
 
 impl TestSuite {
@@ -144,6 +146,9 @@ impl TestSuite {
         if let Some((rate, burst)) = options.client_rate {
             config.client_rate_per_second = rate;
             config.client_burst = burst;
+        }
+        if let Some(path) = options.audit_log {
+            config.audit_log = path;
         }
         if let Some(streams) = options.watch_streams_per_buyer {
             config.watch_streams_per_buyer = streams;

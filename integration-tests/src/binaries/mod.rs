@@ -289,6 +289,7 @@ fn gateway_settings(
         ("PURCHASE_RATE_PER_SECOND", "0".into()),
         // Every test client is 127.0.0.1.
         ("CLIENT_RATE_PER_SECOND", "0".into()),
+        ("AUDIT_LOG", "/dev/null".into()),
     ]
 }
 

@@ -104,17 +104,17 @@ async fn flood(
     futures::future::join_all(calls).await;
 }
 
-/// Ordinary buyers, each trying a few times a quarter second apart (within
-/// every limit): the latency of each attempt, sorted.
-async fn ordinary_buyers(
-    suite: &TestSuite,
-    client: &FlashSaleGatewayClient<Channel>,
-    names: &[String],
-    tally: &Arc<Tally>,
-) -> Vec<Duration> {
-    let attempts = futures::stream::iter(names.iter().cloned())
-        .map(|name| {
-            let (mut client, token, tally) = (client.clone(), suite.token(&name, false), tally.clone());
+/// Ordinary buyers, each from an address of its own (127.0.1.n) trying a few
+/// times a quarter second apart (within every limit): the latency of each
+/// attempt, sorted.
+async fn ordinary_buyers(suite: &TestSuite, names: &[String], tally: &Arc<Tally>) -> anyhow::Result<Vec<Duration>> {
+    let mut clients = Vec::new();
+    for n in 0..names.len() {
+        clients.push(client_from(suite, Ipv4Addr::new(127, 0, 1, u8::try_from(n + 1)?)).await?);
+    }
+    let attempts = futures::stream::iter(names.iter().cloned().zip(clients))
+        .map(|(name, mut client)| {
+            let (token, tally) = (suite.token(&name, false), tally.clone());
             async move {
                 let mut latencies = Vec::new();
                 for round in 0..4 {
@@ -138,7 +138,7 @@ async fn ordinary_buyers(
         .await;
     let mut latencies: Vec<Duration> = attempts.into_iter().flatten().collect();
     latencies.sort();
-    latencies
+    Ok(latencies)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -163,9 +163,8 @@ async fn bots_from_one_address_are_rate_limited_while_other_buyers_are_served() 
     let scalpers: Vec<String> = (0..30).map(|n| format!("scalper-{n}")).collect();
     fund(&suite, quiet.iter().chain(&busy).chain(&scalpers).cloned().chain(["bot".to_owned()])).await?;
 
-    let people = client_from(&suite, Ipv4Addr::new(127, 0, 0, 1)).await?;
     let ordinary = Arc::new(Tally::default());
-    let unloaded = ordinary_buyers(&suite, &people, &quiet, &ordinary).await;
+    let unloaded = ordinary_buyers(&suite, &quiet, &ordinary).await?;
 
     // One bot buyer from 127.0.0.2, and one scalper address (127.0.0.3) with
     // 30 accounts, each about 1,000 attempts a second for 3 s, while 20 other
@@ -186,8 +185,9 @@ async fn bots_from_one_address_are_rate_limited_while_other_buyers_are_served() 
         length,
         scalper.clone(),
     );
-    let during = ordinary_buyers(&suite, &people, &busy, &ordinary);
+    let during = ordinary_buyers(&suite, &busy, &ordinary);
     let ((), (), loaded) = tokio::join!(bot_flood, scalper_flood, during);
+    let loaded = loaded?;
 
     let fired = |tally: &Tally| tally.answers.lock().values().sum::<u64>();
     let (bot_fired, scalper_fired) = (fired(&bot), fired(&scalper));

@@ -3,6 +3,7 @@
 //! so the harness runs them in parallel.
 
 mod abuse;
+mod audit_log;
 mod bola;
 mod cluster;
 mod common;

@@ -34,6 +34,7 @@ pub struct Operations {
     pub upstreams: Upstreams,
     pub watchers: broadcast::Sender<Arc<OrderEvent>>,
     pub limits: Arc<crate::abuse::AbuseLimits>,
+    pub audit: Arc<crate::audit::AuditLog>,
 }
 
 impl Operations {
@@ -275,7 +276,63 @@ impl Operations {
         Ok(GetBalanceResponse { balances: reply.balances })
     }
 
+    /// Creates a sale (admin), and says so in the audit log whatever the outcome.
     pub async fn create_item(
+        &self,
+        caller: &Principal,
+        req: CreateItemRequest,
+    ) -> Result<CreateItemResponse, GatewayError> {
+        let money = |m: &Option<pb::Money>| {
+            m.as_ref().map(|m| serde_json::json!({"currency": m.currency, "amount_minor": m.amount_minor}))
+        };
+        let time = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| t.seconds);
+        let details = serde_json::json!({
+            "name": req.name,
+            "price": money(&req.price),
+            "stock_total": req.stock_total,
+            "per_user_limit": req.per_user_limit,
+            "starts_at_unix": time(&req.starts_at),
+            "ends_at_unix": time(&req.ends_at),
+        });
+        let target = req.id.clone();
+        let result = self.create_item_unaudited(caller, req).await;
+        self.audited(caller, "create_item", &target, &result, details);
+        result
+    }
+
+    /// Records an admin action's outcome in the audit log.
+    fn audited<T>(
+        &self,
+        caller: &Principal,
+        action: &str,
+        target: &str,
+        result: &Result<T, GatewayError>,
+        details: serde_json::Value,
+    ) {
+        let outcome = match result {
+            Ok(_) => "OK".to_owned(),
+            // Inventory's or the wallet's own reason, not just "from upstream".
+            Err(GatewayError::Upstream(status)) => {
+                use tonic_types::StatusExt;
+                status
+                    .get_error_details()
+                    .error_info()
+                    .map_or_else(|| format!("{:?}", status.code()), |info| info.reason.clone())
+            }
+            Err(error) => error.reason().to_owned(),
+        };
+        self.audit.record(&crate::audit::AuditRecord {
+            at: crate::audit::now(),
+            actor: &caller.user_id,
+            admin: caller.admin,
+            action,
+            target,
+            outcome: &outcome,
+            details,
+        });
+    }
+
+    async fn create_item_unaudited(
         &self,
         caller: &Principal,
         req: CreateItemRequest,
@@ -304,7 +361,18 @@ impl Operations {
         Ok(CreateItemResponse { item: reply.item })
     }
 
+    /// Credits a buyer (admin), and says so in the audit log whatever the outcome.
     pub async fn top_up(&self, caller: &Principal, req: TopUpRequest) -> Result<TopUpResponse, GatewayError> {
+        let amount =
+            req.amount.as_ref().map(|m| serde_json::json!({"currency": m.currency, "amount_minor": m.amount_minor}));
+        let details = serde_json::json!({"amount": amount, "idempotency_key": req.idempotency_key});
+        let target = req.user_id.clone();
+        let result = self.top_up_unaudited(caller, req).await;
+        self.audited(caller, "top_up", &target, &result, details);
+        result
+    }
+
+    async fn top_up_unaudited(&self, caller: &Principal, req: TopUpRequest) -> Result<TopUpResponse, GatewayError> {
         caller.require_admin()?;
         let TopUpRequest { user_id, amount, idempotency_key } = req;
         // Top-ups have their own corner of the wallet's key space (`TopUpKey`).

@@ -74,6 +74,10 @@ pub struct Config {
     /// names the client; from any other peer the header is ignored.
     #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: String,
+    /// Where the audit log of admin actions goes: `-` for stderr (application
+    /// logs are on stdout), or a file to append to.
+    #[arg(long, env = "AUDIT_LOG", default_value = "-")]
+    pub audit_log: String,
     /// Concurrent WatchOrder streams (gRPC and REST) one buyer may hold (0: no limit).
     #[arg(long, env = "WATCH_STREAMS_PER_BUYER", default_value_t = 8)]
     pub watch_streams_per_buyer: u32,
@@ -195,6 +199,8 @@ impl Config {
             client_burst: 200,
             trusted_proxies: String::new(),
             watch_streams_per_buyer: 8,
+            // Tests would print every admin action; the audit-log test names a file.
+            audit_log: "/dev/null".into(),
             shutdown_grace_seconds: 5,
             unrecorded_grace_ms: 60_000,
             sale_state_retention_ms: 86_400_000,

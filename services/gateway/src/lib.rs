@@ -7,6 +7,7 @@
 pub mod abuse;
 pub mod admission;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod catalog;
 pub mod config;

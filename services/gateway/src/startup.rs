@@ -76,6 +76,10 @@ impl Application {
             catalog,
             upstreams,
             watchers,
+            audit: Arc::new(
+                crate::audit::AuditLog::open(&config.audit_log)
+                    .with_context(|| format!("opening the audit log {}", config.audit_log))?,
+            ),
             limits: Arc::new(crate::abuse::AbuseLimits::new(
                 config.client_quota(),
                 config.trusted_proxy_networks()?,

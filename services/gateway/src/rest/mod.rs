@@ -68,7 +68,19 @@ impl FromRequestParts<RestState> for Operator {
 
     async fn from_request_parts(parts: &mut Parts, state: &RestState) -> Result<Self, Self::Rejection> {
         let Caller(caller) = Caller::from_request_parts(parts, state).await?;
-        caller.require_admin()?;
+        if let Err(refused) = caller.require_admin() {
+            // Refused before the body is read: the audit log names the route.
+            state.api.audit.record(&crate::audit::AuditRecord {
+                at: crate::audit::now(),
+                actor: &caller.user_id,
+                admin: false,
+                action: &format!("{} {}", parts.method, parts.uri.path()),
+                target: "",
+                outcome: refused.reason(),
+                details: serde_json::Value::Null,
+            });
+            return Err(refused.into());
+        }
         Ok(Self(caller))
     }
 }
