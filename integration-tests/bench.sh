@@ -75,6 +75,43 @@ for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/18051) 2>/dev/null && break; 
 
 HTTP=http://127.0.0.1:18080
 load() { "$BIN/flashsale-load" "$@"; }
+# CPU per unit of work, for deploy/SCALING.md: utime + stime from /proc (clock
+# ticks) of each part of the system: the three services by PID, Redis by the
+# PID it reports, RabbitMQ's Erlang VM and every PostgreSQL process. Backing
+# servers shared with other work on the machine would count that work too.
+HZ=$(getconf CLK_TCK)
+REDIS_PID=$(redis-cli info server | tr -d '\r' | awk -F: '/^process_id/ {print $2}')
+ticks_of() {
+  local t=0 p
+  for p in "$@"; do
+    # Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    [ -n "$p" ] && [ -r "/proc/$p/stat" ] && t=$((t + $(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13} END {if (NR == 0) print 0}')))
+  done
+  echo "$t"
+}
+# PostgreSQL: every live process, plus what the postmaster's children that
+# have exited used (its cutime + cstime), since backends come and go.
+pg_ticks() {
+  local postmaster
+  postmaster=$(pgrep -o -x postgres) || { echo 0; return; }
+  # shellcheck disable=SC2046 # one PID per word
+  echo $(($(ticks_of $(pgrep -x postgres)) + $(sed 's/.*) //' "/proc/$postmaster/stat" | awk '{print $14 + $15}')))
+}
+cpu_now() {
+  # shellcheck disable=SC2046 # one PID per word
+  echo "$(ticks_of "$GATEWAY_PID") $(ticks_of "$INVENTORY_PID") $(ticks_of "$WALLET_PID") $(ticks_of "$REDIS_PID")" \
+    "$(ticks_of $(pgrep -x beam.smp)) $(pg_ticks)"
+}
+# `cpu_per BEFORE AFTER N`: microseconds of CPU per unit for each part.
+cpu_per() {
+  python3 - "$1" "$2" "$3" "$HZ" <<'PY'
+import sys
+before, after = (list(map(int, arg.split())) for arg in sys.argv[1:3])
+units, hz = float(sys.argv[3]), int(sys.argv[4])
+names = ["gateway", "inventory", "wallet", "redis", "rabbitmq", "postgres"]
+print(", ".join(f"{n} {(b - a) / hz / max(units, 1) * 1e6:.1f}" for n, a, b in zip(names, before, after)))
+PY
+}
 # `profile NAME [SECONDS]`: with PROFILE=1, samples every CPU in the background
 # (software clock: hardware counters are not available on every VM), for
 # SECONDS or until `profile_stop NAME`.
@@ -129,7 +166,9 @@ echo "[bench] C2: null RPC (health Check) through the gateway, $VUS users, $DUR"
 load run --gateway-url $GW --sale "$OUT/sale-s1.json" --rpc health --users "$VUS" --duration $DUR --quiet --report "$OUT/c2.json" 2>/dev/null
 echo "[bench] S1: purchases while stock remains, $VUS users, $DUR" >&2
 profile s1 "${DUR%s}"
+CPU_S1_A=$(cpu_now)
 load run --gateway-url $GW --sale "$OUT/sale-s1.json" --users "$VUS" --duration $DUR --quiet --report "$OUT/s1.json" 2>/dev/null
+CPU_S1_B=$(cpu_now)
 
 drain() {
   # The queue first (orders not yet recorded), then every recorded order final.
@@ -147,7 +186,9 @@ echo "[bench] S2: the crowd after sell-out" >&2
 load seed --gateway-url $GW --users 5000 --stock 0 --unfunded >"$OUT/sale-s2.json"
 load run --gateway-url $GW --sale "$OUT/sale-s2.json" --users "$VUS" --duration 2s --quiet 2>/dev/null >/dev/null
 profile s2 "${DUR%s}"
+CPU_S2_A=$(cpu_now)
 load run --gateway-url $GW --sale "$OUT/sale-s2.json" --users "$VUS" --duration $DUR --quiet --report "$OUT/s2.json" 2>/dev/null
+CPU_S2_B=$(cpu_now)
 echo "[bench] REST: null call (GET /healthz) and the crowd after sell-out, $VUS users, $DUR" >&2
 load run --target rest --http-url $HTTP --gateway-url $GW --sale "$OUT/sale-s2.json" --rpc health --users "$VUS" --duration $DUR --quiet --report "$OUT/c2-rest.json" 2>/dev/null
 load run --target rest --http-url $HTTP --gateway-url $GW --sale "$OUT/sale-s2.json" --users "$VUS" --duration $DUR --quiet --report "$OUT/s2-rest.json" 2>/dev/null
@@ -174,9 +215,11 @@ echo "[bench] S3: $S3_UNITS units, one buyer each" >&2
 load seed --gateway-url $GW --users "$S3_UNITS" --stock "$S3_UNITS" --price 100 >"$OUT/sale-s3.json"
 # The profile covers admission and then settlement alone, until the sale is final.
 profile s3
+CPU_S3_A=$(cpu_now)
 load run --gateway-url $GW --sale "$OUT/sale-s3.json" --users "$VUS" --duration $DUR --quiet --report "$OUT/s3.json" 2>/dev/null
 # Settled before the Artillery-shaped run, which would otherwise share the machine with it.
 drain
+CPU_S3_B=$(cpu_now)
 profile_stop s3
 
 echo "[bench] Artillery-shaped scenario: ${PHASES[*]}" >&2
@@ -277,6 +320,10 @@ ratio() { python3 -c "print(f'{$1 / max($2, 1):.2f}')"; }
   echo "| Artillery-shaped run, REST: mean req/s ; p50 / p95 / p99 / max ms | $(art "$OUT/artillery-rest.json") | p99 < 5 ms |"
   echo "| highest open-loop rate with p99 < 10 ms and no failed request (steps: $SWEEP_RATES) | $SWEEP_BEST /s | |"
   echo "| peak RSS | $RSS | |"
+  completed() { field "$1" "r['completed']"; }
+  echo "| CPU µs per purchase attempt while stock remains (S1, $(completed "$OUT/s1.json") attempts) | $(cpu_per "$CPU_S1_A" "$CPU_S1_B" "$(completed "$OUT/s1.json")") | |"
+  echo "| CPU µs per purchase attempt after sell-out (S2, $(completed "$OUT/s2.json") attempts) | $(cpu_per "$CPU_S2_A" "$CPU_S2_B" "$(completed "$OUT/s2.json")") | |"
+  echo "| CPU µs per settled order (S3 from its first attempt to the last final order, $S3_ORDERS orders) | $(cpu_per "$CPU_S3_A" "$CPU_S3_B" "$S3_ORDERS") | |"
   echo
   echo "Rate sweep ($SWEEP_STEP per step):"
   echo
