@@ -11,6 +11,7 @@ pub mod idp;
 pub mod load;
 pub mod netns;
 pub mod otlp;
+pub mod pki;
 pub mod ports;
 pub mod proxy;
 pub mod running;

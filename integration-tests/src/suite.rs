@@ -43,6 +43,9 @@ pub struct TestSuite {
     gateway: Option<Running>,
     gateway_http_port: u16,
     gateway_channel: Channel,
+    /// `https` with mutual TLS between the services, else `http`.
+    internal_scheme: &'static str,
+    wallet_tls: flashsale_server::TlsArgs,
     _share: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
 }
 
@@ -82,6 +85,8 @@ pub struct SuiteOptions {
     pub watch_streams_per_buyer: Option<u32>,
     /// The gateway's audit log goes to this file (otherwise nowhere).
     pub audit_log: Option<String>,
+    /// Mutual TLS between the services, each with a certificate from this CA.
+    pub mtls: Option<std::sync::Arc<crate::pki::TestPki>>,
 }
 
 impl TestSuite {
@@ -102,11 +107,20 @@ impl TestSuite {
         let redis_prefix = format!("fs-test-{tag}");
         let amqp_prefix = format!("fs-test-{tag}");
 
-        let wallet = start_wallet(wallet_db.url(), 0).await?;
+        let tls_for = |service: &str| match &options.mtls {
+            Some(pki) => pki.issue(service),
+            None => Ok(flashsale_server::TlsArgs::default()),
+        };
+        let internal_scheme = if options.mtls.is_some() { "https" } else { "http" };
+        let internal_url = |running: &Running| format!("{internal_scheme}://127.0.0.1:{}", running.port);
+        let wallet_tls = tls_for("wallet")?;
+        let wallet = start_wallet(wallet_db.url(), 0, &wallet_tls).await?;
         let wallet_port = wallet.port;
 
         let amqp_addr = options.amqp_server.clone().unwrap_or_else(amqp_addr);
-        let mut config = flashsale_inventory::Config::for_tests(inventory_db.url(), wallet.url(), &amqp_prefix);
+        let mut config =
+            flashsale_inventory::Config::for_tests(inventory_db.url(), internal_url(&wallet), &amqp_prefix);
+        config.tls = tls_for("inventory")?;
         config.amqp_addr = amqp_addr.clone();
         if let Some(ms) = options.inventory_max_connection_age_ms {
             config.max_connection_age_ms = ms;
@@ -115,12 +129,13 @@ impl TestSuite {
         let inventory = Running::start(app.port(), |stop| app.run_until_stopped(stop));
 
         let mut config = flashsale_gateway::Config::for_tests(
-            inventory.url(),
-            wallet.url(),
+            internal_url(&inventory),
+            internal_url(&wallet),
             &redis_prefix,
             &amqp_prefix,
             JWT_SECRET,
         );
+        config.tls = tls_for("gateway")?;
         config.amqp_addr = amqp_addr.clone();
         if let Some(addr) = options.gateway_amqp_addr {
             config.amqp_addr = addr;
@@ -174,19 +189,25 @@ impl TestSuite {
             gateway: Some(gateway),
             gateway_http_port,
             gateway_channel,
+            internal_scheme,
+            wallet_tls,
             _share: share,
         })
     }
 
-    /// `http://127.0.0.1:<port>` of each running service, by name.
+    /// `http://127.0.0.1:<port>` of each running service, by name
+    /// (`https://` for inventory and wallet with mutual TLS).
     pub fn url(&self, service: &str) -> Option<String> {
         match service {
-            "wallet" => self.wallet.as_ref(),
-            "inventory" => self.inventory.as_ref(),
-            "gateway" => self.gateway.as_ref(),
+            "wallet" => {
+                self.wallet.as_ref().map(|running| format!("{}://127.0.0.1:{}", self.internal_scheme, running.port))
+            }
+            "inventory" => {
+                self.inventory.as_ref().map(|running| format!("{}://127.0.0.1:{}", self.internal_scheme, running.port))
+            }
+            "gateway" => self.gateway.as_ref().map(Running::url),
             _ => None,
         }
-        .map(Running::url)
     }
 
     /// `http://127.0.0.1:<port>` of the gateway's HTTP server (REST, storefront, OpenAPI).
@@ -245,7 +266,7 @@ impl TestSuite {
     /// Starts the wallet again on the port inventory and gateway know.
     pub async fn start_wallet(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.wallet.is_none(), "wallet already running");
-        self.wallet = Some(start_wallet(self.wallet_db.url(), self.wallet_port).await?);
+        self.wallet = Some(start_wallet(self.wallet_db.url(), self.wallet_port, &self.wallet_tls).await?);
         Ok(())
     }
 
@@ -324,9 +345,10 @@ pub fn amqp_addr() -> String {
     std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-async fn start_wallet(database_url: &str, port: u16) -> anyhow::Result<Running> {
+async fn start_wallet(database_url: &str, port: u16, tls: &flashsale_server::TlsArgs) -> anyhow::Result<Running> {
     let mut config = flashsale_wallet::Config::for_tests(database_url);
     config.listen_addr.set_port(port);
+    config.tls = tls.clone();
     let app = flashsale_wallet::Application::build(&config).await?;
     Ok(Running::start(app.port(), |stop| app.run_until_stopped(stop)))
 }

@@ -10,6 +10,7 @@ mod common;
 mod crashes;
 mod faults;
 mod lifecycle;
+mod mtls;
 mod notifications;
 mod observability;
 mod partition;

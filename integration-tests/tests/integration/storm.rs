@@ -57,6 +57,8 @@ struct Spec {
     /// On that cluster, kill the master holding the first item's slot once
     /// this many orders were accepted; its replica takes over.
     fail_over_redis_after: Option<usize>,
+    /// Mutual TLS between the services (certificates from a CA of the test's own).
+    mtls: bool,
 }
 
 impl Default for Spec {
@@ -74,6 +76,7 @@ impl Default for Spec {
             restart_rabbit_after: None,
             redis_cluster: false,
             fail_over_redis_after: None,
+            mtls: false,
         }
     }
 }
@@ -148,6 +151,7 @@ async fn storm(spec: Spec) -> anyhow::Result<()> {
         amqp_server: rabbit.as_ref().map(|rabbit| rabbit.url()),
         // An order whose confirm was lost with the broker is published again soon.
         unrecorded_grace_ms: rabbit.as_ref().map(|_| 3_000),
+        mtls: spec.mtls.then(flashsale_integration_tests::pki::TestPki::new).transpose()?.map(Arc::new),
         ..Default::default()
     };
     let suite = Arc::new(TestSuite::spawn_with(options).await?);
@@ -657,6 +661,13 @@ async fn buyer_loop(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storm_of_5000_buyers_sells_exactly_100_units_limit_1() -> anyhow::Result<()> {
     run_storm(Spec { items: vec![("storm-1", 100, 1)], seed: 1, ..Spec::default() }).await
+}
+
+/// The storm with every internal call over mutual TLS (gateway → inventory and
+/// wallet, inventory → wallet), each caller checked by its certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_with_mutual_tls_between_the_services_sells_exactly_the_stock() -> anyhow::Result<()> {
+    run_storm(Spec { items: vec![("storm-tls", 100, 1)], seed: 21, mtls: true, ..Spec::default() }).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,6 +47,9 @@ pub struct Config {
     pub jwt_secret: Option<String>,
     #[command(flatten)]
     pub oidc: OidcConfig,
+    /// Mutual TLS towards inventory and wallet (off when unset; their URLs are then https://).
+    #[command(flatten)]
+    pub tls: flashsale_server::TlsArgs,
     /// Required `iss` claim, if set.
     #[arg(long, env = "JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -187,6 +190,7 @@ impl Config {
             amqp_prefix: amqp_prefix.into(),
             jwt_secret: Some(jwt_secret.into()),
             oidc: OidcConfig::off(),
+            tls: flashsale_server::TlsArgs::default(),
             jwt_issuer: None,
             jwt_audience: None,
             publish_timeout_ms: 3000,

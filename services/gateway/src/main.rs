@@ -71,7 +71,7 @@ fn main() -> std::process::ExitCode {
 async fn run() -> std::process::ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Health) = &cli.command {
-        return flashsale_server::probe("gateway", cli.config.listen_addr).await;
+        return flashsale_server::probe("gateway", cli.config.listen_addr, &cli.config.tls).await;
     }
     if let Some(Command::DescriptorSet) = &cli.command {
         return match flashsale_proto::descriptor_set_of(flashsale_gateway::PUBLIC_PROTO_FILES) {

@@ -48,8 +48,9 @@ pub struct Application {
 impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let auth = authenticator(config)?;
-        let upstreams =
-            Upstreams::new(&config.inventory_url, &config.wallet_url).context("INVENTORY_URL or WALLET_URL")?;
+        let tls = flashsale_server::MutualTls::load(&config.tls)?;
+        let upstreams = Upstreams::new(&config.inventory_url, &config.wallet_url, tls.as_ref())
+            .context("INVENTORY_URL or WALLET_URL")?;
         let admission = Arc::new(
             Admission::connect(&config.redis_urls(), config.redis_cluster, &config.redis_key_prefix)
                 .await
@@ -198,6 +199,8 @@ impl Application {
             flashsale_server::Exposure::Public,
             flashsale_server::MAX_CONNECTION_AGE,
             crate::PUBLIC_PROTO_FILES,
+            // Buyers' port: plaintext here (TLS ends at the ingress or the mesh).
+            None,
         )?;
         health.track(<FlashSaleGatewayServer<GatewayGrpc> as NamedService>::NAME);
         health.track(<AdminServiceServer<GatewayGrpc> as NamedService>::NAME);

@@ -18,16 +18,21 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    pub fn new(inventory_url: &str, wallet_url: &str) -> Result<Self, tonic::transport::Error> {
+    /// With `tls`, both URLs are https:// and every call presents the gateway's certificate.
+    pub fn new(
+        inventory_url: &str,
+        wallet_url: &str,
+        tls: Option<&flashsale_server::MutualTls>,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
-            inventory: InventoryServiceClient::new(channel(inventory_url)?),
-            wallet: WalletServiceClient::new(channel(wallet_url)?),
+            inventory: InventoryServiceClient::new(channel(inventory_url, tls)?),
+            wallet: WalletServiceClient::new(channel(wallet_url, tls)?),
         })
     }
 }
 
-fn channel(url: &str) -> Result<TracedChannel, tonic::transport::Error> {
-    Ok(flashsale_server::traced(flashsale_server::internal_endpoint(url)?.connect_lazy()))
+fn channel(url: &str, tls: Option<&flashsale_server::MutualTls>) -> anyhow::Result<TracedChannel> {
+    Ok(flashsale_server::traced(flashsale_server::internal_endpoint(url, tls)?.connect_lazy()))
 }
 
 /// A request carrying `grpc-timeout`, so the callee stops when we stop waiting.

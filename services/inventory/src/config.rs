@@ -54,6 +54,9 @@ pub struct Config {
     /// (graceful GOAWAY; clients then reconnect, and spread over replicas).
     #[arg(long, env = "MAX_CONNECTION_AGE_MS", default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(10..))]
     pub max_connection_age_ms: u64,
+    /// Mutual TLS with the wallet and the gateway (off when unset; `WALLET_URL` is then https://).
+    #[command(flatten)]
+    pub tls: flashsale_server::TlsArgs,
 }
 
 impl Config {
@@ -77,6 +80,7 @@ impl Config {
             wallet_timeout_ms: 1000,
             shutdown_grace_seconds: 5,
             max_connection_age_ms: 300_000,
+            tls: flashsale_server::TlsArgs::default(),
         }
     }
 

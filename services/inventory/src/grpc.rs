@@ -23,6 +23,24 @@ use crate::settlement::Settlement;
 /// Most order ids one `BatchGetOrders` call may ask for.
 const MAX_BATCH_GET: usize = 500;
 
+/// Who may call each inventory method when mutual TLS is on (a certificate's
+/// service name): only the gateway, which checks the buyer's or operator's
+/// token first (the wallet never calls inventory).
+pub const CALLERS: flashsale_server::Callers = flashsale_server::Callers {
+    service: "flashsale.inventory.v1.InventoryService",
+    methods: &[
+        ("CreateItem", &["gateway"]),
+        ("GetItem", &["gateway"]),
+        ("ListItems", &["gateway"]),
+        ("GetOrder", &["gateway"]),
+        ("BatchGetOrders", &["gateway"]),
+        ("ListOrders", &["gateway"]),
+        ("RefundOrder", &["gateway"]),
+        ("GetItemStats", &["gateway"]),
+        ("GetAdmissionSnapshot", &["gateway"]),
+    ],
+};
+
 #[derive(Clone)]
 pub struct InventoryGrpc {
     pool: PgPool,
@@ -197,5 +215,15 @@ impl InventoryService for InventoryGrpc {
                 })
                 .collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_method_names_its_callers() {
+        assert_eq!(CALLERS.unlisted("flashsale/inventory/v1/inventory.proto").unwrap(), Vec::<String>::new());
     }
 }

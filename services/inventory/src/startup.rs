@@ -30,6 +30,7 @@ pub struct Application {
     pool: PgPool,
     wallet: WalletClient,
     config: Config,
+    tls: Option<flashsale_server::MutualTls>,
 }
 
 impl Application {
@@ -41,15 +42,17 @@ impl Application {
             &config.database_url,
             &PoolOptions { max_size: config.db_pool_size, ..PoolOptions::default() },
         );
-        let wallet = WalletClient::new(&config.wallet_url, Duration::from_millis(config.wallet_timeout_ms))
-            .context("WALLET_URL")?;
+        let tls = flashsale_server::MutualTls::load(&config.tls)?;
+        let wallet =
+            WalletClient::new(&config.wallet_url, Duration::from_millis(config.wallet_timeout_ms), tls.as_ref())
+                .context("WALLET_URL")?;
         let listener =
             TcpListener::bind(config.listen_addr).await.with_context(|| format!("binding {}", config.listen_addr))?;
         let port = listener.local_addr()?.port();
         let mut metrics = flashsale_server::MetricsEndpoint::bind(config.metrics_addr).await?;
         let (scraped_pool, max_size) = (pool.clone(), config.db_pool_size);
         metrics.collect(move || flashsale_db::record_pool_state(&scraped_pool, max_size));
-        Ok(Self { listener, port, metrics, pool, wallet, config: config.clone() })
+        Ok(Self { listener, port, metrics, pool, wallet, config: config.clone(), tls })
     }
 
     pub fn port(&self) -> u16 {
@@ -99,6 +102,7 @@ impl Application {
             flashsale_server::Exposure::Internal,
             Duration::from_millis(config.max_connection_age_ms),
             &["flashsale/inventory/v1/inventory.proto"],
+            self.tls.as_ref().map(|tls| flashsale_server::InternalTls { tls, callers: &crate::grpc::CALLERS }),
         )?;
         health.track(<InventoryServiceServer<InventoryGrpc> as NamedService>::NAME);
         let inventory = InventoryServiceServer::new(InventoryGrpc::new(self.pool, api_settlement))

@@ -32,8 +32,8 @@ pub struct WalletClient {
 
 impl WalletClient {
     /// Connects lazily: inventory starts (and keeps its queue) while the wallet is down.
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, tonic::transport::Error> {
-        let channel = flashsale_server::internal_endpoint(url)?.connect_lazy();
+    pub fn new(url: &str, timeout: Duration, tls: Option<&flashsale_server::MutualTls>) -> anyhow::Result<Self> {
+        let channel = flashsale_server::internal_endpoint(url, tls)?.connect_lazy();
         Ok(Self { client: WalletServiceClient::new(flashsale_server::traced(channel)), timeout })
     }
 

@@ -18,6 +18,20 @@ use crate::error::WalletError;
 /// Most debits in one `BatchDebit` call.
 const MAX_BATCH: usize = 500;
 
+/// Who may call each wallet method when mutual TLS is on (a certificate's
+/// service name): the gateway reads balances and tops wallets up; only
+/// inventory charges buyers, and credits them back on refunds.
+pub const CALLERS: flashsale_server::Callers = flashsale_server::Callers {
+    service: "flashsale.wallet.v1.WalletService",
+    methods: &[
+        ("GetBalance", &["gateway"]),
+        ("ListTransactions", &["gateway"]),
+        ("Credit", &["gateway", "inventory"]),
+        ("Debit", &["inventory"]),
+        ("BatchDebit", &["inventory"]),
+    ],
+};
+
 /// The wallet's gRPC face.
 #[derive(Clone)]
 pub struct WalletGrpc {
@@ -158,5 +172,15 @@ impl WalletService for WalletGrpc {
             out.push(DebitResult { outcome: Some(outcome) });
         }
         Ok(Response::new(BatchDebitResponse { results: out }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_method_names_its_callers() {
+        assert_eq!(CALLERS.unlisted("flashsale/wallet/v1/wallet.proto").unwrap(), Vec::<String>::new());
     }
 }

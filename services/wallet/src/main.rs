@@ -36,7 +36,7 @@ async fn run() -> std::process::ExitCode {
     // clap exits with a usage message on bad flags or environment values.
     let cli = Cli::parse();
     if let Some(Command::Health) = cli.command {
-        return flashsale_server::probe("wallet", cli.config.listen_addr).await;
+        return flashsale_server::probe("wallet", cli.config.listen_addr, &cli.config.tls).await;
     }
     flashsale_server::run_service("wallet", || async move {
         match cli.command.unwrap_or(Command::Serve) {

@@ -20,10 +20,12 @@ pub struct Application {
     metrics: flashsale_server::MetricsEndpoint,
     pool: PgPool,
     grace: Duration,
+    tls: Option<flashsale_server::MutualTls>,
 }
 
 impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let tls = flashsale_server::MutualTls::load(&config.tls)?;
         flashsale_db::run_migrations(&config.database_url, MIGRATIONS)
             .await
             .context("migrating the wallet database")?;
@@ -37,7 +39,7 @@ impl Application {
         let mut metrics = flashsale_server::MetricsEndpoint::bind(config.metrics_addr).await?;
         let (scraped_pool, max_size) = (pool.clone(), config.db_pool_size);
         metrics.collect(move || flashsale_db::record_pool_state(&scraped_pool, max_size));
-        Ok(Self { listener, port, metrics, pool, grace: config.shutdown_grace() })
+        Ok(Self { listener, port, metrics, pool, grace: config.shutdown_grace(), tls })
     }
 
     /// The port actually bound (useful when the configured port was 0).
@@ -56,6 +58,7 @@ impl Application {
             flashsale_server::Exposure::Internal,
             flashsale_server::MAX_CONNECTION_AGE,
             &["flashsale/wallet/v1/wallet.proto"],
+            self.tls.as_ref().map(|tls| flashsale_server::InternalTls { tls, callers: &crate::grpc::CALLERS }),
         )?;
         health.track(<WalletServiceServer<WalletGrpc> as NamedService>::NAME);
         let wallet = WalletServiceServer::new(WalletGrpc::new(self.pool))

@@ -7,6 +7,7 @@ mod deadline;
 mod metrics;
 mod shutdown;
 mod status;
+mod tls;
 mod trace;
 
 use std::future::Future;
@@ -23,6 +24,7 @@ pub use deadline::DeadlineLayer;
 pub use metrics::{GrpcMetricsLayer, MetricsEndpoint, prometheus};
 pub use shutdown::shutdown_signal;
 pub use status::{ERROR_DOMAIN, internal, invalid_argument, rejection, unavailable};
+pub use tls::{CallerCheck, CallerCheckLayer, Callers, MutualTls, TlsArgs, caller_name};
 pub use trace::{
     GrpcClientTrace, GrpcClientTraceLayer, GrpcServerTrace, GrpcServerTraceLayer, HttpServerTrace, HttpServerTraceLayer,
 };
@@ -36,12 +38,16 @@ pub const MAX_ENCODING_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 /// before the server closes that connection (h2's default is 20).
 pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 10_000;
 
-/// The layers every service's server runs: metrics outermost, then tracing.
+/// The layers every service's server runs: metrics outermost, then tracing,
+/// the deadline, and (with mutual TLS) the caller check.
 pub type StandardLayers = tower::layer::util::Stack<
-    DeadlineLayer,
+    CallerCheckLayer,
     tower::layer::util::Stack<
-        GrpcServerTraceLayer,
-        tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>,
+        DeadlineLayer,
+        tower::layer::util::Stack<
+            GrpcServerTraceLayer,
+            tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>,
+        >,
     >,
 >;
 
@@ -59,12 +65,25 @@ pub type TracedChannel = GrpcClientTrace<tonic::transport::Channel>;
 /// buyer over one connection cancels a call each time a buyer gives up, so one
 /// buyer cancelling bursts of calls would close the connection under everyone
 /// else's calls. The servers at the other end are our own.
-pub fn internal_endpoint(url: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
-    Ok(tonic::transport::Endpoint::from_shared(url.to_owned())?
+///
+/// With `tls`, the URL must be `https://` (tonic would quietly speak plaintext
+/// to an `http://` one) and the call presents our certificate.
+pub fn internal_endpoint(url: &str, tls: Option<&MutualTls>) -> anyhow::Result<tonic::transport::Endpoint> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|_| anyhow::anyhow!("{url:?} is not a valid URL"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
-        .http2_max_local_error_reset_streams(None))
+        .http2_max_local_error_reset_streams(None);
+    let https = endpoint.uri().scheme_str() == Some("https");
+    match tls {
+        Some(tls) => {
+            anyhow::ensure!(https, "{url:?}: with mutual TLS on, internal URLs are https://");
+            endpoint = endpoint.tls_config(tls.client())?;
+        }
+        None => anyhow::ensure!(!https, "{url:?} is https://, but no TLS_CERT_FILE/TLS_KEY_FILE/TLS_CA_FILE is set"),
+    }
+    Ok(endpoint)
 }
 
 /// Wraps `channel` so every call through it carries the current trace.
@@ -89,13 +108,30 @@ pub enum Exposure {
 /// that raced the close.
 pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 
-/// A tonic server builder with the settings every service shares.
-pub fn server_builder(exposure: Exposure, max_connection_age: Duration) -> Server<StandardLayers> {
+/// Mutual TLS for an internal server: the certificates, and who may call what.
+#[derive(Debug, Clone, Copy)]
+pub struct InternalTls<'a> {
+    pub tls: &'a MutualTls,
+    pub callers: &'static Callers,
+}
+
+/// A tonic server builder with the settings every service shares; with
+/// `tls`, it speaks only TLS, to callers with a certificate the CA signed, and
+/// answers each internal method only to the callers `tls.callers` names.
+pub fn server_builder(
+    exposure: Exposure,
+    max_connection_age: Duration,
+    tls: Option<InternalTls<'_>>,
+) -> Result<Server<StandardLayers>, tonic::transport::Error> {
     let reset_streams = match exposure {
         Exposure::Public => None,
         Exposure::Internal => Some(MAX_PENDING_ACCEPT_RESET_STREAMS),
     };
-    Server::builder()
+    let mut server = Server::builder();
+    if let Some(internal) = &tls {
+        server = server.tls_config(internal.tls.server())?;
+    }
+    Ok(server
         .tcp_nodelay(true)
         // Detect dead peers on long-lived HTTP/2 connections (WatchOrder streams).
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -118,6 +154,8 @@ pub fn server_builder(exposure: Exposure, max_connection_age: Duration) -> Serve
         // The caller's `grpc-timeout`, and at most 30 s (without a limit a slow
         // handler holds the caller for ever), answered DEADLINE_EXCEEDED.
         .layer(DeadlineLayer { max: Duration::from_secs(30) })
+        // Innermost: a refused caller still shows in the metrics and traces.
+        .layer(CallerCheckLayer { callers: tls.map(|internal| internal.callers) }))
 }
 
 /// The health service plus the names of the services it reports on, so shutdown
@@ -190,10 +228,11 @@ pub fn standard_router(
     exposure: Exposure,
     max_connection_age: Duration,
     proto_files: &[&str],
-) -> Result<(Health, StandardRouter), tonic_reflection::server::Error> {
+    tls: Option<InternalTls<'_>>,
+) -> anyhow::Result<(Health, StandardRouter)> {
     let (health, health_service) = Health::new();
     let (reflection_v1, reflection_v1alpha) = reflection(proto_files)?;
-    let router = server_builder(exposure, max_connection_age)
+    let router = server_builder(exposure, max_connection_age, tls)?
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
@@ -206,7 +245,10 @@ pub fn standard_router(
 /// means this host) for `grpc.health.v1` of the whole server, and exits 0 only
 /// when it answers SERVING, within 3 s. Kubernetes asks the same service with
 /// its native gRPC probes instead.
-pub async fn probe(service: &'static str, listen: std::net::SocketAddr) -> std::process::ExitCode {
+///
+/// With `tls` (a server that requires mutual TLS), it presents the service's
+/// own certificate and expects the server to carry the first DNS name of it.
+pub async fn probe(service: &'static str, listen: std::net::SocketAddr, tls: &TlsArgs) -> std::process::ExitCode {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus as Status;
     use tonic_health::pb::health_client::HealthClient;
@@ -219,9 +261,25 @@ pub async fn probe(service: &'static str, listen: std::net::SocketAddr) -> std::
     } else {
         listen.ip()
     };
-    let url = format!("http://{}", std::net::SocketAddr::new(ip, listen.port()));
+    let tls = match MutualTls::load(tls) {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("flashsale-{service}: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{}", std::net::SocketAddr::new(ip, listen.port()));
     let check = async {
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())?.connect().await?;
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())?;
+        if let Some(tls) = &tls {
+            let mut client = tls.client();
+            if let Some(name) = tls.own_dns_name() {
+                client = client.domain_name(name);
+            }
+            endpoint = endpoint.tls_config(client)?;
+        }
+        let channel = endpoint.connect().await?;
         let reply = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await?;
         Ok::<_, anyhow::Error>(reply.into_inner().status())
     };
