@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OPTIONAL = {"JWT_ISSUER", "JWT_AUDIENCE", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
             # sign-in through an identity provider instead of JWT_SECRET (k8s README)
             "OIDC_ISSUER", "OIDC_AUDIENCE", "OIDC_JWKS_URL", "OIDC_JWKS_FILE", "OIDC_ROLES_CLAIM",
-            "OIDC_JWKS_MIN_REFETCH_MS",
+            "OIDC_JWKS_MIN_REFETCH_MS", "OIDC_CLIENT_ID",
             # the services' own mutual TLS, for deployments without a mesh (README)
             "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE"}
 

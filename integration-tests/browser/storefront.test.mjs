@@ -6,6 +6,8 @@
 //
 // ITEM_ID must be on sale with stock >= 2 and a per-user limit >= 1; BUYER's
 // balance must cover its price. Exits 0 on success, 1 (with failure.png) otherwise.
+// With SIGNIN=provider (and IDP_URL, the identity provider's issuer), every
+// sign-in goes through the provider's page: the authorization-code flow with PKCE.
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
@@ -20,6 +22,10 @@ const BASE = env('STOREFRONT_URL').replace(/\/+$/, '');
 const ITEM_ID = env('ITEM_ID');
 const BUYER = env('BUYER');
 const SHOTS = env('SCREENSHOT_DIR', 'screenshots');
+const PROVIDER = process.env.SIGNIN === 'provider';
+const IDP = PROVIDER ? env('IDP_URL').replace(/\/+$/, '') : '';
+// What the signed-out page offers: a user name (development) or the provider's button.
+const SIGNED_OUT = PROVIDER ? 'signin-provider' : 'signin-user';
 mkdirSync(SHOTS, { recursive: true });
 
 class StepError extends Error {}
@@ -62,10 +68,22 @@ const noBrowserErrors = () => assert(browserErrors.length === 0, `the page repor
 const shot = (name) => page.screenshot({ path: join(SHOTS, name), fullPage: true });
 
 async function signIn(user, admin) {
-  await byTestId(page, 'signin-user').fill(user);
-  await byTestId(page, 'signin-admin').setChecked(admin);
-  await byTestId(page, 'signin-submit').click();
+  if (PROVIDER) {
+    await byTestId(page, 'signin-provider').click();
+    await page.locator('#username').waitFor({ state: 'visible' });
+    const at = new URL(page.url());
+    assert(`${at.protocol}//${at.host}` === IDP, `the sign-in page is not the provider's: ${page.url()}`);
+    assert(at.searchParams.get('code_challenge_method') === 'S256' && at.searchParams.get('code_challenge'), `no PKCE challenge in ${page.url()}`);
+    await page.locator('#username').fill(user);
+    await page.locator('#admin').setChecked(admin);
+    await page.locator('#login').click();
+  } else {
+    await byTestId(page, 'signin-user').fill(user);
+    await byTestId(page, 'signin-admin').setChecked(admin);
+    await byTestId(page, 'signin-submit').click();
+  }
   const who = await until(`"signed-in-as" to name ${user}`, () => text(byTestId(page, 'signed-in-as')), (t) => t.includes(user));
+  if (PROVIDER) assert(!new URL(page.url()).searchParams.has('code'), `the single-use code stayed in the address bar: ${page.url()}`);
   log(`signed in: ${who}`);
 }
 const balance = () => text(byTestId(page, 'wallet-balance'));
@@ -76,7 +94,7 @@ try {
   const response = await page.goto(BASE + '/', { waitUntil: 'load' });
   assert(response && response.ok(), `GET ${BASE}/ answered ${response?.status()}`);
   assert(/default-src 'self'/.test(response.headers()['content-security-policy'] || ''), 'the page is served without its Content-Security-Policy');
-  await byTestId(page, 'signin-user').waitFor({ state: 'visible' });
+  await byTestId(page, SIGNED_OUT).waitFor({ state: 'visible' });
   await shot('01-signed-out.png');
 
   step = `2. sign in as ${BUYER}`;
@@ -146,7 +164,7 @@ try {
 
   step = '9. admin: create a sale and watch its stats';
   await byTestId(page, 'signout').click();
-  await byTestId(page, 'signin-user').waitFor({ state: 'visible' });
+  await byTestId(page, SIGNED_OUT).waitFor({ state: 'visible' });
   await signIn('ops', true);
   await byTestId(page, 'tab-admin').click();
   const saleId = `browser-${Date.now().toString(36)}`;

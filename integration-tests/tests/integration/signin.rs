@@ -28,6 +28,7 @@ fn oidc(idp: &TestIdentityProvider, min_refetch_ms: u64) -> OidcConfig {
         jwks_file: None,
         roles_claim: ROLES_CLAIM.into(),
         jwks_min_refetch_ms: min_refetch_ms,
+        client_id: None,
     }
 }
 

@@ -39,26 +39,89 @@ async fn run_tool(mut command: tokio::process::Command, what: &str, limit: Durat
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_buyer_buys_and_refunds_in_the_storefront_without_reloading() -> anyhow::Result<()> {
-    let _machine = flashsale_integration_tests::suite::whole_machine().await;
-    let suite = TestSuite::spawn_with(SuiteOptions { holds_machine: true, ..SuiteOptions::default() }).await?;
-    create_item(&suite, "poster", 1_500, 10, 1).await?;
-    top_up(&suite, "browser-buyer", 5_000).await?;
+/// `storefront.test.mjs` against `suite` (item `poster` on sale, `browser-buyer` funded).
+async fn run_storefront_test(suite: &TestSuite, screenshots: &str, provider: Option<&str>) -> anyhow::Result<()> {
     let dir = repo_root().join("integration-tests").join("browser");
     anyhow::ensure!(
         dir.join("node_modules").join("playwright-core").is_dir(),
         "playwright-core is not installed: npm ci --prefix integration-tests/browser (deploy/local/test.sh does it)"
     );
-    let screenshots = test_output("storefront")?;
+    let screenshots = test_output(screenshots)?;
     let mut node = tokio::process::Command::new(std::env::var("NODE").unwrap_or_else(|_| "node".into()));
     node.arg(dir.join("storefront.test.mjs"))
         .env("STOREFRONT_URL", suite.http_url())
         .env("ITEM_ID", "poster")
         .env("BUYER", "browser-buyer")
         .env("SCREENSHOT_DIR", &screenshots);
-    run_tool(node, "the storefront browser test", Duration::from_secs(180)).await?;
+    if let Some(issuer) = provider {
+        node.env("SIGNIN", "provider").env("IDP_URL", issuer);
+    }
+    run_tool(node, "the storefront browser test", Duration::from_secs(180)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_buys_and_refunds_in_the_storefront_without_reloading() -> anyhow::Result<()> {
+    let _machine = flashsale_integration_tests::suite::whole_machine().await;
+    let suite = TestSuite::spawn_with(SuiteOptions { holds_machine: true, ..SuiteOptions::default() }).await?;
+    create_item(&suite, "poster", 1_500, 10, 1).await?;
+    top_up(&suite, "browser-buyer", 5_000).await?;
+    run_storefront_test(&suite, "storefront", None).await?;
     // The page's actions reached the databases: the refund restored the stock.
+    let report = flashsale_integration_tests::audit::audit(&suite.databases()).await?;
+    assert_eq!(report.remaining.get("poster"), Some(&10), "the refunded unit is on sale again");
+    assert!(report.orders.iter().any(|o| o.user_id == "browser-buyer" && o.status == "REFUNDED"));
+    suite.shutdown().await
+}
+
+/// The same journey with sign-in at an identity provider (the test one, over
+/// real HTTP on another origin): the storefront sends each buyer to its page
+/// with a PKCE challenge and trades the code for an access token, which the
+/// gateway verifies against the provider's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_signs_in_at_the_identity_provider_with_pkce_and_buys_in_the_storefront() -> anyhow::Result<()> {
+    use flashsale_integration_tests::idp::{CLIENT_ID, TestIdentityProvider};
+    use flashsale_integration_tests::suite::with_token;
+    use flashsale_proto::gateway::v1::{CreateItemRequest, TopUpRequest};
+
+    let _machine = flashsale_integration_tests::suite::whole_machine().await;
+    let idp = TestIdentityProvider::start().await?;
+    let audience = "https://flashsale.test/api";
+    let oidc = flashsale_gateway::config::OidcConfig {
+        issuer: Some(idp.issuer.clone()),
+        audience: Some(audience.into()),
+        client_id: Some(CLIENT_ID.into()),
+        ..flashsale_gateway::config::OidcConfig::off()
+    };
+    let suite = TestSuite::spawn_with(SuiteOptions {
+        holds_machine: true,
+        gateway_oidc: Some(oidc),
+        ..SuiteOptions::default()
+    })
+    .await?;
+    // The sale and the buyer's money, set up by an operator signed in at the provider.
+    let mut operator = idp.claims("setup-operator", audience);
+    operator.insert("roles".into(), serde_json::json!(["admin"]));
+    let operator = idp.key("rsa-0")?.sign(&serde_json::Value::Object(operator))?;
+    let sale = CreateItemRequest {
+        id: "poster".into(),
+        name: "item poster".into(),
+        price: crate::common::usd(1_500),
+        stock_total: 10,
+        per_user_limit: 1,
+        starts_at: crate::common::at(Duration::from_secs(1), false),
+        ends_at: crate::common::at(Duration::from_secs(3600), true),
+    };
+    suite.admin().create_item(with_token(sale, &operator)).await?;
+    let money = TopUpRequest {
+        user_id: "browser-buyer".into(),
+        amount: crate::common::usd(5_000),
+        idempotency_key: String::new(),
+    };
+    suite.admin().top_up(with_token(money, &operator)).await?;
+
+    run_storefront_test(&suite, "storefront-pkce", Some(&idp.issuer)).await?;
+    // Two sign-ins (the buyer, then the admin), each one code traded with its verifier.
+    assert_eq!(idp.token_exchanges(), (2, 0), "(codes traded, token requests refused)");
     let report = flashsale_integration_tests::audit::audit(&suite.databases()).await?;
     assert_eq!(report.remaining.get("poster"), Some(&10), "the refunded unit is on sale again");
     assert!(report.orders.iter().any(|o| o.user_id == "browser-buyer" && o.status == "REFUNDED"));

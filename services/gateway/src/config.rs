@@ -126,6 +126,11 @@ pub struct OidcConfig {
     /// once per this long.
     #[arg(long = "oidc-jwks-min-refetch-ms", env = "OIDC_JWKS_MIN_REFETCH_MS", default_value_t = 10_000)]
     pub jwks_min_refetch_ms: u64,
+    /// The storefront's client id at the provider (a public client: no
+    /// secret). Set, the storefront signs buyers in with the authorization-code
+    /// flow with PKCE; unset, it asks for a pasted token.
+    #[arg(long = "oidc-client-id", env = "OIDC_CLIENT_ID")]
+    pub client_id: Option<String>,
 }
 
 impl OidcConfig {
@@ -138,6 +143,7 @@ impl OidcConfig {
             jwks_file: None,
             roles_claim: "roles".into(),
             jwks_min_refetch_ms: 10_000,
+            client_id: None,
         }
     }
 

@@ -25,7 +25,7 @@ use crate::grpc::GatewayGrpc;
 use crate::order_events::OrderEvents;
 use crate::order_publisher::OrderPublisher;
 use crate::purchase::Purchases;
-use crate::rest::RestState;
+use crate::rest::{RestState, SignIn};
 use crate::upstream::Upstreams;
 
 /// How often, at most, admissions inventory never recorded are looked for
@@ -216,9 +216,16 @@ impl Application {
         // REST and the storefront: stop accepting when shutdown begins, then give
         // open requests (server-sent event streams included) the grace period.
         let stopping = CancellationToken::new();
+        let sign_in =
+            match (config.dev_tokens, api.auth.key_set(), crate::config::given(config.oidc.client_id.as_ref())) {
+                (true, _, _) => SignIn::Development,
+                (false, Some(keys), Some(client_id)) => SignIn::Provider { client_id: Arc::from(client_id), keys },
+                _ => SignIn::PastedToken,
+            };
         let rest = crate::rest::router(RestState {
             api: api.clone(),
             dev_token_secret: config.dev_tokens.then(|| Arc::from(secret_of(&config))),
+            sign_in,
             stopping: stopping.clone(),
         });
         let http = {

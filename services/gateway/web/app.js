@@ -16,7 +16,7 @@ const FRIENDLY = {
 };
 
 const $ = (id) => document.getElementById(id);
-const state = { token: null, user: null, admin: false, tab: 'shop', items: new Map(), itemsSeq: 0, itemsTimer: 0, statsTimer: 0, historyToken: '', aborter: new AbortController() };
+const state = { token: null, user: null, admin: false, tab: 'shop', items: new Map(), itemsSeq: 0, itemsTimer: 0, statsTimer: 0, historyToken: '', signin: null, aborter: new AbortController() };
 
 class ApiError extends Error {
   constructor(status, code, message) { super(message); this.status = status; this.code = code; }
@@ -116,7 +116,7 @@ function signOut(message = '') {
   for (const id of ['shop-message', 'history-message', 'admin-message']) say(id, '');
   $('app').hidden = true; $('session').hidden = true; $('signin').hidden = false;
   say('notice', message);
-  $('signin-user').focus();
+  showSignIn();
 }
 async function signIn(event) {
   event.preventDefault();
@@ -135,13 +135,67 @@ async function signIn(event) {
     } else say('signin-message', describe(e), 'error');
   }
 }
+// ---- sign-in at the identity provider: authorization code with PKCE (RFC 7636, S256) ----
+const b64url = (bytes) => btoa(String.fromCharCode(...new Uint8Array(bytes))).replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
+const randomKey = () => b64url(crypto.getRandomValues(new Uint8Array(32)));
+const redirectUri = () => `${location.origin}/`;
+function rolesSayAdmin(claims) {
+  const roles = claims[state.signin?.roles_claim || 'roles'];
+  return Array.isArray(roles) ? roles.includes('admin') : roles === 'admin';
+}
+async function providerSignIn() {
+  const p = state.signin;
+  const verifier = randomKey(), check = randomKey();
+  const challenge = b64url(await crypto.subtle.digest('SHA-256', new TextEncoder().encode(verifier)));
+  // Only this tab, only until the provider sends the buyer back.
+  sessionStorage.setItem('flashsale.pkce', JSON.stringify({ verifier, state: check }));
+  const url = new URL(p.authorization_endpoint);
+  const query = { response_type: 'code', client_id: p.client_id, redirect_uri: redirectUri(), scope: p.scope, state: check,
+    code_challenge: challenge, code_challenge_method: 'S256', audience: p.audience };
+  for (const [k, v] of Object.entries(query)) if (v) url.searchParams.set(k, v);
+  location.assign(url.toString());
+}
+async function finishProviderSignIn(query) {
+  let pending = null;
+  try { pending = JSON.parse(sessionStorage.getItem('flashsale.pkce')); } catch { /* none */ }
+  sessionStorage.removeItem('flashsale.pkce');
+  history.replaceState(null, '', '/'); // the code is single-use: keep it out of the history
+  if (query.get('error')) return say('signin-message', `The sign-in was refused: ${query.get('error_description') || query.get('error')}`, 'error');
+  if (!pending || pending.state !== query.get('state')) return say('signin-message', 'This sign-in did not start here (state mismatch): please sign in again.', 'error');
+  say('signin-message', 'Signing in…');
+  const p = state.signin;
+  try {
+    const res = await fetch(p.token_endpoint, {
+      method: 'POST', cache: 'no-store',
+      body: new URLSearchParams({ grant_type: 'authorization_code', code: query.get('code'), redirect_uri: redirectUri(),
+        client_id: p.client_id, code_verifier: pending.verifier }),
+    });
+    const reply = await res.json().catch(() => ({}));
+    if (!res.ok || !reply.access_token) throw new Error(reply.error_description || reply.error || `the token endpoint answered ${res.status}`);
+    const claims = decodeClaims(reply.access_token);
+    say('signin-message', '');
+    startSession(reply.access_token, claims.sub || 'signed-in user', rolesSayAdmin(claims));
+  } catch (e) { say('signin-message', `Sign-in failed: ${e.message}`, 'error'); }
+}
+/** Shows the sign-in this server offers (GET /v1/signin). */
+async function showSignIn() {
+  try { state.signin = await api('/v1/signin'); } catch (e) { state.signin = { method: 'development' }; }
+  const method = state.signin.method;
+  $('signin-form').hidden = method !== 'development';
+  $('provider-signin').hidden = method !== 'provider';
+  $('token-form').hidden = method !== 'pasted_token';
+  if (method === 'provider') { $('provider-name').textContent = new URL(state.signin.issuer).host; $('signin-provider').focus(); }
+  else if (method === 'pasted_token') $('token-input').focus();
+  else $('signin-user').focus();
+}
+
 function useToken(event) {
   event.preventDefault();
   const token = $('token-input').value.trim().replace(/^Bearer\s+/i, '');
   if (!token) return say('signin-message', 'Paste a token first.', 'error');
   const claims = decodeClaims(token);
   say('signin-message', '');
-  startSession(token, claims.sub || 'token user', Array.isArray(claims.roles) && claims.roles.includes('admin'));
+  startSession(token, claims.sub || 'token user', rolesSayAdmin(claims));
 }
 
 async function refreshWallet() {
@@ -471,6 +525,7 @@ async function pollStats(id) {
 function init() {
   $('signin-form').addEventListener('submit', signIn);
   $('token-form').addEventListener('submit', useToken);
+  $('signin-provider').addEventListener('click', providerSignIn);
   $('signout').addEventListener('click', () => signOut('Signed out.'));
   for (const t of TABS) $(`tab-${t}`).addEventListener('click', () => selectTab(t));
   document.querySelector('[role=tablist]').addEventListener('keydown', onTabKey);
@@ -484,6 +539,9 @@ function init() {
     const saved = JSON.parse(sessionStorage.getItem('flashsale.session'));
     if (saved?.token) return startSession(saved.token, saved.user, saved.admin);
   } catch { /* ignore a damaged session */ }
-  $('signin-user').focus();
+  const query = new URLSearchParams(location.search);
+  showSignIn().then(() => {
+    if (state.signin.method === 'provider' && (query.has('code') || query.has('error'))) finishProviderSignIn(query);
+  });
 }
 init();

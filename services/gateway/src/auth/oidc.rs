@@ -62,8 +62,8 @@ pub enum FetchError {
 /// Where the keys come from.
 #[derive(Debug)]
 enum Source {
-    /// The discovery document's URL (its `jwks_uri` is read, then remembered).
-    Discovery(String),
+    /// The discovery document (its `jwks_uri` is read, then remembered).
+    Discovery,
     Url(String),
     File(PathBuf),
 }
@@ -74,9 +74,27 @@ struct Key {
     validation: Validation,
 }
 
+/// Where the storefront sends buyers to sign in, from the discovery document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignInEndpoints {
+    pub authorization_endpoint: String,
+    pub token_endpoint: String,
+}
+
+/// The parts of the discovery document read here.
+#[derive(serde::Deserialize)]
+struct Discovery {
+    issuer: String,
+    jwks_uri: String,
+    authorization_endpoint: Option<String>,
+    token_endpoint: Option<String>,
+}
+
 /// The provider's keys, by `kid`, and how to fetch them again.
 pub struct KeySet {
     source: Source,
+    /// The discovery document's URL (whatever the keys' source).
+    discovery_url: String,
     issuer: String,
     audience: String,
     roles_claim: String,
@@ -84,6 +102,10 @@ pub struct KeySet {
     http: HttpClient,
     /// The discovery document's `jwks_uri`, once read.
     jwks_uri: parking_lot::Mutex<Option<String>>,
+    /// Its sign-in endpoints, once read (they do not change).
+    sign_in: parking_lot::Mutex<Option<SignInEndpoints>>,
+    /// When the discovery document was last asked for by [`KeySet::sign_in_endpoints`].
+    last_discovery: tokio::sync::Mutex<Option<Instant>>,
     keys: parking_lot::RwLock<Arc<HashMap<String, Arc<Key>>>>,
     /// When the last fetch began; held while one runs, so fetches never overlap.
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
@@ -99,22 +121,24 @@ impl KeySet {
             })?
             .to_owned();
         let file = config.jwks_file.as_ref().filter(|path| !path.as_os_str().is_empty());
+        let discovery_url = format!("{}/.well-known/openid-configuration", issuer.trim_end_matches('/'));
         let source = match (file, given(config.jwks_url.as_ref())) {
             (Some(path), _) => Source::File(path.clone()),
             (None, Some(url)) => Source::Url(url.to_owned()),
-            (None, None) => {
-                Source::Discovery(format!("{}/.well-known/openid-configuration", issuer.trim_end_matches('/')))
-            }
+            (None, None) => Source::Discovery,
         };
         let http = http_client()?;
         Ok(Arc::new(Self {
             source,
+            discovery_url,
             issuer,
             audience,
             roles_claim: config.roles_claim.clone(),
             min_refetch: Duration::from_millis(config.jwks_min_refetch_ms),
             http,
             jwks_uri: parking_lot::Mutex::new(None),
+            sign_in: parking_lot::Mutex::new(None),
+            last_discovery: tokio::sync::Mutex::new(None),
             keys: parking_lot::RwLock::new(Arc::new(HashMap::new())),
             last_fetch: tokio::sync::Mutex::new(None),
         }))
@@ -234,30 +258,72 @@ impl KeySet {
                 return parse(&text, &path.display().to_string());
             }
             Source::Url(url) => url.clone(),
-            Source::Discovery(discovery) => {
+            Source::Discovery => {
                 let known = self.jwks_uri.lock().clone();
                 match known {
                     Some(url) => url,
-                    None => {
-                        #[derive(serde::Deserialize)]
-                        struct Discovery {
-                            issuer: String,
-                            jwks_uri: String,
-                        }
-                        let document: Discovery = parse(&self.get(discovery).await?, discovery)?;
-                        if document.issuer != self.issuer {
-                            return Err(FetchError::WrongIssuer {
-                                found: document.issuer,
-                                expected: self.issuer.clone(),
-                            });
-                        }
-                        *self.jwks_uri.lock() = Some(document.jwks_uri.clone());
-                        document.jwks_uri
-                    }
+                    None => self.discover().await?,
                 }
             }
         };
         parse(&self.get(&url).await?, &url)
+    }
+
+    /// Reads the discovery document, remembers what it names, and returns its `jwks_uri`.
+    async fn discover(&self) -> Result<String, FetchError> {
+        let url = &self.discovery_url;
+        let document: Discovery = parse(&self.get(url).await?, url)?;
+        if document.issuer != self.issuer {
+            return Err(FetchError::WrongIssuer { found: document.issuer, expected: self.issuer.clone() });
+        }
+        if let (Some(authorization_endpoint), Some(token_endpoint)) =
+            (document.authorization_endpoint, document.token_endpoint)
+        {
+            *self.sign_in.lock() = Some(SignInEndpoints { authorization_endpoint, token_endpoint });
+        }
+        *self.jwks_uri.lock() = Some(document.jwks_uri.clone());
+        Ok(document.jwks_uri)
+    }
+
+    /// The provider's authorization and token endpoints, for the storefront's
+    /// sign-in; the discovery document is read for them at most once per
+    /// `OIDC_JWKS_MIN_REFETCH_MS` until it has named them.
+    pub async fn sign_in_endpoints(&self) -> Option<SignInEndpoints> {
+        if let Some(known) = self.known_sign_in_endpoints() {
+            return Some(known);
+        }
+        let mut last = self.last_discovery.lock().await;
+        if let Some(known) = self.known_sign_in_endpoints() {
+            return Some(known);
+        }
+        if last.is_some_and(|at| at.elapsed() < self.min_refetch) {
+            return None;
+        }
+        *last = Some(Instant::now());
+        if let Err(error) = self.discover().await {
+            tracing::warn!(%error, "could not read the identity provider's discovery document");
+        }
+        self.known_sign_in_endpoints()
+    }
+
+    /// The sign-in endpoints, if the discovery document has named them.
+    pub fn known_sign_in_endpoints(&self) -> Option<SignInEndpoints> {
+        self.sign_in.lock().clone()
+    }
+
+    /// The configured audience (the storefront asks the provider for tokens for it).
+    pub fn audience(&self) -> &str {
+        &self.audience
+    }
+
+    /// The claim that lists roles.
+    pub fn roles_claim(&self) -> &str {
+        &self.roles_claim
+    }
+
+    /// The issuer, as configured.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
     }
 
     async fn get(&self, url: &str) -> Result<Vec<u8>, FetchError> {

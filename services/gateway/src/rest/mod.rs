@@ -12,6 +12,8 @@ mod mapping;
 mod rules;
 mod web;
 
+pub use web::SignIn;
+
 use std::sync::Arc;
 
 use axum::Router;
@@ -38,6 +40,8 @@ pub struct RestState {
     pub api: Arc<Operations>,
     /// Signing secret for `POST /v1/dev/token`, only when development tokens are enabled.
     pub dev_token_secret: Option<Arc<str>>,
+    /// How the storefront signs buyers in.
+    pub sign_in: web::SignIn,
     /// Cancelled when the gateway begins to shut down (then `/readyz` says 503).
     pub stopping: CancellationToken,
 }
