@@ -1,7 +1,7 @@
-//! Abuse limits beside the per-buyer purchase rate: calls per client address
-//! (a scalper's many accounts share one), and concurrent `WatchOrder` streams
-//! per buyer (each holds a task and a connection). Both answer
-//! `RATE_LIMITED` with when to retry.
+//! Every abuse limit, each answered `RATE_LIMITED` with when to retry:
+//! purchase attempts per buyer (a script hammering the button), calls per
+//! client address (a scalper's many accounts share one), and concurrent
+//! `WatchOrder` streams per buyer (each holds a task and a connection).
 //!
 //! The client address is the connection's peer, or, when the peer is one of
 //! `TRUSTED_PROXIES` (a load balancer, an ingress, a mesh sidecar), the
@@ -25,6 +25,8 @@ use crate::error::GatewayError;
 const DEFAULT_RETRY: Duration = Duration::from_secs(1);
 
 pub struct AbuseLimits {
+    /// Purchase attempts per buyer that may reach Redis (GCRA in memory).
+    per_buyer: Option<DefaultKeyedRateLimiter<String>>,
     per_client: Option<DefaultKeyedRateLimiter<IpAddr>>,
     clock: DefaultClock,
     trusted_proxies: Vec<IpNet>,
@@ -51,10 +53,17 @@ impl Drop for WatchSlot {
 }
 
 impl AbuseLimits {
-    /// `per_client`: calls per client address (`None`: no limit); at most
-    /// `max_watches` streams per buyer (0: no limit).
-    pub fn new(per_client: Option<Quota>, trusted_proxies: Vec<IpNet>, max_watches: u32) -> Self {
+    /// `per_buyer`: purchase attempts per buyer, `per_client`: calls per
+    /// client address (`None`: no limit); at most `max_watches` streams per
+    /// buyer (0: no limit).
+    pub fn new(
+        per_buyer: Option<Quota>,
+        per_client: Option<Quota>,
+        trusted_proxies: Vec<IpNet>,
+        max_watches: u32,
+    ) -> Self {
         Self {
+            per_buyer: per_buyer.map(RateLimiter::keyed),
             per_client: per_client.map(RateLimiter::keyed),
             clock: DefaultClock::default(),
             trusted_proxies,
@@ -65,7 +74,7 @@ impl AbuseLimits {
 
     /// No limits (tests of other things).
     pub fn off() -> Self {
-        Self::new(None, Vec::new(), 0)
+        Self::new(None, None, Vec::new(), 0)
     }
 
     /// The client's address: the peer, or from a trusted proxy the nearest
@@ -101,10 +110,23 @@ impl AbuseLimits {
     /// A call whose address is unknown (not over TCP) is not limited here.
     pub fn check_client(&self, client: Option<IpAddr>) -> Result<(), GatewayError> {
         let (Some(limiter), Some(client)) = (&self.per_client, client) else { return Ok(()) };
-        limiter.check_key(&client).map_err(|not_until| {
-            metrics::counter!("flashsale_rate_limited_total", "limit" => "client_address").increment(1);
-            GatewayError::RateLimited(not_until.wait_time_from(self.clock.now()).max(Duration::from_millis(1)))
-        })
+        limiter.check_key(&client).map_err(|not_until| self.refusal("client_address", &not_until))
+    }
+
+    /// One purchase attempt of `buyer` that would reach Redis, within the
+    /// buyer's rate or `RATE_LIMITED` (checked after the refusals that cost nothing).
+    pub fn check_buyer(&self, buyer: &crate::auth::Principal) -> Result<(), GatewayError> {
+        let Some(limiter) = &self.per_buyer else { return Ok(()) };
+        limiter.check_key(&buyer.user_id).map_err(|not_until| self.refusal("buyer_purchases", &not_until))
+    }
+
+    fn refusal(
+        &self,
+        limit: &'static str,
+        not_until: &governor::NotUntil<<DefaultClock as Clock>::Instant>,
+    ) -> GatewayError {
+        metrics::counter!("flashsale_rate_limited_total", "limit" => limit).increment(1);
+        GatewayError::RateLimited(not_until.wait_time_from(self.clock.now()).max(Duration::from_millis(1)))
     }
 
     /// A slot for one more `WatchOrder` stream of `user_id`, or `RATE_LIMITED`.
@@ -119,8 +141,12 @@ impl AbuseLimits {
         Ok(WatchSlot { user_id: user_id.to_owned(), watches: self.watches.clone() })
     }
 
-    /// Forgets addresses whose rate state has fully recovered (bounds memory).
-    pub fn forget_idle_clients(&self) {
+    /// Forgets buyers and addresses whose rate state has fully recovered (bounds memory).
+    pub fn forget_idle(&self) {
+        if let Some(limiter) = &self.per_buyer {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
         if let Some(limiter) = &self.per_client {
             limiter.retain_recent();
             limiter.shrink_to_fit();
@@ -145,7 +171,7 @@ mod tests {
         // One call at once, then two a second.
         let two = std::num::NonZeroU32::new(2).unwrap_or(std::num::NonZeroU32::MIN);
         let quota = Quota::per_second(two).allow_burst(std::num::NonZeroU32::MIN);
-        AbuseLimits::new(Some(quota), trusted.iter().filter_map(|t| t.parse().ok()).collect(), 2)
+        AbuseLimits::new(Some(quota), Some(quota), trusted.iter().filter_map(|t| t.parse().ok()).collect(), 2)
     }
 
     fn ip(text: &str) -> Option<IpAddr> {

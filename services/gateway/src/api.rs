@@ -282,13 +282,10 @@ impl Operations {
         caller: &Principal,
         req: CreateItemRequest,
     ) -> Result<CreateItemResponse, GatewayError> {
-        let money = |m: &Option<pb::Money>| {
-            m.as_ref().map(|m| serde_json::json!({"currency": m.currency, "amount_minor": m.amount_minor}))
-        };
         let time = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| t.seconds);
         let details = serde_json::json!({
             "name": req.name,
-            "price": money(&req.price),
+            "price": crate::audit::money(req.price.as_ref()),
             "stock_total": req.stock_total,
             "per_user_limit": req.per_user_limit,
             "starts_at_unix": time(&req.starts_at),
@@ -363,9 +360,7 @@ impl Operations {
 
     /// Credits a buyer (admin), and says so in the audit log whatever the outcome.
     pub async fn top_up(&self, caller: &Principal, req: TopUpRequest) -> Result<TopUpResponse, GatewayError> {
-        let amount =
-            req.amount.as_ref().map(|m| serde_json::json!({"currency": m.currency, "amount_minor": m.amount_minor}));
-        let details = serde_json::json!({"amount": amount, "idempotency_key": req.idempotency_key});
+        let details = serde_json::json!({"amount": crate::audit::money(req.amount.as_ref()), "idempotency_key": req.idempotency_key});
         let target = req.user_id.clone();
         let result = self.top_up_unaudited(caller, req).await;
         self.audited(caller, "top_up", &target, &result, details);

@@ -68,3 +68,11 @@ impl AuditLog {
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
+
+/// An amount as the audit log records it: `{"currency", "amount_minor"}`, or null.
+pub fn money(amount: Option<&flashsale_proto::common::v1::Money>) -> serde_json::Value {
+    amount.map_or(
+        serde_json::Value::Null,
+        |m| serde_json::json!({"currency": m.currency, "amount_minor": m.amount_minor}),
+    )
+}

@@ -234,19 +234,23 @@ impl Config {
 
     /// The per-client-address quota, if any.
     pub fn client_quota(&self) -> Option<governor::Quota> {
-        let rate = std::num::NonZeroU32::new(self.client_rate_per_second)?;
-        let burst = std::num::NonZeroU32::new(self.client_burst).unwrap_or(rate);
-        Some(governor::Quota::per_second(rate).allow_burst(burst))
+        quota(self.client_rate_per_second, self.client_burst)
     }
 
     /// The per-buyer purchase quota, if any.
     pub fn purchase_quota(&self) -> Option<governor::Quota> {
-        let rate = std::num::NonZeroU32::new(self.purchase_rate_per_second)?;
-        let burst = std::num::NonZeroU32::new(self.purchase_burst).unwrap_or(rate);
-        Some(governor::Quota::per_second(rate).allow_burst(burst))
+        quota(self.purchase_rate_per_second, self.purchase_burst)
     }
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_seconds)
     }
+}
+
+/// `rate` calls a second with bursts of `burst` (at least `rate`'s worth when
+/// 0); `None` when `rate` is 0, which turns the limit off.
+fn quota(rate: u32, burst: u32) -> Option<governor::Quota> {
+    let rate = std::num::NonZeroU32::new(rate)?;
+    let burst = std::num::NonZeroU32::new(burst).unwrap_or(rate);
+    Some(governor::Quota::per_second(rate).allow_burst(burst))
 }

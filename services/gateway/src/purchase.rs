@@ -8,7 +8,6 @@ use std::sync::Arc;
 use flashsale_proto::common::v1::{Money, OrderStatus};
 use flashsale_proto::gateway::v1::{PurchaseRequest, PurchaseResponse};
 use flashsale_proto::inventory::v1::{GetAdmissionSnapshotRequest, GetOrderRequest, OrderPlaced};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use parking_lot::Mutex;
 
 use crate::admission::{Admission, AdmissionRecord, Admit};
@@ -30,11 +29,10 @@ pub struct Purchases {
     /// One rebuild at a time per item in this process: a crowd arriving at an
     /// item with no admission state asks inventory for one snapshot, not thousands.
     rebuilds: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Attempts per buyer that may reach Redis (GCRA in memory; `None`: no limit).
-    /// A script hammering the purchase button is turned away here, before it
-    /// costs a Redis round trip; the crowd after sell-out never gets this far.
-    rate: Option<DefaultKeyedRateLimiter<String>>,
-    clock: governor::clock::DefaultClock,
+    /// The per-buyer attempt rate among them: a script hammering the purchase
+    /// button is turned away before it costs a Redis round trip (the crowd
+    /// after sell-out never gets this far).
+    limits: Arc<crate::abuse::AbuseLimits>,
 }
 
 /// A validated purchase.
@@ -51,25 +49,9 @@ impl Purchases {
         admission: Arc<Admission>,
         publisher: Arc<OrderPublisher>,
         upstreams: Upstreams,
-        rate: Option<Quota>,
+        limits: Arc<crate::abuse::AbuseLimits>,
     ) -> Self {
-        Self {
-            catalog,
-            admission,
-            publisher,
-            upstreams,
-            rebuilds: Mutex::new(HashMap::new()),
-            rate: rate.map(RateLimiter::keyed),
-            clock: governor::clock::DefaultClock::default(),
-        }
-    }
-
-    /// Forgets buyers whose rate state has fully recovered (bounds the limiter's memory).
-    pub fn forget_idle_buyers(&self) {
-        if let Some(rate) = &self.rate {
-            rate.retain_recent();
-            rate.shrink_to_fit();
-        }
+        Self { catalog, admission, publisher, upstreams, rebuilds: Mutex::new(HashMap::new()), limits }
     }
 
     pub async fn purchase(
@@ -109,13 +91,7 @@ impl Purchases {
             return Err(GatewayError::SoldOut);
         }
 
-        if let Some(rate) = &self.rate
-            && let Err(not_until) = rate.check_key(&buyer.user_id)
-        {
-            metrics::counter!("flashsale_rate_limited_total", "limit" => "buyer_purchases").increment(1);
-            let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
-            return Err(GatewayError::RateLimited(wait.max(std::time::Duration::from_millis(1))));
-        }
+        self.limits.check_buyer(buyer)?;
 
         if item.is_sold_out() {
             // A read: nothing to finish if the request is dropped, so no task of its own.

@@ -65,6 +65,12 @@ impl Application {
         publisher.warm_up().await.context("connecting to RabbitMQ")?;
         let catalog = Arc::new(Catalog::new(upstreams.clone()));
         let (watchers, _) = broadcast::channel(4096);
+        let limits = Arc::new(crate::abuse::AbuseLimits::new(
+            config.purchase_quota(),
+            config.client_quota(),
+            config.trusted_proxy_networks()?,
+            config.watch_streams_per_buyer,
+        ));
         let api = Arc::new(Operations {
             auth,
             purchases: Arc::new(Purchases::new(
@@ -72,7 +78,7 @@ impl Application {
                 admission,
                 publisher,
                 upstreams.clone(),
-                config.purchase_quota(),
+                limits.clone(),
             )),
             catalog,
             upstreams,
@@ -81,11 +87,7 @@ impl Application {
                 crate::audit::AuditLog::open(&config.audit_log)
                     .with_context(|| format!("opening the audit log {}", config.audit_log))?,
             ),
-            limits: Arc::new(crate::abuse::AbuseLimits::new(
-                config.client_quota(),
-                config.trusted_proxy_networks()?,
-                config.watch_streams_per_buyer,
-            )),
+            limits,
         });
         let listener =
             TcpListener::bind(config.listen_addr).await.with_context(|| format!("binding {}", config.listen_addr))?;
@@ -141,7 +143,6 @@ impl Application {
         }
         let admission = api.purchases.admission.clone();
         let reconciler = {
-            let purchases = api.purchases.clone();
             let limits = api.limits.clone();
             let reconciler = crate::reconciler::Reconciler::new(
                 api.catalog.clone(),
@@ -158,8 +159,7 @@ impl Application {
                         _ = ticker.tick() => {}
                         () = shutdown.cancelled() => return,
                     }
-                    purchases.forget_idle_buyers();
-                    limits.forget_idle_clients();
+                    limits.forget_idle();
                     let span = flashsale_telemetry::unrecorded_span("unrecorded-admission check");
                     match reconciler.reconcile(grace).instrument(span).await {
                         Ok(done) if done.failed > 0 => {
