@@ -269,7 +269,7 @@ fn default_redis_url() -> String {
 /// keys, which share a slot.
 pub async fn redis_connection(redis_url: &str) -> anyhow::Result<flashsale_gateway::admission::link::Hot> {
     let urls: Vec<&str> = redis_url.split(',').collect();
-    Ok(flashsale_gateway::admission::link::connect(&urls, urls.len() > 1).await?.0)
+    Ok(flashsale_gateway::admission::link::connect_hot(&urls, urls.len() > 1).await?)
 }
 
 /// As [`wait_until_admissions_final`], on the Redis server at `redis_url`.

@@ -118,11 +118,8 @@ pub struct Page {
 
 impl Page {
     pub fn parse(size: u32, token: &str, default_size: u32) -> Result<Self, InventoryError> {
-        let size = match size {
-            0 => default_size,
-            1..=MAX_PAGE_SIZE => size,
-            _ => return Err(InventoryError::invalid("page_size", "must be at most 500")),
-        };
+        let size = flashsale_domain::page_size(size, default_size)
+            .ok_or_else(|| InventoryError::invalid("page_size", flashsale_domain::PAGE_SIZE_REFUSAL))?;
         let after = if token.is_empty() {
             None
         } else if flashsale_domain::is_token(token, 64) {

@@ -66,16 +66,12 @@ pub struct Page {
 
 impl Page {
     pub const DEFAULT_SIZE: u32 = 50;
-    pub const MAX_SIZE: u32 = flashsale_domain::MAX_PAGE_SIZE;
 
     /// `token` is the `next_page_token` a previous page returned (opaque to
     /// clients; today the last id seen).
     pub fn parse(size: u32, token: &str) -> Result<Self, WalletError> {
-        let size = match size {
-            0 => Self::DEFAULT_SIZE,
-            1..=Self::MAX_SIZE => size,
-            _ => return Err(WalletError::invalid("page_size", "must be at most 500")),
-        };
+        let size = flashsale_domain::page_size(size, Self::DEFAULT_SIZE)
+            .ok_or_else(|| WalletError::invalid("page_size", flashsale_domain::PAGE_SIZE_REFUSAL))?;
         let before = if token.is_empty() {
             None
         } else {

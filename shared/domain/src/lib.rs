@@ -17,7 +17,9 @@ mod money;
 pub mod time;
 
 pub use ids::{IdempotencyKey, ItemId, OrderId, TopUpKey, UserId, is_token};
-pub use limits::{MAX_ITEM_NAME_CHARS, MAX_PAGE_SIZE, MAX_PER_USER_LIMIT, MAX_PRICE_MINOR, MAX_STOCK};
+pub use limits::{
+    MAX_ITEM_NAME_CHARS, MAX_PAGE_SIZE, MAX_PER_USER_LIMIT, MAX_PRICE_MINOR, MAX_STOCK, PAGE_SIZE_REFUSAL, page_size,
+};
 pub use money::{Amount, Currency, MAX_AMOUNT_MINOR};
 
 /// A value that broke its rule.

@@ -13,5 +13,31 @@ pub const MAX_PER_USER_LIMIT: u32 = 1_000;
 /// Most entries one page of a listing holds.
 pub const MAX_PAGE_SIZE: u32 = 500;
 
+/// The size of a listing's page a caller asked for: 0 means `default`; above
+/// [`MAX_PAGE_SIZE`] is refused (`None`, answered as [`PAGE_SIZE_REFUSAL`]).
+pub fn page_size(asked: u32, default: u32) -> Option<u32> {
+    match asked {
+        0 => Some(default),
+        1..=MAX_PAGE_SIZE => Some(asked),
+        _ => None,
+    }
+}
+
+/// Why a page size was refused (the `page_size` field violation).
+pub const PAGE_SIZE_REFUSAL: &str = "must be at most 500";
+
 /// Longest item name, in characters.
 pub const MAX_ITEM_NAME_CHARS: usize = 200;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_sizes_default_and_cap() {
+        assert_eq!(page_size(0, 50), Some(50));
+        assert_eq!(page_size(MAX_PAGE_SIZE, 50), Some(MAX_PAGE_SIZE));
+        assert_eq!(page_size(MAX_PAGE_SIZE + 1, 50), None);
+        assert!(PAGE_SIZE_REFUSAL.contains(&MAX_PAGE_SIZE.to_string()));
+    }
+}

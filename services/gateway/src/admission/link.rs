@@ -45,28 +45,50 @@ pub enum Lease<'a> {
 /// `urls` holds exactly one server.
 pub async fn connect(urls: &[&str], cluster: bool) -> Result<(Hot, Background), redis::RedisError> {
     if cluster {
-        let client = redis::cluster::ClusterClient::builder(urls.iter().copied())
-            .connection_timeout(TIMEOUT)
-            .response_timeout(TIMEOUT)
-            .build()?;
+        let client = cluster_client(urls)?;
         let hot = Cluster::open(client.clone()).await?;
         let background = Cluster::open(client).await?;
         return Ok((Hot::Cluster(hot), Background::Cluster(background)));
     }
-    let [url] = urls else {
-        return Err(redis::RedisError::from((
+    let url = one_server(urls)?;
+    let hot = server_connection(url).await?;
+    let pool =
+        bb8::Pool::builder().max_size(8).connection_timeout(TIMEOUT).build(RedisConnectionManager::new(url)?).await?;
+    Ok((Hot::Server(hot), Background::Pool(pool)))
+}
+
+/// Only a hot-path connection, as [`connect`] opens it (for tools that read
+/// the admission state, such as the tests' audit).
+pub async fn connect_hot(urls: &[&str], cluster: bool) -> Result<Hot, redis::RedisError> {
+    Ok(if cluster {
+        Hot::Cluster(Cluster::open(cluster_client(urls)?).await?)
+    } else {
+        Hot::Server(server_connection(one_server(urls)?).await?)
+    })
+}
+
+fn cluster_client(urls: &[&str]) -> RedisResult<redis::cluster::ClusterClient> {
+    redis::cluster::ClusterClient::builder(urls.iter().copied())
+        .connection_timeout(TIMEOUT)
+        .response_timeout(TIMEOUT)
+        .build()
+}
+
+fn one_server<'a>(urls: &[&'a str]) -> RedisResult<&'a str> {
+    match urls {
+        [url] => Ok(url),
+        _ => Err(redis::RedisError::from((
             redis::ErrorKind::InvalidClientConfig,
             "several Redis URLs given without REDIS_CLUSTER",
-        )));
-    };
-    let client = redis::Client::open(*url)?;
+        ))),
+    }
+}
+
+async fn server_connection(url: &str) -> RedisResult<ConnectionManager> {
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(TIMEOUT))
         .set_response_timeout(Some(TIMEOUT));
-    let hot = ConnectionManager::new_with_config(client, config).await?;
-    let pool =
-        bb8::Pool::builder().max_size(8).connection_timeout(TIMEOUT).build(RedisConnectionManager::new(*url)?).await?;
-    Ok((Hot::Server(hot), Background::Pool(pool)))
+    ConnectionManager::new_with_config(redis::Client::open(url)?, config).await
 }
 
 impl Background {
@@ -89,61 +111,42 @@ impl Background {
     }
 }
 
-impl ConnectionLike for Hot {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Self::Server(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.command(cmd),
-        }
-    }
+/// `ConnectionLike` for an enum of one single-server connection (variant
+/// `$server`) and a [`Cluster`] (variant `Cluster`): each call goes to the one it holds.
+macro_rules! forward_connection_like {
+    ($type:ty, $server:ident) => {
+        impl ConnectionLike for $type {
+            fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+                match self {
+                    Self::$server(c) => c.req_packed_command(cmd),
+                    Self::Cluster(c) => c.command(cmd),
+                }
+            }
 
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Self::Server(c) => c.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(c) => c.commands(pipeline, offset, count),
-        }
-    }
+            fn req_packed_commands<'a>(
+                &'a mut self,
+                pipeline: &'a Pipeline,
+                offset: usize,
+                count: usize,
+            ) -> RedisFuture<'a, Vec<Value>> {
+                match self {
+                    Self::$server(c) => c.req_packed_commands(pipeline, offset, count),
+                    Self::Cluster(c) => c.commands(pipeline, offset, count),
+                }
+            }
 
-    fn get_db(&self) -> i64 {
-        match self {
-            Self::Server(c) => c.get_db(),
-            Self::Cluster(_) => 0,
+            fn get_db(&self) -> i64 {
+                match self {
+                    Self::$server(c) => c.get_db(),
+                    Self::Cluster(_) => 0,
+                }
+            }
         }
-    }
+    };
 }
 
-impl ConnectionLike for Lease<'_> {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Self::Pooled(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Self::Pooled(c) => c.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(c) => c.commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Self::Pooled(c) => c.get_db(),
-            Self::Cluster(_) => 0,
-        }
-    }
-}
+forward_connection_like!(Hot, Server);
+forward_connection_like!(Lease<'_>, Pooled);
 
 /// A Redis Cluster connection that is opened afresh, its slot map read again
 /// from the seed nodes, when commands fail on I/O or the cluster is down.
