@@ -198,13 +198,10 @@ impl TestSuite {
     /// `http://127.0.0.1:<port>` of each running service, by name
     /// (`https://` for inventory and wallet with mutual TLS).
     pub fn url(&self, service: &str) -> Option<String> {
+        let internal = |running: &Running| format!("{}://127.0.0.1:{}", self.internal_scheme, running.port);
         match service {
-            "wallet" => {
-                self.wallet.as_ref().map(|running| format!("{}://127.0.0.1:{}", self.internal_scheme, running.port))
-            }
-            "inventory" => {
-                self.inventory.as_ref().map(|running| format!("{}://127.0.0.1:{}", self.internal_scheme, running.port))
-            }
+            "wallet" => self.wallet.as_ref().map(internal),
+            "inventory" => self.inventory.as_ref().map(internal),
             "gateway" => self.gateway.as_ref().map(Running::url),
             _ => None,
         }

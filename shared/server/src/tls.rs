@@ -13,10 +13,11 @@
 //! the SPIFFE form meshes use; the last path segment is the caller's name. The
 //! CA is the trust boundary: only certificates it signed are accepted at all.
 
-use std::future::Future;
+use std::future::Ready;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::task::{Context, Poll};
+
+use futures_util::future::Either;
 
 use anyhow::Context as _;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -212,12 +213,13 @@ pub struct CallerCheck<S> {
 impl<S, B, R> tower::Service<http::Request<B>> for CallerCheck<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<R>>,
-    S::Future: Send + 'static,
     R: Default,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    // The call's own future, unboxed: every call of every server (the
+    // gateway's public port, where the check is off, included) passes here.
+    type Future = Either<Ready<Result<Self::Response, Self::Error>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -238,10 +240,10 @@ where
                     "internal call refused: caller not allowed"
                 );
                 let status = tonic::Status::permission_denied("this caller may not call this method");
-                return Box::pin(async move { Ok(status.into_http()) });
+                return Either::Left(std::future::ready(Ok(status.into_http())));
             }
         }
-        Box::pin(self.inner.call(request))
+        Either::Right(self.inner.call(request))
     }
 }
 

@@ -173,11 +173,10 @@ impl KeySet {
         if let Some(key) = self.held(kid) {
             return Some(key);
         }
-        if last.is_some_and(|at| at.elapsed() < self.min_refetch) {
+        if !self.may_ask_now(&mut last) {
             metrics::counter!("flashsale_jwks_refetches_refused_total").increment(1);
             return None;
         }
-        *last = Some(Instant::now());
         if let Err(error) = self.fetch_and_install().await {
             tracing::warn!(%error, "could not fetch the identity provider's keys");
         }
@@ -296,10 +295,9 @@ impl KeySet {
         if let Some(known) = self.known_sign_in_endpoints() {
             return Some(known);
         }
-        if last.is_some_and(|at| at.elapsed() < self.min_refetch) {
+        if !self.may_ask_now(&mut last) {
             return None;
         }
-        *last = Some(Instant::now());
         if let Err(error) = self.discover().await {
             tracing::warn!(%error, "could not read the identity provider's discovery document");
         }
@@ -307,8 +305,18 @@ impl KeySet {
     }
 
     /// The sign-in endpoints, if the discovery document has named them.
-    pub fn known_sign_in_endpoints(&self) -> Option<SignInEndpoints> {
+    fn known_sign_in_endpoints(&self) -> Option<SignInEndpoints> {
         self.sign_in.lock().clone()
+    }
+
+    /// Whether the provider may be asked again now, given when it `last` was
+    /// (at most once per `OIDC_JWKS_MIN_REFETCH_MS`); if so, now is the last time.
+    fn may_ask_now(&self, last: &mut Option<Instant>) -> bool {
+        if last.is_some_and(|at| at.elapsed() < self.min_refetch) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 
     /// The configured audience (the storefront asks the provider for tokens for it).
