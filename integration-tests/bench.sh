@@ -3,7 +3,8 @@
 # script, C2 a null gRPC RPC, C3 a one-order PostgreSQL transaction) and the
 # suite against them (S1 admission, S2 crowd after sell-out, S3 settlement,
 # S4 time to settle a 100-unit sale, the Artillery-shaped scenario), with peak
-# RSS per service. Prints a table and ratios; BENCHMARKS.md explains them.
+# RSS per service, the CPU per unit of work of each part, and B: one hot item's
+# admission on a private Redis Cluster with its stock in 1, 2 and 4 buckets. Prints a table and ratios; BENCHMARKS.md explains them.
 #   QUICK=1 integration-tests/bench.sh   shorter phases, smaller sales (a smoke run)
 #   S3_UNITS=20000 integration-tests/bench.sh   a smaller settlement sale
 #   PROFILE=1 integration-tests/bench.sh   also samples the whole machine (perf, cpu-clock)
@@ -288,6 +289,9 @@ print(f'{len(rows)} orders, {sum(s==\"REJECTED\" for *_,s in rows)} rejected; ad
   S4_SHAPE="no timeline (see $OUT/s4-timeline.csv)"
 echo "[bench] S4: $S4_SHAPE" >&2
 
+echo "[bench] B: one hot item's admission on a private 3-master Redis Cluster, 1/2/4 buckets, $DUR each" >&2
+"$BIN/flashsale-load" buckets --buckets 1,2,4 --duration "$DUR" >"$OUT/buckets.jsonl"
+
 rss() { awk '/VmHWM/ {print int($2/1024)}' "/proc/$1/status"; }
 RSS="gateway $(rss $GATEWAY_PID) MiB, inventory $(rss $INVENTORY_PID) MiB, wallet $(rss $WALLET_PID) MiB"
 span() { python3 -c "
@@ -324,6 +328,17 @@ ratio() { python3 -c "print(f'{$1 / max($2, 1):.2f}')"; }
   echo "| CPU µs per purchase attempt while stock remains (S1, $(completed "$OUT/s1.json") attempts) | $(cpu_per "$CPU_S1_A" "$CPU_S1_B" "$(completed "$OUT/s1.json")") | |"
   echo "| CPU µs per purchase attempt after sell-out (S2, $(completed "$OUT/s2.json") attempts) | $(cpu_per "$CPU_S2_A" "$CPU_S2_B" "$(completed "$OUT/s2.json")") | |"
   echo "| CPU µs per settled order (S3 from its first attempt to the last final order, $S3_ORDERS orders) | $(cpu_per "$CPU_S3_A" "$CPU_S3_B" "$S3_ORDERS") | |"
+  python3 - "$OUT/buckets.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+one = next((r['admissions_per_second'] for r in rows if r['buckets'] == 1), 1)
+for r in rows:
+    print(f"| B{r['buckets']} admissions/s, one item in {r['buckets']} bucket(s) on {r['masters_used']} of 3 masters"
+          f" (Redis µs CPU per admission; busiest master's share) | {r['admissions_per_second']:.0f} /s"
+          f" ({r['redis_cpu_us_per_admission']:.1f} µs; {r['busiest_master_share'] * 100:.0f}%)"
+          f" | B{r['buckets']}/B1 = {r['admissions_per_second'] / max(one, 1):.2f};"
+          f" busiest master at one core: {r['shard_bound_per_second']:.0f} /s |")
+PY
   echo
   echo "Rate sweep ($SWEEP_STEP per step):"
   echo

@@ -48,6 +48,8 @@ struct ItemRow {
     stock_remaining: i32,
     #[diesel(sql_type = Integer)]
     per_user_limit: i32,
+    #[diesel(sql_type = Integer)]
+    admission_buckets: i32,
 }
 
 #[derive(Debug, Clone, diesel::QueryableByName)]
@@ -78,6 +80,8 @@ pub struct AuditReport {
     pub confirmed_units: BTreeMap<String, i64>,
     /// Units left, per item.
     pub remaining: BTreeMap<String, i64>,
+    /// Stock buckets of each item's admission state in Redis.
+    pub buckets: BTreeMap<String, u32>,
 }
 
 impl AuditReport {
@@ -159,7 +163,9 @@ pub async fn audit(databases: &Databases) -> anyhow::Result<AuditReport> {
     let mut conn = AsyncPgConnection::establish(&databases.inventory_url).await?;
     let orders = load_orders(&mut conn).await?;
     let items: Vec<ItemRow> =
-        diesel::sql_query("SELECT id, stock_total, stock_remaining, per_user_limit FROM items").load(&mut conn).await?;
+        diesel::sql_query("SELECT id, stock_total, stock_remaining, per_user_limit, admission_buckets FROM items")
+            .load(&mut conn)
+            .await?;
     let holdings: Vec<HoldingRow> =
         diesel::sql_query("SELECT item_id, user_id, quantity FROM holdings").load(&mut conn).await?;
 
@@ -184,6 +190,7 @@ pub async fn audit(databases: &Databases) -> anyhow::Result<AuditReport> {
             item.stock_total - item.stock_remaining
         );
         report.remaining.insert(item.id.clone(), i64::from(item.stock_remaining));
+        report.buckets.insert(item.id.clone(), u32::try_from(item.admission_buckets).unwrap_or(1));
     }
 
     // No buyer above the limit, and the per-buyer counts match the orders.
@@ -282,13 +289,17 @@ pub async fn wait_until_admissions_final_at(
     let mut conn = redis_connection(redis_url).await?;
     let deadline = Instant::now() + timeout;
     for item in items {
-        let prefix = format!("{redis_prefix}:{{{item}}}");
+        let buckets = bucket_count(&mut conn, redis_prefix, item).await?;
         loop {
-            let (admitted, inflight): (i64, i64) = redis::pipe()
-                .hlen(format!("{prefix}:admitted"))
-                .hlen(format!("{prefix}:inflight"))
-                .query_async(&mut conn)
-                .await?;
+            let (mut admitted, mut inflight) = (0, 0);
+            for prefix in bucket_prefixes(redis_prefix, item, buckets) {
+                let (a, i): (i64, i64) = redis::pipe()
+                    .hlen(format!("{prefix}:admitted"))
+                    .hlen(format!("{prefix}:inflight"))
+                    .query_async(&mut conn)
+                    .await?;
+                (admitted, inflight) = (admitted + a, inflight + i);
+            }
             if admitted == 0 && inflight == 0 {
                 break;
             }
@@ -300,6 +311,36 @@ pub async fn wait_until_admissions_final_at(
         }
     }
     Ok(())
+}
+
+/// The key prefix of each of an item's stock buckets (the gateway's
+/// `admission/protocol.rs` names them so: bucket 0 keeps the item's own tag).
+pub fn bucket_prefixes(redis_prefix: &str, item: &str, buckets: u32) -> Vec<String> {
+    (0..buckets.max(1))
+        .map(|bucket| match bucket {
+            0 => format!("{redis_prefix}:{{{item}}}"),
+            _ => format!("{redis_prefix}:{{{item}/{bucket}}}"),
+        })
+        .collect()
+}
+
+/// How many stock buckets an item's state in Redis has: bucket 0, and each
+/// next one whose `tokens` exist (every bucket of a loaded item has them).
+async fn bucket_count(
+    conn: &mut flashsale_gateway::admission::link::Hot,
+    redis_prefix: &str,
+    item: &str,
+) -> anyhow::Result<u32> {
+    let mut buckets = 1;
+    while buckets < flashsale_domain::MAX_ADMISSION_BUCKETS {
+        let next = format!("{redis_prefix}:{{{item}/{buckets}}}:tokens");
+        let exists: bool = redis::cmd("EXISTS").arg(&next).query_async(conn).await?;
+        if !exists {
+            break;
+        }
+        buckets += 1;
+    }
+    Ok(buckets)
 }
 
 /// After settling, Redis must agree with PostgreSQL: no in-flight marks left and
@@ -319,19 +360,30 @@ pub async fn redis_agrees_at(
     let mut conn = redis_connection(redis_url).await?;
     let deadline = Instant::now() + timeout;
     for (item, remaining) in &report.remaining {
+        let buckets = report.buckets.get(item).copied().unwrap_or(1);
         loop {
-            let prefix = format!("{redis_prefix}:{{{item}}}");
-            let (tokens, inflight): (Option<i64>, i64) = redis::pipe()
-                .get(format!("{prefix}:tokens"))
-                .hlen(format!("{prefix}:inflight"))
-                .query_async(&mut conn)
-                .await?;
-            if tokens.is_none_or(|t| t == *remaining) && inflight == 0 {
+            // Summed over the item's stock buckets; a loan between buckets still
+            // open holds units in no bucket's tokens, so none may be left.
+            let (mut tokens, mut inflight, mut lent) = (None::<i64>, 0, 0);
+            for prefix in bucket_prefixes(redis_prefix, item, buckets) {
+                let (t, i, l): (Option<i64>, i64, i64) = redis::pipe()
+                    .get(format!("{prefix}:tokens"))
+                    .hlen(format!("{prefix}:inflight"))
+                    .hlen(format!("{prefix}:lent"))
+                    .query_async(&mut conn)
+                    .await?;
+                if let Some(t) = t {
+                    tokens = Some(tokens.unwrap_or(0) + t);
+                }
+                (inflight, lent) = (inflight + i, lent + l);
+            }
+            if tokens.is_none_or(|t| t == *remaining) && inflight == 0 && lent == 0 {
                 break;
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "{item}: Redis offers {tokens:?} units with {inflight} in flight; PostgreSQL has {remaining} left"
+                "{item}: Redis offers {tokens:?} units with {inflight} in flight and {lent} loans open; PostgreSQL \
+                 has {remaining} left"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -309,17 +309,53 @@ impl PrivateRedisCluster {
         }
     }
 
-    /// Keys held by each live master (`DBSIZE`), by port.
-    pub async fn keys_per_master(&self) -> anyhow::Result<Vec<(u16, i64)>> {
-        let mut out = Vec::new();
+    /// The ports of the masters serving `keys`' slots (as a live node sees it).
+    pub async fn masters_of(
+        &self,
+        keys: impl IntoIterator<Item = String>,
+    ) -> anyhow::Result<std::collections::BTreeSet<u16>> {
+        let alive = self.alive_port()?;
+        let mut masters = std::collections::BTreeSet::new();
+        for key in keys {
+            let slot: i64 = self.query(alive, redis::cmd("CLUSTER").arg("KEYSLOT").arg(&key)).await?;
+            masters.insert(self.master_of(alive, slot).await?);
+        }
+        Ok(masters)
+    }
+
+    /// The ports of the live nodes that are masters now.
+    async fn live_masters(&self) -> anyhow::Result<Vec<u16>> {
+        let mut masters = Vec::new();
         for node in &self.nodes {
             if node.child.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.is_none() {
                 continue;
             }
             let role: Vec<redis::Value> = self.query(node.port, &redis::cmd("ROLE")).await?;
             if matches!(role.first(), Some(redis::Value::BulkString(role)) if role == b"master") {
-                out.push((node.port, self.query(node.port, &redis::cmd("DBSIZE")).await?));
+                masters.push(node.port);
             }
+        }
+        Ok(masters)
+    }
+
+    /// CPU seconds (user + system, `INFO cpu`) each live master has used, by port.
+    pub async fn master_cpu_seconds(&self) -> anyhow::Result<Vec<(u16, f64)>> {
+        let mut out = Vec::new();
+        for port in self.live_masters().await? {
+            let info: String = self.query(port, redis::cmd("INFO").arg("cpu")).await?;
+            let field = |name: &str| {
+                info.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':')?.trim().parse::<f64>().ok())
+            };
+            out.push((port, field("used_cpu_user").unwrap_or(0.0) + field("used_cpu_sys").unwrap_or(0.0)));
+        }
+        Ok(out)
+    }
+
+    /// Keys held by each live master (`DBSIZE`), by port.
+    pub async fn keys_per_master(&self) -> anyhow::Result<Vec<(u16, i64)>> {
+        let mut out = Vec::new();
+        for port in self.live_masters().await? {
+            out.push((port, self.query(port, &redis::cmd("DBSIZE")).await?));
         }
         Ok(out)
     }

@@ -59,6 +59,7 @@ async fn seed(gateway_url: String, secret: &str) -> anyhow::Result<()> {
                 per_user_limit: 1,
                 starts_at: Some(now.into()),
                 ends_at: Some((now + Duration::from_secs(7 * 24 * 3600)).into()),
+                admission_buckets: 0,
             },
             &token,
         ))

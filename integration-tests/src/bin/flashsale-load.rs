@@ -5,6 +5,7 @@
 //! flashsale-load run   --sale sale.json --phase 30s@5 --phase 60s@5-100 --phase 180s@100 --report run.json
 //! flashsale-load run   --sale sale.json --users 256 --duration 30s
 //! flashsale-load audit --inventory-db postgres://…/inventory --wallet-db postgres://…/wallet
+//! flashsale-load buckets --buckets 1,2,4 --duration 10s
 //! ```
 
 use std::path::PathBuf;
@@ -101,6 +102,17 @@ enum Command {
         #[arg(long, value_parser = parse_duration, default_value = "120s")]
         timeout: Duration,
     },
+    /// Admission throughput of one hot item on a private 3-master Redis Cluster
+    /// with its stock in each number of buckets; prints one JSON line per count.
+    Buckets {
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        buckets: Vec<u32>,
+        #[arg(long, value_parser = parse_duration, default_value = "10s")]
+        duration: Duration,
+        /// Admissions in flight at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+    },
     /// Receive OTLP/gRPC traces and count them (a stand-in collector for the
     /// tracing-overhead benchmark); prints the count when stopped (SIGINT/SIGTERM).
     OtlpSink {
@@ -185,6 +197,26 @@ async fn run_command() -> anyhow::Result<()> {
             #[expect(clippy::print_stdout, reason = "machine-readable result for scripts")]
             {
                 println!("{}", serde_json::to_string(&spans)?);
+            }
+            Ok(())
+        }
+        Command::Buckets { buckets, duration, concurrency } => {
+            let figures = flashsale_integration_tests::load::buckets::measure(&buckets, duration, concurrency).await?;
+            for figure in &figures {
+                eprintln!(
+                    "{} bucket(s) on {} master(s): {:.0} admissions/s, Redis {:.1} µs CPU each, busiest master {:.0}% \
+                     (one core of it: {:.0}/s)",
+                    figure.buckets,
+                    figure.masters_used,
+                    figure.admissions_per_second,
+                    figure.redis_cpu_us_per_admission,
+                    figure.busiest_master_share * 100.0,
+                    figure.shard_bound_per_second
+                );
+                #[expect(clippy::print_stdout, reason = "machine-readable result for scripts")]
+                {
+                    println!("{}", serde_json::to_string(figure)?);
+                }
             }
             Ok(())
         }

@@ -2,6 +2,7 @@
 //! it (open loop by arrival rate, or closed loop by concurrent users), and
 //! summarising what happened in Artillery's shape.
 
+pub mod buckets;
 pub mod chart;
 pub mod run;
 pub mod seed;

@@ -73,6 +73,7 @@ pub async fn seed(options: &SeedOptions) -> anyhow::Result<Sale> {
                 per_user_limit: sale.per_user_limit,
                 starts_at: Some(now.into()),
                 ends_at: Some((now + Duration::from_secs(24 * 3600)).into()),
+                admission_buckets: 0,
             },
             &token,
         ))

@@ -30,6 +30,7 @@ async fn admin_actions_and_refused_attempts_are_audited_without_credentials() ->
         per_user_limit: 1,
         starts_at: at(Duration::from_secs(1), false),
         ends_at: at(Duration::from_secs(3600), true),
+        admission_buckets: 0,
     };
     let credit = |key: &str| TopUpRequest { user_id: "carol".into(), amount: usd(500), idempotency_key: key.into() };
     suite.admin().create_item(with_token(item("audited"), &admin)).await?;

@@ -247,6 +247,7 @@ async fn every_route_answers_owner_other_buyer_admin_and_no_token_as_documented(
             per_user_limit: 1,
             starts_at: at(Duration::from_secs(1), false),
             ends_at: at(Duration::from_secs(3600), true),
+            admission_buckets: 0,
         };
         assert_eq!(
             code(suite.admin().create_item(as_caller(&suite, who, create)).await).map(|_| ()),

@@ -110,6 +110,7 @@ async fn three_gateways_two_inventories_two_wallets_lose_nothing_when_one_of_eac
                     per_user_limit: 1,
                     starts_at: at(Duration::from_secs(1), false),
                     ends_at: at(Duration::from_secs(3600), true),
+                    admission_buckets: 0,
                 },
                 &admin,
             ))

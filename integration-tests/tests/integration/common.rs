@@ -45,6 +45,21 @@ pub(crate) async fn create_item_between(
     starts_at: Option<prost_types::Timestamp>,
     ends_at: Option<prost_types::Timestamp>,
 ) -> anyhow::Result<Item> {
+    create_bucketed_item_between(suite, id, price, stock, limit, 1, starts_at, ends_at).await
+}
+
+/// As [`create_item_between`], with the item's admission spread over `buckets` stock buckets.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn create_bucketed_item_between(
+    suite: &TestSuite,
+    id: &str,
+    price: i64,
+    stock: u32,
+    limit: u32,
+    buckets: u32,
+    starts_at: Option<prost_types::Timestamp>,
+    ends_at: Option<prost_types::Timestamp>,
+) -> anyhow::Result<Item> {
     let reply = suite
         .admin()
         .create_item(suite.as_admin(CreateItemRequest {
@@ -55,6 +70,7 @@ pub(crate) async fn create_item_between(
             per_user_limit: limit,
             starts_at,
             ends_at,
+            admission_buckets: buckets,
         }))
         .await?
         .into_inner();

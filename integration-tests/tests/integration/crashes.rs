@@ -26,6 +26,11 @@ enum Fault {
 
 /// Runs the sale with `service` ended by `fault`.
 async fn fault_mid_sale(service: Service, fault: Fault) -> anyhow::Result<()> {
+    fault_mid_shaped_sale(service, fault, sale::Shape::DEFAULT).await
+}
+
+/// As [`fault_mid_sale`], for a sale of `shape`.
+async fn fault_mid_shaped_sale(service: Service, fault: Fault, shape: sale::Shape) -> anyhow::Result<()> {
     let _machine = flashsale_integration_tests::suite::whole_machine().await;
     let (label, failpoints) = match fault {
         Fault::CrashAt { point, passes } => (point.to_owned(), format!("{point}={passes}*off->return")),
@@ -37,7 +42,7 @@ async fn fault_mid_sale(service: Service, fault: Fault) -> anyhow::Result<()> {
         own.push((service, "FAILPOINTS", failpoints));
     }
     let mut suite = BinarySuite::spawn_with_service_envs(&[], &own).await?;
-    let sale = sale::open(&suite).await?;
+    let sale = sale::open_shaped(&suite, shape).await?;
 
     // The fault itself: the process must die at the point, by SIGABRT, or exit
     // cleanly on SIGTERM once its in-flight work is done.
@@ -77,6 +82,18 @@ async fn fault_mid_sale(service: Service, fault: Fault) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_killed_between_reservation_and_publish() -> anyhow::Result<()> {
     fault_mid_sale(Service::Gateway, Fault::CrashAt { point: "gateway-before-publish", passes: 8 }).await
+}
+
+/// The item's stock spread over four buckets, and only buyers of buckets 0
+/// and 1: the gateway dies after taking a unit from another bucket for a buyer
+/// whose bucket ran dry, before the unit is in the buyer's bucket (the third
+/// such loan, `gateway-after-loan`). The
+/// loan stays in the lender's journal until the restarted gateway's
+/// reconciler settles it: every unit still sells, and none stays stranded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_between_a_stock_loan_and_the_admission() -> anyhow::Result<()> {
+    let shape = sale::Shape { buckets: 4, buyer_buckets: Some(&[0, 1]), ..sale::Shape::DEFAULT };
+    fault_mid_shaped_sale(Service::Gateway, Fault::CrashAt { point: "gateway-after-loan", passes: 2 }, shape).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,7 @@ async fn small_storm(suite: &BinarySuite, stock: u32, buyers: usize) -> anyhow::
                 per_user_limit: 1,
                 starts_at: at(Duration::from_secs(1), false),
                 ends_at: at(Duration::from_secs(3600), true),
+                admission_buckets: 0,
             },
             &admin,
         ))

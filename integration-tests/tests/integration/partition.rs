@@ -36,7 +36,14 @@ const PROBE_STOCK: u32 = 200;
 const PROBER: &str = "prober";
 /// Buyers arrive over 54 s, and every unit sells as a buyer arrives, so the
 /// stock lasts about 45 s: past both cuts. They fail over, so the sale goes on.
-const SHAPE: Shape = Shape { stock: 300, buyers: 360, arrival_gap: Duration::from_millis(150), fail_over: true };
+const SHAPE: Shape = Shape {
+    stock: 300,
+    buyers: 360,
+    arrival_gap: Duration::from_millis(150),
+    fail_over: true,
+    buckets: 1,
+    buyer_buckets: None,
+};
 
 fn token(user: &str, admin: bool) -> String {
     let secret = flashsale_integration_tests::suite::JWT_SECRET;
@@ -192,6 +199,7 @@ async fn a_gateway_cut_off_from_redis_then_from_rabbitmq_mid_sale_answers_unavai
                     per_user_limit: PROBE_STOCK,
                     starts_at: at(Duration::from_secs(1), false),
                     ends_at: at(Duration::from_secs(3600), true),
+                    admission_buckets: 0,
                 },
                 &admin,
             ))

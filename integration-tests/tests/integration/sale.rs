@@ -46,11 +46,23 @@ pub(crate) struct Shape {
     /// A buyer whose call got no answer tries the next gateway (under the same
     /// key), as a client behind a load balancer ends up doing.
     pub(crate) fail_over: bool,
+    /// Stock buckets of the item's admission state.
+    pub(crate) buckets: u32,
+    /// Only buyers bound to these buckets come (by the gateway's hash of the
+    /// user id), so the other buckets' units sell only by being lent.
+    pub(crate) buyer_buckets: Option<&'static [u32]>,
 }
 
 impl Shape {
     /// The crash and soak tests' sale: [`STOCK`] units, three buyers per unit.
-    pub(crate) const DEFAULT: Self = Self { stock: STOCK, buyers: BUYERS, arrival_gap: ARRIVAL_GAP, fail_over: false };
+    pub(crate) const DEFAULT: Self = Self {
+        stock: STOCK,
+        buyers: BUYERS,
+        arrival_gap: ARRIVAL_GAP,
+        fail_over: false,
+        buckets: 1,
+        buyer_buckets: None,
+    };
 }
 /// Buyers give up after this long (every unit must be sold well before).
 pub(crate) const BUYING_WINDOW: Duration = Duration::from_secs(90);
@@ -104,7 +116,13 @@ pub(crate) async fn open(suite: &BinarySuite) -> anyhow::Result<Sale> {
 
 /// As [`open`], for a sale of `shape`.
 pub(crate) async fn open_shaped(suite: &BinarySuite, shape: Shape) -> anyhow::Result<Sale> {
-    let Shape { stock, buyers, arrival_gap, fail_over } = shape;
+    let Shape { stock, buyers, arrival_gap, fail_over, buckets, buyer_buckets } = shape;
+    let spread = flashsale_gateway::admission::Spread::new(ITEM, buckets);
+    let names: Vec<String> = (0..)
+        .map(|n| format!("c{n}"))
+        .filter(|name| buyer_buckets.is_none_or(|chosen| chosen.contains(&spread.bucket_of(name))))
+        .take(buyers)
+        .collect();
     let admin = token("operator", true);
     suite
         .admin()
@@ -117,18 +135,19 @@ pub(crate) async fn open_shaped(suite: &BinarySuite, shape: Shape) -> anyhow::Re
                 per_user_limit: 1,
                 starts_at: at(Duration::from_secs(1), false),
                 ends_at: at(Duration::from_secs(3600), true),
+                admission_buckets: buckets,
             },
             &admin,
         ))
         .await
         .context("creating the sale's item")?;
-    futures::stream::iter(0..buyers)
-        .map(|n| {
+    futures::stream::iter(&names)
+        .map(|name| {
             let mut client = suite.admin();
             let request = TopUpRequest {
-                user_id: format!("c{n}"),
+                user_id: name.clone(),
                 amount: Some(Money { currency: "USD".into(), amount_minor: 2 * PRICE }),
-                idempotency_key: format!("seed-c{n}"),
+                idempotency_key: format!("seed-{name}"),
             };
             let admin = admin.clone();
             async move { client.top_up(with_token(request, &admin)).await }
@@ -148,8 +167,10 @@ pub(crate) async fn open_shaped(suite: &BinarySuite, shape: Shape) -> anyhow::Re
     for _ in 0..4usize.div_ceil(gateways) * gateways {
         channels.push(suite.new_gateway_channel().await?);
     }
-    let buyers = (0..buyers)
-        .map(|n| {
+    let buyers = names
+        .into_iter()
+        .enumerate()
+        .map(|(n, name)| {
             // Each buyer starts on its own gateway; failing over, it moves on in turn.
             let gateways = if fail_over { channels.len() } else { 1 };
             let clients = (0..gateways)
@@ -159,7 +180,7 @@ pub(crate) async fn open_shaped(suite: &BinarySuite, shape: Shape) -> anyhow::Re
             tokio::spawn(async move {
                 // The arrival schedule of the crowd, not a wait for a condition.
                 tokio::time::sleep(arrival_gap * n as u32).await;
-                buyer(clients, format!("c{n}"), seen, done).await
+                buyer(clients, name, seen, done).await
             })
         })
         .collect();

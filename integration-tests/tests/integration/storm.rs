@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
 
-use crate::common::{create_item, top_up};
+use crate::common::{at, create_bucketed_item_between, top_up};
 
 const PRICE: i64 = 1_000;
 /// Buyers stop retrying after this long (the audit still requires every unit sold
@@ -59,6 +59,11 @@ struct Spec {
     fail_over_redis_after: Option<usize>,
     /// Mutual TLS between the services (certificates from a CA of the test's own).
     mtls: bool,
+    /// Stock buckets of every item's admission state.
+    buckets: u32,
+    /// Only buyers bound to these buckets come (by the gateway's hash of the
+    /// user id): the other buckets' units sell only by being lent.
+    buyer_buckets: Option<&'static [u32]>,
 }
 
 impl Default for Spec {
@@ -77,6 +82,8 @@ impl Default for Spec {
             redis_cluster: false,
             fail_over_redis_after: None,
             mtls: false,
+            buckets: 1,
+            buyer_buckets: None,
         }
     }
 }
@@ -156,13 +163,19 @@ async fn storm(spec: Spec) -> anyhow::Result<()> {
     };
     let suite = Arc::new(TestSuite::spawn_with(options).await?);
     for (id, stock, limit) in &spec.items {
-        create_item(&suite, id, PRICE, *stock, *limit).await?;
+        let (starts, ends) = (at(Duration::from_secs(1), false), at(Duration::from_secs(3600), true));
+        create_bucketed_item_between(&suite, id, PRICE, *stock, *limit, spec.buckets, starts, ends).await?;
     }
     let cost = PRICE * i64::from(spec.quantity);
     let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
-    let buyers: Vec<Buyer> = (0..spec.buyers)
-        .map(|n| Buyer {
-            name: format!("buyer-{n}"),
+    let spread = flashsale_gateway::admission::Spread::new(spec.items[0].0, spec.buckets);
+    let names = (0..)
+        .map(|n| format!("buyer-{n}"))
+        .filter(|name| spec.buyer_buckets.is_none_or(|buckets| buckets.contains(&spread.bucket_of(name))));
+    let buyers: Vec<Buyer> = names
+        .take(spec.buyers)
+        .map(|name| Buyer {
+            name,
             item: spec.items[rng.random_range(0..spec.items.len())].0,
             // About a quarter cannot afford one purchase; some have no account at all.
             balance: if spec.all_can_pay {
@@ -259,6 +272,14 @@ async fn storm(spec: Spec) -> anyhow::Result<()> {
         eprintln!("storm: Redis Cluster keys per master (port, keys): {keys:?}");
         let holding = keys.iter().filter(|(_, n)| *n > 0).count();
         anyhow::ensure!(holding >= spec.items.len().min(2), "the items' keys sit on {holding} master(s): {keys:?}");
+        if spec.buckets > 1 {
+            // Each bucket's tokens are on the master its slot names.
+            let item = spec.items[0].0;
+            let prefixes = flashsale_integration_tests::audit::bucket_prefixes(&suite.redis_prefix, item, spec.buckets);
+            let masters: BTreeSet<u16> = cluster.masters_of(prefixes.iter().map(|p| format!("{p}:tokens"))).await?;
+            eprintln!("storm: {item}'s {} buckets sit on the masters {masters:?}", spec.buckets);
+            anyhow::ensure!(masters.len() >= 2, "{item}'s buckets all sit on one master");
+        }
     }
 
     // Units that came back after the crowd left (a buyer who could not pay, an
@@ -741,6 +762,27 @@ async fn a_storm_on_a_redis_cluster_sells_exactly_the_stock() -> anyhow::Result<
         buyers: 3_000,
         seed: 11,
         redis_cluster: true,
+        ..Spec::default()
+    })
+    .await
+}
+
+/// A hot item's stock spread over four buckets on a Redis Cluster (their
+/// slots on all three masters). Only buyers bound to buckets 0 and 1 come, so
+/// those two sell their own units under contention and then borrow all of
+/// buckets 2 and 3: every unit sells (every buyer can pay), the audit is
+/// exact, and at the end the buckets offer exactly what PostgreSQL has left
+/// with no loan open: nothing stranded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_item_in_four_buckets_on_a_redis_cluster_sells_exactly_the_stock() -> anyhow::Result<()> {
+    run_storm(Spec {
+        items: vec![("hot-drop", 200, 1)],
+        buyers: 2_000,
+        seed: 17,
+        all_can_pay: true,
+        redis_cluster: true,
+        buckets: 4,
+        buyer_buckets: Some(&[0, 1]),
         ..Spec::default()
     })
     .await

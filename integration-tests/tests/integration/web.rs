@@ -110,6 +110,7 @@ async fn a_buyer_signs_in_at_the_identity_provider_with_pkce_and_buys_in_the_sto
         per_user_limit: 1,
         starts_at: crate::common::at(Duration::from_secs(1), false),
         ends_at: crate::common::at(Duration::from_secs(3600), true),
+        admission_buckets: 0,
     };
     suite.admin().create_item(with_token(sale, &operator)).await?;
     let money = TopUpRequest {

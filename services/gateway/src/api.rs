@@ -152,9 +152,9 @@ impl Operations {
     /// the order is final; if it became final meanwhile, inventory has it now.
     async fn order_from_admission(&self, buyer: &Principal, order_id: &str) -> Result<pb::Order, GatewayError> {
         let items: Vec<Arc<crate::catalog::CatalogItem>> = self.catalog.all();
-        let ids: Vec<String> = items.iter().map(|item| item.id.clone()).collect();
+        let spreads: Vec<_> = items.iter().map(|item| item.spread()).collect();
         let Some((item_id, user_id, quantity, at_ms, key)) =
-            self.purchases.admission.admitted_entry(&ids, order_id).await?
+            self.purchases.admission.admitted_entry(&spreads, order_id).await?
         else {
             let order = self.recorded_order(order_id).await?.ok_or(GatewayError::OrderNotFound)?;
             visible_to(buyer, &order.user_id)?;
@@ -288,6 +288,7 @@ impl Operations {
             "price": crate::audit::money(req.price.as_ref()),
             "stock_total": req.stock_total,
             "per_user_limit": req.per_user_limit,
+            "admission_buckets": req.admission_buckets,
             "starts_at_unix": time(&req.starts_at),
             "ends_at_unix": time(&req.ends_at),
         });
@@ -335,7 +336,8 @@ impl Operations {
         req: CreateItemRequest,
     ) -> Result<CreateItemResponse, GatewayError> {
         caller.require_admin()?;
-        let CreateItemRequest { id, name, price, stock_total, per_user_limit, starts_at, ends_at } = req;
+        let CreateItemRequest { id, name, price, stock_total, per_user_limit, starts_at, ends_at, admission_buckets } =
+            req;
         let reply = self
             .upstreams
             .inventory
@@ -348,6 +350,7 @@ impl Operations {
                 per_user_limit,
                 starts_at,
                 ends_at,
+                admission_buckets,
             }))
             .await
             .map_err(GatewayError::from_upstream)?

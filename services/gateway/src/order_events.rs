@@ -134,7 +134,7 @@ impl OrderEvents {
         }
         let mut backoff = flashsale_messaging::Backoff::new();
         loop {
-            match self.admission.apply_event(&event).await {
+            match self.apply_to_redis(&event).await {
                 Ok(outcome) => {
                     // The units are back in Redis now. This gateway's own notification of
                     // the same event may have cleared the flag before that, and a
@@ -167,6 +167,28 @@ impl OrderEvents {
             }
             backoff.grow();
         }
+    }
+
+    /// Applies the event in the Redis bucket of its buyer, which takes the item's
+    /// bucket count from the catalog (asking inventory once for an item it has
+    /// not seen).
+    async fn apply_to_redis(&self, event: &OrderEvent) -> Result<String, GatewayError> {
+        let buckets = match &event.order {
+            Some(order) => match self.catalog.lookup(&order.item_id).await {
+                Ok(item) => item.admission_buckets,
+                // Events name only items inventory has (its orders reference
+                // them): this is the catalog's bound on lookups of unknown ids,
+                // so try again, the event unacked.
+                Err(GatewayError::ItemNotFound) => {
+                    return Err(GatewayError::Unavailable("the event's item is not in the catalog yet".into()));
+                }
+                Err(e) => return Err(e),
+            },
+            // apply_event refuses it.
+            None => 1,
+        };
+        let item_id = event.order.as_ref().map_or("", |order| order.item_id.as_str());
+        self.admission.apply_event(crate::admission::Spread::new(item_id, buckets), event).await
     }
 
     /// Copies an event that can never be applied to the dead-letter queue, then

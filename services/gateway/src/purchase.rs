@@ -95,7 +95,7 @@ impl Purchases {
 
         if item.is_sold_out() {
             // A read: nothing to finish if the request is dropped, so no task of its own.
-            let prior = self.admission.prior_order(&item.id, &buyer.user_id, &idempotency_key).await?;
+            let prior = self.admission.prior_order(item.spread(), &buyer.user_id, &idempotency_key).await?;
             return match prior {
                 None => Err(GatewayError::SoldOut),
                 Some((_, earlier)) if earlier != quantity => Err(GatewayError::IdempotencyKeyReused),
@@ -138,18 +138,18 @@ impl Purchases {
             return Ok(false);
         }
         let load = || async {
-            if let Some(read) = self.admission.key_holders(&item.id).await? {
+            if let Some(read) = self.admission.key_holders(item.spread()).await? {
                 return Ok(read);
             }
             // Redis lost the item's state, and with it the keys: rebuild it from
             // inventory (which restores every recorded key) before judging.
-            self.rebuild(&item.id).await?;
+            self.rebuild(item).await?;
             self.admission
-                .key_holders(&item.id)
+                .key_holders(item.spread())
                 .await?
                 .ok_or_else(|| GatewayError::Unavailable("admission state missing after a rebuild".into()))
         };
-        let holders = item.sold_out.key_holders(|| self.admission.admission_stamp(&item.id), load).await?;
+        let holders = item.sold_out.key_holders(|| self.admission.admission_stamp(item.spread()), load).await?;
         Ok(holders.is_none_or(|holders| holders.contains(&buyer.user_id)))
     }
 
@@ -160,7 +160,7 @@ impl Purchases {
         let generation = item.sold_out.generation();
         let mut decision = self.admit(buyer, &attempt).await?;
         if decision == Admit::NotReady {
-            self.rebuild(&item.id).await?;
+            self.rebuild(item).await?;
             decision = self.admit(buyer, &attempt).await?;
         }
         match decision {
@@ -189,7 +189,7 @@ impl Purchases {
     async fn admit(&self, buyer: &Principal, attempt: &Attempt) -> Result<Admit, GatewayError> {
         self.admission
             .admit(
-                &attempt.item.id,
+                attempt.item.spread(),
                 &buyer.user_id,
                 attempt.quantity,
                 attempt.item.per_user_limit,
@@ -223,7 +223,7 @@ impl Purchases {
                 // under the same key starts afresh.
                 if let Err(undo) = self
                     .admission
-                    .unadmit(&attempt.item.id, &attempt.order_id, &buyer.user_id, &attempt.idempotency_key)
+                    .unadmit(attempt.item.spread(), &attempt.order_id, &buyer.user_id, &attempt.idempotency_key)
                     .await
                 {
                     tracing::error!(error = %undo, order.id = %attempt.order_id, "could not release a reservation");
@@ -306,12 +306,13 @@ impl Purchases {
         })
     }
 
-    /// Rebuilds an item's Redis state from inventory's snapshot.
-    pub async fn rebuild(&self, item_id: &str) -> Result<(), GatewayError> {
+    /// Rebuilds an item's Redis state (every bucket that lost it) from inventory's snapshot.
+    pub async fn rebuild(&self, item: &CatalogItem) -> Result<(), GatewayError> {
+        let item_id = item.id.as_str();
         let lock = self.rebuilds.lock().entry(item_id.to_owned()).or_default().clone();
         let _guard = lock.lock().await;
         // Another request may have rebuilt it while we waited.
-        if self.admission.tokens(item_id).await?.is_some() {
+        if self.admission.tokens(item.spread()).await?.is_some() {
             return Ok(());
         }
         let snapshot = crate::upstream::retry_if_lost(|| {
@@ -322,9 +323,11 @@ impl Purchases {
         .await
         .map_err(GatewayError::from_upstream)?
         .into_inner();
-        if self.admission.rebuild(&snapshot).await? {
+        let rebuilt = self.admission.rebuild(item.spread(), &snapshot).await?;
+        if rebuilt > 0 {
             tracing::info!(
                 item.id = %item_id,
+                buckets = rebuilt,
                 stock = snapshot.stock_remaining,
                 buyers = snapshot.holdings.len(),
                 item.version = snapshot.item_version,

@@ -18,6 +18,10 @@
 //! grace, and so on up to [`MAX_REPUBLISH_FACTOR`] times, never on every pass of
 //! every gateway. One entry's failure does not end the pass; it is counted and
 //! tried again next pass.
+//!
+//! A pass also settles the stock loans between the buckets of a bucketed item
+//! that no attempt closed within the grace ([`Admission::settle_loans`]), so
+//! no unit stays in a lender's journal.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -51,6 +55,8 @@ pub struct Reconciled {
     pub applied: usize,
     /// Entries whose look-up or repair failed (tried again next pass).
     pub failed: usize,
+    /// Stock loans between buckets that no attempt closed, settled now.
+    pub loans_settled: usize,
 }
 
 /// What was done about one admission.
@@ -89,10 +95,26 @@ impl Reconciler {
     pub async fn reconcile(&self, grace: Duration) -> Result<Reconciled, GatewayError> {
         let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
         let cutoff = now_ms().saturating_sub(grace_ms);
+        let mut done = Reconciled::default();
+        for item in self.catalog.all().iter().filter(|item| item.admission_buckets > 1) {
+            match self.admission.settle_loans(item.spread(), cutoff).await {
+                Ok(settled) if settled.received + settled.repaid > 0 => {
+                    done.loans_settled += settled.received + settled.repaid;
+                    metrics::counter!("flashsale_reconciler_loans_settled_total")
+                        .increment((settled.received + settled.repaid) as u64);
+                    tracing::warn!(item.id = %item.id, received = settled.received, repaid = settled.repaid, "settled stock loans no attempt closed");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, item.id = %item.id, "settling stock loans failed");
+                    done.failed += 1;
+                }
+            }
+        }
         let mut open = Vec::new();
         'items: for item in self.catalog.all() {
             for (order_id, user_id, quantity, idempotency_key) in
-                self.admission.unsettled_before(&item.id, cutoff).await?
+                self.admission.unsettled_before(item.spread(), cutoff).await?
             {
                 open.push(Open { item: item.clone(), order_id, user_id, quantity, idempotency_key });
                 if open.len() >= MAX_PER_PASS {
@@ -100,7 +122,6 @@ impl Reconciler {
                 }
             }
         }
-        let mut done = Reconciled::default();
         for chunk in open.chunks(LOOKUP_BATCH) {
             let mut known = match self.look_up(chunk).await {
                 Ok(known) => known,
@@ -154,7 +175,7 @@ impl Reconciler {
         // a rejection of this admission gives back what admit.lua took.
         let units_released = if status == OrderStatus::Refunded { order.quantity } else { 0 };
         let event = OrderEvent { order: Some(order), units_released, occurred_at: None, item_version: 0 };
-        let outcome = self.admission.apply_event(&event).await?;
+        let outcome = self.admission.apply_event(entry.item.spread(), &event).await?;
         if outcome == "APPLIED" && status != OrderStatus::Confirmed {
             entry.item.clear_sold_out();
         }
@@ -165,7 +186,7 @@ impl Reconciler {
     /// Publishes an admission inventory never recorded, unless it was
     /// published again lately.
     async fn republish(&self, entry: &Open, grace_ms: i64) -> Result<Option<Repair>, GatewayError> {
-        if !self.admission.claim_republish(&entry.item.id, &entry.order_id, grace_ms).await? {
+        if !self.admission.claim_republish(entry.item.spread(), &entry.user_id, &entry.order_id, grace_ms).await? {
             return Ok(None); // published again lately (by any gateway): perhaps still queued
         }
         let record = match self.admission.load_record(&entry.order_id).await? {

@@ -329,7 +329,7 @@ async fn clear_stale_sold_out_flags(catalog: &Catalog, admission: &Admission) {
     for item in catalog.sold_out_items() {
         let remaining = item.pg_remaining.load(std::sync::atomic::Ordering::Relaxed);
         if remaining > 0 {
-            match admission.resync(&item.id, remaining).await {
+            match admission.resync(item.spread(), remaining).await {
                 Ok(0) => {}
                 Ok(added) => tracing::warn!(
                     item.id = %item.id,
@@ -339,7 +339,7 @@ async fn clear_stale_sold_out_flags(catalog: &Catalog, admission: &Admission) {
                 Err(e) => tracing::debug!(error = %e, item.id = %item.id, "resync failed"),
             }
         }
-        match admission.sold_out_check(&item.id).await {
+        match admission.sold_out_check(item.spread()).await {
             Ok(Some((tokens, stamp))) if tokens <= 0 => item.sold_out.check_stamp(stamp),
             Ok(_) => item.clear_sold_out(),
             Err(e) => tracing::debug!(error = %e, item.id = %item.id, "sold-out check failed"),
@@ -366,7 +366,7 @@ async fn expire_ended_sales(catalog: &Catalog, admission: &Admission, retention:
         if item.ends_at_ms > now || (set_at > 0 && now - set_at < every) {
             continue;
         }
-        match admission.expire_item(&item.id, item.ends_at_ms.saturating_add(keep)).await {
+        match admission.expire_item(item.spread(), item.ends_at_ms.saturating_add(keep)).await {
             Ok(()) => item.keys_expiry_set_at_ms.store(now, Ordering::Release),
             Err(e) => {
                 tracing::debug!(error = %e, item.id = %item.id, "could not set the expiry of an ended sale's keys")

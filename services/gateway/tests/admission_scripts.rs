@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use flashsale_gateway::admission::{Admission, Admit};
+use flashsale_gateway::admission::{Admission, Admit, Spread};
 use flashsale_proto::common::v1::{Order, OrderStatus};
 use flashsale_proto::inventory::v1::{AdmittedKey, BuyerHolding, GetAdmissionSnapshotResponse, OrderEvent};
 
@@ -19,12 +19,23 @@ fn redis_url() -> String {
 struct Scripts {
     admission: Admission,
     prefix: String,
+    /// The item's stock buckets.
+    buckets: u32,
 }
 
 impl Scripts {
     async fn connect() -> anyhow::Result<Self> {
         let prefix = format!("fs-lua-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        Ok(Self { admission: Admission::connect(&[&redis_url()], false, &prefix).await?, prefix })
+        Ok(Self { admission: Admission::connect(&[&redis_url()], false, &prefix).await?, prefix, buckets: 1 })
+    }
+
+    /// The same, for an item spread over `buckets` stock buckets.
+    async fn bucketed(buckets: u32) -> anyhow::Result<Self> {
+        Ok(Self { buckets, ..Self::connect().await? })
+    }
+
+    fn spread(&self) -> Spread<'static> {
+        Spread::new(ITEM, self.buckets)
     }
 
     /// The item's state, as inventory's snapshot would give it.
@@ -63,11 +74,11 @@ impl Scripts {
                 })
                 .collect(),
         };
-        Ok(self.admission.rebuild(&snapshot).await?)
+        Ok(self.admission.rebuild(self.spread(), &snapshot).await? > 0)
     }
 
     async fn admit(&self, user: &str, quantity: u32, key: &str, order: &str) -> anyhow::Result<Admit> {
-        Ok(self.admission.admit(ITEM, user, quantity, 2, key, order).await?)
+        Ok(self.admission.admit(self.spread(), user, quantity, 2, key, order).await?)
     }
 
     /// The event of `(order, user, quantity)` reaching `status`.
@@ -93,16 +104,21 @@ impl Scripts {
             occurred_at: None,
             item_version,
         };
-        Ok(self.admission.apply_event(&event).await?)
+        Ok(self.admission.apply_event(self.spread(), &event).await?)
     }
 
     async fn tokens(&self) -> anyhow::Result<Option<i64>> {
-        Ok(self.admission.tokens(ITEM).await?)
+        Ok(self.admission.tokens(self.spread()).await?)
     }
 
     async fn open_orders(&self) -> anyhow::Result<Vec<String>> {
-        let mut open: Vec<String> =
-            self.admission.unsettled_before(ITEM, i64::MAX).await?.into_iter().map(|(order, ..)| order).collect();
+        let mut open: Vec<String> = self
+            .admission
+            .unsettled_before(self.spread(), i64::MAX)
+            .await?
+            .into_iter()
+            .map(|(order, ..)| order)
+            .collect();
         open.sort();
         Ok(open)
     }
@@ -188,9 +204,9 @@ async fn unadmit_undoes_one_admission_once() -> anyhow::Result<()> {
     let s = Scripts::connect().await?;
     assert!(s.rebuild(1, 2, &[]).await?);
     s.admit("ann", 2, "k", "o1").await?;
-    s.admission.unadmit(ITEM, "o1", "ann", "k").await?;
+    s.admission.unadmit(s.spread(), "o1", "ann", "k").await?;
     assert_eq!(s.tokens().await?, Some(2));
-    s.admission.unadmit(ITEM, "o1", "ann", "k").await?;
+    s.admission.unadmit(s.spread(), "o1", "ann", "k").await?;
     assert_eq!(s.tokens().await?, Some(2), "idempotent");
     assert!(s.open_orders().await?.is_empty());
     assert_eq!(
@@ -242,14 +258,14 @@ async fn rebuild_restores_the_snapshot_and_applies_parked_events() -> anyhow::Re
 #[tokio::test]
 async fn resync_raises_tokens_only_when_nothing_is_in_flight() -> anyhow::Result<()> {
     let s = Scripts::connect().await?;
-    assert_eq!(s.admission.resync(ITEM, 5).await?, 0, "no state: nothing to raise");
+    assert_eq!(s.admission.resync(s.spread(), 5).await?, 0, "no state: nothing to raise");
     assert!(s.rebuild(1, 1, &[]).await?);
     s.admit("ann", 1, "k", "o1").await?;
-    assert_eq!(s.admission.resync(ITEM, 3).await?, 0, "o1 is in flight");
+    assert_eq!(s.admission.resync(s.spread(), 3).await?, 0, "o1 is in flight");
     s.final_state(("o1", "ann", 1), OrderStatus::Confirmed, "", 0, 2).await?;
-    assert_eq!(s.admission.resync(ITEM, 2).await?, 2);
+    assert_eq!(s.admission.resync(s.spread(), 2).await?, 2);
     assert_eq!(s.tokens().await?, Some(2));
-    assert_eq!(s.admission.resync(ITEM, 1).await?, 0, "never lowers");
+    assert_eq!(s.admission.resync(s.spread(), 1).await?, 0, "never lowers");
     assert_eq!(s.tokens().await?, Some(2));
     s.remove_keys().await
 }
@@ -266,9 +282,9 @@ async fn claim_republish_waits_longer_after_each_publish() -> anyhow::Result<()>
     s.admit("ann", 1, "k", "o1").await?;
 
     let before_first = Instant::now();
-    assert!(s.admission.claim_republish(ITEM, "o1", grace_ms).await?);
-    assert!(!other.claim_republish(ITEM, "o1", grace_ms).await?, "another gateway waits too");
-    assert!(other.claim_republish(ITEM, "o2", grace_ms).await?, "each order has its own claim");
+    assert!(s.admission.claim_republish(Spread::new(ITEM, 1), "ann", "o1", grace_ms).await?);
+    assert!(!other.claim_republish(Spread::new(ITEM, 1), "ann", "o1", grace_ms).await?, "another gateway waits too");
+    assert!(other.claim_republish(Spread::new(ITEM, 1), "ann", "o2", grace_ms).await?, "each order has its own claim");
     // The script reads the clock inside the call: the bounds below take the
     // instant before the earlier claim's call and after the later one's, less
     // the clock's whole milliseconds (it may round each reading down by 1 ms).
@@ -290,10 +306,139 @@ async fn next_claim(admission: &Admission, order: &str, grace_ms: i64) -> anyhow
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let before = Instant::now();
-        if admission.claim_republish(ITEM, order, grace_ms).await? {
+        if admission.claim_republish(Spread::new(ITEM, 1), "ann", order, grace_ms).await? {
             return Ok((before, Instant::now()));
         }
         anyhow::ensure!(Instant::now() < deadline, "{order} never claimed again");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// `count` buyers bound to `bucket` of the item of `s`.
+fn buyers_in(s: &Scripts, bucket: u32, count: usize) -> Vec<String> {
+    (0..).map(|n| format!("buyer-{n}")).filter(|user| s.spread().bucket_of(user) == bucket).take(count).collect()
+}
+
+/// A raw connection, for what only a crash leaves behind.
+async fn raw() -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    Ok(redis::Client::open(redis_url())?.get_multiplexed_async_connection().await?)
+}
+
+/// Buckets: a buyer whose bucket is dry borrows from the others (`lend.lua`,
+/// then `admit.lua` with the loan), so buyers who all hash to one bucket still
+/// buy the whole stock, and no loan stays open.
+#[tokio::test]
+async fn a_dry_bucket_borrows_until_the_whole_item_is_sold() -> anyhow::Result<()> {
+    let s = Scripts::bucketed(4).await?;
+    assert!(s.rebuild(1, 8, &[]).await?);
+    assert_eq!(s.tokens().await?, Some(8));
+    let buyers = buyers_in(&s, 0, 9);
+    for (n, buyer) in buyers.iter().take(8).enumerate() {
+        let decided = s.admit(buyer, 1, "k", &format!("o{n}")).await?;
+        assert!(matches!(decided, Admit::Reserved { .. }), "{buyer}: {decided:?}");
+    }
+    assert_eq!(s.admit(&buyers[8], 1, "k", "o8").await?, Admit::SoldOut);
+    assert_eq!(s.tokens().await?, Some(0));
+    // Each reservation is in its buyer's bucket: the buyer's retry finds it.
+    assert_eq!(s.admit(&buyers[0], 1, "k", "o-retry").await?, Admit::Duplicate { order_id: "o0".into(), quantity: 1 });
+    assert_eq!(s.open_orders().await?.len(), 8);
+    let settled = s.admission.settle_loans(s.spread(), i64::MAX).await?;
+    assert_eq!((settled.received, settled.repaid), (0, 0), "every loan was closed by its attempt");
+    // Units given back go to the buyer's own bucket, and are sold again.
+    s.final_state(("o3", &buyers[3], 1), OrderStatus::Rejected, "INSUFFICIENT_FUNDS", 1, 2).await?;
+    assert_eq!(s.tokens().await?, Some(1));
+    let other = buyers_in(&s, 2, 1).remove(0);
+    assert!(matches!(s.admit(&other, 1, "k", "o9").await?, Admit::Reserved { .. }));
+    assert_eq!(s.tokens().await?, Some(0));
+    s.remove_keys().await
+}
+
+/// Buckets: a rebuild spreads PostgreSQL's remaining units evenly, puts each
+/// buyer's holdings and keys in the buyer's bucket, and a bucket rebuilt alone
+/// gets what the others do not offer.
+#[tokio::test]
+async fn a_rebuild_spreads_the_stock_and_each_buyer_keeps_their_bucket() -> anyhow::Result<()> {
+    let s = Scripts::bucketed(4).await?;
+    let ann = buyers_in(&s, 1, 1).remove(0);
+    let bob = buyers_in(&s, 3, 1).remove(0);
+    assert!(s.rebuild_with_keys(5, 10, &[(&ann, 2, ""), (&bob, 1, "o-bob")], &[(&ann, "k", "o-ann", 2)]).await?);
+    assert_eq!(s.tokens().await?, Some(10));
+    assert_eq!(s.admit(&ann, 1, "k2", "o1").await?, Admit::LimitReached);
+    assert_eq!(s.admit(&ann, 2, "k", "o2").await?, Admit::Duplicate { order_id: "o-ann".into(), quantity: 2 });
+    assert_eq!(s.admit(&bob, 1, "k", "o3").await?, Admit::InProgress { order_id: "o-bob".into() });
+    // Redis loses bucket 1 alone (a shard's failover): only it is rebuilt, with
+    // the units the other buckets do not offer.
+    let mut conn = raw().await?;
+    let () = redis::cmd("DEL").arg(format!("{}:{{{ITEM}/1}}:ready", s.prefix)).query_async(&mut conn).await?;
+    assert_eq!(s.tokens().await?, None);
+    let carol = buyers_in(&s, 2, 1).remove(0);
+    assert_eq!(s.admit(&carol, 1, "k", "o4").await?, Admit::Reserved { tokens_left: 1 });
+    assert!(s.rebuild(6, 9, &[]).await?);
+    assert_eq!(s.tokens().await?, Some(9));
+    s.remove_keys().await
+}
+
+/// Buckets: a loan whose attempt never closed it (its gateway died between
+/// `lend.lua` and `admit.lua`) is settled by the reconciler's sweep: credited
+/// to the borrower once, or repaid to the lender if the borrower lost its state.
+#[tokio::test]
+async fn a_loan_left_open_by_a_crash_is_settled_once() -> anyhow::Result<()> {
+    let s = Scripts::bucketed(2).await?;
+    assert!(s.rebuild(1, 4, &[]).await?);
+    let mut conn = raw().await?;
+    let key = |bucket: u32, part: &str| match bucket {
+        0 => format!("{}:{{{ITEM}}}:{part}", s.prefix),
+        _ => format!("{}:{{{ITEM}/{bucket}}}:{part}", s.prefix),
+    };
+    let lent_at = flashsale_domain::time::now_ms() - 10_000;
+    // What lend.lua leaves: a unit out of bucket 1, journaled there for bucket 0.
+    let crash = |loan: &'static str| {
+        redis::pipe()
+            .cmd("DECRBY")
+            .arg(key(1, "tokens"))
+            .arg(1)
+            .ignore()
+            .cmd("HSET")
+            .arg(key(1, "lent"))
+            .arg(loan)
+            .arg(format!("0\n1\n{lent_at}"))
+            .ignore()
+            .clone()
+    };
+    let () = crash("loan-1").query_async(&mut conn).await?;
+    assert_eq!(s.tokens().await?, Some(3), "the unit is in the journal only");
+    let young = s.admission.settle_loans(s.spread(), lent_at).await?;
+    assert_eq!((young.received, young.repaid), (0, 0), "a loan within the grace is left to its attempt");
+    let settled = s.admission.settle_loans(s.spread(), i64::MAX).await?;
+    assert_eq!((settled.received, settled.repaid), (1, 0));
+    assert_eq!(s.tokens().await?, Some(4));
+    let again = s.admission.settle_loans(s.spread(), i64::MAX).await?;
+    assert_eq!((again.received, again.repaid), (0, 0), "settled once");
+    assert_eq!(s.tokens().await?, Some(4));
+
+    // The borrower lost its state: the unit goes back to the lender.
+    let () = crash("loan-2").query_async(&mut conn).await?;
+    let () = redis::cmd("DEL").arg(key(0, "ready")).query_async(&mut conn).await?;
+    let settled = s.admission.settle_loans(s.spread(), i64::MAX).await?;
+    assert_eq!((settled.received, settled.repaid), (0, 1));
+    let lender: i64 = redis::cmd("GET").arg(key(1, "tokens")).query_async(&mut conn).await?;
+    assert_eq!(lender, 1, "repaid");
+    s.remove_keys().await
+}
+
+/// Buckets: `resync` raises the item to PostgreSQL's count across all its
+/// buckets, only while no bucket has anything in flight.
+#[tokio::test]
+async fn resync_counts_every_bucket() -> anyhow::Result<()> {
+    let s = Scripts::bucketed(3).await?;
+    assert!(s.rebuild(1, 3, &[]).await?);
+    let ann = buyers_in(&s, 2, 1).remove(0);
+    s.admit(&ann, 1, "k", "o1").await?;
+    assert_eq!(s.admission.resync(s.spread(), 5).await?, 0, "o1 is in flight in bucket 2");
+    s.final_state(("o1", &ann, 1), OrderStatus::Confirmed, "", 0, 2).await?;
+    assert_eq!(s.tokens().await?, Some(2));
+    assert_eq!(s.admission.resync(s.spread(), 5).await?, 3);
+    assert_eq!(s.tokens().await?, Some(5));
+    assert_eq!(s.admission.resync(s.spread(), 4).await?, 0, "never lowers");
+    s.remove_keys().await
 }

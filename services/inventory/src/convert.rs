@@ -27,7 +27,8 @@ impl TryFrom<CreateItemRequest> for ItemSpec {
     type Error = InventoryError;
 
     fn try_from(request: CreateItemRequest) -> Result<Self, Self::Error> {
-        let CreateItemRequest { id, name, price, stock_total, per_user_limit, starts_at, ends_at } = request;
+        let CreateItemRequest { id, name, price, stock_total, per_user_limit, starts_at, ends_at, admission_buckets } =
+            request;
         let id = if id.is_empty() { uuid::Uuid::now_v7().simple().to_string() } else { parse_item_id(&id)?.to_owned() };
         let name = name.trim().to_owned();
         if name.is_empty() || name.chars().count() > MAX_ITEM_NAME_CHARS || name.chars().any(char::is_control) {
@@ -45,6 +46,11 @@ impl TryFrom<CreateItemRequest> for ItemSpec {
         if per_user_limit == 0 || per_user_limit > MAX_PER_USER_LIMIT {
             return Err(InventoryError::invalid("per_user_limit", "must be between 1 and 1000"));
         }
+        let admission_buckets = match admission_buckets {
+            0 => 1,
+            n if n <= flashsale_domain::MAX_ADMISSION_BUCKETS => i32::try_from(n).unwrap_or(1),
+            _ => return Err(InventoryError::invalid("admission_buckets", "must be between 1 and 64")),
+        };
         let starts_at = parse_timestamp("starts_at", starts_at)?;
         let ends_at = parse_timestamp("ends_at", ends_at)?;
         if starts_at >= ends_at {
@@ -54,7 +60,17 @@ impl TryFrom<CreateItemRequest> for ItemSpec {
         let stock = i32::try_from(stock_total).map_err(|_| InventoryError::invalid("stock_total", "too large"))?;
         let per_user_limit =
             i32::try_from(per_user_limit).map_err(|_| InventoryError::invalid("per_user_limit", "too large"))?;
-        Ok(Self { id, name, currency, price_minor: amount_minor, stock, per_user_limit, starts_at, ends_at })
+        Ok(Self {
+            id,
+            name,
+            currency,
+            price_minor: amount_minor,
+            stock,
+            per_user_limit,
+            starts_at,
+            ends_at,
+            admission_buckets,
+        })
     }
 }
 
@@ -72,6 +88,7 @@ pub(crate) fn item_to_proto(item: Item, now: DateTime<Utc>) -> pb::Item {
         ends_at,
         version: _,
         created_at: _,
+        admission_buckets,
     } = item;
     let status = if now < starts_at {
         pb::ItemStatus::Scheduled
@@ -92,6 +109,7 @@ pub(crate) fn item_to_proto(item: Item, now: DateTime<Utc>) -> pb::Item {
         starts_at: Some(timestamp(starts_at)),
         ends_at: Some(timestamp(ends_at)),
         status: status.into(),
+        admission_buckets: u32::try_from(admission_buckets).unwrap_or(1),
     }
 }
 

@@ -86,6 +86,8 @@ pub struct ItemSpec {
     pub per_user_limit: i32,
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
+    /// 1..=64 (`flashsale_domain::MAX_ADMISSION_BUCKETS`).
+    pub admission_buckets: i32,
 }
 
 // The shared value rules live in `flashsale-domain`; these keep inventory's

@@ -10,6 +10,9 @@ pub const MAX_PRICE_MINOR: i64 = 1_000_000_000_000;
 /// Largest per-user limit of an item, and so the most units one purchase may ask for.
 pub const MAX_PER_USER_LIMIT: u32 = 1_000;
 
+/// Most Redis slots (stock buckets) one item's admission may be spread over.
+pub const MAX_ADMISSION_BUCKETS: u32 = 64;
+
 /// Most entries one page of a listing holds.
 pub const MAX_PAGE_SIZE: u32 = 500;
 

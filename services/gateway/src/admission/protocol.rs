@@ -7,8 +7,9 @@
 
 use redis::{Script, ScriptInvocation};
 
-/// One of an item's keys. All are hash-tagged `{ITEM}`, so one script only
-/// touches one Redis Cluster slot.
+/// One of a stock bucket's keys. All of a bucket's keys share one hash tag
+/// (`{ITEM}` for bucket 0, `{ITEM/B}` for bucket B), so one script only touches
+/// one Redis Cluster slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Part {
     /// Hash: `version`, `admissions` (see [`STAMP_FIELDS`]); present when the state is loaded.
@@ -30,10 +31,15 @@ pub(super) enum Part {
     Parked,
     /// Hash: order id → "attempts:next allowed at ms" (`claim_republish.lua`).
     Republished,
+    /// Hash: loan id → `borrower bucket\nunits\nlent at ms`: units this bucket
+    /// lent to a dry one and not yet known to have arrived (`lend.lua`).
+    Lent,
+    /// Set: loan ids this bucket has received (each credited at most once).
+    Received,
 }
 
 impl Part {
-    pub(super) const ALL: [Self; 9] = [
+    pub(super) const ALL: [Self; 11] = [
         Self::Ready,
         Self::Tokens,
         Self::Held,
@@ -43,6 +49,8 @@ impl Part {
         Self::Applied,
         Self::Parked,
         Self::Republished,
+        Self::Lent,
+        Self::Received,
     ];
 
     fn name(self) -> &'static str {
@@ -56,13 +64,40 @@ impl Part {
             Self::Applied => "applied",
             Self::Parked => "parked",
             Self::Republished => "republished",
+            Self::Lent => "lent",
+            Self::Received => "received",
         }
     }
 }
 
-/// `<prefix>:{<item>}:<part>`.
-pub(super) fn item_key(prefix: &str, item_id: &str, part: Part) -> String {
-    format!("{prefix}:{{{item_id}}}:{}", part.name())
+/// One stock bucket of an item: the Redis slot its keys hash to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Slot<'a> {
+    pub(super) item_id: &'a str,
+    pub(super) bucket: u32,
+}
+
+/// `<prefix>:{<item>}:<part>` for bucket 0 (so an item of one bucket keeps the
+/// keys it always had), `<prefix>:{<item>/<bucket>}:<part>` for the others.
+/// Item ids are `[A-Za-z0-9_-]`, so the `/` cannot make two buckets' tags equal.
+pub(super) fn item_key(prefix: &str, slot: Slot<'_>, part: Part) -> String {
+    let Slot { item_id, bucket } = slot;
+    match bucket {
+        0 => format!("{prefix}:{{{item_id}}}:{}", part.name()),
+        _ => format!("{prefix}:{{{item_id}/{bucket}}}:{}", part.name()),
+    }
+}
+
+/// The bucket of `buckets` a buyer is bound to: FNV-1a (64-bit) of the user id's
+/// UTF-8 bytes, modulo `buckets`. Every gateway must compute the same bucket for
+/// a buyer in every release, so this is a fixed, published function (the `fnv`
+/// crate), not `std`'s hasher, whose output may change between Rust versions.
+pub(super) fn bucket_of(user_id: &str, buckets: u32) -> u32 {
+    use std::hash::Hasher;
+    let mut hasher = fnv::FnvHasher::default();
+    hasher.write(user_id.as_bytes());
+    // The remainder is below `buckets`, a u32.
+    u32::try_from(hasher.finish() % u64::from(buckets.max(1))).unwrap_or(0)
 }
 
 /// The gateway's own admission record of an order (JSON, with a TTL).
@@ -81,11 +116,11 @@ impl ItemScript {
         Self { script: Script::new(source), keys }
     }
 
-    /// An invocation with the item's keys in place; the caller adds the `ARGV`.
-    pub(super) fn on(&self, prefix: &str, item_id: &str) -> ScriptInvocation<'_> {
+    /// An invocation with the bucket's keys in place; the caller adds the `ARGV`.
+    pub(super) fn on(&self, prefix: &str, slot: Slot<'_>) -> ScriptInvocation<'_> {
         let mut invocation = self.script.prepare_invoke();
         for part in self.keys {
-            invocation.key(item_key(prefix, item_id, *part));
+            invocation.key(item_key(prefix, slot, *part));
         }
         invocation
     }
@@ -94,8 +129,11 @@ impl ItemScript {
 /// Each script with its `KEYS`.
 const ADMIT: (&str, &[Part]) = (
     include_str!("../lua/admit.lua"),
-    &[Part::Ready, Part::Tokens, Part::Held, Part::Inflight, Part::Idem, Part::Admitted],
+    &[Part::Ready, Part::Tokens, Part::Held, Part::Inflight, Part::Idem, Part::Admitted, Part::Received],
 );
+const LEND: (&str, &[Part]) = (include_str!("../lua/lend.lua"), &[Part::Ready, Part::Tokens, Part::Lent]);
+const RECEIVE: (&str, &[Part]) = (include_str!("../lua/receive.lua"), &[Part::Ready, Part::Tokens, Part::Received]);
+const CLOSE_LOAN: (&str, &[Part]) = (include_str!("../lua/close_loan.lua"), &[Part::Ready, Part::Tokens, Part::Lent]);
 const UNADMIT: (&str, &[Part]) =
     (include_str!("../lua/unadmit.lua"), &[Part::Tokens, Part::Held, Part::Inflight, Part::Idem, Part::Admitted]);
 const APPLY_EVENT: (&str, &[Part]) = (
@@ -117,6 +155,9 @@ pub(super) struct Scripts {
     pub(super) rebuild: ItemScript,
     pub(super) resync: ItemScript,
     pub(super) claim_republish: ItemScript,
+    pub(super) lend: ItemScript,
+    pub(super) receive: ItemScript,
+    pub(super) close_loan: ItemScript,
 }
 
 impl Scripts {
@@ -129,6 +170,9 @@ impl Scripts {
             rebuild: script(REBUILD),
             resync: script(RESYNC),
             claim_republish: script(CLAIM_REPUBLISH),
+            lend: script(LEND),
+            receive: script(RECEIVE),
+            close_loan: script(CLOSE_LOAN),
         }
     }
 }
@@ -188,6 +232,22 @@ impl AdmittedEntry {
     }
 }
 
+/// A `lent` value: `borrower bucket\nunits\nlent at ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct LoanEntry {
+    pub(super) borrower: u32,
+    pub(super) units: u32,
+    pub(super) at_ms: i64,
+}
+
+impl LoanEntry {
+    pub(super) fn decode(value: &str) -> Option<Self> {
+        let mut fields = value.splitn(3, '\n');
+        let (borrower, units, at) = (fields.next()?, fields.next()?, fields.next()?);
+        Some(Self { borrower: borrower.parse().ok()?, units: units.parse().ok()?, at_ms: at.parse().ok()? })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +287,9 @@ mod tests {
             ("rebuild", REBUILD),
             ("resync", RESYNC),
             ("claim_republish", CLAIM_REPUBLISH),
+            ("lend", LEND),
+            ("receive", RECEIVE),
+            ("close_loan", CLOSE_LOAN),
         ] {
             let passed: Vec<&str> = keys.iter().map(|part| part.name()).collect();
             assert_eq!(header_keys(source), passed, "{name}.lua");
@@ -245,6 +308,29 @@ mod tests {
         assert_eq!((entry.user_id.as_str(), entry.quantity, entry.at_ms), ("alice", 2, 1_767_225_600_000));
         assert_eq!(entry.idempotency_key, "key-1");
         assert_eq!(AdmittedEntry::decode("alice\n2"), None);
-        assert_eq!(item_key("p", "drop", Part::Tokens), "p:{drop}:tokens");
+        let slot = |bucket| Slot { item_id: "drop", bucket };
+        assert_eq!(item_key("p", slot(0), Part::Tokens), "p:{drop}:tokens");
+        assert_eq!(item_key("p", slot(3), Part::Tokens), "p:{drop/3}:tokens");
+        let loan = LoanEntry::decode("2\n3\n1767225600000").unwrap();
+        assert_eq!((loan.borrower, loan.units, loan.at_ms), (2, 3, 1_767_225_600_000));
+        assert_eq!(LoanEntry::decode("2\n3"), None);
+    }
+
+    /// The binding of buyers to buckets is part of the stored state: a change
+    /// would move every buyer of a bucketed sale away from their limit, in-flight
+    /// mark and keys. These values are FNV-1a's, fixed for good.
+    #[test]
+    fn buyers_keep_their_bucket() {
+        assert_eq!(bucket_of("alice", 1), 0);
+        let spread: Vec<u32> =
+            ["alice", "bob", "carol", "dave", "auth0|erin"].iter().map(|u| bucket_of(u, 4)).collect();
+        // FNV-1a 64 of "alice" is 0x508b2abb65a03907 (computed apart from this code).
+        assert_eq!(spread, [3, 0, 2, 3, 3]);
+        // Roughly even over many buyers.
+        let mut counts = [0u32; 4];
+        for n in 0..4_000 {
+            counts[bucket_of(&format!("buyer-{n}"), 4) as usize] += 1;
+        }
+        assert!(counts.iter().all(|&count| (800..=1_200).contains(&count)), "{counts:?}");
     }
 }

@@ -43,6 +43,8 @@ pub struct CatalogItem {
     pub currency: String,
     pub price_minor: i64,
     pub per_user_limit: u32,
+    /// Stock buckets the item's admission state is spread over (1 for most items).
+    pub admission_buckets: u32,
     pub starts_at_ms: i64,
     pub ends_at_ms: i64,
     /// Whether Redis said SOLD_OUT, kept across refreshes of the item.
@@ -62,12 +64,18 @@ impl CatalogItem {
             currency: price.currency.clone(),
             price_minor: price.amount_minor,
             per_user_limit: item.per_user_limit,
+            admission_buckets: item.admission_buckets.max(1),
             starts_at_ms: flashsale_domain::time::to_ms(item.starts_at.as_ref()?),
             ends_at_ms: flashsale_domain::time::to_ms(item.ends_at.as_ref()?),
             sold_out: Arc::default(),
             pg_remaining: AtomicU32::new(item.stock_remaining),
             keys_expiry_set_at_ms: Arc::default(),
         })
+    }
+
+    /// How the item's admission state is laid out in Redis.
+    pub fn spread(&self) -> crate::admission::Spread<'_> {
+        crate::admission::Spread::new(&self.id, self.admission_buckets)
     }
 
     pub fn is_sold_out(&self) -> bool {

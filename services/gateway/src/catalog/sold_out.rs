@@ -33,13 +33,14 @@ pub struct SoldOut {
     loading: tokio::sync::Mutex<()>,
 }
 
-/// Redis's admission state of an item as far as key holders go: its version
-/// (changes when the state is rebuilt) and its count of admissions (each one
-/// adds a key). A set of key holders is complete while the stamp is unchanged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Redis's admission state of an item as far as key holders go: for each
+/// stock bucket its version (changes when the bucket is rebuilt) and its count
+/// of admissions (each one adds a key). A set of key holders is complete while
+/// the stamp is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AdmissionStamp {
-    pub version: i64,
-    pub admissions: i64,
+    /// (version, admissions) of each bucket, in bucket order.
+    pub buckets: Vec<(i64, i64)>,
 }
 
 #[derive(Debug, Default)]
@@ -122,7 +123,7 @@ impl SoldOut {
         let state = self.state.load(Ordering::Acquire);
         let (previous, failed_at) = {
             let known = self.key_holders.lock();
-            (known.holders.as_ref().map(|holders| (holders.stamp, holders.buyers.clone())), known.failed_at)
+            (known.holders.as_ref().map(|holders| (holders.stamp.clone(), holders.buyers.clone())), known.failed_at)
         };
         if state & 1 == 0 || failed_at.is_some_and(|at| at.elapsed() < LOAD_BACKOFF) {
             return Ok(None);
@@ -160,7 +161,7 @@ mod tests {
     type Reply = Result<(AdmissionStamp, HashSet<String>), &'static str>;
 
     fn stamp(admissions: i64) -> AdmissionStamp {
-        AdmissionStamp { version: 7, admissions }
+        AdmissionStamp { buckets: vec![(7, admissions)] }
     }
 
     fn buyers(names: &[&str]) -> HashSet<String> {

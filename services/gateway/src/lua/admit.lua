@@ -1,9 +1,12 @@
--- Admits or refuses one purchase attempt, atomically (README, "The purchase path", step 2).
--- Every key is hash-tagged by item ({ITEM}) so the script runs on Redis Cluster.
+-- Admits or refuses one purchase attempt, atomically (README, "The purchase path", step 2),
+-- in the buyer's stock bucket. Every key is hash-tagged by bucket ({ITEM} or
+-- {ITEM/B}) so the script runs on Redis Cluster.
 -- Key types and value encodings: services/DESIGN.md, "Redis keys".
--- KEYS: 1 ready (a hash: the state's version, the admissions count), 2 tokens, 3 held, 4 inflight, 5 idem, 6 admitted
+-- KEYS: 1 ready (a hash: the state's version, the admissions count), 2 tokens, 3 held, 4 inflight, 5 idem, 6 admitted, 7 received
 -- ARGV: 1 user, 2 quantity, 3 per-user limit, 4 idempotency key, 5 new order id,
---       6 now (unix ms, for the reconciler)
+--       6 now (unix ms, for the reconciler),
+--       7 loan id ('' for none), 8 units of the loan: units another bucket lent
+--       this one for this attempt (lend.lua), credited first, at most once
 -- Returns {outcome, detail}:
 --   NOT_READY                  the item's admission state is missing: rebuild it first
 --   DUPLICATE, "<order>|<qty>" this buyer used this key before
@@ -12,6 +15,9 @@
 --   RESERVED, tokens left      tokens taken; the order is in flight
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {'NOT_READY', ''}
+end
+if ARGV[7] ~= '' and redis.call('SADD', KEYS[7], ARGV[7]) == 1 then
+  redis.call('INCRBY', KEYS[2], tonumber(ARGV[8]))
 end
 local user, order = ARGV[1], ARGV[5]
 local quantity, limit = tonumber(ARGV[2]), tonumber(ARGV[3])

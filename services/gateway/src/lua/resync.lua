@@ -5,7 +5,9 @@
 -- PostgreSQL judges every order anyway.
 -- Key types and value encodings: services/DESIGN.md, "Redis keys".
 -- KEYS: 1 ready, 2 tokens, 3 admitted
--- ARGV: 1 PostgreSQL stock remaining (read just before this call)
+-- ARGV: 1 the tokens this bucket should offer at least: PostgreSQL's stock
+--       remaining (read just before this call) less what the item's other
+--       buckets offer (the gateway checked none has anything in flight)
 -- Returns the number of tokens added.
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HLEN', KEYS[3]) > 0 then
   return 0

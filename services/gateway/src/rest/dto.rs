@@ -131,12 +131,24 @@ pub struct Item {
     pub starts_at: Option<DateTime<Utc>>,
     pub ends_at: Option<DateTime<Utc>>,
     pub status: ItemStatus,
+    /// Redis slots the item's admission is spread over (1 for all but the hottest items).
+    pub admission_buckets: u32,
 }
 
 impl From<pb::Item> for Item {
     fn from(item: pb::Item) -> Self {
-        let pb::Item { id, name, price, stock_total, stock_remaining, per_user_limit, starts_at, ends_at, status } =
-            item;
+        let pb::Item {
+            id,
+            name,
+            price,
+            stock_total,
+            stock_remaining,
+            per_user_limit,
+            starts_at,
+            ends_at,
+            status,
+            admission_buckets,
+        } = item;
         Self {
             id,
             name,
@@ -147,6 +159,7 @@ impl From<pb::Item> for Item {
             starts_at: time(starts_at),
             ends_at: time(ends_at),
             status: status.into(),
+            admission_buckets,
         }
     }
 }
@@ -289,11 +302,16 @@ pub struct CreateItemBody {
     pub starts_at: DateTime<Utc>,
     /// After `starts_at`.
     pub ends_at: DateTime<Utc>,
+    /// Redis slots to spread the item's admission over, 1..=64 (absent or 0: 1).
+    /// More than 1 only for an item too hot for one Redis Cluster shard.
+    #[serde(default)]
+    pub admission_buckets: u32,
 }
 
 impl From<CreateItemBody> for gw::CreateItemRequest {
     fn from(body: CreateItemBody) -> Self {
-        let CreateItemBody { id, name, price, stock_total, per_user_limit, starts_at, ends_at } = body;
+        let CreateItemBody { id, name, price, stock_total, per_user_limit, starts_at, ends_at, admission_buckets } =
+            body;
         Self {
             id,
             name,
@@ -302,6 +320,7 @@ impl From<CreateItemBody> for gw::CreateItemRequest {
             per_user_limit,
             starts_at: Some(timestamp(starts_at)),
             ends_at: Some(timestamp(ends_at)),
+            admission_buckets,
         }
     }
 }

@@ -6,8 +6,8 @@
 //! annotations.)
 
 use flashsale_domain::{
-    Currency, IdempotencyKey, ItemId, MAX_AMOUNT_MINOR, MAX_PAGE_SIZE, MAX_PER_USER_LIMIT, MAX_PRICE_MINOR, MAX_STOCK,
-    OrderId, TopUpKey, UserId,
+    Currency, IdempotencyKey, ItemId, MAX_ADMISSION_BUCKETS, MAX_AMOUNT_MINOR, MAX_PAGE_SIZE, MAX_PER_USER_LIMIT,
+    MAX_PRICE_MINOR, MAX_STOCK, OrderId, TopUpKey, UserId,
 };
 use utoipa::Number;
 use utoipa::openapi::schema::Schema;
@@ -38,6 +38,7 @@ const BOUNDS: &[(&str, &str, Option<i64>, i64)] = &[
     ("PurchaseBody", "quantity", Some(1), MAX_PER_USER_LIMIT as i64),
     ("CreateItemBody", "stock_total", None, MAX_STOCK as i64),
     ("CreateItemBody", "per_user_limit", Some(1), MAX_PER_USER_LIMIT as i64),
+    ("CreateItemBody", "admission_buckets", None, MAX_ADMISSION_BUCKETS as i64),
 ];
 
 /// Numeric parameters: name, maximum.

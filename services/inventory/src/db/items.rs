@@ -20,6 +20,7 @@ pub async fn create(conn: &mut AsyncPgConnection, spec: &ItemSpec) -> Result<Ite
             per_user_limit: spec.per_user_limit,
             starts_at: spec.starts_at,
             ends_at: spec.ends_at,
+            admission_buckets: spec.admission_buckets,
         })
         .on_conflict_do_nothing()
         .returning(Item::as_returning())

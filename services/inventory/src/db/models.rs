@@ -20,6 +20,7 @@ pub struct Item {
     pub ends_at: DateTime<Utc>,
     pub version: i64,
     pub created_at: DateTime<Utc>,
+    pub admission_buckets: i32,
 }
 
 #[derive(Debug, Insertable)]
@@ -34,6 +35,7 @@ pub struct NewItem<'a> {
     pub per_user_limit: i32,
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
+    pub admission_buckets: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, QueryableByName, Selectable)]

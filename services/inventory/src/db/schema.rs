@@ -22,6 +22,7 @@ diesel::table! {
         ends_at -> Timestamptz,
         version -> Int8,
         created_at -> Timestamptz,
+        admission_buckets -> Int4,
     }
 }
 
