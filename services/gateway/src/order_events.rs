@@ -173,22 +173,20 @@ impl OrderEvents {
     /// bucket count from the catalog (asking inventory once for an item it has
     /// not seen).
     async fn apply_to_redis(&self, event: &OrderEvent) -> Result<String, GatewayError> {
-        let buckets = match &event.order {
-            Some(order) => match self.catalog.lookup(&order.item_id).await {
-                Ok(item) => item.admission_buckets,
-                // Events name only items inventory has (its orders reference
-                // them): this is the catalog's bound on lookups of unknown ids,
-                // so try again, the event unacked.
-                Err(GatewayError::ItemNotFound) => {
-                    return Err(GatewayError::Unavailable("the event's item is not in the catalog yet".into()));
-                }
-                Err(e) => return Err(e),
-            },
-            // apply_event refuses it.
-            None => 1,
+        use crate::admission::Spread;
+        // Without an order apply_event refuses it, whatever the spread.
+        let Some(order) = &event.order else { return self.admission.apply_event(Spread::new("", 1), event).await };
+        let item = match self.catalog.lookup(&order.item_id).await {
+            Ok(item) => item,
+            // Events name only items inventory has (its orders reference them):
+            // this is the catalog's bound on lookups of unknown ids, so try
+            // again, the event unacked.
+            Err(GatewayError::ItemNotFound) => {
+                return Err(GatewayError::Unavailable("the event's item is not in the catalog yet".into()));
+            }
+            Err(e) => return Err(e),
         };
-        let item_id = event.order.as_ref().map_or("", |order| order.item_id.as_str());
-        self.admission.apply_event(crate::admission::Spread::new(item_id, buckets), event).await
+        self.admission.apply_event(item.spread(), event).await
     }
 
     /// Copies an event that can never be applied to the dead-letter queue, then

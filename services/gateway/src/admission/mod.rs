@@ -517,8 +517,8 @@ impl Admission {
             for slot in item.slots() {
                 let value: Option<String> = conn.hget(self.key(slot, Part::Admitted), order_id).await?;
                 if let Some(entry) = value.as_deref().and_then(AdmittedEntry::decode) {
-                    let found = (item.item_id.to_owned(), entry.user_id, entry.quantity, entry.at_ms);
-                    return Ok(Some((found.0, found.1, found.2, found.3, entry.idempotency_key)));
+                    let AdmittedEntry { user_id, quantity, at_ms, idempotency_key } = entry;
+                    return Ok(Some((item.item_id.to_owned(), user_id, quantity, at_ms, idempotency_key)));
                 }
             }
         }
