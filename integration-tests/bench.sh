@@ -157,10 +157,10 @@ echo "[bench] C1: redis-benchmark running admit.lua (EVALSHA), 50 clients" >&2
 SHA=$(redis-cli SCRIPT LOAD "$(cat services/gateway/src/lua/admit.lua)")
 redis-cli HSET 'c1:{x}:ready' version 1 >/dev/null
 redis-cli SET 'c1:{x}:tokens' 1000000000 >/dev/null
-# The KEYS and ARGV of admit.lua's header: no loan (ARGV 7 empty, 8 zero).
+# The KEYS and ARGV of admit.lua's header: no loan (ARGV 7, the loan count, zero).
 C1=$(redis-benchmark -c 50 -n 300000 -r 100000000 --csv EVALSHA "$SHA" 7 \
   'c1:{x}:ready' 'c1:{x}:tokens' 'c1:{x}:held' 'c1:{x}:inflight' 'c1:{x}:idem' 'c1:{x}:admitted' 'c1:{x}:received' \
-  u:__rand_int__ 1 1000000 k:__rand_int__ o:__rand_int__ 0 '' 0 | tail -n 1 | cut -d, -f2 | tr -d '"' | cut -d. -f1)
+  u:__rand_int__ 1 1000000 k:__rand_int__ o:__rand_int__ 0 0 | tail -n 1 | cut -d, -f2 | tr -d '"' | cut -d. -f1)
 
 echo "[bench] S1/C2: seed an admission sale (10^9 units, unfunded buyers)" >&2
 load seed --gateway-url $GW --users 5000 --stock 1000000000 --limit 1000 --unfunded >"$OUT/sale-s1.json"

@@ -81,6 +81,17 @@ impl ServiceProcess {
         format!("http://{}", SocketAddr::new(self.place.ip, self.grpc_port))
     }
 
+    /// The most resident memory the process has used so far (`VmHWM`), in KiB.
+    pub fn peak_resident_kib(&self) -> anyhow::Result<u64> {
+        let pid = self.child.id().ok_or_else(|| anyhow::anyhow!("{} has exited", self.service.binary()))?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no VmHWM for {pid}"))
+    }
+
     /// Waits until the process ends by itself (a crash point fired), at most `timeout`.
     pub async fn exited(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
         tokio::time::timeout(timeout, self.child.wait())

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flashsale_gateway::admission::{Admission, Admit, Spread};
-use flashsale_proto::inventory::v1::GetAdmissionSnapshotResponse;
+use flashsale_proto::inventory::v1::StreamAdmissionSnapshotResponse;
 use serde::Serialize;
 
 use crate::backing::PrivateRedisCluster;
@@ -52,14 +52,19 @@ pub async fn measure(buckets: &[u32], duration: Duration, concurrency: usize) ->
         let spread = Spread::new(&item, count);
         let prefix = format!("fs-bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let admission = Arc::new(Admission::connect(&urls, true, &prefix).await?);
-        let snapshot = GetAdmissionSnapshotResponse {
+        // The whole snapshot in one piece: no buyer holds anything yet.
+        let snapshot = StreamAdmissionSnapshotResponse {
             item_id: item.clone(),
             stock_remaining: 1_000_000_000,
             per_user_limit: 1,
             item_version: 1,
+            complete: true,
             ..Default::default()
         };
-        anyhow::ensure!(admission.rebuild(spread, &snapshot).await? == count, "the buckets of {item} were not loaded");
+        let lease =
+            admission.begin_rebuild(spread).await?.ok_or_else(|| anyhow::anyhow!("{item} was loaded already"))?;
+        let rebuilt = admission.rebuild(spread, &lease, futures::stream::iter([Ok(snapshot)])).await?;
+        anyhow::ensure!(rebuilt == count, "the buckets of {item} were not loaded");
         let masters_used = {
             let prefixes = crate::audit::bucket_prefixes(&prefix, &item, count);
             cluster.masters_of(prefixes.iter().map(|p| format!("{p}:tokens"))).await?.len()

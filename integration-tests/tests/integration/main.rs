@@ -15,6 +15,7 @@ mod notifications;
 mod observability;
 mod partition;
 mod purchase;
+mod rebuild;
 mod rest;
 mod sale;
 mod signin;

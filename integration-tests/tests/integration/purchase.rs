@@ -284,3 +284,94 @@ async fn after_the_sell_out_only_key_holders_need_redis_and_a_returned_unit_star
     );
     suite.shutdown().await
 }
+
+/// Stock 3, limit 2: after two units sell, a request for 2 is told
+/// NOT_ENOUGH_STOCK with the unit left (gRPC `ErrorInfo` metadata, REST body),
+/// and the next buyer asking for 1 buys it at once: the refusal did not mark
+/// the item sold out (review defect: every later buyer was told SOLD_OUT until
+/// the catalog's next refresh).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_more_than_is_left_is_not_enough_stock_and_the_rest_still_sells() -> anyhow::Result<()> {
+    let suite = TestSuite::spawn().await?;
+    create_item(&suite, "cup", 100, 3, 2).await?;
+    for buyer in ["ann", "ben", "cid", "dot"] {
+        top_up(&suite, buyer, 1_000).await?;
+    }
+    for buyer in ["ann", "ben"] {
+        suite.buyers().purchase(suite.as_user(buyer, buy("cup", 1))).await?;
+    }
+    let status = suite.buyers().purchase(suite.as_user("cid", buy("cup", 2))).await.expect_err("2 of 1 left");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(reason_of(&status), "NOT_ENOUGH_STOCK");
+    let details = tonic_types::StatusExt::get_error_details(&status);
+    let units_left = details.error_info().and_then(|info| info.metadata.get("units_left").cloned());
+    assert_eq!(units_left.as_deref(), Some("1"));
+
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/purchases", suite.http_url()))
+        .bearer_auth(suite.token("cid", false))
+        .json(&serde_json::json!({"item_id": "cup", "quantity": 2}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), reqwest::StatusCode::CONFLICT);
+    let body: serde_json::Value = response.json().await?;
+    assert_eq!(
+        (body["error"]["code"].as_str(), body["error"]["units_left"].as_u64()),
+        (Some("NOT_ENOUGH_STOCK"), Some(1))
+    );
+
+    let dot = suite.buyers().purchase(suite.as_user("dot", buy("cup", 1))).await?.into_inner();
+    assert_eq!(dot.status(), OrderStatus::Pending, "the last unit is still on sale");
+    let status = suite.buyers().purchase(suite.as_user("cid", buy("cup", 1))).await.expect_err("all gone");
+    assert_eq!(reason_of(&status), "SOLD_OUT");
+    suite.shutdown().await
+}
+
+/// Redis calls of one command so far (`INFO commandstats`).
+async fn redis_calls(url: &str, command: &str) -> anyhow::Result<u64> {
+    let mut conn = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await?;
+    let prefix = format!("cmdstat_{command}:calls=");
+    Ok(info
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Looking up an order inventory does not know reads one Redis key per sale,
+/// in the buyer's own stock bucket, all at once on the hot-path connection
+/// (review defect: one key per bucket of every sale, one after another, on the
+/// pool that events and rebuilds share, so one buyer could tie Redis up with
+/// made-up ids). Counted on a Redis server of the test's own: 10 look-ups over
+/// 6 sales of 4 buckets each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn looking_up_an_unknown_order_reads_one_key_per_sale() -> anyhow::Result<()> {
+    use flashsale_integration_tests::backing::PrivateRedis;
+    use flashsale_integration_tests::suite::SuiteOptions;
+    use flashsale_proto::gateway::v1::{GetOrderRequest, ListItemsRequest};
+
+    let redis = PrivateRedis::start().await?;
+    let suite =
+        TestSuite::spawn_with(SuiteOptions { gateway_redis_url: Some(redis.url()), ..SuiteOptions::default() }).await?;
+    let (sales, lookups) = (6u64, 10u64);
+    for n in 0..sales {
+        let (starts, ends) =
+            (crate::common::at(Duration::from_secs(1), false), crate::common::at(Duration::from_secs(600), true));
+        crate::common::create_bucketed_item_between(&suite, &format!("s{n}"), 100, 10, 1, 4, starts, ends).await?;
+    }
+    // Listing puts every live sale in the gateway's catalog.
+    let listed = suite.buyers().list_items(suite.as_user("ann", ListItemsRequest::default())).await?.into_inner();
+    assert_eq!(listed.items.len() as u64, sales);
+    let before = redis_calls(&redis.url(), "hget").await?;
+    for _ in 0..lookups {
+        let lookup = GetOrderRequest { order_id: uuid::Uuid::now_v7().to_string() };
+        let status = suite.buyers().get_order(suite.as_user("ann", lookup)).await.expect_err("made up");
+        assert_eq!(reason_of(&status), "ORDER_NOT_FOUND");
+    }
+    let reads = redis_calls(&redis.url(), "hget").await? - before;
+    eprintln!("get_order: {lookups} unknown ids over {sales} sales of 4 buckets: {reads} HGETs");
+    assert!(reads <= lookups * sales, "{reads} HGETs: more than one per sale and look-up");
+    suite.shutdown().await
+}

@@ -8,10 +8,19 @@
 //! nearest address in `X-Forwarded-For` that is not itself a trusted proxy: a
 //! client can prepend anything to that header, but not what the proxies it
 //! passed appended. From an untrusted peer the header is ignored.
+//!
+//! An IPv6 client usually holds a whole /64 (2^64 addresses), so IPv6
+//! addresses are counted by their network of [`ClientKeys::ipv6_prefix`] bits
+//! (IPv4 addresses one by one). The limiter remembers at most
+//! [`ClientKeys::max_addresses`] networks: past that, after forgetting the idle
+//! ones, new calls share one rate until the flood of addresses ebbs, so a
+//! client cycling through addresses cannot grow the gateway's memory.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::net::Ipv6Addr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -24,10 +33,44 @@ use crate::error::GatewayError;
 /// The wait a refusal names when the limiter cannot say.
 const DEFAULT_RETRY: Duration = Duration::from_secs(1);
 
+/// How client addresses are counted by the per-address limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientKeys {
+    /// IPv6 addresses count by their network of this many leading bits (1..=128).
+    pub ipv6_prefix: u8,
+    /// The most networks the limiter remembers at once.
+    pub max_addresses: usize,
+}
+
+impl ClientKeys {
+    pub const DEFAULT: Self = Self { ipv6_prefix: 64, max_addresses: 100_000 };
+
+    /// The key a client address is counted under: an IPv4 address itself, an
+    /// IPv6 address's network of `ipv6_prefix` bits.
+    fn key(self, client: IpAddr) -> IpAddr {
+        match client {
+            IpAddr::V4(_) => client,
+            IpAddr::V6(v6) => {
+                let bits = u32::from(self.ipv6_prefix.clamp(1, 128));
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        }
+    }
+}
+
+/// The key every new client shares while the limiter is full.
+const OVERFLOW: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+
 pub struct AbuseLimits {
     /// Purchase attempts per buyer that may reach Redis (GCRA in memory).
     per_buyer: Option<DefaultKeyedRateLimiter<String>>,
     per_client: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    client_keys: ClientKeys,
+    /// When the full per-client map was last swept (ms after `started`), so a
+    /// flood does not sweep it on every call.
+    swept_at_ms: AtomicU64,
+    started: std::time::Instant,
     clock: DefaultClock,
     trusted_proxies: Vec<IpNet>,
     max_watches: u32,
@@ -59,12 +102,16 @@ impl AbuseLimits {
     pub fn new(
         per_buyer: Option<Quota>,
         per_client: Option<Quota>,
+        client_keys: ClientKeys,
         trusted_proxies: Vec<IpNet>,
         max_watches: u32,
     ) -> Self {
         Self {
             per_buyer: per_buyer.map(RateLimiter::keyed),
             per_client: per_client.map(RateLimiter::keyed),
+            client_keys,
+            swept_at_ms: AtomicU64::new(0),
+            started: std::time::Instant::now(),
             clock: DefaultClock::default(),
             trusted_proxies,
             max_watches,
@@ -74,7 +121,7 @@ impl AbuseLimits {
 
     /// No limits (tests of other things).
     pub fn off() -> Self {
-        Self::new(None, None, Vec::new(), 0)
+        Self::new(None, None, ClientKeys::DEFAULT, Vec::new(), 0)
     }
 
     /// The client's address: the peer, or from a trusted proxy the nearest
@@ -110,7 +157,23 @@ impl AbuseLimits {
     /// A call whose address is unknown (not over TCP) is not limited here.
     pub fn check_client(&self, client: Option<IpAddr>) -> Result<(), GatewayError> {
         let (Some(limiter), Some(client)) = (&self.per_client, client) else { return Ok(()) };
-        limiter.check_key(&client).map_err(|not_until| self.refusal("client_address", &not_until))
+        let mut key = self.client_keys.key(client);
+        if limiter.len() >= self.client_keys.max_addresses {
+            // Full: forget the networks whose rate has recovered (at most once a
+            // second), and while it is still full, count new calls together.
+            let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let swept = self.swept_at_ms.load(Ordering::Relaxed);
+            if now_ms.saturating_sub(swept) >= 1_000
+                && self.swept_at_ms.compare_exchange(swept, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            {
+                limiter.retain_recent();
+            }
+            if limiter.len() >= self.client_keys.max_addresses {
+                metrics::counter!("flashsale_client_addresses_overflow_total").increment(1);
+                key = OVERFLOW;
+            }
+        }
+        limiter.check_key(&key).map_err(|not_until| self.refusal("client_address", &not_until))
     }
 
     /// One purchase attempt of `buyer` that would reach Redis, within the
@@ -171,7 +234,8 @@ mod tests {
         // One call at once, then two a second.
         let two = std::num::NonZeroU32::new(2).unwrap_or(std::num::NonZeroU32::MIN);
         let quota = Quota::per_second(two).allow_burst(std::num::NonZeroU32::MIN);
-        AbuseLimits::new(Some(quota), Some(quota), trusted.iter().filter_map(|t| t.parse().ok()).collect(), 2)
+        let trusted = trusted.iter().filter_map(|t| t.parse().ok()).collect();
+        AbuseLimits::new(Some(quota), Some(quota), ClientKeys::DEFAULT, trusted, 2)
     }
 
     fn ip(text: &str) -> Option<IpAddr> {
@@ -207,5 +271,39 @@ mod tests {
         assert!(limits.open_watch("bob").is_ok());
         drop(first);
         assert!(limits.open_watch("alice").is_ok(), "a closed stream frees its slot");
+    }
+
+    /// A client with an IPv6 /64 (2^64 addresses) is one client: a call from
+    /// every address of its network shares one rate (review defect: keyed by
+    /// the full /128, one /64 had 2^64 separate rates), while another /64
+    /// keeps its own.
+    #[test]
+    fn an_ipv6_network_shares_one_rate() {
+        let limits = limits(&[]);
+        assert!(limits.check_client(ip("2001:db8:1:2::1")).is_ok());
+        assert!(limits.check_client(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")).is_err(), "the same /64");
+        assert!(limits.check_client(ip("2001:db8:1:3::1")).is_ok(), "another /64");
+        let keys = ClientKeys { ipv6_prefix: 48, ..ClientKeys::DEFAULT };
+        assert_eq!(keys.key("2001:db8:1:2::1".parse().unwrap()), "2001:db8:1::".parse::<IpAddr>().unwrap());
+        assert_eq!(keys.key("203.0.113.9".parse().unwrap()), "203.0.113.9".parse::<IpAddr>().unwrap());
+        let whole = ClientKeys { ipv6_prefix: 128, ..ClientKeys::DEFAULT };
+        assert_eq!(whole.key("2001:db8::7".parse().unwrap()), "2001:db8::7".parse::<IpAddr>().unwrap());
+    }
+
+    /// A client cycling through addresses cannot grow the limiter past its
+    /// bound: once full, new addresses share one rate.
+    #[test]
+    fn the_limiter_remembers_a_bounded_number_of_networks() {
+        // One call a minute: no address recovers while the test runs, however slow.
+        let quota = Quota::per_minute(std::num::NonZeroU32::MIN);
+        let keys = ClientKeys { ipv6_prefix: 64, max_addresses: 3 };
+        let limits = AbuseLimits::new(None, Some(quota), keys, Vec::new(), 0);
+        for n in 0..3u8 {
+            assert!(limits.check_client(Some(IpAddr::from([198, 51, 100, n]))).is_ok());
+        }
+        assert!(limits.check_client(ip("203.0.113.1")).is_ok(), "the first past the bound, on the shared rate");
+        assert!(limits.check_client(ip("203.0.113.2")).is_err(), "the shared rate is spent");
+        let tracked = limits.per_client.as_ref().map(|limiter| limiter.len()).unwrap_or_default();
+        assert!(tracked <= 4, "{tracked} keys kept: the bound and the shared one");
     }
 }

@@ -25,6 +25,9 @@ use crate::upstream::{Upstreams, request, retry_if_lost};
 /// How often an order watch re-reads the order in case an event was missed
 /// (consumer reconnecting, broadcast lag).
 const WATCH_RECHECK: Duration = Duration::from_secs(2);
+/// The most sales one `GetOrder` of an order unknown to inventory looks through
+/// in Redis (one HGET each, in one round trip).
+const MAX_LOOKUP_ITEMS: usize = 256;
 
 /// The operations layer: one implementation of every gateway operation.
 pub struct Operations {
@@ -55,16 +58,25 @@ impl Operations {
         _caller: &Principal,
         req: ListItemsRequest,
     ) -> Result<ListItemsResponse, GatewayError> {
-        let ListItemsRequest { page_size, page_token } = req;
+        let ListItemsRequest { page_size, page_token, include_ended } = req;
+        // Live and upcoming sales, unless the history is asked for: a buyer's
+        // listing must not load every sale ever held.
+        let now = std::time::SystemTime::now();
+        let ending_after = (!include_ended).then(|| prost_types::Timestamp::from(now));
         let reply = retry_if_lost(|| {
             let mut client = self.upstreams.inventory.clone();
-            let listing = inventory::ListItemsRequest { page_size, page_token: page_token.clone(), ending_after: None };
+            let listing = inventory::ListItemsRequest { page_size, page_token: page_token.clone(), ending_after };
             async move { client.list_items(request(listing)).await }
         })
         .await
         .map_err(GatewayError::from_upstream)?
         .into_inner();
-        for item in &reply.items {
+        // Only sales still running or to come join the catalog (which the
+        // refresher and the reconciler walk); the history stays out of it.
+        let now_ms = flashsale_domain::time::now_ms();
+        for item in
+            reply.items.iter().filter(|item| item.ends_at.as_ref().is_some_and(|end| end.seconds * 1_000 > now_ms))
+        {
             self.catalog.upsert(item);
         }
         Ok(ListItemsResponse { items: reply.items, next_page_token: reply.next_page_token })
@@ -151,10 +163,16 @@ impl Operations {
     /// not be saved when it was admitted. The reservation itself names it, until
     /// the order is final; if it became final meanwhile, inventory has it now.
     async fn order_from_admission(&self, buyer: &Principal, order_id: &str) -> Result<pb::Order, GatewayError> {
-        let items: Vec<Arc<crate::catalog::CatalogItem>> = self.catalog.all();
+        // The sales that ended last are the likeliest to hold it; a lookup asks
+        // at most MAX_LOOKUP_ITEMS of them, whatever the catalog holds.
+        let mut items: Vec<Arc<crate::catalog::CatalogItem>> = self.catalog.all();
+        items.sort_unstable_by_key(|item| std::cmp::Reverse(item.ends_at_ms));
+        items.truncate(MAX_LOOKUP_ITEMS);
         let spreads: Vec<_> = items.iter().map(|item| item.spread()).collect();
+        // A buyer's own orders only (an operator's look-up asks every bucket).
+        let owner = (!buyer.admin).then_some(buyer.user_id.as_str());
         let Some((item_id, user_id, quantity, at_ms, key)) =
-            self.purchases.admission.admitted_entry(&spreads, order_id).await?
+            self.purchases.admission.admitted_entry(&spreads, owner, order_id).await?
         else {
             let order = self.recorded_order(order_id).await?.ok_or(GatewayError::OrderNotFound)?;
             visible_to(buyer, &order.user_id)?;

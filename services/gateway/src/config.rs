@@ -73,6 +73,14 @@ pub struct Config {
     /// Calls one client address may make at once before its rate applies.
     #[arg(long, env = "CLIENT_BURST", default_value_t = 200)]
     pub client_burst: u32,
+    /// IPv6 clients count against the per-address limit by their network of
+    /// this many leading bits (a client usually holds a whole /64).
+    #[arg(long, env = "CLIENT_IPV6_PREFIX", default_value_t = 64, value_parser = clap::value_parser!(u8).range(1..=128))]
+    pub client_ipv6_prefix: u8,
+    /// The most client addresses (networks) the per-address limit remembers;
+    /// past it, new addresses share one rate until the idle ones are forgotten.
+    #[arg(long, env = "CLIENT_ADDRESSES_MAX", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub client_addresses_max: u64,
     /// Proxies (addresses or CIDRs, comma-separated) whose `X-Forwarded-For`
     /// names the client; from any other peer the header is ignored.
     #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
@@ -207,6 +215,8 @@ impl Config {
             // Off: every test client shares 127.0.0.1; the abuse test turns it on.
             client_rate_per_second: 0,
             client_burst: 200,
+            client_ipv6_prefix: 64,
+            client_addresses_max: 100_000,
             trusted_proxies: String::new(),
             watch_streams_per_buyer: 8,
             // Tests would print every admin action; the audit-log test names a file.
@@ -235,6 +245,14 @@ impl Config {
     /// The per-client-address quota, if any.
     pub fn client_quota(&self) -> Option<governor::Quota> {
         quota(self.client_rate_per_second, self.client_burst)
+    }
+
+    /// How the per-client-address limit counts addresses.
+    pub fn client_keys(&self) -> crate::abuse::ClientKeys {
+        crate::abuse::ClientKeys {
+            ipv6_prefix: self.client_ipv6_prefix,
+            max_addresses: usize::try_from(self.client_addresses_max).unwrap_or(usize::MAX),
+        }
     }
 
     /// The per-buyer purchase quota, if any.

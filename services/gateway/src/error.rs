@@ -24,6 +24,9 @@ pub enum GatewayError {
     SoldOut,
     #[error("limit reached")]
     LimitReached,
+    /// Fewer units left than asked for; the item is not sold out.
+    #[error("not enough stock")]
+    NotEnoughStock { units_left: u32 },
     #[error("purchase in progress")]
     PurchaseInProgress { order_id: String },
     /// Over a rate or a count; retry after the given wait.
@@ -55,6 +58,7 @@ impl GatewayError {
             Self::SaleEnded => "SALE_ENDED",
             Self::SoldOut => "SOLD_OUT",
             Self::LimitReached => "LIMIT_REACHED",
+            Self::NotEnoughStock { .. } => "NOT_ENOUGH_STOCK",
             Self::PurchaseInProgress { .. } => "PURCHASE_IN_PROGRESS",
             Self::RateLimited(_) => "RATE_LIMITED",
             Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
@@ -116,6 +120,10 @@ impl From<bb8::RunError<redis::RedisError>> for GatewayError {
     }
 }
 
+/// The `ErrorInfo.metadata` key of `NOT_ENOUGH_STOCK`: the units left when
+/// the attempt was judged (REST: `error.units_left`).
+pub const UNITS_LEFT: &str = "units_left";
+
 fn failed_precondition(reason: &'static str, message: &str) -> Status {
     flashsale_server::rejection(Code::FailedPrecondition, reason, message)
 }
@@ -138,6 +146,18 @@ impl From<GatewayError> for Status {
             GatewayError::SoldOut => failed_precondition("SOLD_OUT", "sold out"),
             GatewayError::LimitReached => {
                 failed_precondition("LIMIT_REACHED", "this buyer holds as many units as the sale allows")
+            }
+            GatewayError::NotEnoughStock { units_left } => {
+                let metadata = std::collections::HashMap::from([(UNITS_LEFT.to_owned(), units_left.to_string())]);
+                <Status as tonic_types::StatusExt>::with_error_details(
+                    Code::FailedPrecondition,
+                    format!("only {units_left} left; ask for fewer"),
+                    tonic_types::ErrorDetails::with_error_info(
+                        "NOT_ENOUGH_STOCK",
+                        flashsale_server::ERROR_DOMAIN,
+                        metadata,
+                    ),
+                )
             }
             GatewayError::PurchaseInProgress { order_id } => failed_precondition(
                 "PURCHASE_IN_PROGRESS",

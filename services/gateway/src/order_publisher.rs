@@ -89,6 +89,7 @@ impl OrderPublisher {
     pub async fn warm_up(&self) -> Result<(), PublishError> {
         let live = self.connect().await?;
         *self.current.lock() = Some(live);
+        metrics::gauge!("flashsale_broker_up").set(1.0);
         Ok(())
     }
 
@@ -108,10 +109,13 @@ impl OrderPublisher {
                 }
                 continue;
             }
+            // No usable channel: purchases now hear UNAVAILABLE at once.
+            metrics::gauge!("flashsale_broker_up").set(0.0);
             match self.connect().await {
                 Ok(live) => {
                     tracing::info!("connected to the broker for publishing");
                     *self.current.lock() = Some(live);
+                    metrics::gauge!("flashsale_broker_up").set(1.0);
                     backoff.reset();
                 }
                 Err(e) => {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use flashsale_proto::common::v1::{Money, OrderStatus};
 use flashsale_proto::gateway::v1::{PurchaseRequest, PurchaseResponse};
-use flashsale_proto::inventory::v1::{GetAdmissionSnapshotRequest, GetOrderRequest, OrderPlaced};
+use flashsale_proto::inventory::v1::{GetOrderRequest, OrderPlaced, StreamAdmissionSnapshotRequest};
 use parking_lot::Mutex;
 
 use crate::admission::{Admission, AdmissionRecord, Admit};
@@ -34,6 +34,9 @@ pub struct Purchases {
     /// after sell-out never gets this far).
     limits: Arc<crate::abuse::AbuseLimits>,
 }
+
+/// Tries to give a refused order's units back before the buyer is told PENDING instead.
+const UNDO_TRIES: usize = 3;
 
 /// A validated purchase.
 struct Attempt {
@@ -178,6 +181,8 @@ impl Purchases {
             }
             Admit::InProgress { order_id } => Err(GatewayError::PurchaseInProgress { order_id }),
             Admit::LimitReached => Err(GatewayError::LimitReached),
+            // Units are left: no sold-out mark, a smaller request may buy them.
+            Admit::NotEnoughStock { units_left } => Err(GatewayError::NotEnoughStock { units_left }),
             Admit::SoldOut => {
                 item.sold_out.set_since(generation);
                 Err(GatewayError::SoldOut)
@@ -220,17 +225,22 @@ impl Purchases {
             Ok(()) => flashsale_server::crash_point("gateway-before-reply"),
             Err(PublishFailure::NotSent(error)) => {
                 // Certainly not queued: give the units back, so the buyer's retry
-                // under the same key starts afresh.
-                if let Err(undo) = self
-                    .admission
-                    .unadmit(attempt.item.spread(), &attempt.order_id, &buyer.user_id, &attempt.idempotency_key)
-                    .await
-                {
-                    tracing::error!(error = %undo, order.id = %attempt.order_id, "could not release a reservation");
+                // under the same key starts afresh, and only then say UNAVAILABLE
+                // ("nothing was bought").
+                if self.undo(buyer, attempt).await {
+                    // The units are on offer again: this gateway must not keep saying SOLD_OUT.
+                    attempt.item.clear_sold_out();
+                    return Err(GatewayError::Unavailable(Box::new(error)));
                 }
-                // The units are on offer again: this gateway must not keep saying SOLD_OUT.
-                attempt.item.clear_sold_out();
-                return Err(GatewayError::Unavailable(Box::new(error)));
+                // The reservation may stand, and the reconciler publishes a kept
+                // reservation after its grace: the buyer would be charged after
+                // hearing "nothing was bought". So the order goes through: this
+                // gateway keeps it and publishes it until confirmed, and the buyer
+                // is told PENDING with its id.
+                tracing::warn!(error = %error, order.id = %attempt.order_id, "not queued and the reservation could not be undone; the order stays accepted");
+                if !self.publisher.publish_until_confirmed(placed_message(&record)) {
+                    tracing::warn!(order.id = %attempt.order_id, "too many unconfirmed orders kept; this one is left to the reconciler");
+                }
             }
             Err(PublishFailure::Unknown(error)) => {
                 // Perhaps queued, and if not, the publisher sends it again until
@@ -247,6 +257,36 @@ impl Purchases {
         }
         tracing::debug!(order.id = %attempt.order_id, item.id = %attempt.item.id, user.id = %buyer.user_id, "order accepted");
         Ok(PurchaseResponse { order_id: attempt.order_id.clone(), status: OrderStatus::Pending.into() })
+    }
+
+    /// Gives back the units of an admission whose order certainly never reached
+    /// the broker: true once they are certainly back (a few tries, since a
+    /// dependency that just failed the publish may be failing Redis too).
+    async fn undo(&self, buyer: &Principal, attempt: &Attempt) -> bool {
+        // Fault tests: the publish was refused, the reservation not yet undone.
+        flashsale_server::crash_point("gateway-before-unadmit");
+        let mut backoff = flashsale_messaging::Backoff::new();
+        for tried in 1..=UNDO_TRIES {
+            let undone = self
+                .admission
+                .unadmit(attempt.item.spread(), &attempt.order_id, &buyer.user_id, &attempt.idempotency_key)
+                .await;
+            match undone {
+                Ok(()) => {
+                    metrics::counter!("flashsale_refused_orders_total", "reservation" => "released").increment(1);
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, order.id = %attempt.order_id, tried, "could not release a reservation")
+                }
+            }
+            if tried < UNDO_TRIES {
+                tokio::time::sleep(backoff.delay()).await;
+                backoff.grow();
+            }
+        }
+        metrics::counter!("flashsale_refused_orders_total", "reservation" => "kept").increment(1);
+        false
     }
 
     /// The buyer retried a key: answer with the earlier order. If inventory has
@@ -306,34 +346,38 @@ impl Purchases {
         })
     }
 
-    /// Rebuilds an item's Redis state (every bucket that lost it) from inventory's snapshot.
+    /// Rebuilds an item's Redis state (every bucket that lost it) from
+    /// inventory's snapshot, streamed in pieces. Any failure of the snapshot is
+    /// `UNAVAILABLE` (the buyer retries under the same key), never the
+    /// neighbour's own status: a broken snapshot says nothing of the purchase.
     pub async fn rebuild(&self, item: &CatalogItem) -> Result<(), GatewayError> {
         let item_id = item.id.as_str();
         let lock = self.rebuilds.lock().entry(item_id.to_owned()).or_default().clone();
         let _guard = lock.lock().await;
-        // Another request may have rebuilt it while we waited.
-        if self.admission.tokens(item.spread()).await?.is_some() {
-            return Ok(());
-        }
-        let snapshot = crate::upstream::retry_if_lost(|| {
+        // Another request (or gateway) may have rebuilt it while we waited.
+        let Some(lease) = self.admission.begin_rebuild(item.spread()).await? else { return Ok(()) };
+        let started = std::time::Instant::now();
+        let opened = crate::upstream::retry_if_lost(|| {
             let mut client = self.upstreams.inventory.clone();
-            let lookup = GetAdmissionSnapshotRequest { item_id: item_id.to_owned() };
-            async move { client.get_admission_snapshot(request(lookup)).await }
+            let lookup = StreamAdmissionSnapshotRequest { item_id: item_id.to_owned() };
+            async move { client.stream_admission_snapshot(crate::upstream::long_request(lookup)).await }
         })
-        .await
-        .map_err(GatewayError::from_upstream)?
-        .into_inner();
-        let rebuilt = self.admission.rebuild(item.spread(), &snapshot).await?;
-        if rebuilt > 0 {
-            tracing::info!(
-                item.id = %item_id,
-                buckets = rebuilt,
-                stock = snapshot.stock_remaining,
-                buyers = snapshot.holdings.len(),
-                item.version = snapshot.item_version,
-                "rebuilt admission state from inventory"
-            );
-        }
+        .await;
+        let pieces = match opened {
+            Ok(pieces) => pieces.into_inner(),
+            Err(status) => {
+                self.admission.abandon_rebuild(item.spread(), &lease).await;
+                return Err(GatewayError::Unavailable(Box::new(status)));
+            }
+        };
+        let pieces = futures::StreamExt::map(pieces, |piece| piece.map_err(|e| GatewayError::Unavailable(Box::new(e))));
+        let rebuilt = self.admission.rebuild(item.spread(), &lease, pieces).await?;
+        tracing::info!(
+            item.id = %item_id,
+            buckets = rebuilt,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "rebuilt admission state from inventory"
+        );
         Ok(())
     }
 }

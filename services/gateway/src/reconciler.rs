@@ -11,13 +11,16 @@
 //!   mark or released unit stays stranded.
 //!
 //! A pass is bounded ([`MAX_PER_PASS`] admissions) and asks inventory about them
-//! [`LOOKUP_BATCH`] at a time in one call. An unrecorded order may simply still
+//! [`LOOKUP_BATCH`] at a time in one call. When more are open than one pass
+//! takes, each pass starts where the last one stopped ([`window`]), oldest
+//! first, so admissions that stay open a long time (orders waiting on a slow
+//! payment) cannot take every pass and starve the rest. An unrecorded order may simply still
 //! be queued (the queue lags by more than the grace), so one is published again
 //! only under a claim taken in Redis for all gateways at once
 //! ([`Admission::claim_republish`]): after the grace, then after twice the
 //! grace, and so on up to [`MAX_REPUBLISH_FACTOR`] times, never on every pass of
-//! every gateway. One entry's failure does not end the pass; it is counted and
-//! tried again next pass.
+//! every gateway. One entry's or one item's failure does not end the pass; it is
+//! counted and tried again next pass.
 //!
 //! A pass also settles the stock loans between the buckets of a bucketed item
 //! that no attempt closed within the grace ([`Admission::settle_loans`]), so
@@ -25,6 +28,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 #[cfg(doc)]
@@ -79,6 +83,19 @@ pub struct Reconciler {
     admission: Arc<Admission>,
     publisher: Arc<OrderPublisher>,
     upstreams: Upstreams,
+    /// Where the next pass starts among the open admissions, oldest first.
+    cursor: AtomicUsize,
+}
+
+/// What one pass takes of the open admissions (in a fixed order): at most
+/// `max`, from position `cursor` on, wrapping round.
+fn window<T>(mut open: Vec<T>, cursor: usize, max: usize) -> Vec<T> {
+    if !open.is_empty() {
+        let start = cursor % open.len();
+        open.rotate_left(start);
+    }
+    open.truncate(max);
+    open
 }
 
 impl Reconciler {
@@ -88,7 +105,7 @@ impl Reconciler {
         publisher: Arc<OrderPublisher>,
         upstreams: Upstreams,
     ) -> Self {
-        Self { catalog, admission, publisher, upstreams }
+        Self { catalog, admission, publisher, upstreams, cursor: AtomicUsize::new(0) }
     }
 
     /// One pass over the admissions older than `grace`.
@@ -111,17 +128,24 @@ impl Reconciler {
                 }
             }
         }
-        let mut open = Vec::new();
-        'items: for item in self.catalog.all() {
-            for (order_id, user_id, quantity, idempotency_key) in
-                self.admission.unsettled_before(item.spread(), cutoff).await?
-            {
-                open.push(Open { item: item.clone(), order_id, user_id, quantity, idempotency_key });
-                if open.len() >= MAX_PER_PASS {
-                    break 'items;
+        // Every open admission past the grace: bounded by the units in flight.
+        let mut all = Vec::new();
+        for item in self.catalog.all() {
+            match self.admission.unsettled_before(item.spread(), cutoff).await {
+                Ok(entries) => all.extend(entries.into_iter().map(|(order_id, user_id, quantity, idempotency_key)| {
+                    Open { item: item.clone(), order_id, user_id, quantity, idempotency_key }
+                })),
+                Err(e) => {
+                    // One item's failure (say, its Redis Cluster shard failing over)
+                    // must not hold back the others.
+                    tracing::debug!(error = %e, item.id = %item.id, "reading an item's open admissions failed");
+                    done.failed += 1;
                 }
             }
         }
+        // Order ids are UUIDv7: sorted by id is oldest first, the same in every pass.
+        all.sort_unstable_by(|a, b| a.order_id.cmp(&b.order_id));
+        let open = window(all, self.cursor.fetch_add(MAX_PER_PASS, Ordering::Relaxed), MAX_PER_PASS);
         for chunk in open.chunks(LOOKUP_BATCH) {
             let mut known = match self.look_up(chunk).await {
                 Ok(known) => known,
@@ -207,5 +231,22 @@ impl Reconciler {
         metrics::counter!("flashsale_reconciler_republished_total").increment(1);
         tracing::warn!(order.id = %entry.order_id, item.id = %entry.item.id, "published an unrecorded admission again");
         Ok(Some(Repair::Republished))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::window;
+
+    /// Seven admissions open, three per pass: every one is looked at within
+    /// three passes, whatever stays open (an earlier rule took the same first
+    /// ones every pass, and 2,000 orders waiting on payment starved the rest).
+    #[test]
+    fn passes_take_turns_over_the_open_admissions() {
+        let open: Vec<u32> = (0..7).collect();
+        let passes: Vec<Vec<u32>> = (0..3).map(|pass| window(open.clone(), pass * 3, 3)).collect();
+        assert_eq!(passes, [vec![0, 1, 2], vec![3, 4, 5], vec![6, 0, 1]]);
+        assert_eq!(window(vec![1, 2], 3, 3), [2, 1], "fewer than a pass: all of them");
+        assert!(window(Vec::<u32>::new(), 5, 3).is_empty());
     }
 }

@@ -68,6 +68,7 @@ impl Application {
         let limits = Arc::new(crate::abuse::AbuseLimits::new(
             config.purchase_quota(),
             config.client_quota(),
+            config.client_keys(),
             config.trusted_proxy_networks()?,
             config.watch_streams_per_buyer,
         ));

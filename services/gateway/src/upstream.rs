@@ -42,6 +42,16 @@ pub fn request<T>(message: T) -> Request<T> {
     request
 }
 
+/// Deadline of a call that streams a large answer (an item's admission snapshot).
+const LONG_CALL_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// As [`request`], for a call that streams a large answer.
+pub fn long_request<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(LONG_CALL_TIMEOUT);
+    request
+}
+
 /// Runs an idempotent call to a neighbour (a read, or a write under an
 /// idempotency key) and, while it is lost in transit, again: at most
 /// [`ATTEMPTS`] times, a few milliseconds apart. A neighbour closes connections

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use flashsale_gateway::admission::{Admission, Admit, Spread};
 use flashsale_proto::common::v1::{Order, OrderStatus};
-use flashsale_proto::inventory::v1::{AdmittedKey, BuyerHolding, GetAdmissionSnapshotResponse, OrderEvent};
+use flashsale_proto::inventory::v1::{AdmittedKey, BuyerHolding, OrderEvent, StreamAdmissionSnapshotResponse};
 
 const ITEM: &str = "drop";
 
@@ -50,10 +50,15 @@ impl Scripts {
         holdings: &[(&str, u32, &str)],
         keys: &[(&str, &str, &str, u32)],
     ) -> anyhow::Result<bool> {
-        let snapshot = GetAdmissionSnapshotResponse {
+        // In three pieces, as inventory streams it: the item, the holdings, the keys.
+        let header = StreamAdmissionSnapshotResponse {
             item_id: ITEM.into(),
             stock_remaining: stock,
             per_user_limit: 2,
+            item_version: version,
+            ..Default::default()
+        };
+        let holdings = StreamAdmissionSnapshotResponse {
             holdings: holdings
                 .iter()
                 .map(|(user, quantity, in_flight)| BuyerHolding {
@@ -62,8 +67,9 @@ impl Scripts {
                     in_flight_order_id: (*in_flight).into(),
                 })
                 .collect(),
-            item_version: version,
-            taken_at: None,
+            ..Default::default()
+        };
+        let keys = StreamAdmissionSnapshotResponse {
             admitted_keys: keys
                 .iter()
                 .map(|(user, key, order, quantity)| AdmittedKey {
@@ -73,8 +79,12 @@ impl Scripts {
                     quantity: *quantity,
                 })
                 .collect(),
+            complete: true,
+            ..Default::default()
         };
-        Ok(self.admission.rebuild(self.spread(), &snapshot).await? > 0)
+        let Some(lease) = self.admission.begin_rebuild(self.spread()).await? else { return Ok(false) };
+        let pieces = futures::stream::iter([Ok(header), Ok(holdings), Ok(keys)]);
+        Ok(self.admission.rebuild(self.spread(), &lease, pieces).await? > 0)
     }
 
     async fn admit(&self, user: &str, quantity: u32, key: &str, order: &str) -> anyhow::Result<Admit> {
@@ -188,7 +198,11 @@ async fn apply_event_is_idempotent_and_returns_exactly_the_released_units() -> a
     assert_eq!(s.final_state(("o3", "cat", 1), OrderStatus::Refunded, "", 1, 5).await?, "APPLIED");
     assert_eq!(s.final_state(("o3", "cat", 1), OrderStatus::Refunded, "", 1, 5).await?, "DUPLICATE");
     assert_eq!(s.tokens().await?, Some(1));
-    assert_eq!(s.admit("cat", 2, "k2", "o5").await?, Admit::SoldOut, "one token left, not two");
+    assert_eq!(
+        s.admit("cat", 2, "k2", "o5").await?,
+        Admit::NotEnoughStock { units_left: 1 },
+        "one token left, not two: not sold out"
+    );
     assert_eq!(s.admit("cat", 1, "k2", "o5").await?, Admit::Reserved { tokens_left: 0 });
 
     // Not a final state: nothing to undo.
@@ -440,5 +454,195 @@ async fn resync_counts_every_bucket() -> anyhow::Result<()> {
     assert_eq!(s.admission.resync(s.spread(), 5).await?, 3);
     assert_eq!(s.tokens().await?, Some(5));
     assert_eq!(s.admission.resync(s.spread(), 4).await?, 0, "never lowers");
+    s.remove_keys().await
+}
+
+/// `admit.lua`: a request for more units than are left is refused with the
+/// units left, and is no sign that the item is sold out: a smaller request
+/// buys them (review defect: stock 3, two sold, a request for 2 answered
+/// SOLD_OUT and the gateway turned every later buyer away).
+#[tokio::test]
+async fn a_request_for_more_than_is_left_leaves_the_rest_on_sale() -> anyhow::Result<()> {
+    let s = Scripts::connect().await?;
+    assert!(s.rebuild(1, 3, &[]).await?);
+    assert_eq!(s.admit("ann", 1, "k", "o1").await?, Admit::Reserved { tokens_left: 2 });
+    assert_eq!(s.admit("ben", 1, "k", "o2").await?, Admit::Reserved { tokens_left: 1 });
+    assert_eq!(s.admit("cid", 2, "k", "o3").await?, Admit::NotEnoughStock { units_left: 1 });
+    assert_eq!(s.tokens().await?, Some(1), "nothing taken");
+    assert_eq!(s.admit("cid", 1, "k", "o4").await?, Admit::Reserved { tokens_left: 0 }, "the refusal kept no key");
+    assert_eq!(s.admit("dot", 1, "k", "o5").await?, Admit::SoldOut);
+    assert_eq!(s.open_orders().await?, ["o1", "o2", "o4"]);
+    s.remove_keys().await
+}
+
+/// Buckets: an attempt gathers the units it lacks from as many lenders as it
+/// takes (each lends what it has, up to what is missing); when all buckets
+/// together hold too few, the lenders are repaid and the buyer learns how many
+/// are left, and no loan stays open either way.
+#[tokio::test]
+async fn a_bucket_borrows_from_several_lenders_and_repays_them_when_short() -> anyhow::Result<()> {
+    let s = Scripts::bucketed(4).await?;
+    // 1 unit in each bucket.
+    assert!(s.rebuild(1, 4, &[]).await?);
+    let zero = buyers_in(&s, 0, 2);
+    let three = buyers_in(&s, 3, 2);
+    // Buckets 0 and 3 sell their own unit: 0, 1, 1, 0 left.
+    assert!(matches!(s.admit(&zero[0], 1, "k", "o1").await?, Admit::Reserved { .. }));
+    assert!(matches!(s.admit(&three[0], 1, "k", "o2").await?, Admit::Reserved { .. }));
+    assert_eq!(s.tokens().await?, Some(2));
+    // Bucket 0 is dry and no single lender has 2: buckets 1 and 2 lend one each.
+    assert!(matches!(s.admit(&zero[1], 2, "k", "o3").await?, Admit::Reserved { .. }));
+    assert_eq!(s.tokens().await?, Some(0));
+    // A unit comes back in bucket 3; asking for 2 gathers only 1 in all.
+    s.final_state(("o2", &three[0], 1), OrderStatus::Rejected, "INSUFFICIENT_FUNDS", 1, 2).await?;
+    s.final_state(("o1", &zero[0], 1), OrderStatus::Confirmed, "", 0, 3).await?;
+    assert_eq!(s.admit(&zero[0], 2, "k2", "o4").await?, Admit::LimitReached, "holds 1, limit 2");
+    let short = buyers_in(&s, 1, 1).remove(0);
+    assert_eq!(s.admit(&short, 2, "k", "o5").await?, Admit::NotEnoughStock { units_left: 1 });
+    assert_eq!(s.tokens().await?, Some(1), "the lender was repaid");
+    let settled = s.admission.settle_loans(s.spread(), i64::MAX).await?;
+    assert_eq!((settled.received, settled.repaid), (0, 0), "no loan left open");
+    assert!(matches!(s.admit(&short, 1, "k", "o6").await?, Admit::Reserved { .. }));
+    assert_eq!(s.admit(&three[1], 1, "k", "o7").await?, Admit::SoldOut, "every bucket dry");
+    assert_eq!(s.open_orders().await?, ["o3", "o6"]);
+    s.remove_keys().await
+}
+
+/// `lend.lua` run twice under one loan id (a Redis Cluster client resends a
+/// command whose reply a dropped connection lost) takes the units once, and
+/// the second run reports the same loan.
+#[tokio::test]
+async fn lend_is_idempotent_per_loan() -> anyhow::Result<()> {
+    let s = Scripts::bucketed(2).await?;
+    assert!(s.rebuild(1, 6, &[]).await?);
+    let mut conn = raw().await?;
+    let key = |part: &str| format!("{}:{{{ITEM}/1}}:{part}", s.prefix);
+    let lend = redis::Script::new(include_str!("../src/lua/lend.lua"));
+    let run = || {
+        let mut invocation = lend.prepare_invoke();
+        invocation.key(key("ready")).key(key("tokens")).key(key("lent")).arg("loan-1").arg(2).arg(0).arg(1);
+        invocation
+    };
+    let first: (String, u32) = run().invoke_async(&mut conn).await?;
+    let resent: (String, u32) = run().invoke_async(&mut conn).await?;
+    assert_eq!(first, ("LENT".to_owned(), 2));
+    assert_eq!(resent, first, "the resend reports the same loan");
+    let tokens: i64 = redis::cmd("GET").arg(key("tokens")).query_async(&mut conn).await?;
+    assert_eq!(tokens, 1, "3 - 2, taken once");
+    // No attempt closed the loan: the sweep credits it to the borrower once,
+    // and the item ends with all 6 units, not 4.
+    let settled = s.admission.settle_loans(s.spread(), i64::MAX).await?;
+    assert_eq!((settled.received, settled.repaid), (1, 0));
+    assert_eq!(s.tokens().await?, Some(6));
+    s.remove_keys().await
+}
+
+/// `apply_event.lua`: the reconciler's replay of a final state (version 0)
+/// that changes nothing leaves no mark, so the genuine event still gives the
+/// refund's units back; and a parked copy keeps the highest version.
+#[tokio::test]
+async fn a_replayed_event_does_not_swallow_the_genuine_one() -> anyhow::Result<()> {
+    let s = Scripts::connect().await?;
+    assert!(s.rebuild(1, 2, &[]).await?);
+    s.admit("ann", 1, "k", "o1").await?;
+    assert_eq!(s.final_state(("o1", "ann", 1), OrderStatus::Confirmed, "", 0, 5).await?, "APPLIED");
+    assert_eq!(s.tokens().await?, Some(1));
+    assert_eq!(s.final_state(("o1", "ann", 1), OrderStatus::Refunded, "", 1, 0).await?, "UNCHANGED");
+    assert_eq!(s.final_state(("o1", "ann", 1), OrderStatus::Refunded, "", 1, 6).await?, "APPLIED");
+    assert_eq!(s.tokens().await?, Some(2), "the refund's unit is back");
+    assert_eq!(s.final_state(("o1", "ann", 1), OrderStatus::Refunded, "", 1, 6).await?, "DUPLICATE");
+    assert_eq!(s.tokens().await?, Some(2));
+
+    // The same while the state is missing: both copies park, the genuine one wins.
+    let mut conn = raw().await?;
+    let () = redis::cmd("DEL").arg(format!("{}:{{{ITEM}}}:ready", s.prefix)).query_async(&mut conn).await?;
+    assert_eq!(s.final_state(("o2", "bob", 1), OrderStatus::Refunded, "", 1, 8).await?, "PARKED");
+    assert_eq!(s.final_state(("o2", "bob", 1), OrderStatus::Refunded, "", 1, 0).await?, "PARKED");
+    assert!(s.rebuild(7, 3, &[("bob", 1, "")]).await?);
+    assert_eq!(s.tokens().await?, Some(4), "the snapshot's 3 and the refund after it");
+    s.remove_keys().await
+}
+
+/// Buckets: two of four buckets lost (19, 19 present, 40 left in PostgreSQL):
+/// the rebuilt ones share the 2 units the others do not offer, so Redis offers
+/// all 40 (an earlier rule rebuilt each at 0 and stranded 2).
+#[tokio::test]
+async fn a_partial_rebuild_never_offers_fewer_units_than_postgresql_holds() -> anyhow::Result<()> {
+    let s = Scripts::bucketed(4).await?;
+    assert!(s.rebuild(1, 4, &[]).await?);
+    let mut conn = raw().await?;
+    let key = |bucket: u32, part: &str| match bucket {
+        0 => format!("{}:{{{ITEM}}}:{part}", s.prefix),
+        _ => format!("{}:{{{ITEM}/{bucket}}}:{part}", s.prefix),
+    };
+    let () = redis::pipe()
+        .set(key(0, "tokens"), 19)
+        .ignore()
+        .set(key(1, "tokens"), 19)
+        .ignore()
+        .del(key(2, "ready"))
+        .ignore()
+        .del(key(3, "ready"))
+        .ignore()
+        .query_async(&mut conn)
+        .await?;
+    assert!(s.rebuild(2, 40, &[]).await?);
+    assert_eq!(s.tokens().await?, Some(40));
+    s.remove_keys().await
+}
+
+/// The streamed rebuild: a snapshot that breaks off leaves the bucket not
+/// ready (buyers hear NOT_READY, not a half-built state) and gives its lease
+/// up, so the next rebuild starts at once and restores everything.
+#[tokio::test]
+async fn a_snapshot_that_breaks_off_leaves_nothing_half_built() -> anyhow::Result<()> {
+    let s = Scripts::connect().await?;
+    let header = StreamAdmissionSnapshotResponse {
+        item_id: ITEM.into(),
+        stock_remaining: 5,
+        item_version: 3,
+        ..Default::default()
+    };
+    let holding = StreamAdmissionSnapshotResponse {
+        holdings: vec![BuyerHolding { user_id: "ann".into(), quantity: 2, in_flight_order_id: String::new() }],
+        ..Default::default()
+    };
+    let lease = s.admission.begin_rebuild(s.spread()).await?.expect("the state is missing");
+    let cut = futures::stream::iter([
+        Ok(header),
+        Ok(holding),
+        Err(flashsale_gateway::error::GatewayError::Unavailable("link cut".into())),
+    ]);
+    assert!(s.admission.rebuild(s.spread(), &lease, cut).await.is_err());
+    assert_eq!(s.tokens().await?, None, "not ready");
+    assert_eq!(s.admit("bob", 1, "k", "o1").await?, Admit::NotReady);
+    // The lease was given up: the next rebuild need not wait for it.
+    let started = Instant::now();
+    assert!(s.rebuild(4, 5, &[("ann", 2, "")]).await?);
+    assert!(started.elapsed() < Duration::from_secs(5), "waited for a lease");
+    assert_eq!(s.admit("ann", 1, "k", "o2").await?, Admit::LimitReached, "her holding was restored");
+    assert_eq!(s.tokens().await?, Some(5));
+    s.remove_keys().await
+}
+
+/// The streamed rebuild: two gateways rebuild at once; one holds the lease and
+/// writes, the other waits for it and then finds the state ready.
+#[tokio::test]
+async fn a_second_rebuild_waits_for_the_one_holding_the_lease() -> anyhow::Result<()> {
+    let s = Scripts::connect().await?;
+    let lease = s.admission.begin_rebuild(s.spread()).await?.expect("the state is missing");
+    let other = Admission::connect(&[&redis_url()], false, &s.prefix).await?;
+    let waiting =
+        tokio::spawn(async move { other.begin_rebuild(Spread::new(ITEM, 1)).await.map(|lease| lease.is_none()) });
+    let whole = StreamAdmissionSnapshotResponse {
+        item_id: ITEM.into(),
+        stock_remaining: 7,
+        item_version: 1,
+        complete: true,
+        ..Default::default()
+    };
+    assert_eq!(s.admission.rebuild(s.spread(), &lease, futures::stream::iter([Ok(whole)])).await?, 1);
+    assert!(waiting.await??, "the second found the state rebuilt, and took no lease");
+    assert_eq!(s.tokens().await?, Some(7));
     s.remove_keys().await
 }

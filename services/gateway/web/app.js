@@ -9,7 +9,7 @@ const FINAL = new Set(['CONFIRMED', 'REJECTED', 'REFUNDED']);
 const USER_RE = /^[A-Za-z0-9_-]{1,64}$/;
 const FRIENDLY = {
   SALE_NOT_STARTED: 'The sale has not started yet', SALE_ENDED: 'The sale has ended', SOLD_OUT: 'Sold out',
-  LIMIT_REACHED: 'You reached the per-person limit', PURCHASE_IN_PROGRESS: 'A purchase is already in progress',
+  NOT_ENOUGH_STOCK: 'Not that many left', LIMIT_REACHED: 'You reached the per-person limit', PURCHASE_IN_PROGRESS: 'A purchase is already in progress',
   INSUFFICIENT_FUNDS: 'Not enough money in your wallet', RATE_LIMITED: 'Too many requests, try again shortly',
   UNAVAILABLE: 'The service is busy, try again', UNAUTHENTICATED: 'Please sign in again', FORBIDDEN: 'Not allowed',
   ORDER_NOT_REFUNDABLE: 'This order cannot be refunded', NETWORK: 'Could not reach the server',

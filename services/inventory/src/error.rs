@@ -18,6 +18,9 @@ pub enum InventoryError {
     ItemAlreadyExists,
     #[error("only confirmed orders can be refunded")]
     NotRefundable,
+    /// The caller of a streamed answer went away; nothing left to tell it.
+    #[error("the receiver went away")]
+    ReceiverGone,
     #[error("dependency unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("internal error")]
@@ -79,6 +82,7 @@ impl From<InventoryError> for Status {
                 "ORDER_NOT_REFUNDABLE",
                 "only confirmed orders can be refunded",
             ),
+            InventoryError::ReceiverGone => Status::cancelled("the caller went away"),
             InventoryError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "inventory call failed: dependency unavailable");
                 flashsale_server::unavailable()

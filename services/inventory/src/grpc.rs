@@ -6,15 +6,17 @@ use flashsale_db::PgPool;
 use flashsale_proto::inventory::v1::inventory_service_server::InventoryService;
 use flashsale_proto::inventory::v1::{
     AdmittedKey, BatchGetOrdersRequest, BatchGetOrdersResponse, BuyerHolding, CreateItemRequest, CreateItemResponse,
-    GetAdmissionSnapshotRequest, GetAdmissionSnapshotResponse, GetItemRequest, GetItemResponse, GetItemStatsRequest,
-    GetItemStatsResponse, GetOrderRequest, GetOrderResponse, ListItemsRequest, ListItemsResponse, ListOrdersRequest,
-    ListOrdersResponse, RefundOrderRequest, RefundOrderResponse,
+    GetItemRequest, GetItemResponse, GetItemStatsRequest, GetItemStatsResponse, GetOrderRequest, GetOrderResponse,
+    ListItemsRequest, ListItemsResponse, ListOrdersRequest, ListOrdersResponse, RefundOrderRequest,
+    RefundOrderResponse, StreamAdmissionSnapshotRequest, StreamAdmissionSnapshotResponse,
 };
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::convert::{item_to_proto, order_to_proto, parse_timestamp, timestamp};
 use crate::db::models::Order;
+use crate::db::snapshot::{self, Piece};
 use crate::db::{items, orders};
 use crate::domain::{ItemSpec, OrderStatus, Page, parse_item_id, parse_order_id, parse_user_id};
 use crate::error::InventoryError;
@@ -37,7 +39,7 @@ pub const CALLERS: flashsale_server::Callers = flashsale_server::Callers {
         ("ListOrders", &["gateway"]),
         ("RefundOrder", &["gateway"]),
         ("GetItemStats", &["gateway"]),
-        ("GetAdmissionSnapshot", &["gateway"]),
+        ("StreamAdmissionSnapshot", &["gateway"]),
     ],
 };
 
@@ -174,47 +176,83 @@ impl InventoryService for InventoryGrpc {
         }))
     }
 
-    async fn get_admission_snapshot(
+    type StreamAdmissionSnapshotStream = ReceiverStream<Result<StreamAdmissionSnapshotResponse, Status>>;
+
+    /// Reads the snapshot in a task of its own, one page ahead of the caller at
+    /// most (the channel's bound): memory stays a page or two, whatever the
+    /// item's size, and a caller that goes away ends the read.
+    async fn stream_admission_snapshot(
         &self,
-        request: Request<GetAdmissionSnapshotRequest>,
-    ) -> Result<Response<GetAdmissionSnapshotResponse>, Status> {
-        let GetAdmissionSnapshotRequest { item_id } = request.into_inner();
-        let id = parse_item_id(&item_id)?;
-        let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
-        let snapshot = items::snapshot(&mut conn, id).await?;
-        let mut holdings: Vec<BuyerHolding> = snapshot
-            .holdings
-            .into_iter()
-            .map(|h| BuyerHolding {
-                user_id: h.user_id,
-                quantity: u32::try_from(h.quantity).unwrap_or(0),
-                in_flight_order_id: String::new(),
-            })
-            .collect();
-        for (user_id, order_id) in snapshot.in_flight {
-            match holdings.iter_mut().find(|h| h.user_id == user_id) {
-                Some(holding) => holding.in_flight_order_id = order_id.to_string(),
-                None => holdings.push(BuyerHolding { user_id, quantity: 0, in_flight_order_id: order_id.to_string() }),
-            }
-        }
-        Ok(Response::new(GetAdmissionSnapshotResponse {
-            item_id: snapshot.item.id,
-            stock_remaining: u32::try_from(snapshot.item.stock_remaining).unwrap_or(0),
-            per_user_limit: u32::try_from(snapshot.item.per_user_limit).unwrap_or(0),
-            holdings,
-            item_version: u64::try_from(snapshot.item.version).unwrap_or(0),
+        request: Request<StreamAdmissionSnapshotRequest>,
+    ) -> Result<Response<Self::StreamAdmissionSnapshotStream>, Status> {
+        let StreamAdmissionSnapshotRequest { item_id } = request.into_inner();
+        let id = parse_item_id(&item_id)?.to_owned();
+        let mut conn = self.pool.get_owned().await.map_err(InventoryError::from)?;
+        let (pieces, received) = tokio::sync::mpsc::channel(1);
+        let read = async move {
+            let sender = pieces.clone();
+            let deliver = move |piece| {
+                let sender = sender.clone();
+                async move { sender.send(Ok(snapshot_piece(piece))).await.map_err(|_| snapshot::Closed) }
+            };
+            let last = match snapshot::read(&mut conn, &id, deliver).await {
+                Ok(()) => Ok(StreamAdmissionSnapshotResponse { complete: true, ..Default::default() }),
+                Err(InventoryError::ReceiverGone) => return,
+                Err(e) => Err(Status::from(e)),
+            };
+            let _ = pieces.send(last).await;
+        };
+        tokio::spawn(read.in_current_span());
+        Ok(Response::new(ReceiverStream::new(received)))
+    }
+}
+
+/// One piece of the snapshot as the gateway receives it.
+fn snapshot_piece(piece: Piece) -> StreamAdmissionSnapshotResponse {
+    let quantity = |units: i32| u32::try_from(units).unwrap_or(0);
+    match piece {
+        Piece::Item(item) => StreamAdmissionSnapshotResponse {
+            item_id: item.id,
+            stock_remaining: quantity(item.stock_remaining),
+            per_user_limit: quantity(item.per_user_limit),
+            item_version: u64::try_from(item.version).unwrap_or(0),
             taken_at: Some(timestamp(Utc::now())),
-            admitted_keys: snapshot
-                .keys
+            ..Default::default()
+        },
+        Piece::Holdings(rows) => StreamAdmissionSnapshotResponse {
+            holdings: rows
                 .into_iter()
-                .map(|(user_id, idempotency_key, order_id, quantity)| AdmittedKey {
+                .map(|(user_id, units)| BuyerHolding {
                     user_id,
-                    idempotency_key,
-                    order_id: order_id.to_string(),
-                    quantity: u32::try_from(quantity).unwrap_or(0),
+                    quantity: quantity(units),
+                    in_flight_order_id: String::new(),
                 })
                 .collect(),
-        }))
+            ..Default::default()
+        },
+        Piece::InFlight(rows) => StreamAdmissionSnapshotResponse {
+            holdings: rows
+                .into_iter()
+                .map(|(user_id, order_id)| BuyerHolding {
+                    user_id,
+                    quantity: 0,
+                    in_flight_order_id: order_id.to_string(),
+                })
+                .collect(),
+            ..Default::default()
+        },
+        Piece::Keys(keys) => StreamAdmissionSnapshotResponse {
+            admitted_keys: keys
+                .into_iter()
+                .map(|key| AdmittedKey {
+                    user_id: key.user_id,
+                    idempotency_key: key.idempotency_key,
+                    order_id: key.order_id.to_string(),
+                    quantity: quantity(key.quantity),
+                })
+                .collect(),
+            ..Default::default()
+        },
     }
 }
 

@@ -22,7 +22,7 @@
 
 use std::collections::HashSet;
 
-use flashsale_proto::inventory::v1::{GetAdmissionSnapshotResponse, OrderEvent};
+use flashsale_proto::inventory::v1::{OrderEvent, StreamAdmissionSnapshotResponse};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
@@ -77,12 +77,6 @@ impl<'a> Spread<'a> {
     fn lenders(self, home: Slot<'a>) -> impl Iterator<Item = Slot<'a>> {
         (1..self.buckets).map(move |step| self.slot((home.bucket + step) % self.buckets))
     }
-
-    /// Bucket `bucket`'s share of `units` spread evenly (the first ones take the remainder).
-    fn share(self, units: i64, bucket: u32) -> i64 {
-        let buckets = i64::from(self.buckets);
-        units / buckets + i64::from(i64::from(bucket) < units % buckets)
-    }
 }
 
 /// One bucket's counts, as [`Admission::bucket_states`] reads them.
@@ -99,9 +93,16 @@ struct BucketState {
 
 /// What `lend.lua` said.
 enum Lend {
-    Lent,
-    Dry,
+    /// This many units (0: the lender is dry).
+    Lent(u32),
     NotReady,
+}
+
+/// A loan taken for one attempt: the lending bucket, the loan id, the units.
+struct Loan<'a> {
+    lender: Slot<'a>,
+    id: String,
+    units: u32,
 }
 
 /// What one pass of [`Admission::settle_loans`] did.
@@ -113,6 +114,22 @@ pub struct LoansSettled {
     pub repaid: usize,
 }
 
+/// How long a rebuild may go without writing a piece before another gateway may
+/// take its buckets over (`rebuild_begin.lua`).
+const REBUILD_LEASE_MS: u64 = 15_000;
+/// Holdings and keys written per `rebuild_part.lua` call.
+const REBUILD_BATCH: usize = 1_000;
+
+/// The buckets of an item one rebuild holds the lease of ([`Admission::begin_rebuild`]).
+#[derive(Debug)]
+pub struct RebuildLease {
+    token: String,
+    /// The buckets leased (missing when the lease was taken).
+    buckets: Vec<u32>,
+    /// Each bucket's tokens when the lease was taken, `None` where it was missing.
+    present: Vec<Option<i64>>,
+}
+
 /// How long an admission record (what GetOrder shows before inventory has the order) lives.
 const ORDER_RECORD_TTL_SECONDS: u64 = 24 * 3600;
 /// The longest wait between two publishes of one unrecorded admission, in
@@ -122,11 +139,24 @@ pub const MAX_REPUBLISH_FACTOR: i64 = 8;
 /// What the admission script decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admit {
-    Reserved { tokens_left: i64 },
-    Duplicate { order_id: String, quantity: u32 },
-    InProgress { order_id: String },
+    Reserved {
+        tokens_left: i64,
+    },
+    Duplicate {
+        order_id: String,
+        quantity: u32,
+    },
+    InProgress {
+        order_id: String,
+    },
     LimitReached,
+    /// Not one unit left.
     SoldOut,
+    /// Fewer units left than the attempt asked for, but some: the item is not
+    /// sold out, and a smaller request may still buy.
+    NotEnoughStock {
+        units_left: u32,
+    },
     NotReady,
 }
 
@@ -160,6 +190,32 @@ fn bucketed(item: Spread<'_>, decided: Admit) -> Admit {
         Admit::Reserved { tokens_left } if item.buckets > 1 => Admit::Reserved { tokens_left: tokens_left.max(1) },
         other => other,
     }
+}
+
+/// The tokens each missing bucket gets in a rebuild, from the units PostgreSQL
+/// has left and the tokens of each bucket still present (`None`: missing).
+/// The missing buckets share what the present ones do not offer, evenly (the
+/// first ones take the remainder), so that together the buckets offer at least
+/// `remaining`. An earlier rule gave each missing bucket `remaining` less all
+/// the others with the missing ones at their even share, which offered fewer
+/// units than PostgreSQL held whenever the present buckets were uneven (19, 19
+/// present and two missing of 40 left: 0 each, 38 in all).
+fn missing_shares(remaining: i64, present: &[Option<i64>]) -> Vec<Option<i64>> {
+    let offered: i64 = present.iter().flatten().sum();
+    let missing = present.iter().filter(|tokens| tokens.is_none()).count() as i64;
+    let to_share = (remaining - offered).max(0);
+    let mut nth = 0;
+    present
+        .iter()
+        .map(|tokens| match tokens {
+            Some(_) => None,
+            None => {
+                let share = to_share / missing + i64::from(nth < to_share % missing);
+                nth += 1;
+                Some(share)
+            }
+        })
+        .collect()
 }
 
 pub struct Admission {
@@ -199,10 +255,12 @@ impl Admission {
     }
 
     /// One purchase attempt: one round trip in the buyer's bucket. A bucketed
-    /// item whose bucket is dry for this buyer then borrows from the others,
-    /// one at a time, and admits with the loan: two more round trips per
-    /// lender asked. `SoldOut` only when every bucket is dry; `NotReady` when
-    /// a bucket asked has lost its state (rebuild, then ask again).
+    /// item whose bucket has too few units for this buyer then borrows what is
+    /// missing from the others, as many lenders as it takes (two more round
+    /// trips per lender asked), and admits with the loans. `SoldOut` only when
+    /// every bucket is dry; `NotEnoughStock` when all of them together hold
+    /// fewer units than asked for; `NotReady` when a bucket asked has lost its
+    /// state (rebuild, then ask again).
     pub async fn admit(
         &self,
         item: Spread<'_>,
@@ -214,55 +272,82 @@ impl Admission {
     ) -> Result<Admit, GatewayError> {
         let home = item.home(user_id);
         let attempt = AdmitArgs { user_id, quantity, limit, idempotency_key, order_id };
-        let first = self.admit_in(home, &attempt, None).await?;
-        if item.buckets == 1 || first != Admit::SoldOut {
-            return Ok(bucketed(item, first));
-        }
+        let first = self.admit_in(home, &attempt, &[]).await?;
+        let at_home = match first {
+            _ if item.buckets == 1 => return Ok(first),
+            Admit::SoldOut => 0,
+            Admit::NotEnoughStock { units_left } => units_left,
+            other => return Ok(bucketed(item, other)),
+        };
+        let mut loans = Vec::new();
+        let mut missing = quantity.saturating_sub(at_home);
         for lender in item.lenders(home) {
-            let loan = uuid::Uuid::now_v7().simple().to_string();
-            match self.lend(lender, &loan, quantity, home.bucket).await? {
-                Lend::Dry => continue,
-                // Its units are unknown until it is rebuilt: it may have some.
-                Lend::NotReady => return Ok(Admit::NotReady),
-                Lend::Lent => {}
+            if missing == 0 {
+                break;
             }
-            // Fault tests: units taken from the lender, not yet in the borrower.
-            flashsale_server::crash_point("gateway-after-loan");
-            let outcome = self.admit_in(home, &attempt, Some((&loan, quantity))).await;
-            // An error leaves the loan open: whether it was credited is unknown,
-            // and the reconciler's sweep settles it either way.
-            if let Ok(decided) = &outcome {
-                let repay = *decided == Admit::NotReady;
-                if let Err(e) = self.close_loan(lender, &loan, repay).await {
-                    tracing::warn!(error = %e, item.id = %item.item_id, "could not close a stock loan; the reconciler will");
+            let id = uuid::Uuid::now_v7().simple().to_string();
+            // An error leaves the loans taken so far open: the reconciler's sweep settles them.
+            match self.lend(lender, &id, missing, home.bucket).await? {
+                Lend::Lent(0) => continue,
+                Lend::Lent(units) => {
+                    // Fault tests: units taken from the lender, not yet in the borrower.
+                    flashsale_server::crash_point("gateway-after-loan");
+                    missing = missing.saturating_sub(units);
+                    loans.push(Loan { lender, id, units });
+                }
+                // Its units are unknown until it is rebuilt: it may have some.
+                Lend::NotReady => {
+                    self.close_loans(item, &loans, true).await;
+                    return Ok(Admit::NotReady);
                 }
             }
-            return outcome.map(|decided| bucketed(item, decided));
         }
-        Ok(Admit::SoldOut)
+        let borrowed: u32 = loans.iter().map(|loan| loan.units).sum();
+        if missing > 0 {
+            // Every bucket together holds fewer units than asked: nothing is
+            // admitted, and the lenders take their units back.
+            self.close_loans(item, &loans, true).await;
+            let units_left = at_home + borrowed;
+            return Ok(if units_left == 0 { Admit::SoldOut } else { Admit::NotEnoughStock { units_left } });
+        }
+        let credits: Vec<(&str, u32)> = loans.iter().map(|loan| (loan.id.as_str(), loan.units)).collect();
+        let outcome = self.admit_in(home, &attempt, &credits).await;
+        // An error leaves the loans open: whether they were credited is unknown,
+        // and the reconciler's sweep settles them either way.
+        if let Ok(decided) = &outcome {
+            self.close_loans(item, &loans, *decided == Admit::NotReady).await;
+        }
+        outcome.map(|decided| bucketed(item, decided))
+    }
+
+    /// Closes the loans of one attempt; `repay` gives the units back to their lenders.
+    async fn close_loans(&self, item: Spread<'_>, loans: &[Loan<'_>], repay: bool) {
+        for loan in loans {
+            if let Err(e) = self.close_loan(loan.lender, &loan.id, repay).await {
+                tracing::warn!(error = %e, item.id = %item.item_id, "could not close a stock loan; the reconciler will");
+            }
+        }
     }
 
     async fn admit_in(
         &self,
         slot: Slot<'_>,
         attempt: &AdmitArgs<'_>,
-        loan: Option<(&str, u32)>,
+        loans: &[(&str, u32)],
     ) -> Result<Admit, GatewayError> {
-        let (loan_id, loan_units) = loan.unwrap_or(("", 0));
-        let (outcome, detail): (String, String) = self
-            .scripts
-            .admit
-            .on(&self.prefix, slot)
+        let mut invocation = self.scripts.admit.on(&self.prefix, slot);
+        invocation
             .arg(attempt.user_id)
             .arg(attempt.quantity)
             .arg(attempt.limit)
             .arg(attempt.idempotency_key)
             .arg(attempt.order_id)
             .arg(flashsale_domain::time::now_ms())
-            .arg(loan_id)
-            .arg(loan_units)
-            .invoke_async(&mut self.hot.clone())
-            .await?;
+            .arg(loans.len());
+        for (loan_id, units) in loans {
+            invocation.arg(*loan_id).arg(*units);
+        }
+        let (outcome, detail): (String, String) = invocation.invoke_async(&mut self.hot.clone()).await?;
         let order_id = attempt.order_id;
         Ok(match outcome.as_str() {
             "RESERVED" => Admit::Reserved { tokens_left: detail.parse().unwrap_or(0) },
@@ -283,13 +368,14 @@ impl Admission {
             "IN_PROGRESS" => Admit::InProgress { order_id: detail },
             "LIMIT_REACHED" => Admit::LimitReached,
             "SOLD_OUT" => Admit::SoldOut,
+            "NOT_ENOUGH_STOCK" => Admit::NotEnoughStock { units_left: detail.parse().unwrap_or(0) },
             "NOT_READY" => Admit::NotReady,
             other => return Err(GatewayError::Internal(format!("admission script said {other:?}").into())),
         })
     }
 
     async fn lend(&self, lender: Slot<'_>, loan: &str, units: u32, borrower: u32) -> Result<Lend, GatewayError> {
-        let said: String = self
+        let (said, lent): (String, u32) = self
             .scripts
             .lend
             .on(&self.prefix, lender)
@@ -300,8 +386,7 @@ impl Admission {
             .invoke_async(&mut self.hot.clone())
             .await?;
         match said.as_str() {
-            "LENT" => Ok(Lend::Lent),
-            "DRY" => Ok(Lend::Dry),
+            "LENT" => Ok(Lend::Lent(lent)),
             "NOT_READY" => Ok(Lend::NotReady),
             other => Err(GatewayError::Internal(format!("lend script said {other:?}").into())),
         }
@@ -503,23 +588,38 @@ impl Admission {
         Ok(claimed == 1)
     }
 
-    /// The admission of `order_id` among the open ones of `items`, as
-    /// (item id, user, quantity, admitted at ms, idempotency key). The admission
-    /// script writes it with the reservation itself, so it exists even when the
-    /// separate admission record could not be saved; it goes once the order is final.
+    /// The open admission of `order_id` among `items`, as (item id, buyer,
+    /// quantity, admitted at ms, idempotency key). The admission script writes
+    /// it with the reservation itself, so it exists even when the separate
+    /// admission record could not be saved; it goes once the order is final.
+    /// With `buyer`, only that buyer's: one HGET per item, in the buyer's own
+    /// bucket (where all of a buyer's admissions live); without (an operator's
+    /// look-up), one per bucket. All are sent at once on the hot-path
+    /// connection: multiplexed, so one round trip, and no connection of the
+    /// background pool, which events, rebuilds and the reconciler need, is held.
     pub async fn admitted_entry(
         &self,
         items: &[Spread<'_>],
+        buyer: Option<&str>,
         order_id: &str,
     ) -> Result<Option<(String, String, u32, i64, String)>, GatewayError> {
-        let mut conn = self.background.get().await?;
-        for item in items {
-            for slot in item.slots() {
-                let value: Option<String> = conn.hget(self.key(slot, Part::Admitted), order_id).await?;
-                if let Some(entry) = value.as_deref().and_then(AdmittedEntry::decode) {
-                    let AdmittedEntry { user_id, quantity, at_ms, idempotency_key } = entry;
-                    return Ok(Some((item.item_id.to_owned(), user_id, quantity, at_ms, idempotency_key)));
-                }
+        let slots: Vec<Slot<'_>> = match buyer {
+            Some(user_id) => items.iter().map(|item| item.home(user_id)).collect(),
+            None => items.iter().flat_map(|item| item.slots()).collect(),
+        };
+        let lookups = slots.into_iter().map(|slot| {
+            let key = self.key(slot, Part::Admitted);
+            let mut conn = self.hot.clone();
+            async move {
+                let value: Option<String> = conn.hget(key, order_id).await?;
+                Ok::<_, GatewayError>((slot.item_id, value))
+            }
+        });
+        for (item_id, value) in futures::future::try_join_all(lookups).await? {
+            let Some(entry) = value.as_deref().and_then(AdmittedEntry::decode) else { continue };
+            let AdmittedEntry { user_id, quantity, at_ms, idempotency_key } = entry;
+            if buyer.is_none_or(|buyer| buyer == user_id) {
+                return Ok(Some((item_id.to_owned(), user_id, quantity, at_ms, idempotency_key)));
             }
         }
         Ok(None)
@@ -574,57 +674,178 @@ impl Admission {
         Ok(states)
     }
 
-    /// Rebuilds from an inventory snapshot every bucket of the item whose state
-    /// is missing (the others are left alone); returns how many it rebuilt.
+    /// Takes the rebuild lease of every bucket of the item whose state is
+    /// missing: `None` when none is missing (any longer), or when another
+    /// rebuild holds every missing one (after waiting for it, up to a lease).
+    /// The caller then reads inventory's snapshot and hands it to
+    /// [`Admission::rebuild`], or gives up with [`Admission::abandon_rebuild`].
+    pub async fn begin_rebuild(&self, item: Spread<'_>) -> Result<Option<RebuildLease>, GatewayError> {
+        let states = self.bucket_states(item).await?;
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let (mut buckets, mut busy) = (Vec::new(), false);
+        for slot in item.slots().filter(|slot| !states[slot.bucket as usize].ready) {
+            let mut conn = self.background.get().await?;
+            let said: String = self
+                .scripts
+                .rebuild_begin
+                .on(&self.prefix, slot)
+                .arg(&token)
+                .arg(REBUILD_LEASE_MS)
+                .invoke_async(&mut conn)
+                .await?;
+            match said.as_str() {
+                "BEGUN" => buckets.push(slot.bucket),
+                "BUSY" => busy = true,
+                _ => {}
+            }
+        }
+        if buckets.is_empty() {
+            if busy {
+                self.wait_until_ready(item).await?;
+            }
+            return Ok(None);
+        }
+        let present = states.iter().map(|state| state.ready.then_some(state.tokens)).collect();
+        Ok(Some(RebuildLease { token, buckets, present }))
+    }
+
+    /// Waits (up to a lease) while another gateway rebuilds the item.
+    async fn wait_until_ready(&self, item: Spread<'_>) -> Result<(), GatewayError> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(REBUILD_LEASE_MS);
+        while self.tokens(item).await?.is_none() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the leased buckets from inventory's snapshot, read piece by
+    /// piece (one piece in memory at a time, whatever the item's size); returns
+    /// how many it rebuilt. Gives the lease up if the snapshot breaks off.
     ///
-    /// A rebuilt bucket gets its buyers' holdings, in-flight marks and keys, and
-    /// the units PostgreSQL has left less what the other buckets offer (a
-    /// missing one counted at its even share, which its own rebuild takes).
-    /// With one bucket that is all PostgreSQL has left. Units the others hold
-    /// for orders still in flight are counted in both, so a bucket may offer a
+    /// A rebuilt bucket gets its buyers' holdings, in-flight marks and keys.
+    /// The missing buckets share, evenly, the units PostgreSQL has left less
+    /// what the buckets still present offer ([`missing_shares`]). With one
+    /// bucket that is all PostgreSQL has left. Units the present buckets hold
+    /// for orders still in flight are counted in both, so Redis may offer a
     /// few units too many: PostgreSQL judges every order and rejects those
     /// SOLD_OUT. It never offers too few, which would strand them.
-    pub async fn rebuild(
-        &self,
-        item: Spread<'_>,
-        snapshot: &GetAdmissionSnapshotResponse,
-    ) -> Result<u32, GatewayError> {
-        let states = self.bucket_states(item).await?;
-        let remaining = i64::from(snapshot.stock_remaining);
-        let mut rebuilt = 0;
-        for slot in item.slots() {
-            if states[slot.bucket as usize].ready {
-                continue;
+    pub async fn rebuild<S>(&self, item: Spread<'_>, lease: &RebuildLease, pieces: S) -> Result<u32, GatewayError>
+    where
+        S: futures::Stream<Item = Result<StreamAdmissionSnapshotResponse, GatewayError>>,
+    {
+        let outcome = self.write_snapshot(item, lease, pieces).await;
+        if outcome.is_err() {
+            self.abandon_rebuild(item, lease).await;
+        }
+        outcome
+    }
+
+    async fn write_snapshot<S>(&self, item: Spread<'_>, lease: &RebuildLease, pieces: S) -> Result<u32, GatewayError>
+    where
+        S: futures::Stream<Item = Result<StreamAdmissionSnapshotResponse, GatewayError>>,
+    {
+        use futures::StreamExt;
+        let mut pieces = std::pin::pin!(pieces);
+        let Some(first) = pieces.next().await.transpose()? else {
+            return Err(GatewayError::Unavailable("the admission snapshot was empty".into()));
+        };
+        if first.item_id != item.item_id {
+            return Err(GatewayError::Internal(
+                format!("a snapshot of {:?} for {:?}", first.item_id, item.item_id).into(),
+            ));
+        }
+        let (version, remaining) = (first.item_version, i64::from(first.stock_remaining));
+        let mut piece = first;
+        loop {
+            for &bucket in &lease.buckets {
+                self.write_piece(item.slot(bucket), item, &lease.token, &piece).await?;
             }
-            let others: i64 = item
-                .slots()
-                .filter(|other| *other != slot)
-                .map(|other| {
-                    let state = states[other.bucket as usize];
-                    if state.ready { state.tokens } else { item.share(remaining, other.bucket) }
-                })
-                .sum();
-            let tokens = (remaining - others).max(0);
-            let mut invocation = self.scripts.rebuild.on(&self.prefix, slot);
-            let holdings: Vec<_> =
-                snapshot.holdings.iter().filter(|holding| item.home(&holding.user_id) == slot).collect();
-            invocation.arg(snapshot.item_version).arg(tokens).arg(holdings.len());
-            for holding in holdings {
+            if piece.complete {
+                break;
+            }
+            piece = pieces
+                .next()
+                .await
+                .transpose()?
+                .ok_or_else(|| GatewayError::Unavailable("the admission snapshot broke off".into()))?;
+        }
+        let shares = missing_shares(remaining, &lease.present);
+        let mut rebuilt = 0;
+        for &bucket in &lease.buckets {
+            let tokens = shares[bucket as usize].unwrap_or(0);
+            let mut conn = self.background.get().await?;
+            let done: i64 = self
+                .scripts
+                .rebuild
+                .on(&self.prefix, item.slot(bucket))
+                .arg(&lease.token)
+                .arg(version)
+                .arg(tokens)
+                .invoke_async(&mut conn)
+                .await?;
+            rebuilt += u32::from(done == 1);
+        }
+        Ok(rebuilt)
+    }
+
+    /// Writes one bucket's share of a snapshot piece: its buyers' holdings and
+    /// keys, at most [`REBUILD_BATCH`] entries per script (a script blocks Redis
+    /// while it runs).
+    async fn write_piece(
+        &self,
+        slot: Slot<'_>,
+        item: Spread<'_>,
+        token: &str,
+        piece: &StreamAdmissionSnapshotResponse,
+    ) -> Result<(), GatewayError> {
+        let holdings: Vec<_> = piece.holdings.iter().filter(|holding| item.home(&holding.user_id) == slot).collect();
+        let keys: Vec<_> = piece.admitted_keys.iter().filter(|key| item.home(&key.user_id) == slot).collect();
+        let (mut holdings, mut keys) = (holdings.as_slice(), keys.as_slice());
+        while !holdings.is_empty() || !keys.is_empty() {
+            let (these_holdings, rest) = holdings.split_at(holdings.len().min(REBUILD_BATCH));
+            holdings = rest;
+            let (these_keys, rest) = keys.split_at(keys.len().min(REBUILD_BATCH - these_holdings.len()));
+            keys = rest;
+            let mut invocation = self.scripts.rebuild_part.on(&self.prefix, slot);
+            invocation.arg(token).arg(REBUILD_LEASE_MS).arg(these_holdings.len());
+            for holding in these_holdings {
                 invocation.arg(&holding.user_id).arg(holding.quantity).arg(&holding.in_flight_order_id);
             }
-            let keys: Vec<_> = snapshot.admitted_keys.iter().filter(|key| item.home(&key.user_id) == slot).collect();
-            invocation.arg(keys.len());
-            for key in keys {
+            invocation.arg(these_keys.len());
+            for key in these_keys {
                 // The same field and value admit.lua writes.
                 invocation
                     .arg(idem_field(&key.user_id, &key.idempotency_key))
                     .arg(PriorOrder::encode(&key.order_id, key.quantity));
             }
             let mut conn = self.background.get().await?;
-            let done: i64 = invocation.invoke_async(&mut conn).await?;
-            rebuilt += u32::from(done == 1);
+            let held: i64 = invocation.invoke_async(&mut conn).await?;
+            if held == 0 {
+                return Err(GatewayError::Unavailable("the rebuild lease was lost".into()));
+            }
         }
-        Ok(rebuilt)
+        Ok(())
+    }
+
+    /// Gives the lease of an unfinished rebuild up, so the next attempt need not
+    /// wait for it to expire (a failure is only logged: it expires anyway).
+    pub async fn abandon_rebuild(&self, item: Spread<'_>, lease: &RebuildLease) {
+        for &bucket in &lease.buckets {
+            let abandoned = async {
+                let mut conn = self.background.get().await?;
+                let _: i64 = self
+                    .scripts
+                    .rebuild_abandon
+                    .on(&self.prefix, item.slot(bucket))
+                    .arg(&lease.token)
+                    .invoke_async(&mut conn)
+                    .await?;
+                Ok::<_, GatewayError>(())
+            };
+            if let Err(e) = abandoned.await {
+                tracing::warn!(error = %e, item.id = %item.item_id, "could not give up a rebuild lease; it expires");
+            }
+        }
     }
 
     /// Raises the item's tokens to PostgreSQL's `remaining` if nothing is in
@@ -685,5 +906,30 @@ impl Admission {
     pub async fn load_record(&self, order_id: &str) -> Result<Option<AdmissionRecord>, GatewayError> {
         let json: Option<String> = self.hot.clone().get(self.order_key(order_id)).await?;
         Ok(json.and_then(|json| serde_json::from_str(&json).ok()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::missing_shares;
+
+    #[test]
+    fn missing_buckets_share_what_the_present_ones_do_not_offer() {
+        // (remaining in PostgreSQL, each bucket's tokens or missing, expected shares)
+        type Buckets = Vec<Option<i64>>;
+        let cases: [(i64, Buckets, Buckets); 5] = [
+            (40, vec![Some(19), Some(19), None, None], vec![None, None, Some(1), Some(1)]),
+            (40, vec![None, None, None, None], vec![Some(10), Some(10), Some(10), Some(10)]),
+            (7, vec![None, Some(0), None], vec![Some(4), None, Some(3)]),
+            // The present buckets offer more than is left (admissions in flight): none.
+            (5, vec![Some(9), None], vec![None, Some(0)]),
+            (3, vec![None], vec![Some(3)]),
+        ];
+        for (remaining, present, expected) in cases {
+            let shares = missing_shares(remaining, &present);
+            assert_eq!(shares, expected, "{remaining} left, {present:?}");
+            let offered: i64 = present.iter().flatten().chain(shares.iter().flatten()).sum();
+            assert!(offered >= remaining, "never fewer than PostgreSQL holds: {present:?}");
+        }
     }
 }

@@ -36,10 +36,13 @@ pub(super) enum Part {
     Lent,
     /// Set: loan ids this bucket has received (each credited at most once).
     Received,
+    /// String (with a TTL): the token of the rebuild that holds this bucket's
+    /// rebuild lease (`rebuild_begin.lua`), while its snapshot is written.
+    Rebuilding,
 }
 
 impl Part {
-    pub(super) const ALL: [Self; 11] = [
+    pub(super) const ALL: [Self; 12] = [
         Self::Ready,
         Self::Tokens,
         Self::Held,
@@ -51,6 +54,7 @@ impl Part {
         Self::Republished,
         Self::Lent,
         Self::Received,
+        Self::Rebuilding,
     ];
 
     fn name(self) -> &'static str {
@@ -66,6 +70,7 @@ impl Part {
             Self::Republished => "republished",
             Self::Lent => "lent",
             Self::Received => "received",
+            Self::Rebuilding => "rebuilding",
         }
     }
 }
@@ -140,9 +145,16 @@ const APPLY_EVENT: (&str, &[Part]) = (
     include_str!("../lua/apply_event.lua"),
     &[Part::Ready, Part::Tokens, Part::Held, Part::Inflight, Part::Admitted, Part::Applied, Part::Parked],
 );
+const REBUILD_BEGIN: (&str, &[Part]) = (
+    include_str!("../lua/rebuild_begin.lua"),
+    &[Part::Ready, Part::Held, Part::Inflight, Part::Admitted, Part::Applied, Part::Rebuilding],
+);
+const REBUILD_PART: (&str, &[Part]) =
+    (include_str!("../lua/rebuild_part.lua"), &[Part::Rebuilding, Part::Held, Part::Inflight, Part::Idem]);
+const REBUILD_ABANDON: (&str, &[Part]) = (include_str!("../lua/rebuild_abandon.lua"), &[Part::Rebuilding]);
 const REBUILD: (&str, &[Part]) = (
     include_str!("../lua/rebuild.lua"),
-    &[Part::Ready, Part::Tokens, Part::Held, Part::Inflight, Part::Admitted, Part::Applied, Part::Parked, Part::Idem],
+    &[Part::Ready, Part::Tokens, Part::Held, Part::Inflight, Part::Applied, Part::Parked, Part::Rebuilding],
 );
 const RESYNC: (&str, &[Part]) = (include_str!("../lua/resync.lua"), &[Part::Ready, Part::Tokens, Part::Admitted]);
 const CLAIM_REPUBLISH: (&str, &[Part]) =
@@ -152,6 +164,9 @@ pub(super) struct Scripts {
     pub(super) admit: ItemScript,
     pub(super) unadmit: ItemScript,
     pub(super) apply_event: ItemScript,
+    pub(super) rebuild_begin: ItemScript,
+    pub(super) rebuild_part: ItemScript,
+    pub(super) rebuild_abandon: ItemScript,
     pub(super) rebuild: ItemScript,
     pub(super) resync: ItemScript,
     pub(super) claim_republish: ItemScript,
@@ -167,6 +182,9 @@ impl Scripts {
             admit: script(ADMIT),
             unadmit: script(UNADMIT),
             apply_event: script(APPLY_EVENT),
+            rebuild_begin: script(REBUILD_BEGIN),
+            rebuild_part: script(REBUILD_PART),
+            rebuild_abandon: script(REBUILD_ABANDON),
             rebuild: script(REBUILD),
             resync: script(RESYNC),
             claim_republish: script(CLAIM_REPUBLISH),
@@ -284,6 +302,9 @@ mod tests {
             ("admit", ADMIT),
             ("unadmit", UNADMIT),
             ("apply_event", APPLY_EVENT),
+            ("rebuild_begin", REBUILD_BEGIN),
+            ("rebuild_part", REBUILD_PART),
+            ("rebuild_abandon", REBUILD_ABANDON),
             ("rebuild", REBUILD),
             ("resync", RESYNC),
             ("claim_republish", CLAIM_REPUBLISH),

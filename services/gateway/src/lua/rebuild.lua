@@ -1,36 +1,16 @@
--- Rebuilds an item's admission state from an inventory snapshot, unless another
--- gateway got there first, then applies the events parked meanwhile that the
--- snapshot does not contain (README, "Known limits": Redis is a cache).
+-- Finishes rebuilding a bucket's admission state from an inventory snapshot
+-- whose pieces are written (rebuild_begin.lua, rebuild_part.lua): applies the
+-- events parked meanwhile that the snapshot does not contain, sets the tokens
+-- and makes the state ready (README, "Known limits": Redis is a cache).
 -- Key types and value encodings: services/DESIGN.md, "Redis keys".
--- KEYS: 1 ready, 2 tokens, 3 held, 4 inflight, 5 admitted, 6 applied, 7 parked, 8 idem
--- ARGV: 1 item version, 2 stock remaining, 3 holdings count n,
---       then n triples: user, quantity held, in-flight order id ('' if none),
---       then a count m and m pairs: idem field (user\nkey), value (order|quantity)
---       of every key inventory has recorded (kept where Redis still has one)
--- Returns 1 if rebuilt, 0 if the state was present already.
-if redis.call('EXISTS', KEYS[1]) == 1 then
+-- KEYS: 1 ready, 2 tokens, 3 held, 4 inflight, 5 applied, 6 parked, 7 rebuilding
+-- ARGV: 1 rebuild token, 2 item version, 3 stock tokens for this bucket
+-- Returns 1 if rebuilt, 0 if the lease was lost (nothing changed).
+if redis.call('GET', KEYS[7]) ~= ARGV[1] then
   return 0
 end
-local version, tokens = tonumber(ARGV[1]), tonumber(ARGV[2])
-redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
-local i = 4
-for _ = 1, tonumber(ARGV[3]) do
-  local user, held, inflight = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
-  if held > 0 then
-    redis.call('HSET', KEYS[3], user, held)
-  end
-  if inflight ~= '' then
-    redis.call('HSET', KEYS[4], user, inflight)
-  end
-  i = i + 3
-end
-local keys = tonumber(ARGV[i])
-i = i + 1
-for _ = 1, keys do
-  redis.call('HSETNX', KEYS[8], ARGV[i], ARGV[i + 1])
-  i = i + 2
-end
-local parked = redis.call('HGETALL', KEYS[7])
+local version, tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
+local parked = redis.call('HGETALL', KEYS[6])
 for j = 1, #parked, 2 do
   local mark = parked[j]
   local order = string.match(mark, '^(.*):[A-Z_]+$')
@@ -40,7 +20,7 @@ for j = 1, #parked, 2 do
   end
   local user, quantity, status = fields[1], tonumber(fields[2]), fields[3]
   local units, event_version = tonumber(fields[5]), tonumber(fields[6])
-  redis.call('SADD', KEYS[6], mark)
+  redis.call('SADD', KEYS[5], mark)
   if redis.call('HGET', KEYS[4], user) == order then
     redis.call('HDEL', KEYS[4], user)
   end
@@ -51,7 +31,7 @@ for j = 1, #parked, 2 do
     end
   end
 end
-redis.call('DEL', KEYS[7])
+redis.call('DEL', KEYS[6], KEYS[7])
 redis.call('SET', KEYS[2], tokens)
 redis.call('HSET', KEYS[1], 'version', version)
 return 1

@@ -16,6 +16,7 @@ use crate::error::GatewayError;
     responses(
         (status = 201, description = "The sale is created", body = Item),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE: the body is over 16 KiB", body = ErrorBody),
         (status = 403, description = "FORBIDDEN: needs the admin role", body = ErrorBody),
         (status = 409, description = "ITEM_ALREADY_EXISTS", body = ErrorBody), (status = 503, body = ErrorBody),
     ),
@@ -40,6 +41,7 @@ pub(super) async fn create_item(
     responses(
         (status = 200, description = "Credited (a replayed key credits once)", body = TopUpResult),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE: the body is over 16 KiB", body = ErrorBody),
         (status = 403, description = "FORBIDDEN: needs the admin role", body = ErrorBody),
         (status = 422, description = "IDEMPOTENCY_KEY_REUSED for a different top-up", body = ErrorBody),
         (status = 503, body = ErrorBody),

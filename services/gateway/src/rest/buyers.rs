@@ -17,7 +17,7 @@ use super::{Caller, RestState};
 
 #[utoipa::path(
     get, path = "/v1/items", tag = "buyers",
-    params(Page),
+    params(ItemListing),
     responses(
         (status = 200, description = "Items, newest sales first", body = ItemList),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody),
@@ -27,11 +27,14 @@ use super::{Caller, RestState};
 pub(super) async fn list_items(
     State(state): State<RestState>,
     Caller(caller): Caller,
-    Query(page): Query<Page>,
+    Query(listing): Query<ItemListing>,
 ) -> Result<Json<ItemList>, ApiError> {
-    let Page { page_size, page_token } = page;
-    let request =
-        gw::ListItemsRequest { page_size: page_size.unwrap_or_default(), page_token: page_token.unwrap_or_default() };
+    let ItemListing { page_size, page_token, include_ended } = listing;
+    let request = gw::ListItemsRequest {
+        page_size: page_size.unwrap_or_default(),
+        page_token: page_token.unwrap_or_default(),
+        include_ended: include_ended.unwrap_or_default(),
+    };
     Ok(Json(state.api.list_items(&caller, request).await?.into()))
 }
 
@@ -63,8 +66,9 @@ pub(super) async fn get_item(
     responses(
         (status = 202, description = "Admitted; follow the order to its final state", body = PurchaseAccepted),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE: the body is over 16 KiB", body = ErrorBody),
         (status = 404, description = "ITEM_NOT_FOUND", body = ErrorBody),
-        (status = 409, description = "SALE_NOT_STARTED, SALE_ENDED, SOLD_OUT, LIMIT_REACHED, PURCHASE_IN_PROGRESS", body = ErrorBody),
+        (status = 409, description = "SALE_NOT_STARTED, SALE_ENDED, SOLD_OUT, NOT_ENOUGH_STOCK (with units_left), LIMIT_REACHED, PURCHASE_IN_PROGRESS", body = ErrorBody),
         (status = 422, description = "IDEMPOTENCY_KEY_REUSED: this key named a different purchase", body = ErrorBody),
         (status = 429, description = "RATE_LIMITED", body = ErrorBody),
         (status = 503, description = "UNAVAILABLE: nothing was bought; retry with the same key", body = ErrorBody),

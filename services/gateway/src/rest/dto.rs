@@ -220,6 +220,19 @@ pub struct Page {
     pub page_token: Option<String>,
 }
 
+/// `GET /v1/items`: paging, and whether ended sales are listed too.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ItemListing {
+    /// At most this many entries (0 or absent: the default).
+    pub page_size: Option<u32>,
+    /// `next_page_token` of the previous page (opaque; only tokens this API issued are accepted).
+    #[param(max_length = 512)]
+    pub page_token: Option<String>,
+    /// Sales that have ended too (the history); by default only live and upcoming sales.
+    pub include_ended: Option<bool>,
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ItemList {
     pub items: Vec<Item>,
@@ -398,6 +411,10 @@ pub struct ErrorDetail {
     #[schema(example = "SOLD_OUT")]
     pub code: String,
     pub message: String,
+    /// With `NOT_ENOUGH_STOCK` only: how many units were left (a smaller
+    /// request may still buy them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub units_left: Option<u32>,
 }
 
 /// `/healthz` and `/readyz`.

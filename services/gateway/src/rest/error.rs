@@ -1,7 +1,9 @@
 //! REST errors: the same reason codes as gRPC, with the HTTP statuses of
 //! the README's error table, as `{"error": {"code", "message"}}`. Every way a
-//! request can be malformed (JSON syntax, types, unknown fields, size, path or
-//! query) is a 400 `INVALID_ARGUMENT`, never axum's default 413/415/422 text.
+//! request can be malformed (JSON syntax, types, unknown fields, path or
+//! query) is a 400 `INVALID_ARGUMENT`, never axum's default 415/422 text; a
+//! body over the size limit is a 413 `PAYLOAD_TOO_LARGE` (REST only: gRPC
+//! caps its messages in the codec).
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -21,6 +23,8 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for `Retry-After` (a status's `RetryInfo`, rounded up).
     pub retry_after: Option<u64>,
+    /// `NOT_ENOUGH_STOCK`'s units left (its `ErrorInfo` metadata).
+    pub units_left: Option<u32>,
 }
 
 impl ApiError {
@@ -30,6 +34,17 @@ impl ApiError {
             code: "INVALID_ARGUMENT".into(),
             message: message.into(),
             retry_after: None,
+            units_left: None,
+        }
+    }
+
+    pub fn too_large() -> Self {
+        Self {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: "PAYLOAD_TOO_LARGE".into(),
+            message: format!("the body is over the {} KiB this API takes", super::MAX_BODY_BYTES / 1024),
+            retry_after: None,
+            units_left: None,
         }
     }
 
@@ -39,6 +54,7 @@ impl ApiError {
             code: "NOT_FOUND".into(),
             message: "no such route".into(),
             retry_after: None,
+            units_left: None,
         }
     }
 
@@ -51,6 +67,10 @@ impl ApiError {
     pub fn from_status(status: &tonic::Status) -> Self {
         let details = status.get_error_details();
         let reason = details.error_info().map(|info| info.reason.clone());
+        let units_left = details
+            .error_info()
+            .and_then(|info| info.metadata.get(crate::error::UNITS_LEFT))
+            .and_then(|units| units.parse().ok());
         let retry_after = details
             .retry_info()
             .and_then(|info| info.retry_delay)
@@ -64,7 +84,7 @@ impl ApiError {
         } else {
             status.message().to_owned()
         };
-        Self { status: http, code, message, retry_after }
+        Self { status: http, code, message, retry_after, units_left }
     }
 }
 
@@ -74,10 +94,14 @@ pub fn http_status(reason: &str, code: tonic::Code) -> StatusCode {
         "UNAUTHENTICATED" => StatusCode::UNAUTHORIZED,
         "FORBIDDEN" => StatusCode::FORBIDDEN,
         "INVALID_ARGUMENT" => StatusCode::BAD_REQUEST,
+        "PAYLOAD_TOO_LARGE" => StatusCode::PAYLOAD_TOO_LARGE,
         "ITEM_NOT_FOUND" | "ORDER_NOT_FOUND" => StatusCode::NOT_FOUND,
-        "SALE_NOT_STARTED" | "SALE_ENDED" | "SOLD_OUT" | "LIMIT_REACHED" | "PURCHASE_IN_PROGRESS" => {
-            StatusCode::CONFLICT
-        }
+        "SALE_NOT_STARTED"
+        | "SALE_ENDED"
+        | "SOLD_OUT"
+        | "NOT_ENOUGH_STOCK"
+        | "LIMIT_REACHED"
+        | "PURCHASE_IN_PROGRESS" => StatusCode::CONFLICT,
         "ITEM_ALREADY_EXISTS" | "ORDER_NOT_REFUNDABLE" => StatusCode::CONFLICT,
         "INSUFFICIENT_FUNDS" => StatusCode::PAYMENT_REQUIRED,
         "IDEMPOTENCY_KEY_REUSED" => StatusCode::UNPROCESSABLE_ENTITY,
@@ -125,7 +149,8 @@ impl From<GatewayError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let retry = matches!(self.status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS);
-        let body = ErrorBody { error: ErrorDetail { code: self.code, message: self.message } };
+        let body =
+            ErrorBody { error: ErrorDetail { code: self.code, message: self.message, units_left: self.units_left } };
         let mut response = (self.status, axum::Json(body)).into_response();
         if retry {
             let seconds = self.retry_after.unwrap_or(1).max(1);
@@ -144,6 +169,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(Self(value)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::too_large()),
             Err(rejection) => Err(ApiError::invalid(json_problem(&rejection))),
         }
     }
@@ -152,7 +178,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
 fn json_problem(rejection: &JsonRejection) -> String {
     match rejection {
         JsonRejection::MissingJsonContentType(_) => "the body must be JSON (Content-Type: application/json)".into(),
-        JsonRejection::BytesRejection(_) => "the body is too large or could not be read".into(),
+        JsonRejection::BytesRejection(_) => "the body could not be read".into(),
         // serde's message names the field and the expected type; it holds no server state.
         JsonRejection::JsonDataError(e) => {
             let text = e.body_text();
@@ -224,6 +250,7 @@ mod tests {
             ("SALE_NOT_STARTED", FailedPrecondition, 409),
             ("SALE_ENDED", FailedPrecondition, 409),
             ("SOLD_OUT", FailedPrecondition, 409),
+            ("NOT_ENOUGH_STOCK", FailedPrecondition, 409),
             ("LIMIT_REACHED", FailedPrecondition, 409),
             ("PURCHASE_IN_PROGRESS", FailedPrecondition, 409),
             ("INSUFFICIENT_FUNDS", FailedPrecondition, 402),

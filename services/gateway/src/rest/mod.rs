@@ -5,6 +5,7 @@
 
 mod admin;
 mod buyers;
+mod drain;
 pub mod dto;
 pub mod error;
 #[cfg(test)]
@@ -33,7 +34,7 @@ use crate::api::Operations;
 use crate::auth::Principal;
 
 /// Largest request body; every body this API takes is far smaller.
-const MAX_BODY_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 16 * 1024;
 
 #[derive(Clone)]
 pub struct RestState {
@@ -152,11 +153,15 @@ pub fn router(state: RestState) -> Router {
         .route_layer(flashsale_server::HttpServerTraceLayer)
         .fallback(|| async { ApiError::not_found() })
         // Bodies are capped before they are buffered; the JSON extractor turns the
-        // cap's rejection into a 400 like every other malformed body.
+        // cap's rejection into a 413 PAYLOAD_TOO_LARGE.
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
         // Outside the state and the body limit: the spec and the UI are static.
         .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
+        // Outermost, so it sees every answer, refusals made before the body is
+        // read included, and reads what they left unread: the connection stays
+        // usable for a keep-alive client (drain.rs).
+        .layer(axum::middleware::from_fn(drain::drain_unread_body))
 }
 
 #[utoipa::path(

@@ -1,10 +1,10 @@
-//! Items: creation, reads, the admission snapshot and sale statistics.
+//! Items: creation, reads and sale statistics (the admission snapshot: `snapshot.rs`).
 
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-use super::models::{Holding, Item, NewItem};
-use super::schema::{holdings, items, orders};
+use super::models::{Item, NewItem};
+use super::schema::{items, orders};
 use crate::domain::{ItemSpec, OrderStatus, Page};
 use crate::error::InventoryError;
 
@@ -56,64 +56,6 @@ pub async fn list(
         None
     };
     Ok((rows, next))
-}
-
-/// What the gateway rebuilds an item's Redis admission state from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
-    pub item: Item,
-    pub holdings: Vec<Holding>,
-    /// (buyer, order id) of every order not yet settled.
-    pub in_flight: Vec<(String, uuid::Uuid)>,
-    /// (buyer, idempotency key, order id, quantity) of every order recorded,
-    /// one per (buyer, key): the live order where a key names several.
-    pub keys: Vec<(String, String, uuid::Uuid, i32)>,
-}
-
-/// Reads item, holdings and unsettled orders as of one instant (REPEATABLE READ),
-/// so the snapshot's `item.version` describes all three.
-pub async fn snapshot(conn: &mut AsyncPgConnection, id: &str) -> Result<Snapshot, InventoryError> {
-    let id = id.to_owned();
-    conn.build_transaction()
-        .repeatable_read()
-        .read_only()
-        .run::<_, InventoryError, _>(async |conn| {
-            let item = get(conn, &id).await?;
-            let holdings = holdings::table
-                .filter(holdings::item_id.eq(&id))
-                .filter(holdings::quantity.gt(0))
-                .select(Holding::as_select())
-                .load(conn)
-                .await?;
-            let in_flight = orders::table
-                .filter(orders::item_id.eq(&id))
-                .filter(orders::status.eq(OrderStatus::PaymentPending.as_db()))
-                .select((orders::user_id, orders::id))
-                .load(conn)
-                .await?;
-            // By id, so the earliest order of a (buyer, key) comes first; a later
-            // live one replaces a rejected one (the copy refused as a key reuse
-            // is rejected, the order it collided with is the live one).
-            let recorded: Vec<(String, String, uuid::Uuid, i32, String)> = orders::table
-                .filter(orders::item_id.eq(&id))
-                .select((orders::user_id, orders::idempotency_key, orders::id, orders::quantity, orders::status))
-                .order(orders::id)
-                .load(conn)
-                .await?;
-            let mut by_key: std::collections::BTreeMap<(String, String), (uuid::Uuid, i32, bool)> =
-                std::collections::BTreeMap::new();
-            for (user, key, order, quantity, status) in recorded {
-                let live = status != OrderStatus::Rejected.as_db();
-                let entry = by_key.entry((user, key)).or_insert((order, quantity, live));
-                if live && !entry.2 {
-                    *entry = (order, quantity, live);
-                }
-            }
-            let keys =
-                by_key.into_iter().map(|((user, key), (order, quantity, _))| (user, key, order, quantity)).collect();
-            Ok(Snapshot { item, holdings, in_flight, keys })
-        })
-        .await
 }
 
 /// Order counts of one item by status, distinct buyers and units sold.

@@ -5,6 +5,7 @@ pub mod models;
 pub mod orders;
 pub mod outbox;
 pub mod schema;
+pub mod snapshot;
 
 /// The inventory's migrations (`migrations/inventory`), compiled into the binary.
 pub const MIGRATIONS: diesel_migrations::EmbeddedMigrations =

@@ -1,0 +1,1 @@
+DROP INDEX orders_item_user_key;
