@@ -1389,3 +1389,66 @@ async fn a_refused_order_whose_reservation_cannot_be_released_is_pending_not_una
     assert_eq!(report.confirmed_units.get("stuck"), Some(&1));
     suite.shutdown().await
 }
+
+/// The double fault (review defect 12, listed in RELIABILITY.md as not covered):
+/// the broker cannot confirm (its link to the gateway silent), so the buyer is
+/// told PENDING; then the gateway is SIGKILLed and Redis loses the sale's keys,
+/// both before the link returns. The gateway's memory and Redis held the only
+/// copies of that order. Now the gateway also records it in inventory over
+/// gRPC before answering, so it is settled, and charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfirmed_order_survives_a_gateway_crash_together_with_a_redis_loss() -> anyhow::Result<()> {
+    use flashsale_integration_tests::binaries::{BinarySuite, Service};
+    use flashsale_integration_tests::proxy::FaultProxy;
+    use flashsale_integration_tests::suite::{JWT_SECRET, amqp_addr, with_token};
+    use flashsale_proto::gateway::v1::{CreateItemRequest, TopUpRequest};
+
+    let broker = FaultProxy::start("127.0.0.1:5672".parse()?).await?;
+    let own = [
+        (Service::Gateway, "AMQP_ADDR", amqp_addr().replace(":5672", &format!(":{}", broker.port))),
+        (Service::Gateway, "PUBLISH_TIMEOUT_MS", "1000".to_owned()),
+        (Service::Gateway, "UNRECORDED_GRACE_MS", "2000".to_owned()),
+    ];
+    let mut suite = BinarySuite::spawn_with_service_envs(&[], &own).await?;
+    let token = |user: &str, admin: bool| {
+        flashsale_gateway::auth::mint(JWT_SECRET, user, admin, Duration::from_secs(3600)).unwrap_or_default()
+    };
+    let admin = token("operator", true);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+    let at = |offset: i64| prost_types::Timestamp { seconds: now + offset, nanos: 0 };
+    let usd = |amount_minor| Some(Money { currency: "USD".into(), amount_minor });
+    let item = CreateItemRequest {
+        id: "twice".into(),
+        name: "twice".into(),
+        price: usd(900),
+        stock_total: 1,
+        per_user_limit: 1,
+        starts_at: Some(at(-1)),
+        ends_at: Some(at(3600)),
+        admission_buckets: 1,
+    };
+    suite.admin().create_item(with_token(item, &admin)).await?;
+    let funds = TopUpRequest { user_id: "ann".into(), amount: usd(1_000), idempotency_key: "seed-ann".into() };
+    suite.admin().top_up(with_token(funds, &admin)).await?;
+
+    broker.blackhole();
+    let buy = PurchaseRequest { item_id: "twice".into(), quantity: 1, idempotency_key: "ann-1".into() };
+    let reply = suite.buyers().purchase(with_token(buy, &token("ann", false))).await?.into_inner();
+    assert_eq!(reply.status(), OrderStatus::Pending);
+
+    // Both faults before the link returns: the gateway dies, Redis forgets the sale.
+    suite.process(Service::Gateway).kill().await?;
+    let mut redis = redis::Client::open(suite.redis_url.as_str())?.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", suite.redis_prefix)).query_async(&mut redis).await?;
+    anyhow::ensure!(!keys.is_empty(), "the reservation was not in Redis");
+    let () = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await?;
+    broker.restore();
+    suite.process(Service::Gateway).restart_without("FAILPOINTS").await?;
+
+    // Inventory's own table, not the gateway's view: recorded, settled, charged once.
+    wait_until_settled(&suite.databases(), &BTreeSet::from([reply.order_id.clone()]), Duration::from_secs(60)).await?;
+    let report = audit(&suite.databases()).await?;
+    assert_eq!(report.orders.len(), 1, "{:?}", report.orders);
+    assert_eq!(report.confirmed_units.get("twice"), Some(&1));
+    suite.shutdown().await
+}

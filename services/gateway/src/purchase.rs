@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use flashsale_proto::common::v1::{Money, OrderStatus};
 use flashsale_proto::gateway::v1::{PurchaseRequest, PurchaseResponse};
-use flashsale_proto::inventory::v1::{GetOrderRequest, OrderPlaced, StreamAdmissionSnapshotRequest};
+use flashsale_proto::inventory::v1::{
+    GetOrderRequest, OrderPlaced, RecordOrderRequest, StreamAdmissionSnapshotRequest,
+};
 use parking_lot::Mutex;
 
 use crate::admission::{Admission, AdmissionRecord, Admit};
@@ -241,6 +243,7 @@ impl Purchases {
                 if !self.publisher.publish_until_confirmed(placed_message(&record)) {
                     tracing::warn!(order.id = %attempt.order_id, "too many unconfirmed orders kept; this one is left to the reconciler");
                 }
+                self.record_directly(&record).await;
             }
             Err(PublishFailure::Unknown(error)) => {
                 // Perhaps queued, and if not, the publisher sends it again until
@@ -253,10 +256,35 @@ impl Purchases {
                 if !self.publisher.publish_until_confirmed(placed_message(&record)) {
                     tracing::warn!(order.id = %attempt.order_id, "too many unconfirmed orders kept; this one is left to the reconciler");
                 }
+                self.record_directly(&record).await;
             }
         }
         tracing::debug!(order.id = %attempt.order_id, item.id = %attempt.item.id, user.id = %buyer.user_id, "order accepted");
         Ok(PurchaseResponse { order_id: attempt.order_id.clone(), status: OrderStatus::Pending.into() })
+    }
+
+    /// Records an order the broker did not confirm straight in inventory
+    /// (`RecordOrder`), before the buyer is told PENDING: the copies kept in this
+    /// process's memory and in Redis would both be gone after a crash of this
+    /// gateway together with a Redis loss, and the order with them. The kept
+    /// copy is still published until confirmed; inventory keeps one order per id.
+    /// If inventory cannot be reached either, the order keeps those two copies.
+    async fn record_directly(&self, record: &AdmissionRecord) {
+        let order = placed_message(record);
+        let recorded = crate::upstream::retry_if_lost(|| {
+            let mut client = self.upstreams.inventory.clone();
+            let recording = RecordOrderRequest { order: Some(order.clone()) };
+            async move { client.record_order(request(recording)).await }
+        })
+        .await;
+        match recorded {
+            Ok(_) => metrics::counter!("flashsale_orders_recorded_directly_total").increment(1),
+            Err(status) => tracing::warn!(
+                error = %status,
+                order.id = %record.order_id,
+                "could not record an unconfirmed order in inventory; it stays in memory and in Redis"
+            ),
+        }
     }
 
     /// Gives back the units of an admission whose order certainly never reached

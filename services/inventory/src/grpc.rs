@@ -7,8 +7,9 @@ use flashsale_proto::inventory::v1::inventory_service_server::InventoryService;
 use flashsale_proto::inventory::v1::{
     AdmittedKey, BatchGetOrdersRequest, BatchGetOrdersResponse, BuyerHolding, CreateItemRequest, CreateItemResponse,
     GetItemRequest, GetItemResponse, GetItemStatsRequest, GetItemStatsResponse, GetOrderRequest, GetOrderResponse,
-    ListItemsRequest, ListItemsResponse, ListOrdersRequest, ListOrdersResponse, RefundOrderRequest,
-    RefundOrderResponse, StreamAdmissionSnapshotRequest, StreamAdmissionSnapshotResponse,
+    ListItemsRequest, ListItemsResponse, ListOrdersRequest, ListOrdersResponse, RecordOrderRequest,
+    RecordOrderResponse, RefundOrderRequest, RefundOrderResponse, StreamAdmissionSnapshotRequest,
+    StreamAdmissionSnapshotResponse,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -39,6 +40,7 @@ pub const CALLERS: flashsale_server::Callers = flashsale_server::Callers {
         ("ListOrders", &["gateway"]),
         ("RefundOrder", &["gateway"]),
         ("GetItemStats", &["gateway"]),
+        ("RecordOrder", &["gateway"]),
         ("StreamAdmissionSnapshot", &["gateway"]),
     ],
 };
@@ -174,6 +176,45 @@ impl InventoryService for InventoryGrpc {
             buyers: stats.buyers,
             units_sold: stats.units_sold,
         }))
+    }
+
+    /// The queue consumer's recording, for one order that came over gRPC: the
+    /// same rules, the same transaction, the same first payment attempt.
+    async fn record_order(
+        &self,
+        request: Request<RecordOrderRequest>,
+    ) -> Result<Response<RecordOrderResponse>, Status> {
+        let RecordOrderRequest { order } = request.into_inner();
+        let placed =
+            crate::order_consumer::placed(order.ok_or_else(|| InventoryError::invalid("order", "is required"))?)?;
+        // In a task of its own: a caller's deadline dropping this future must
+        // not leave the transaction open on a pooled connection.
+        let pool = self.pool.clone();
+        let recording = async move {
+            let mut conn = pool.get().await.map_err(InventoryError::from)?;
+            orders::record_placed(&mut conn, &placed).await
+        };
+        let recorded =
+            tokio::spawn(recording.in_current_span()).await.map_err(|e| InventoryError::Internal(Box::new(e)))??;
+        let order = match recorded {
+            orders::Recorded::UnknownItem => return Err(InventoryError::ItemNotFound.into()),
+            orders::Recorded::Held(order) => {
+                tracing::info!(order.id = %order.id, "order recorded over gRPC (its publish was not confirmed)");
+                let settlement = self.settlement.clone();
+                let paid = order.clone();
+                tokio::spawn(
+                    async move { settlement.pay_batch(vec![(paid, tracing::Span::current())]).await }.in_current_span(),
+                );
+                order
+            }
+            orders::Recorded::Rejected(order) => {
+                crate::metrics::final_state(&order);
+                self.settlement.outbox_changed();
+                order
+            }
+            orders::Recorded::Existing(order) => order,
+        };
+        Ok(Response::new(RecordOrderResponse { order: Some(order_to_proto(order)) }))
     }
 
     type StreamAdmissionSnapshotStream = ReceiverStream<Result<StreamAdmissionSnapshotResponse, Status>>;

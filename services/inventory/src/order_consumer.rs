@@ -353,10 +353,15 @@ impl OrderConsumer {
     }
 }
 
-/// Decodes and validates an `OrderPlaced` (destructured in full).
+/// Decodes and validates an `OrderPlaced`.
 pub fn decode(data: &[u8]) -> Result<Placed, InventoryError> {
-    let OrderPlaced { order_id, user_id, item_id, quantity, amount, idempotency_key, placed_at: _ } =
-        OrderPlaced::decode(data).map_err(|_| InventoryError::invalid("message", "not an OrderPlaced"))?;
+    placed(OrderPlaced::decode(data).map_err(|_| InventoryError::invalid("message", "not an OrderPlaced"))?)
+}
+
+/// Validates an `OrderPlaced` (destructured in full), from the queue or from
+/// `RecordOrder`: one set of rules for both ways in.
+pub fn placed(message: OrderPlaced) -> Result<Placed, InventoryError> {
+    let OrderPlaced { order_id, user_id, item_id, quantity, amount, idempotency_key, placed_at: _ } = message;
     let Money { currency, amount_minor } = amount.ok_or_else(|| InventoryError::invalid("amount", "is required"))?;
     let quantity = Some(quantity)
         .filter(|q| (1..=flashsale_domain::MAX_PER_USER_LIMIT).contains(q))

@@ -49,6 +49,11 @@ impl Settlement {
         Self { pool, wallet, outbox_ready }
     }
 
+    /// Wakes the outbox relay: an event was written outside a settlement.
+    pub fn outbox_changed(&self) {
+        self.outbox_ready.notify_one();
+    }
+
     /// Pays many orders with one wallet call and settles them in one
     /// transaction. Each order comes with the span of its own trace: the batch's
     /// spans are children of the first traced one, linked to the others, and each
