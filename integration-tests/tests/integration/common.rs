@@ -112,3 +112,35 @@ pub(crate) async fn final_order(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A token of the test suites' development secret, for calls to real binaries.
+pub(crate) fn token(user: &str, admin: bool) -> String {
+    let secret = flashsale_integration_tests::suite::JWT_SECRET;
+    flashsale_gateway::auth::mint(secret, user, admin, Duration::from_secs(3600)).unwrap_or_default()
+}
+
+/// On the real binaries: an item `id` on sale now (for an hour), `stock` units
+/// at 9.00 USD, limit 1, one bucket; and `buyer` funded with 10.00 USD.
+pub(crate) async fn binary_sale(
+    suite: &flashsale_integration_tests::binaries::BinarySuite,
+    id: &str,
+    stock: u32,
+    buyer: &str,
+) -> anyhow::Result<()> {
+    use flashsale_integration_tests::suite::with_token;
+    let admin = token("operator", true);
+    let item = CreateItemRequest {
+        id: id.into(),
+        name: id.into(),
+        price: usd(900),
+        stock_total: stock,
+        per_user_limit: 1,
+        starts_at: at(Duration::from_secs(1), false),
+        ends_at: at(Duration::from_secs(3600), true),
+        admission_buckets: 1,
+    };
+    suite.admin().create_item(with_token(item, &admin)).await?;
+    let funds = TopUpRequest { user_id: buyer.into(), amount: usd(1_000), idempotency_key: format!("seed-{buyer}") };
+    suite.admin().top_up(with_token(funds, &admin)).await?;
+    Ok(())
+}

@@ -1302,8 +1302,10 @@ async fn fault_links_mid_settlement(
 async fn a_refused_order_whose_reservation_cannot_be_released_is_pending_not_unavailable() -> anyhow::Result<()> {
     use flashsale_integration_tests::binaries::{BinarySuite, Service, scrape, sum};
     use flashsale_integration_tests::proxy::FaultProxy;
-    use flashsale_integration_tests::suite::{JWT_SECRET, amqp_addr, with_token};
-    use flashsale_proto::gateway::v1::{CreateItemRequest, GetOrderRequest, TopUpRequest};
+    use flashsale_integration_tests::suite::{amqp_addr, with_token};
+    use flashsale_proto::gateway::v1::GetOrderRequest;
+
+    use crate::common::token;
 
     let redis_server = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let redis = FaultProxy::start("127.0.0.1:6379".parse()?).await?;
@@ -1315,29 +1317,7 @@ async fn a_refused_order_whose_reservation_cannot_be_released_is_pending_not_una
         (Service::Gateway, "FAILPOINTS", "gateway-before-unadmit=sleep(2000)".to_owned()),
     ];
     let mut suite = BinarySuite::spawn_with_service_envs(&[], &own).await?;
-    let token = |user: &str, admin: bool| {
-        flashsale_gateway::auth::mint(JWT_SECRET, user, admin, Duration::from_secs(3600)).unwrap_or_default()
-    };
-    let admin = token("operator", true);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
-    let at = |seconds: i64| prost_types::Timestamp { seconds: now.as_secs() as i64 + seconds, nanos: 0 };
-    let item = CreateItemRequest {
-        id: "stuck".into(),
-        name: "stuck".into(),
-        price: Some(Money { currency: "USD".into(), amount_minor: 900 }),
-        stock_total: 1,
-        per_user_limit: 1,
-        starts_at: Some(at(-1)),
-        ends_at: Some(at(3600)),
-        admission_buckets: 1,
-    };
-    suite.admin().create_item(with_token(item, &admin)).await?;
-    let funds = TopUpRequest {
-        user_id: "ann".into(),
-        amount: Some(Money { currency: "USD".into(), amount_minor: 1_000 }),
-        idempotency_key: "seed-ann".into(),
-    };
-    suite.admin().top_up(with_token(funds, &admin)).await?;
+    crate::common::binary_sale(&suite, "stuck", 1, "ann").await?;
 
     // The gateway has no broker: its publish is refused at once (certainly not queued).
     broker.cut();
@@ -1400,8 +1380,9 @@ async fn a_refused_order_whose_reservation_cannot_be_released_is_pending_not_una
 async fn an_unconfirmed_order_survives_a_gateway_crash_together_with_a_redis_loss() -> anyhow::Result<()> {
     use flashsale_integration_tests::binaries::{BinarySuite, Service};
     use flashsale_integration_tests::proxy::FaultProxy;
-    use flashsale_integration_tests::suite::{JWT_SECRET, amqp_addr, with_token};
-    use flashsale_proto::gateway::v1::{CreateItemRequest, TopUpRequest};
+    use flashsale_integration_tests::suite::{amqp_addr, with_token};
+
+    use crate::common::token;
 
     let broker = FaultProxy::start("127.0.0.1:5672".parse()?).await?;
     let own = [
@@ -1410,26 +1391,7 @@ async fn an_unconfirmed_order_survives_a_gateway_crash_together_with_a_redis_los
         (Service::Gateway, "UNRECORDED_GRACE_MS", "2000".to_owned()),
     ];
     let mut suite = BinarySuite::spawn_with_service_envs(&[], &own).await?;
-    let token = |user: &str, admin: bool| {
-        flashsale_gateway::auth::mint(JWT_SECRET, user, admin, Duration::from_secs(3600)).unwrap_or_default()
-    };
-    let admin = token("operator", true);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
-    let at = |offset: i64| prost_types::Timestamp { seconds: now + offset, nanos: 0 };
-    let usd = |amount_minor| Some(Money { currency: "USD".into(), amount_minor });
-    let item = CreateItemRequest {
-        id: "twice".into(),
-        name: "twice".into(),
-        price: usd(900),
-        stock_total: 1,
-        per_user_limit: 1,
-        starts_at: Some(at(-1)),
-        ends_at: Some(at(3600)),
-        admission_buckets: 1,
-    };
-    suite.admin().create_item(with_token(item, &admin)).await?;
-    let funds = TopUpRequest { user_id: "ann".into(), amount: usd(1_000), idempotency_key: "seed-ann".into() };
-    suite.admin().top_up(with_token(funds, &admin)).await?;
+    crate::common::binary_sale(&suite, "twice", 1, "ann").await?;
 
     broker.blackhole();
     let buy = PurchaseRequest { item_id: "twice".into(), quantity: 1, idempotency_key: "ann-1".into() };

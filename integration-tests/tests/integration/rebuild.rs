@@ -9,13 +9,11 @@ use diesel::sql_types::{BigInt, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use flashsale_integration_tests::audit::{audit, wait_until_settled};
 use flashsale_integration_tests::binaries::{BinarySuite, Service};
-use flashsale_integration_tests::suite::{JWT_SECRET, with_token};
-use flashsale_proto::common::v1::{Money, OrderStatus};
-use flashsale_proto::gateway::v1::{CreateItemRequest, GetOrderRequest, PurchaseRequest, TopUpRequest};
+use flashsale_integration_tests::suite::with_token;
+use flashsale_proto::common::v1::OrderStatus;
+use flashsale_proto::gateway::v1::{GetOrderRequest, PurchaseRequest};
 
-fn token(user: &str, admin: bool) -> String {
-    flashsale_gateway::auth::mint(JWT_SECRET, user, admin, Duration::from_secs(3600)).unwrap_or_default()
-}
+use crate::common::{binary_sale, token};
 
 /// Recorded orders of the item (REBUILD_ORDERS, 100,000 by default: past the
 /// old one-message snapshot's 4 MiB cap; 1,000,000 for BENCHMARKS.md).
@@ -37,23 +35,7 @@ fn recorded_orders() -> i64 {
 async fn a_big_item_is_rebuilt_after_a_redis_loss_and_sells_again() -> anyhow::Result<()> {
     let orders = recorded_orders();
     let mut suite = BinarySuite::spawn().await?;
-    let admin = token("operator", true);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
-    let at = |offset: i64| prost_types::Timestamp { seconds: now + offset, nanos: 0 };
-    let usd = |amount_minor| Some(Money { currency: "USD".into(), amount_minor });
-    let item = CreateItemRequest {
-        id: "big".into(),
-        name: "big".into(),
-        price: usd(900),
-        stock_total: 10,
-        per_user_limit: 1,
-        starts_at: Some(at(-1)),
-        ends_at: Some(at(3600)),
-        admission_buckets: 1,
-    };
-    suite.admin().create_item(with_token(item, &admin)).await?;
-    let funds = TopUpRequest { user_id: "ann".into(), amount: usd(1_000), idempotency_key: "seed-ann".into() };
-    suite.admin().top_up(with_token(funds, &admin)).await?;
+    binary_sale(&suite, "big", 10, "ann").await?;
 
     let mut db = AsyncPgConnection::establish(&suite.databases().inventory_url).await?;
     diesel::sql_query(
