@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use crate::common::{at, usd};
+use crate::common::{at, token, usd};
 
 pub(crate) const ITEM: &str = "crash-drop";
 const PRICE: i64 = 1_000;
@@ -75,11 +75,6 @@ async fn bounded<T>(call: impl Future<Output = Result<T, tonic::Status>>) -> Res
     tokio::time::timeout(CALL_TIMEOUT, call)
         .await
         .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer within the buyer's timeout")))
-}
-
-fn token(user: &str, admin: bool) -> String {
-    let secret = flashsale_integration_tests::suite::JWT_SECRET;
-    flashsale_gateway::auth::mint(secret, user, admin, Duration::from_secs(3600)).unwrap_or_default()
 }
 
 #[derive(Default)]
