@@ -323,8 +323,28 @@ pub async fn flush_redis_prefix(prefix: &str) -> anyhow::Result<usize> {
     flush_redis_prefix_at(&redis_url(), prefix).await
 }
 
-/// [`flush_redis_prefix`] on the Redis server at `url`.
+/// [`flush_redis_prefix`] on the Redis server at `url`, or on the Redis
+/// Cluster whose nodes it lists (comma-separated): each live node is asked
+/// for its keys, and each key is deleted through the cluster (keys of
+/// different slots cannot go in one `DEL`). A node that is down is skipped; its
+/// slots are served by the replica that took over.
 pub async fn flush_redis_prefix_at(url: &str, prefix: &str) -> anyhow::Result<usize> {
+    if url.contains(',') {
+        let mut cluster = crate::audit::redis_connection(url).await?;
+        let mut keys = std::collections::BTreeSet::new();
+        for node in url.split(',') {
+            let Ok(mut conn) = async { redis::Client::open(node)?.get_multiplexed_async_connection().await }.await
+            else {
+                continue;
+            };
+            let found: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await?;
+            keys.extend(found);
+        }
+        for key in &keys {
+            let _: i64 = redis::cmd("DEL").arg(key).query_async(&mut cluster).await?;
+        }
+        return Ok(keys.len());
+    }
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await?;

@@ -3,7 +3,12 @@
 //! each run with faults drawn from its seed: a crash point armed in one service,
 //! and one or two of SIGKILL or SIGTERM of a service, a PostgreSQL stop (fast or
 //! immediate, down 0.5–3 s), a Redis restart (everything lost) or a RabbitMQ
-//! restart, each at a drawn moment of the sale. Every run ends with the full audit.
+//! restart, each at a drawn moment of the sale. The item's stock is spread over
+//! 1, 2 or 4 buckets, and one run in five keeps its admission state on a Redis
+//! Cluster of its own (3 masters, 3 replicas) instead, where the Redis fault is
+//! the SIGKILL of the master serving one of the item's buckets (the replica
+//! takes over, without what it had not copied yet). Every run ends with the
+//! full audit.
 //!
 //! `SOAK_RUNS` runs (default 3, what CI runs) from seed `SOAK_SEED` (default 1)
 //! up. A failing run prints the command that replays its seed and ends the
@@ -15,12 +20,14 @@ use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
-use flashsale_integration_tests::backing::{PrivatePostgres, PrivateRabbit, PrivateRedis, StopMode};
+use flashsale_integration_tests::backing::{
+    PrivatePostgres, PrivateRabbit, PrivateRedis, PrivateRedisCluster, StopMode,
+};
 use flashsale_integration_tests::binaries::{Backing, BinarySuite, Service, ServiceProcess};
 use rand::{Rng, SeedableRng};
 
 use crate::crashes::SIGABRT;
-use crate::sale::{self, BUYING_WINDOW, STOCK};
+use crate::sale::{self, BUYING_WINDOW, STOCK, Shape};
 
 /// Every crash point, by service.
 const POINTS: [(Service, &str); 6] = [
@@ -44,6 +51,8 @@ enum Fault {
     Terminate(Service),
     Postgres(StopMode, Duration),
     Redis,
+    /// SIGKILL of the cluster master serving this bucket's slot.
+    RedisFailover(u32),
     Rabbit,
 }
 
@@ -54,6 +63,7 @@ impl Fault {
             Self::Terminate(service) => format!("SIGTERM {service:?}"),
             Self::Postgres(mode, _) => format!("PostgreSQL {mode:?} stop"),
             Self::Redis => "Redis restart".into(),
+            Self::RedisFailover(_) => "Redis Cluster master killed".into(),
             Self::Rabbit => "RabbitMQ restart".into(),
         }
     }
@@ -66,6 +76,10 @@ struct Plan {
     crash: Option<(Service, &'static str, u32)>,
     /// (accepted orders before it, fault), in order.
     timed: Vec<(usize, Fault)>,
+    /// The item's stock buckets.
+    buckets: u32,
+    /// On a Redis Cluster of the run's own.
+    cluster: bool,
 }
 
 fn plan(seed: u64) -> Plan {
@@ -92,8 +106,28 @@ fn plan(seed: u64) -> Plan {
             (rng.random_range(1..STOCK as usize), fault)
         })
         .collect();
+    // Drawn after the rest, so a seed's other faults are what they were
+    // before buckets and clusters joined the soak.
+    let buckets = [1, 2, 4][rng.random_range(0..3)];
+    let cluster = rng.random_bool(0.2);
+    if cluster {
+        // A cluster cannot be restarted whole: its Redis fault is one master's
+        // failover (at most one per run, so every slot keeps a replica to fail
+        // over to), and a run without a drawn Redis fault gets one anyway.
+        let bucket = rng.random_range(0..buckets);
+        let mut failed_over = false;
+        for (_, fault) in &mut timed {
+            if matches!(fault, Fault::Redis) {
+                *fault = if failed_over { Fault::Kill(Service::Gateway) } else { Fault::RedisFailover(bucket) };
+                failed_over = true;
+            }
+        }
+        if !failed_over {
+            timed.push((rng.random_range(1..STOCK as usize), Fault::RedisFailover(bucket)));
+        }
+    }
     timed.sort_by_key(|(after, _)| *after);
-    Plan { crash, timed }
+    Plan { crash, timed, buckets, cluster }
 }
 
 /// The private servers every run uses (each run has its own databases, key
@@ -117,6 +151,8 @@ impl Servers {
 /// What one run did and saw.
 #[derive(Default)]
 struct Figures {
+    /// "1 bucket", "4 buckets on a Redis Cluster", …
+    shape: String,
     faults: Vec<String>,
     accepted: usize,
     recorded: usize,
@@ -131,14 +167,29 @@ async fn one_run(servers: &Servers, seed: u64) -> anyhow::Result<Figures> {
     if let Some((service, point, passes)) = plan.crash {
         own.push((service, "FAILPOINTS", format!("{point}={passes}*off->return")));
     }
+    let cluster = match plan.cluster {
+        true => {
+            own.push((Service::Gateway, "REDIS_CLUSTER", "true".to_owned()));
+            Some(PrivateRedisCluster::start().await?)
+        }
+        false => None,
+    };
     let backing = Backing {
         database_server: Some(servers.postgres.url()),
-        redis_url: Some(servers.redis.url()),
+        redis_url: Some(cluster.as_ref().map_or_else(|| servers.redis.url(), PrivateRedisCluster::urls)),
         amqp_addr: Some(servers.rabbit.url()),
     };
     let mut suite = BinarySuite::spawn_on(&backing, &[], &own).await?;
-    let sale = sale::open(&suite).await?;
-    let mut figures = Figures::default();
+    let sale = sale::open_shaped(&suite, Shape { buckets: plan.buckets, ..Shape::DEFAULT }).await?;
+    let mut figures = Figures {
+        shape: format!(
+            "{} bucket{}{}",
+            plan.buckets,
+            if plan.buckets == 1 { "" } else { "s" },
+            if plan.cluster { " on a Redis Cluster" } else { "" }
+        ),
+        ..Figures::default()
+    };
     let mut armed = plan.crash;
     let mut timed = plan.timed.into_iter().peekable();
     loop {
@@ -158,7 +209,7 @@ async fn one_run(servers: &Servers, seed: u64) -> anyhow::Result<Figures> {
             && sale.accepted() >= after
         {
             timed.next();
-            tokio::time::timeout(FAULT_LIMIT, inject(&mut suite, servers, fault, &mut armed))
+            tokio::time::timeout(FAULT_LIMIT, inject(&mut suite, servers, cluster.as_ref(), fault, &mut armed))
                 .await
                 .map_err(|_| anyhow::anyhow!("{} did not finish within {FAULT_LIMIT:?}", fault.name()))??;
             sale.recovered();
@@ -191,6 +242,7 @@ async fn one_run(servers: &Servers, seed: u64) -> anyhow::Result<Figures> {
 async fn inject(
     suite: &mut BinarySuite,
     servers: &Servers,
+    cluster: Option<&PrivateRedisCluster>,
     fault: Fault,
     armed: &mut Option<(Service, &'static str, u32)>,
 ) -> anyhow::Result<()> {
@@ -218,6 +270,14 @@ async fn inject(
         Fault::Redis => {
             servers.redis.kill().await?;
             servers.redis.start_again().await?;
+        }
+        Fault::RedisFailover(bucket) => {
+            let cluster = cluster.ok_or_else(|| anyhow::anyhow!("a failover drawn for a run without a cluster"))?;
+            let tag = match bucket {
+                0 => format!("{{{}}}", sale::ITEM),
+                _ => format!("{{{}/{bucket}}}", sale::ITEM),
+            };
+            cluster.fail_over_master_of(&tag).await?;
         }
         Fault::Rabbit => {
             // Clean, as in a rolling restart: a SIGKILLed single RabbitMQ 3.10
@@ -259,6 +319,7 @@ async fn seeded_soak_loses_nothing() -> anyhow::Result<()> {
     let keep_going = env_u64("SOAK_KEEP_GOING", 0)? != 0;
     let mut servers = Servers::start().await?;
     let mut faults: BTreeMap<String, u64> = BTreeMap::new();
+    let mut shapes: BTreeMap<String, u64> = BTreeMap::new();
     let (mut orders, mut worst_accept, mut worst_settle) = (0, Duration::ZERO, Duration::ZERO);
     let mut failed = Vec::new();
     for seed in first..first + runs {
@@ -284,10 +345,16 @@ async fn seeded_soak_loses_nothing() -> anyhow::Result<()> {
             }
         };
         eprintln!(
-            "soak seed {seed}: faults {:?}; {} accepted, {} recorded, {STOCK}/{STOCK} sold, lost 0, double debits 0; \
+            "soak seed {seed} ({}): faults {:?}; {} accepted, {} recorded, {STOCK}/{STOCK} sold, lost 0, double debits 0; \
              first accept after the last fault {:?}; final {:?} after the buyers left",
-            figures.faults, figures.accepted, figures.recorded, figures.first_accept_after_recovery, figures.settled_in
+            figures.shape,
+            figures.faults,
+            figures.accepted,
+            figures.recorded,
+            figures.first_accept_after_recovery,
+            figures.settled_in
         );
+        *shapes.entry(figures.shape.clone()).or_default() += 1;
         for fault in &figures.faults {
             *faults.entry(fault.clone()).or_default() += 1;
         }
@@ -296,7 +363,7 @@ async fn seeded_soak_loses_nothing() -> anyhow::Result<()> {
         worst_settle = worst_settle.max(figures.settled_in);
     }
     eprintln!(
-        "soak: {runs} runs from seed {first}, {} faults {faults:?}, {orders} orders; lost 0, stuck 0, duplicated 0, \
+        "soak: {runs} runs from seed {first} ({shapes:?}), {} faults {faults:?}, {orders} orders; lost 0, stuck 0, duplicated 0, \
          double debits 0, oversold 0; worst first accept after a fault {worst_accept:?}, worst time to all final \
          {worst_settle:?}",
         faults.values().sum::<u64>()
