@@ -48,7 +48,7 @@ OPTIONAL = {"JWT_ISSUER", "JWT_AUDIENCE", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
             "OIDC_ISSUER", "OIDC_AUDIENCE", "OIDC_JWKS_URL", "OIDC_JWKS_FILE", "OIDC_ROLES_CLAIM",
             "OIDC_JWKS_MIN_REFETCH_MS", "OIDC_CLIENT_ID",
             # the services' own mutual TLS, for deployments without a mesh (README)
-            "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE"}
+            "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE", "TLS_RELOAD_INTERVAL_MS"}
 
 KNOWN_CRDS = {
     ("gateway.networking.k8s.io/v1", "GRPCRoute"),

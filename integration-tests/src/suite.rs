@@ -47,6 +47,8 @@ pub struct TestSuite {
     internal_scheme: &'static str,
     wallet_tls: flashsale_server::TlsArgs,
     _share: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
+    /// Each service's mutual-TLS certificates in use, by service name.
+    tls_in_use: std::collections::BTreeMap<&'static str, flashsale_server::MutualTls>,
 }
 
 /// Variations of a suite.
@@ -114,7 +116,9 @@ impl TestSuite {
         let internal_scheme = if options.mtls.is_some() { "https" } else { "http" };
         let internal_url = |running: &Running| format!("{internal_scheme}://127.0.0.1:{}", running.port);
         let wallet_tls = tls_for("wallet")?;
-        let wallet = start_wallet(wallet_db.url(), 0, &wallet_tls).await?;
+        let mut tls_in_use = std::collections::BTreeMap::new();
+        let (wallet, tls) = start_wallet(wallet_db.url(), 0, &wallet_tls).await?;
+        tls_in_use.extend(tls.map(|tls| ("wallet", tls)));
         let wallet_port = wallet.port;
 
         let amqp_addr = options.amqp_server.clone().unwrap_or_else(amqp_addr);
@@ -126,6 +130,7 @@ impl TestSuite {
             config.max_connection_age_ms = ms;
         }
         let app = flashsale_inventory::Application::build(&config).await?;
+        tls_in_use.extend(app.mutual_tls().map(|tls| ("inventory", tls)));
         let inventory = Running::start(app.port(), |stop| app.run_until_stopped(stop));
 
         let mut config = flashsale_gateway::Config::for_tests(
@@ -173,6 +178,7 @@ impl TestSuite {
             config.purchase_burst = burst;
         }
         let app = flashsale_gateway::Application::build(&config).await?;
+        tls_in_use.extend(app.mutual_tls().map(|tls| ("gateway", tls)));
         let gateway_http_port = app.http_port();
         let gateway = Running::start(app.port(), |stop| app.run_until_stopped(stop));
         let gateway_channel = Channel::from_shared(gateway.url())?.connect().await?;
@@ -192,6 +198,7 @@ impl TestSuite {
             internal_scheme,
             wallet_tls,
             _share: share,
+            tls_in_use,
         })
     }
 
@@ -263,8 +270,17 @@ impl TestSuite {
     /// Starts the wallet again on the port inventory and gateway know.
     pub async fn start_wallet(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.wallet.is_none(), "wallet already running");
-        self.wallet = Some(start_wallet(self.wallet_db.url(), self.wallet_port, &self.wallet_tls).await?);
+        let (wallet, tls) = start_wallet(self.wallet_db.url(), self.wallet_port, &self.wallet_tls).await?;
+        self.wallet = Some(wallet);
+        self.tls_in_use.extend(tls.map(|tls| ("wallet", tls)));
         Ok(())
+    }
+
+    /// How many whole sets of certificate files each service has taken into
+    /// use (1 at start; see `MutualTls::sets_applied`), by service name;
+    /// empty without mutual TLS.
+    pub fn tls_sets_applied(&self) -> Vec<(&'static str, u64)> {
+        self.tls_in_use.iter().map(|(service, tls)| (*service, tls.sets_applied())).collect()
     }
 
     /// Deletes every Redis key of this suite, as a Redis restart would.
@@ -362,12 +378,17 @@ pub fn amqp_addr() -> String {
     std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-async fn start_wallet(database_url: &str, port: u16, tls: &flashsale_server::TlsArgs) -> anyhow::Result<Running> {
+async fn start_wallet(
+    database_url: &str,
+    port: u16,
+    tls: &flashsale_server::TlsArgs,
+) -> anyhow::Result<(Running, Option<flashsale_server::MutualTls>)> {
     let mut config = flashsale_wallet::Config::for_tests(database_url);
     config.listen_addr.set_port(port);
     config.tls = tls.clone();
     let app = flashsale_wallet::Application::build(&config).await?;
-    Ok(Running::start(app.port(), |stop| app.run_until_stopped(stop)))
+    let in_use = app.mutual_tls();
+    Ok((Running::start(app.port(), |stop| app.run_until_stopped(stop)), in_use))
 }
 
 pub async fn delete_amqp_names(prefix: &str) -> anyhow::Result<()> {

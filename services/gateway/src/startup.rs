@@ -43,12 +43,17 @@ pub struct Application {
     metrics: flashsale_server::MetricsEndpoint,
     api: Arc<Operations>,
     config: Config,
+    tls: Option<flashsale_server::MutualTls>,
 }
 
 impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let auth = authenticator(config)?;
         let tls = flashsale_server::MutualTls::load(&config.tls)?;
+        if let Some(tls) = &tls {
+            // Renewed certificates and CA take effect without a restart.
+            tls.watch();
+        }
         let upstreams = Upstreams::new(&config.inventory_url, &config.wallet_url, tls.as_ref())
             .context("INVENTORY_URL or WALLET_URL")?;
         let admission = Arc::new(
@@ -99,7 +104,13 @@ impl Application {
         let mut metrics = flashsale_server::MetricsEndpoint::bind(config.metrics_addr).await?;
         let scraped = api.purchases.admission.clone();
         metrics.collect(move || scraped.record_pool_state());
-        Ok(Self { listener, port, http_listener, http_port, metrics, api, config: config.clone() })
+        Ok(Self { listener, port, http_listener, http_port, metrics, api, config: config.clone(), tls })
+    }
+
+    /// The certificates this service uses for mutual TLS, kept current with
+    /// their files (`None` without mutual TLS).
+    pub fn mutual_tls(&self) -> Option<flashsale_server::MutualTls> {
+        self.tls.clone()
     }
 
     /// The gRPC port.

@@ -32,7 +32,7 @@ impl Upstreams {
 }
 
 fn channel(url: &str, tls: Option<&flashsale_server::MutualTls>) -> anyhow::Result<TracedChannel> {
-    Ok(flashsale_server::traced(flashsale_server::internal_endpoint(url, tls)?.connect_lazy()))
+    Ok(flashsale_server::traced(flashsale_server::internal_channel(url, tls)?))
 }
 
 /// A request carrying `grpc-timeout`, so the callee stops when we stop waiting.

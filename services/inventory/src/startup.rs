@@ -43,6 +43,10 @@ impl Application {
             &PoolOptions { max_size: config.db_pool_size, ..PoolOptions::default() },
         );
         let tls = flashsale_server::MutualTls::load(&config.tls)?;
+        if let Some(tls) = &tls {
+            // Renewed certificates and CA take effect without a restart.
+            tls.watch();
+        }
         let wallet =
             WalletClient::new(&config.wallet_url, Duration::from_millis(config.wallet_timeout_ms), tls.as_ref())
                 .context("WALLET_URL")?;
@@ -57,6 +61,12 @@ impl Application {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The certificates this service uses for mutual TLS, kept current with
+    /// their files (`None` without mutual TLS).
+    pub fn mutual_tls(&self) -> Option<flashsale_server::MutualTls> {
+        self.tls.clone()
     }
 
     /// The port of the Prometheus `/metrics` endpoint.
@@ -113,7 +123,7 @@ impl Application {
         let listener = self.listener;
         let grace = config.shutdown_grace();
         let served = flashsale_server::serve_until_stopped(health, shutdown, grace, |stop| {
-            router.serve_with_incoming_shutdown(flashsale_server::incoming(listener), stop)
+            flashsale_server::serve_internal(router, listener, self.tls.as_ref(), stop)
         })
         .await;
 

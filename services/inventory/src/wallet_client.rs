@@ -33,7 +33,7 @@ pub struct WalletClient {
 impl WalletClient {
     /// Connects lazily: inventory starts (and keeps its queue) while the wallet is down.
     pub fn new(url: &str, timeout: Duration, tls: Option<&flashsale_server::MutualTls>) -> anyhow::Result<Self> {
-        let channel = flashsale_server::internal_endpoint(url, tls)?.connect_lazy();
+        let channel = flashsale_server::internal_channel(url, tls)?;
         Ok(Self { client: WalletServiceClient::new(flashsale_server::traced(channel)), timeout })
     }
 

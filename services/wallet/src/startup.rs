@@ -26,6 +26,10 @@ pub struct Application {
 impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let tls = flashsale_server::MutualTls::load(&config.tls)?;
+        if let Some(tls) = &tls {
+            // Renewed certificates and CA take effect without a restart.
+            tls.watch();
+        }
         flashsale_db::run_migrations(&config.database_url, MIGRATIONS)
             .await
             .context("migrating the wallet database")?;
@@ -40,6 +44,12 @@ impl Application {
         let (scraped_pool, max_size) = (pool.clone(), config.db_pool_size);
         metrics.collect(move || flashsale_db::record_pool_state(&scraped_pool, max_size));
         Ok(Self { listener, port, metrics, pool, grace: config.shutdown_grace(), tls })
+    }
+
+    /// The certificates this service uses for mutual TLS, kept current with
+    /// their files (`None` without mutual TLS).
+    pub fn mutual_tls(&self) -> Option<flashsale_server::MutualTls> {
+        self.tls.clone()
     }
 
     /// The port actually bound (useful when the configured port was 0).
@@ -70,7 +80,7 @@ impl Application {
         let metrics = self.metrics.spawn(metrics_stop.clone());
         let listener = self.listener;
         let served = flashsale_server::serve_until_stopped(health, shutdown, self.grace, |stop| {
-            router.serve_with_incoming_shutdown(flashsale_server::incoming(listener), stop)
+            flashsale_server::serve_internal(router, listener, self.tls.as_ref(), stop)
         })
         .await;
         metrics_stop.cancel();

@@ -24,7 +24,9 @@ pub use deadline::DeadlineLayer;
 pub use metrics::{GrpcMetricsLayer, MetricsEndpoint, prometheus};
 pub use shutdown::shutdown_signal;
 pub use status::{ERROR_DOMAIN, internal, invalid_argument, rejection, unavailable};
-pub use tls::{CallerCheck, CallerCheckLayer, Callers, MutualTls, TlsArgs, caller_name};
+pub use tls::{
+    CallerCheck, CallerCheckLayer, Callers, MutualTls, PeerIdentity, TlsArgs, TlsConnection, TlsConnector, caller_name,
+};
 pub use trace::{
     GrpcClientTrace, GrpcClientTraceLayer, GrpcServerTrace, GrpcServerTraceLayer, HttpServerTrace, HttpServerTraceLayer,
 };
@@ -58,32 +60,43 @@ pub type StandardRouter = Router<StandardLayers>;
 /// in the gRPC metadata) and records a client span per call.
 pub type TracedChannel = GrpcClientTrace<tonic::transport::Channel>;
 
-/// An endpoint for calling another service of the suite: a short connect
-/// timeout, keep-alive pings, and no cap on the streams this client resets
-/// itself. h2 sends GOAWAY on its own connection after 1,024 such resets by
-/// default (a guard against a hostile server); a gateway that multiplexes every
-/// buyer over one connection cancels a call each time a buyer gives up, so one
-/// buyer cancelling bursts of calls would close the connection under everyone
-/// else's calls. The servers at the other end are our own.
+/// A channel for calling another service of the suite, connecting lazily: a
+/// short connect timeout, keep-alive pings, and no cap on the streams this
+/// client resets itself. h2 sends GOAWAY on its own connection after 1,024 such
+/// resets by default (a guard against a hostile server); a gateway that
+/// multiplexes every buyer over one connection cancels a call each time a buyer
+/// gives up, so one buyer cancelling bursts of calls would close the connection
+/// under everyone else's calls. The servers at the other end are our own.
 ///
 /// With `tls`, the URL must be `https://` (tonic would quietly speak plaintext
-/// to an `http://` one) and the call presents our certificate.
-pub fn internal_endpoint(url: &str, tls: Option<&MutualTls>) -> anyhow::Result<tonic::transport::Endpoint> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .map_err(|_| anyhow::anyhow!("{url:?} is not a valid URL"))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .http2_max_local_error_reset_streams(None);
-    let https = endpoint.uri().scheme_str() == Some("https");
+/// to an `http://` one); every new connection makes its handshake with the
+/// certificates read last and presents ours.
+pub fn internal_channel(url: &str, tls: Option<&MutualTls>) -> anyhow::Result<tonic::transport::Channel> {
+    let endpoint = |url: String| {
+        Ok::<_, anyhow::Error>(
+            tonic::transport::Endpoint::from_shared(url.clone())
+                .map_err(|_| anyhow::anyhow!("{url:?} is not a valid URL"))?
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .http2_max_local_error_reset_streams(None),
+        )
+    };
+    let uri: http::Uri = url.parse().map_err(|_| anyhow::anyhow!("{url:?} is not a valid URL"))?;
+    let https = uri.scheme_str() == Some("https");
     match tls {
         Some(tls) => {
             anyhow::ensure!(https, "{url:?}: with mutual TLS on, internal URLs are https://");
-            endpoint = endpoint.tls_config(tls.client())?;
+            let authority = uri.authority().ok_or_else(|| anyhow::anyhow!("{url:?} names no host"))?;
+            // Our connector makes the TLS; tonic sees plain HTTP/2 over it.
+            let port = authority.port_u16().unwrap_or(443);
+            Ok(endpoint(format!("http://{}:{port}", authority.host()))?.connect_with_connector_lazy(tls.connector()))
         }
-        None => anyhow::ensure!(!https, "{url:?} is https://, but no TLS_CERT_FILE/TLS_KEY_FILE/TLS_CA_FILE is set"),
+        None => {
+            anyhow::ensure!(!https, "{url:?} is https://, but no TLS_CERT_FILE/TLS_KEY_FILE/TLS_CA_FILE is set");
+            Ok(endpoint(url.to_owned())?.connect_lazy())
+        }
     }
-    Ok(endpoint)
 }
 
 /// Wraps `channel` so every call through it carries the current trace.
@@ -108,7 +121,8 @@ pub enum Exposure {
 /// that raced the close.
 pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 
-/// Mutual TLS for an internal server: the certificates, and who may call what.
+/// Mutual TLS for an internal server: the certificates (used by
+/// [`serve_internal`]), and who may call what (checked by the router).
 #[derive(Debug, Clone, Copy)]
 pub struct InternalTls<'a> {
     pub tls: &'a MutualTls,
@@ -116,8 +130,9 @@ pub struct InternalTls<'a> {
 }
 
 /// A tonic server builder with the settings every service shares; with
-/// `tls`, it speaks only TLS, to callers with a certificate the CA signed, and
-/// answers each internal method only to the callers `tls.callers` names.
+/// `tls`, it answers each internal method only to the callers `tls.callers`
+/// names (the connections it is given, by [`serve_internal`], are all TLS
+/// with a certificate the CA signed).
 pub fn server_builder(
     exposure: Exposure,
     max_connection_age: Duration,
@@ -127,11 +142,7 @@ pub fn server_builder(
         Exposure::Public => None,
         Exposure::Internal => Some(MAX_PENDING_ACCEPT_RESET_STREAMS),
     };
-    let mut server = Server::builder();
-    if let Some(internal) = &tls {
-        server = server.tls_config(internal.tls.server())?;
-    }
-    Ok(server
+    Ok(Server::builder()
         .tcp_nodelay(true)
         // Detect dead peers on long-lived HTTP/2 connections (WatchOrder streams).
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -366,6 +377,21 @@ pub fn crash_point(name: &str) {
 /// must not wait for Nagle's algorithm).
 pub fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Serves an internal server's `router` on `listener` until `stop`: with
+/// `tls`, only connections that completed a mutual-TLS handshake with the
+/// current certificates ([`tls::incoming`]); without, plain TCP.
+pub async fn serve_internal(
+    router: StandardRouter,
+    listener: TcpListener,
+    tls: Option<&MutualTls>,
+    stop: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    match tls {
+        Some(tls) => router.serve_with_incoming_shutdown(tls::incoming(listener, tls), stop).await,
+        None => router.serve_with_incoming_shutdown(incoming(listener), stop).await,
+    }
 }
 
 /// Runs a server until `shutdown` resolves, then: every health status goes
