@@ -16,12 +16,19 @@ use tonic::transport::server::Connected;
 
 use super::{MutualTls, caller_name};
 
-/// A caller has this long to finish its handshake; a client that opens a
-/// connection and says nothing holds no more than one task for this long.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A caller has this long to finish its handshake (our own clients give up
+/// connecting after 2 s); a client that opens a connection and says nothing
+/// holds a handshake slot no longer.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes in progress at once; further connections wait in the kernel's
+/// backlog, so clients without a certificate cannot use up the process's file
+/// descriptors (which its database and broker connections need too).
+const MAX_HANDSHAKES: usize = 512;
 
 /// Who is at the other end of an accepted connection, in every request's
 /// extensions: named once, when the handshake verified its certificate.
+/// (tonic's `Request::remote_addr` knows only its own connection types and
+/// answers `None` on these connections; use `remote_addr` here.)
 #[derive(Debug, Clone)]
 pub struct PeerIdentity {
     pub remote_addr: SocketAddr,
@@ -81,7 +88,8 @@ impl AsyncWrite for TlsConnection {
 /// `serve_with_incoming_shutdown`. Handshakes run each in a task of its own,
 /// so a slow or silent client holds up nobody else's; one that fails is
 /// dropped (and counted). The listener closes when the server stops taking
-/// connections (it drops this stream).
+/// connections (it drops this stream); handshakes still in progress are
+/// abandoned with it.
 pub(crate) fn incoming(
     listener: TcpListener,
     tls: &MutualTls,
@@ -89,25 +97,40 @@ pub(crate) fn incoming(
     let (ready, stream) = tokio::sync::mpsc::channel(64);
     let tls = tls.clone();
     tokio::spawn(async move {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let mut handshakes = tokio::task::JoinSet::new();
         loop {
+            while handshakes.try_join_next().is_some() {}
             let accepted = tokio::select! {
                 () = ready.closed() => return,
-                accepted = listener.accept() => accepted,
+                accepted = async {
+                    let slot = slots.clone().acquire_owned().await;
+                    (slot, listener.accept().await)
+                } => accepted,
             };
-            let (tcp, remote_addr) = match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors, mostly: the next accept may
-                    // succeed once a connection closes; spinning would not help.
+            let (tcp, remote_addr, slot) = match accepted {
+                (Ok(slot), Ok((tcp, remote_addr))) => (tcp, remote_addr, slot),
+                (_, Err(e)) => {
                     tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if is_resource_error(&e) {
+                        // Out of file descriptors or memory: the next accept
+                        // may succeed once a connection closes; spinning
+                        // would not help.
+                        tokio::select! {
+                            () = ready.closed() => return,
+                            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        }
+                    }
                     continue;
                 }
+                // The semaphore is never closed.
+                (Err(_), Ok(_)) => return,
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
             let ready = ready.clone();
-            tokio::spawn(async move {
+            handshakes.spawn(async move {
+                let _slot = slot;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let caller = stream
@@ -133,6 +156,13 @@ pub(crate) fn incoming(
         }
     });
     ReceiverStream::new(stream)
+}
+
+/// Accept errors that say the process is out of something (file
+/// descriptors, buffers, memory), as opposed to one connection's failure.
+fn is_resource_error(error: &std::io::Error) -> bool {
+    // Linux errno values (not worth the `libc` crate): ENOMEM, ENFILE, EMFILE, ENOBUFS.
+    matches!(error.raw_os_error(), Some(12 | 23 | 24 | 105))
 }
 
 /// Makes the connections of a channel to another service: TCP, then a TLS

@@ -19,8 +19,9 @@
 //! made with until they close (servers rotate every connection within
 //! [`crate::MAX_CONNECTION_AGE`]), so a renewal drops no call. Files that do not
 //! make a whole (a certificate whose key is not written yet, say, halfway
-//! through a renewal) are not used: the previous set stays until the next read
-//! finds a whole one.
+//! through a renewal) are not used, nor files read differently on two reads
+//! running (caught mid-update): the previous set stays until two reads in a row
+//! find the same whole one.
 //!
 //! tonic's own TLS reads its certificates once, when the server or channel is
 //! built, and hides the handshake; so the TLS here is rustls driven directly
@@ -81,6 +82,9 @@ struct Shared {
     current: RwLock<Arc<Loaded>>,
     /// Whole sets taken into use so far (1 after `load`).
     applied: std::sync::atomic::AtomicU64,
+    /// Files read at the last tick that differed from the set in use; they
+    /// are taken into use when the next tick reads them the same again.
+    pending: std::sync::Mutex<Option<[Vec<u8>; 3]>>,
 }
 
 /// One whole set of files, and the TLS configurations made of it.
@@ -121,6 +125,7 @@ impl MutualTls {
                 every: Duration::from_millis(args.tls_reload_interval_ms),
                 current: RwLock::new(Arc::new(loaded)),
                 applied: std::sync::atomic::AtomicU64::new(1),
+                pending: std::sync::Mutex::new(None),
             }),
         }))
     }
@@ -154,13 +159,23 @@ impl MutualTls {
         });
     }
 
-    /// Reads the files; when they changed and make a whole set, new
-    /// connections use it from now on. `Ok(true)` when it did.
-    pub fn reload(&self) -> anyhow::Result<bool> {
+    /// Reads the files; when they differ from the set in use, are read the
+    /// same on two ticks running (not caught mid-update: three files cannot be
+    /// read at one instant) and make a whole set, new connections use it from
+    /// now on. `Ok(true)` when it did.
+    fn reload(&self) -> anyhow::Result<bool> {
+        // One reload at a time: the check and the swap go together.
+        let mut pending = self.shared.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let read = read_all(&self.shared.files)?;
         if read == self.current().read {
+            *pending = None;
             return Ok(false);
         }
+        if pending.as_ref() != Some(&read) {
+            *pending = Some(read);
+            return Ok(false);
+        }
+        *pending = None;
         let loaded = Loaded::parse(&self.shared.files, read)?;
         record(&loaded);
         metrics::counter!("flashsale_tls_reloads_total", "outcome" => "applied").increment(1);
@@ -241,7 +256,7 @@ impl Loaded {
         let mut roots = rustls::RootCertStore::empty();
         for ca in CertificateDer::pem_slice_iter(&read[2]) {
             let ca = ca.with_context(|| format!("TLS_CA_FILE {ca_file}: reading PEM"))?;
-            roots.add(ca).with_context(|| format!("TLS_CA_FILE {ca_file}: not a CA certificate"))?;
+            roots.add(ca).with_context(|| format!("TLS_CA_FILE {ca_file}: a certificate that cannot be parsed"))?;
         }
         anyhow::ensure!(!roots.is_empty(), "TLS_CA_FILE {ca_file} holds no PEM certificate");
         let roots = Arc::new(roots);
