@@ -58,14 +58,19 @@ impl TestWallet {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CurrencyTotals {
     pub credits: i128,
+    /// Debits and captures: every charge.
     pub debits: i128,
     pub balances: i128,
+    /// What open holds keep of the balances.
+    pub held: i128,
 }
 
 /// Reads the wallet's tables directly and checks what no API call can show:
 /// replaying each account's ledger in order reproduces every recorded
-/// `balance_after`, never goes below zero, and ends at the account's balance.
-/// Returns the per-currency totals so callers can check conservation.
+/// `balance_after` and `held_after`, never goes below zero nor holds more
+/// than the balance, and ends at the account's balance and held amount; and
+/// each account's held amount is the sum of its open holds. Returns the
+/// per-currency totals so callers can check conservation.
 pub async fn audit_ledger(database_url: &str) -> anyhow::Result<BTreeMap<String, CurrencyTotals>> {
     use diesel::sql_types::{BigInt, Text};
     use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
@@ -82,6 +87,8 @@ pub async fn audit_ledger(database_url: &str) -> anyhow::Result<BTreeMap<String,
         amount_minor: i64,
         #[diesel(sql_type = BigInt)]
         balance_after_minor: i64,
+        #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+        held_after_minor: Option<i64>,
     }
     #[derive(diesel::QueryableByName)]
     struct Account {
@@ -91,25 +98,46 @@ pub async fn audit_ledger(database_url: &str) -> anyhow::Result<BTreeMap<String,
         currency: String,
         #[diesel(sql_type = BigInt)]
         balance_minor: i64,
+        #[diesel(sql_type = BigInt)]
+        held_minor: i64,
+        #[diesel(sql_type = BigInt)]
+        open_holds_minor: i64,
     }
 
     let mut conn = AsyncPgConnection::establish(database_url).await?;
     let entries: Vec<Entry> = diesel::sql_query(
-        "SELECT user_id, currency, kind, amount_minor, balance_after_minor FROM ledger_entries ORDER BY id",
+        "SELECT user_id, currency, kind, amount_minor, balance_after_minor, held_after_minor FROM ledger_entries ORDER BY id",
     )
     .load(&mut conn)
     .await?;
-    let accounts: Vec<Account> =
-        diesel::sql_query("SELECT user_id, currency, balance_minor FROM accounts").load(&mut conn).await?;
+    let accounts: Vec<Account> = diesel::sql_query(
+        "SELECT a.user_id, a.currency, a.balance_minor, a.held_minor,
+                COALESCE((SELECT sum(h.amount_minor) FROM holds h
+                           WHERE h.user_id = a.user_id AND h.currency = a.currency AND h.state = 'open'), 0)::bigint
+                    AS open_holds_minor
+           FROM accounts a",
+    )
+    .load(&mut conn)
+    .await?;
 
     let mut totals: BTreeMap<String, CurrencyTotals> = BTreeMap::new();
     let mut running: BTreeMap<(String, String), i128> = BTreeMap::new();
+    let mut holding: BTreeMap<(String, String), i128> = BTreeMap::new();
     for entry in entries {
         let amount = i128::from(entry.amount_minor);
         anyhow::ensure!(amount > 0, "ledger entry with non-positive amount {amount}");
         let total = totals.entry(entry.currency.clone()).or_default();
-        let balance = running.entry((entry.user_id.clone(), entry.currency.clone())).or_default();
+        let account = (entry.user_id.clone(), entry.currency.clone());
+        let balance = running.entry(account.clone()).or_default();
+        let held = holding.entry(account).or_default();
         match entry.kind.as_str() {
+            "hold" => *held += amount,
+            "capture" => {
+                total.debits += amount;
+                *balance -= amount;
+                *held -= amount;
+            }
+            "release" => *held -= amount,
             "credit" => {
                 total.credits += amount;
                 *balance += amount;
@@ -121,6 +149,20 @@ pub async fn audit_ledger(database_url: &str) -> anyhow::Result<BTreeMap<String,
             other => anyhow::bail!("unknown ledger kind {other:?}"),
         }
         anyhow::ensure!(*balance >= 0, "{}/{} went negative: {balance}", entry.user_id, entry.currency);
+        anyhow::ensure!(
+            (0..=*balance).contains(held),
+            "{}/{} held {held} of a balance of {balance}",
+            entry.user_id,
+            entry.currency
+        );
+        if let Some(held_after) = entry.held_after_minor {
+            anyhow::ensure!(
+                *held == i128::from(held_after),
+                "{}/{}: replayed held amount {held} != recorded held_after {held_after}",
+                entry.user_id,
+                entry.currency
+            );
+        }
         anyhow::ensure!(
             *balance == i128::from(entry.balance_after_minor),
             "{}/{}: replayed balance {balance} != recorded balance_after {}",
@@ -138,7 +180,18 @@ pub async fn audit_ledger(database_url: &str) -> anyhow::Result<BTreeMap<String,
             account.currency,
             account.balance_minor
         );
-        totals.entry(account.currency).or_default().balances += i128::from(account.balance_minor);
+        let held = holding.remove(&(account.user_id.clone(), account.currency.clone())).unwrap_or(0);
+        anyhow::ensure!(
+            held == i128::from(account.held_minor) && account.held_minor == account.open_holds_minor,
+            "{}/{}: holds {} but its ledger sums to {held} and its open holds to {}",
+            account.user_id,
+            account.currency,
+            account.held_minor,
+            account.open_holds_minor
+        );
+        let total = totals.entry(account.currency).or_default();
+        total.balances += i128::from(account.balance_minor);
+        total.held += i128::from(account.held_minor);
     }
     anyhow::ensure!(running.is_empty(), "ledger entries without an account: {:?}", running.keys());
     Ok(totals)

@@ -9,6 +9,7 @@ mod cluster;
 mod common;
 mod crashes;
 mod faults;
+mod holds;
 mod lifecycle;
 mod mtls;
 mod notifications;

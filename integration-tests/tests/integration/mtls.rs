@@ -14,7 +14,7 @@ use flashsale_proto::gateway::v1::{GetBalanceRequest as GatewayBalance, GetItemR
 use flashsale_proto::inventory::v1::RefundOrderRequest;
 use flashsale_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use flashsale_proto::wallet::v1::wallet_service_client::WalletServiceClient;
-use flashsale_proto::wallet::v1::{CreditRequest, DebitRequest, GetBalanceRequest};
+use flashsale_proto::wallet::v1::{CaptureRequest, CreditRequest, DebitRequest, GetBalanceRequest, HoldRequest};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -139,6 +139,23 @@ async fn with_mutual_tls_only_the_named_services_reach_inventory_and_wallet() ->
         reference: String::new(),
     };
     let status = wallet.debit(debit).await.expect_err("gateway debit");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    // Nor capture a hold; and inventory may not place one (only the gateway
+    // holds funds, when it admits an order).
+    let capture = CaptureRequest { order_id: order.id.clone(), user_id: "alice".into(), amount: usd(1_000) };
+    let status = wallet.capture(capture).await.expect_err("gateway capture");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let (cert, key) = pki.mint("inventory")?;
+    let inventory = TlsFiles { identity: Identity::from_pem(cert, key) };
+    let mut wallet = WalletServiceClient::new(channel(&suite, "wallet", &pki, Caller::Named(&inventory)).await?);
+    let hold = HoldRequest {
+        order_id: "inventory-hold".into(),
+        user_id: "alice".into(),
+        amount: usd(1_000),
+        ttl_seconds: 60,
+        reference: String::new(),
+    };
+    let status = wallet.hold(hold).await.expect_err("inventory hold");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
 
     // Nothing changed: mallory has no money, alice still has hers, the order stands.

@@ -26,6 +26,9 @@ pub struct Config {
     /// Seconds in-flight calls get to finish after SIGTERM.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
+    /// How often expired holds are released (their funds available again).
+    #[arg(long, env = "HOLD_SWEEP_INTERVAL_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub hold_sweep_interval_ms: u64,
     /// Mutual TLS with inventory and the gateway (off when unset).
     #[command(flatten)]
     pub tls: flashsale_server::TlsArgs,
@@ -40,6 +43,7 @@ impl Config {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             db_pool_size: 16,
             shutdown_grace_seconds: 5,
+            hold_sweep_interval_ms: 200,
             tls: flashsale_server::TlsArgs::default(),
         }
     }

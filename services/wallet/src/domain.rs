@@ -57,6 +57,28 @@ pub struct Movement {
     pub reference: Reference,
 }
 
+/// The longest a hold may stay open before the sweeper releases it.
+pub const MAX_HOLD_TTL_SECONDS: u32 = 86_400;
+
+/// A validated Hold request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldSpec {
+    pub target: HoldTarget,
+    pub ttl_seconds: u32,
+    pub reference: Reference,
+}
+
+/// An order's hold as Capture and Void name it: the order, and the user and
+/// amount the hold must have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldTarget {
+    /// The order id, under the wallet's rule for keys.
+    pub order: IdempotencyKey,
+    pub user: UserId,
+    pub currency: Currency,
+    pub amount: Amount,
+}
+
 /// Which page of a listing to read: entries with ids below `before`, newest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Page {

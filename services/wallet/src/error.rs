@@ -17,6 +17,11 @@ pub enum WalletError {
     IdempotencyKeyReused,
     #[error("the credit would overflow the account balance")]
     BalanceOverflow,
+    #[error("no hold for this order")]
+    HoldNotFound,
+    /// The order's hold is no longer open: captured, voided or expired.
+    #[error("the hold is {0}")]
+    HoldClosed(&'static str),
     #[error("database unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("internal error")]
@@ -69,6 +74,17 @@ impl From<WalletError> for Status {
                 "IDEMPOTENCY_KEY_REUSED",
                 "this idempotency key was already used for a different request",
             ),
+            WalletError::HoldNotFound => {
+                flashsale_server::rejection(Code::NotFound, "HOLD_NOT_FOUND", "no funds are held for this order")
+            }
+            WalletError::HoldClosed(state) => {
+                let (reason, message) = match state {
+                    "captured" => ("HOLD_CAPTURED", "the funds held for this order were charged"),
+                    "voided" => ("HOLD_VOIDED", "the funds held for this order were released"),
+                    _ => ("HOLD_EXPIRED", "the funds held for this order were released when the hold expired"),
+                };
+                flashsale_server::rejection(Code::FailedPrecondition, reason, message)
+            }
             WalletError::BalanceOverflow => {
                 flashsale_server::invalid_argument("amount.amount_minor", "would overflow the account balance")
             }

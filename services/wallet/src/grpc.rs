@@ -1,26 +1,30 @@
 //! The `flashsale.wallet.v1.WalletService` handlers: decode, call the ledger, encode.
 
 use flashsale_db::PgPool;
+use flashsale_proto::common::v1::Money;
 use flashsale_proto::wallet::v1::debit_result::Outcome;
 use flashsale_proto::wallet::v1::wallet_service_server::WalletService;
 use flashsale_proto::wallet::v1::{
-    BatchDebitRequest, BatchDebitResponse, CreditRequest, CreditResponse, DebitRequest, DebitResponse, DebitResult,
-    GetBalanceRequest, GetBalanceResponse, ListTransactionsRequest, ListTransactionsResponse,
+    BatchDebitRequest, BatchDebitResponse, CaptureRequest, CaptureResponse, CreditRequest, CreditResponse,
+    DebitRequest, DebitResponse, DebitResult, GetBalanceRequest, GetBalanceResponse, HoldRequest, HoldResponse,
+    ListTransactionsRequest, ListTransactionsResponse, VoidRequest, VoidResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::db::ledger;
 use crate::db::models::LedgerEntry;
-use crate::domain::{Currency, Movement, Page, UserId};
+use crate::db::{holds, ledger};
+use crate::domain::{Currency, HoldSpec, HoldTarget, Movement, Page, UserId};
 use crate::error::WalletError;
 
 /// Most debits in one `BatchDebit` call.
 const MAX_BATCH: usize = 500;
 
 /// Who may call each wallet method when mutual TLS is on (a certificate's
-/// service name): the gateway reads balances and tops wallets up; only
-/// inventory charges buyers, and credits them back on refunds.
+/// service name): the gateway reads balances and tops wallets up, holds a
+/// buyer's funds when it admits an order and voids the hold when it undoes
+/// the admission; only inventory charges buyers (debits, captures), credits
+/// them back on refunds, and voids a hold whose order the database rejected.
 pub const CALLERS: flashsale_server::Callers = flashsale_server::Callers {
     service: "flashsale.wallet.v1.WalletService",
     methods: &[
@@ -29,6 +33,9 @@ pub const CALLERS: flashsale_server::Callers = flashsale_server::Callers {
         ("Credit", &["gateway", "inventory"]),
         ("Debit", &["inventory"]),
         ("BatchDebit", &["inventory"]),
+        ("Hold", &["gateway"]),
+        ("Capture", &["inventory"]),
+        ("Void", &["gateway", "inventory"]),
     ],
 };
 
@@ -67,6 +74,17 @@ impl WalletGrpc {
         .map_err(|join| WalletError::Internal(Box::new(join)))?
     }
 
+    /// Runs one hold step (`work`, with a connection of the pool) in a task
+    /// of its own, for the same reason as [`Self::apply`].
+    async fn in_task<T: Send + 'static>(
+        &self,
+        step: &'static str,
+        work: impl Future<Output = Result<T, WalletError>> + Send + 'static,
+    ) -> Result<T, WalletError> {
+        let span = flashsale_telemetry::info_span!("wallet.hold", db.system.name = "postgresql", wallet.step = step);
+        tokio::spawn(work.instrument(span)).await.map_err(|join| WalletError::Internal(Box::new(join)))?
+    }
+
     /// [`Self::apply`] for many debits: one transaction, one answer per debit.
     async fn apply_batch(
         &self,
@@ -99,7 +117,9 @@ impl WalletService for WalletGrpc {
         let currency = Currency::parse_optional(&currency).map_err(WalletError::from)?;
         let mut conn = self.pool.get().await.map_err(WalletError::from)?;
         let balances = ledger::balances(&mut conn, &user, currency).await?;
-        Ok(Response::new(GetBalanceResponse { balances: balances.into_iter().map(Into::into).collect() }))
+        let held =
+            balances.iter().map(|b| Money { currency: b.currency.clone(), amount_minor: b.held_minor }).collect();
+        Ok(Response::new(GetBalanceResponse { balances: balances.into_iter().map(Into::into).collect(), held }))
     }
 
     async fn list_transactions(
@@ -172,6 +192,48 @@ impl WalletService for WalletGrpc {
             out.push(DebitResult { outcome: Some(outcome) });
         }
         Ok(Response::new(BatchDebitResponse { results: out }))
+    }
+
+    async fn hold(&self, request: Request<HoldRequest>) -> Result<Response<HoldResponse>, Status> {
+        let spec = HoldSpec::try_from(request.into_inner())?;
+        let row = {
+            let pool = self.pool.clone();
+            self.in_task("hold", async move {
+                let mut conn = pool.get().await?;
+                holds::hold(&mut conn, &spec).await
+            })
+            .await?
+        };
+        // Fault tests: the hold is committed, the caller not answered.
+        flashsale_server::crash_point("wallet-before-reply");
+        Ok(Response::new(HoldResponse { hold: Some(row.into()) }))
+    }
+
+    async fn capture(&self, request: Request<CaptureRequest>) -> Result<Response<CaptureResponse>, Status> {
+        let target = HoldTarget::try_from(request.into_inner())?;
+        let entry = {
+            let pool = self.pool.clone();
+            self.in_task("capture", async move {
+                let mut conn = pool.get().await?;
+                holds::capture(&mut conn, &target).await
+            })
+            .await?
+        };
+        flashsale_server::crash_point("wallet-before-reply");
+        Ok(Response::new(CaptureResponse { transaction: Some(entry.into()) }))
+    }
+
+    async fn void(&self, request: Request<VoidRequest>) -> Result<Response<VoidResponse>, Status> {
+        let target = HoldTarget::try_from(request.into_inner())?;
+        let row = {
+            let pool = self.pool.clone();
+            self.in_task("void", async move {
+                let mut conn = pool.get().await?;
+                holds::void(&mut conn, &target).await
+            })
+            .await?
+        };
+        Ok(Response::new(VoidResponse { hold: Some(row.into()) }))
     }
 }
 

@@ -21,6 +21,7 @@ pub struct Application {
     pool: PgPool,
     grace: Duration,
     tls: Option<flashsale_server::MutualTls>,
+    sweep_every: Duration,
 }
 
 impl Application {
@@ -43,7 +44,15 @@ impl Application {
         let mut metrics = flashsale_server::MetricsEndpoint::bind(config.metrics_addr).await?;
         let (scraped_pool, max_size) = (pool.clone(), config.db_pool_size);
         metrics.collect(move || flashsale_db::record_pool_state(&scraped_pool, max_size));
-        Ok(Self { listener, port, metrics, pool, grace: config.shutdown_grace(), tls })
+        Ok(Self {
+            listener,
+            port,
+            metrics,
+            pool,
+            grace: config.shutdown_grace(),
+            tls,
+            sweep_every: Duration::from_millis(config.hold_sweep_interval_ms),
+        })
     }
 
     /// The certificates this service uses for mutual TLS, kept current with
@@ -71,12 +80,13 @@ impl Application {
             self.tls.as_ref().map(|tls| flashsale_server::InternalTls { tls, callers: &crate::grpc::CALLERS }),
         )?;
         health.track(<WalletServiceServer<WalletGrpc> as NamedService>::NAME);
+        let metrics_stop = tokio_util::sync::CancellationToken::new();
+        let sweeper = tokio::spawn(sweep_expired_holds(self.pool.clone(), self.sweep_every, metrics_stop.clone()));
         let wallet = WalletServiceServer::new(WalletGrpc::new(self.pool))
             .max_decoding_message_size(flashsale_server::MAX_DECODING_MESSAGE_SIZE)
             .max_encoding_message_size(flashsale_server::MAX_ENCODING_MESSAGE_SIZE);
         let router = router.add_service(wallet);
         tracing::info!(port = self.port, metrics_port = self.metrics.port(), "wallet serving gRPC");
-        let metrics_stop = tokio_util::sync::CancellationToken::new();
         let metrics = self.metrics.spawn(metrics_stop.clone());
         let listener = self.listener;
         let served = flashsale_server::serve_until_stopped(health, shutdown, self.grace, |stop| {
@@ -85,8 +95,39 @@ impl Application {
         .await;
         metrics_stop.cancel();
         let _ = metrics.await;
+        let _ = sweeper.await;
         served?;
         tracing::info!("wallet stopped");
         Ok(())
+    }
+}
+
+/// Releases expired holds every `every` until `stop`: up to 500 per
+/// transaction, as many transactions as it takes. Several wallets may sweep
+/// at once; each takes holds the others have not locked.
+async fn sweep_expired_holds(pool: flashsale_db::PgPool, every: Duration, stop: tokio_util::sync::CancellationToken) {
+    const PER_TRANSACTION: i64 = 500;
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        loop {
+            let swept = async {
+                let mut conn = pool.get().await?;
+                crate::db::holds::sweep_expired(&mut conn, PER_TRANSACTION).await
+            }
+            .await;
+            match swept {
+                Ok(n) if n as i64 == PER_TRANSACTION => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "releasing expired holds failed; trying again at the next tick");
+                    break;
+                }
+            }
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The wallet's PostgreSQL schema, row types and queries.
 
+pub mod holds;
 pub mod ledger;
 pub mod models;
 pub mod schema;

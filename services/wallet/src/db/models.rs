@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 
-use super::schema::{accounts, idempotency_keys, ledger_entries};
+use super::schema::{accounts, holds, idempotency_keys, ledger_entries};
 
 /// One immutable ledger entry.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, QueryableByName, Selectable)]
@@ -18,6 +18,9 @@ pub struct LedgerEntry {
     pub balance_after_minor: i64,
     pub reference: String,
     pub created_at: DateTime<Utc>,
+    /// The account's held amount after a hold, capture or release; `None` for
+    /// credits and debits (which leave it as it was).
+    pub held_after_minor: Option<i64>,
 }
 
 /// A ledger entry about to be appended.
@@ -31,14 +34,29 @@ pub struct NewLedgerEntry<'a> {
     pub amount_minor: i64,
     pub balance_after_minor: i64,
     pub reference: &'a str,
+    pub held_after_minor: Option<i64>,
 }
 
-/// An account's balance in one currency.
+/// An account's balance in one currency, and what open holds keep of it.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
 #[diesel(table_name = accounts, check_for_backend(diesel::pg::Pg))]
 pub struct Balance {
     pub currency: String,
     pub balance_minor: i64,
+    pub held_minor: i64,
+}
+
+/// Money held for one order (or the mark of a void that came first).
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, QueryableByName, Selectable)]
+#[diesel(table_name = holds, check_for_backend(diesel::pg::Pg))]
+pub struct HoldRow {
+    pub order_id: String,
+    pub user_id: String,
+    pub currency: String,
+    pub amount_minor: i64,
+    pub reference: String,
+    pub state: String,
+    pub expires_at: DateTime<Utc>,
 }
 
 /// A new, empty account.

@@ -7,6 +7,7 @@ diesel::table! {
         balance_minor -> Int8,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        held_minor -> Int8,
     }
 }
 
@@ -21,6 +22,21 @@ diesel::table! {
         balance_after_minor -> Int8,
         reference -> Text,
         created_at -> Timestamptz,
+        held_after_minor -> Nullable<Int8>,
+    }
+}
+
+diesel::table! {
+    holds (order_id) {
+        order_id -> Text,
+        user_id -> Text,
+        currency -> Text,
+        amount_minor -> Int8,
+        reference -> Text,
+        state -> Text,
+        expires_at -> Timestamptz,
+        created_at -> Timestamptz,
+        closed_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -40,4 +56,4 @@ diesel::table! {
 
 diesel::joinable!(idempotency_keys -> ledger_entries (ledger_entry_id));
 
-diesel::allow_tables_to_appear_in_same_query!(accounts, idempotency_keys, ledger_entries);
+diesel::allow_tables_to_appear_in_same_query!(accounts, holds, idempotency_keys, ledger_entries);

@@ -152,11 +152,13 @@ async fn debit_set<'a>(
                   moved AS (
                   UPDATE accounts SET balance_minor = balance_minor - d.a, updated_at = now()
                     FROM d
-                   WHERE accounts.user_id = d.u AND accounts.currency = d.c AND accounts.balance_minor >= d.a
+                   WHERE accounts.user_id = d.u AND accounts.currency = d.c
+                     AND accounts.balance_minor - accounts.held_minor >= d.a
                RETURNING d.k, d.u, d.c, d.a, d.r, accounts.balance_minor)
              INSERT INTO ledger_entries (idempotency_key, user_id, currency, kind, amount_minor, balance_after_minor, reference)
              SELECT k, u, c, 'debit', a, balance_minor, r FROM moved
-             RETURNING id, idempotency_key, user_id, currency, kind, amount_minor, balance_after_minor, reference, created_at",
+             RETURNING id, idempotency_key, user_id, currency, kind, amount_minor, balance_after_minor, reference, created_at,
+                       held_after_minor",
         )
         .bind::<Array<Text>, _>(pick(&keys))
         .bind::<Array<Text>, _>(pick(&users))

@@ -1,7 +1,8 @@
 //! Money movements and reads. The rules that protect money are enforced by
 //! PostgreSQL, and this code only chooses statements that let it:
-//! - no overdraft: the debit is `UPDATE … WHERE balance_minor >= amount`, and
-//!   `balance_minor >= 0` is a CHECK besides;
+//! - no overdraft, and held money is not spent: the debit is
+//!   `UPDATE … WHERE balance_minor - held_minor >= amount`, and
+//!   `0 <= held_minor <= balance_minor` is a CHECK besides;
 //! - one outcome per idempotency key: the movement first inserts its key into
 //!   `idempotency_keys` (primary key), in the transaction that moves the money,
 //!   so a concurrent request with the same key waits for it and then replays
@@ -10,7 +11,8 @@
 //!
 //! By concern: `movement.rs` (one credit or debit), `batch.rs` (many in one
 //! transaction), `reads.rs` (balances, history); the idempotency-key claim, the
-//! guarded balance updates and the replay they share are here.
+//! guarded balance updates and the replay they share are here. Holds, their
+//! captures and releases are in `super::holds`.
 
 mod batch;
 mod movement;
@@ -28,7 +30,7 @@ pub use self::batch::apply_batch;
 pub use self::movement::apply;
 pub use self::reads::{balances, transactions};
 
-const APPLIED: &str = "applied";
+pub(crate) const APPLIED: &str = "applied";
 const INSUFFICIENT_FUNDS: &str = "insufficient_funds";
 
 /// How a movement's transaction ended.
@@ -93,21 +95,32 @@ async fn record_outcome(
     outcome: &str,
     entry_id: Option<i64>,
 ) -> QueryResult<()> {
-    diesel::update(idempotency_keys::table.find(movement.key.as_str()))
+    record_claim_outcome(conn, movement.key.as_str(), outcome, entry_id).await
+}
+
+/// Records how the movement that claimed `key` ended, inside its transaction.
+pub(crate) async fn record_claim_outcome(
+    conn: &mut AsyncPgConnection,
+    key: &str,
+    outcome: &str,
+    entry_id: Option<i64>,
+) -> QueryResult<()> {
+    diesel::update(idempotency_keys::table.find(key))
         .set((idempotency_keys::outcome.eq(outcome), idempotency_keys::ledger_entry_id.eq(entry_id)))
         .execute(conn)
         .await?;
     Ok(())
 }
 
-/// Takes `amount` from the account if it covers it; returns the new balance,
-/// or `None` when the balance (or the account) does not cover it.
+/// Takes `amount` from the account if what is available (the balance less
+/// what open holds keep) covers it; returns the new balance, or `None` when it
+/// (or the account) does not.
 async fn debit_balance(conn: &mut AsyncPgConnection, movement: &Movement) -> Result<Option<i64>, Abort> {
     let amount = movement.amount.minor();
     Ok(diesel::update(accounts::table)
         .filter(accounts::user_id.eq(movement.user.as_str()))
         .filter(accounts::currency.eq(movement.currency.code()))
-        .filter(accounts::balance_minor.ge(amount))
+        .filter((accounts::balance_minor - accounts::held_minor).ge(amount))
         .set((accounts::balance_minor.eq(accounts::balance_minor - amount), accounts::updated_at.eq(diesel::dsl::now)))
         .returning(accounts::balance_minor)
         .get_result::<i64>(conn)

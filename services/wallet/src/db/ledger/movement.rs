@@ -71,6 +71,7 @@ pub(super) async fn apply_movement(
             amount_minor: movement.amount.minor(),
             balance_after_minor: balance_after,
             reference: movement.reference.as_str(),
+            held_after_minor: None,
         })
         .returning(LedgerEntry::as_returning())
         .get_result(conn)

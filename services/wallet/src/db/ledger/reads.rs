@@ -25,7 +25,7 @@ pub async fn balances(
     }
     let mut rows = query.load(conn).await?;
     if let (Some(currency), true) = (currency, rows.is_empty()) {
-        rows.push(Balance { currency: currency.code().to_owned(), balance_minor: 0 });
+        rows.push(Balance { currency: currency.code().to_owned(), balance_minor: 0, held_minor: 0 });
     }
     Ok(rows)
 }
