@@ -145,19 +145,15 @@ impl Settlement {
 
     /// Retries due payments every `interval` until `shutdown` fires.
     pub async fn run_sweeper(self, interval: Duration, shutdown: CancellationToken) {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                () = shutdown.cancelled() => return,
-            }
-            match self.sweep_once().await {
+        let this = &self;
+        flashsale_server::every(interval, &shutdown, || async move {
+            match this.sweep_once().await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(orders = n, "sweeper retried pending payments"),
                 Err(e) => tracing::warn!(error = %e, "sweeper pass failed"),
             }
-        }
+        })
+        .await;
     }
 
     /// Claims due orders and tries to pay each, and finishes refunds that were

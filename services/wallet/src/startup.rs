@@ -107,13 +107,8 @@ impl Application {
 /// at once; each takes holds the others have not locked.
 async fn sweep_expired_holds(pool: flashsale_db::PgPool, every: Duration, stop: tokio_util::sync::CancellationToken) {
     const PER_TRANSACTION: i64 = 500;
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    let pool = &pool;
+    flashsale_server::every(every, &stop, || async move {
         loop {
             let swept = async {
                 let mut conn = pool.get().await?;
@@ -129,5 +124,6 @@ async fn sweep_expired_holds(pool: flashsale_db::PgPool, every: Duration, stop: 
                 }
             }
         }
-    }
+    })
+    .await;
 }

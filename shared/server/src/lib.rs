@@ -5,6 +5,7 @@
 
 mod deadline;
 mod metrics;
+mod periodic;
 mod shutdown;
 mod status;
 mod tls;
@@ -22,6 +23,7 @@ use tonic_health::server::HealthReporter;
 
 pub use deadline::DeadlineLayer;
 pub use metrics::{GrpcMetricsLayer, MetricsEndpoint, prometheus};
+pub use periodic::every;
 pub use shutdown::shutdown_signal;
 pub use status::{ERROR_DOMAIN, internal, invalid_argument, rejection, unavailable};
 pub use tls::{

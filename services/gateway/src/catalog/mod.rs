@@ -216,23 +216,19 @@ impl Catalog {
         F: Fn(Arc<Self>) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                () = shutdown.cancelled() => return,
-            }
+        let on_tick = &on_tick;
+        flashsale_server::every(interval, &shutdown, || {
+            let this = self.clone();
             // Five times a second: never a trace of its own.
             let span = flashsale_telemetry::unrecorded_span("catalog refresh");
-            async {
-                if let Err(e) = self.refresh(retention).await {
+            async move {
+                if let Err(e) = this.refresh(retention).await {
                     tracing::debug!(error = %e, "catalog refresh failed");
                 }
-                on_tick(self.clone()).await;
+                on_tick(this).await;
             }
             .instrument(span)
-            .await;
-        }
+        })
+        .await;
     }
 }
