@@ -111,26 +111,13 @@ pub fn parse_user_id(raw: &str) -> Result<&str, InventoryError> {
     Ok(raw)
 }
 
-/// Which page of a listing to read: rows after `after` in the listing's order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Page {
-    pub size: i64,
-    pub after: Option<String>,
-}
+/// Which page of a listing to read: rows after the token's in the listing's
+/// order (the token is the last key of the page before).
+pub type Page = flashsale_domain::Page<String>;
 
-impl Page {
-    pub fn parse(size: u32, token: &str, default_size: u32) -> Result<Self, InventoryError> {
-        let size = flashsale_domain::page_size(size, default_size)
-            .ok_or_else(|| InventoryError::invalid("page_size", flashsale_domain::PAGE_SIZE_REFUSAL))?;
-        let after = if token.is_empty() {
-            None
-        } else if flashsale_domain::is_token(token, 64) {
-            Some(token.to_owned())
-        } else {
-            return Err(InventoryError::invalid("page_token", "is not a token this service issued"));
-        };
-        Ok(Self { size: i64::from(size), after })
-    }
+/// The page a listing asks for (`default_size` entries when it does not say).
+pub fn page(size: u32, token: &str, default_size: u32) -> Result<Page, InventoryError> {
+    Ok(Page::parse(size, token, default_size, |token| flashsale_domain::is_token(token, 64).then(|| token.to_owned()))?)
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use crate::convert::{item_to_proto, order_to_proto, parse_timestamp, timestamp};
 use crate::db::models::Order;
 use crate::db::snapshot::{self, Piece};
 use crate::db::{items, orders};
-use crate::domain::{ItemSpec, OrderStatus, Page, parse_item_id, parse_order_id, parse_user_id};
+use crate::domain::{ItemSpec, OrderStatus, parse_item_id, parse_order_id, parse_user_id};
 use crate::error::InventoryError;
 use crate::settlement::Settlement;
 
@@ -98,7 +98,7 @@ impl InventoryService for InventoryGrpc {
 
     async fn list_items(&self, request: Request<ListItemsRequest>) -> Result<Response<ListItemsResponse>, Status> {
         let ListItemsRequest { page_size, page_token, ending_after } = request.into_inner();
-        let page = Page::parse(page_size, &page_token, 100)?;
+        let page = crate::domain::page(page_size, &page_token, 100)?;
         let ending_after = ending_after.map(|t| parse_timestamp("ending_after", Some(t))).transpose()?;
         let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
         let (rows, next) = items::list(&mut conn, &page, ending_after).await?;
@@ -135,7 +135,7 @@ impl InventoryService for InventoryGrpc {
         let ListOrdersRequest { user_id, item_id, page_size, page_token } = request.into_inner();
         let user = if user_id.is_empty() { None } else { Some(parse_user_id(&user_id)?) };
         let item = if item_id.is_empty() { None } else { Some(parse_item_id(&item_id)?) };
-        let page = Page::parse(page_size, &page_token, 50)?;
+        let page = crate::domain::page(page_size, &page_token, 50)?;
         let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
         let (rows, next) = orders::list(&mut conn, user, item, &page).await?;
         Ok(Response::new(ListOrdersResponse {

@@ -79,33 +79,16 @@ pub struct HoldTarget {
     pub amount: Amount,
 }
 
-/// Which page of a listing to read: entries with ids below `before`, newest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Page {
-    pub size: i64,
-    pub before: Option<i64>,
-}
+/// Which page of a ledger to read: entries with ids below the token's, newest
+/// first (the token is the last id of the page before).
+pub type Page = flashsale_domain::Page<i64>;
 
-impl Page {
-    pub const DEFAULT_SIZE: u32 = 50;
+/// Entries in a page when the caller does not say.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
 
-    /// `token` is the `next_page_token` a previous page returned (opaque to
-    /// clients; today the last id seen).
-    pub fn parse(size: u32, token: &str) -> Result<Self, WalletError> {
-        let size = flashsale_domain::page_size(size, Self::DEFAULT_SIZE)
-            .ok_or_else(|| WalletError::invalid("page_size", flashsale_domain::PAGE_SIZE_REFUSAL))?;
-        let before = if token.is_empty() {
-            None
-        } else {
-            let id = token
-                .parse::<i64>()
-                .ok()
-                .filter(|id| *id > 0)
-                .ok_or_else(|| WalletError::invalid("page_token", "is not a token this service issued"))?;
-            Some(id)
-        };
-        Ok(Self { size: i64::from(size), before })
-    }
+/// The page a `ListTransactions` asks for.
+pub fn page(size: u32, token: &str) -> Result<Page, WalletError> {
+    Ok(Page::parse(size, token, DEFAULT_PAGE_SIZE, |token| token.parse::<i64>().ok().filter(|id| *id > 0))?)
 }
 
 #[cfg(test)]
@@ -114,10 +97,10 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_and_garbage_is_refused() {
-        assert_eq!(Page::parse(0, "").unwrap(), Page { size: 50, before: None });
-        assert_eq!(Page::parse(10, "42").unwrap(), Page { size: 10, before: Some(42) });
-        assert!(Page::parse(501, "").is_err());
-        assert!(Page::parse(10, "abc").is_err());
-        assert!(Page::parse(10, "-5").is_err());
+        assert_eq!(page(0, "").unwrap(), Page { size: 50, token: None });
+        assert_eq!(page(10, "42").unwrap(), Page { size: 10, token: Some(42) });
+        assert!(page(501, "").is_err());
+        assert!(page(10, "abc").is_err());
+        assert!(page(10, "-5").is_err());
     }
 }

@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::db::models::LedgerEntry;
 use crate::db::{holds, ledger};
-use crate::domain::{Currency, HoldSpec, HoldTarget, Movement, Page, UserId};
+use crate::domain::{Currency, HoldSpec, HoldTarget, Movement, UserId};
 use crate::error::WalletError;
 
 /// Most debits in one `BatchDebit` call.
@@ -129,7 +129,7 @@ impl WalletService for WalletGrpc {
         let ListTransactionsRequest { user_id, currency, page_size, page_token } = request.into_inner();
         let user = UserId::parse(&user_id).map_err(WalletError::from)?;
         let currency = Currency::parse_optional(&currency).map_err(WalletError::from)?;
-        let page = Page::parse(page_size, &page_token)?;
+        let page = crate::domain::page(page_size, &page_token)?;
         let mut conn = self.pool.get().await.map_err(WalletError::from)?;
         let (entries, next) = ledger::transactions(&mut conn, &user, currency, page).await?;
         Ok(Response::new(ListTransactionsResponse {

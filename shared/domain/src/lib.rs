@@ -19,7 +19,7 @@ pub mod time;
 pub use ids::{IdempotencyKey, ItemId, OrderId, TopUpKey, UserId, is_token};
 pub use limits::{
     MAX_ADMISSION_BUCKETS, MAX_ITEM_NAME_CHARS, MAX_PAGE_SIZE, MAX_PER_USER_LIMIT, MAX_PRICE_MINOR, MAX_STOCK,
-    PAGE_SIZE_REFUSAL, page_size,
+    PAGE_SIZE_REFUSAL, Page, page_size,
 };
 pub use money::{Amount, Currency, MAX_AMOUNT_MINOR};
 

@@ -29,6 +29,39 @@ pub fn page_size(asked: u32, default: u32) -> Option<u32> {
 /// Why a page size was refused (the `page_size` field violation).
 pub const PAGE_SIZE_REFUSAL: &str = "must be at most 500";
 
+/// Which page of a listing to read: `size` entries from the place `token`
+/// names (`None`: from the start). What a token holds is the listing's own
+/// business (the last id or key of the page before); clients get it from a
+/// `next_page_token` and hand it back unread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    pub size: i64,
+    pub token: Option<T>,
+}
+
+impl<T> Page<T> {
+    /// The page a request asks for: `size` 0 means `default_size`, above
+    /// [`MAX_PAGE_SIZE`] is refused; a `token` that `read` cannot make sense
+    /// of is refused as not issued by this service.
+    pub fn parse(
+        size: u32,
+        token: &str,
+        default_size: u32,
+        read: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<Self, crate::Invalid> {
+        let size =
+            page_size(size, default_size).ok_or(crate::Invalid { field: "page_size", rule: PAGE_SIZE_REFUSAL })?;
+        let token = match token {
+            "" => None,
+            token => Some(
+                read(token)
+                    .ok_or(crate::Invalid { field: "page_token", rule: "is not a token this service issued" })?,
+            ),
+        };
+        Ok(Self { size: i64::from(size), token })
+    }
+}
+
 /// Longest item name, in characters.
 pub const MAX_ITEM_NAME_CHARS: usize = 200;
 

@@ -45,7 +45,7 @@ pub async fn list(
     if let Some(at) = ending_after {
         query = query.filter(items::ends_at.gt(at));
     }
-    if let Some(after) = &page.after {
+    if let Some(after) = &page.token {
         query = query.filter(items::id.gt(after.clone()));
     }
     let mut rows = query.load(conn).await?;

@@ -57,7 +57,7 @@ pub async fn list(
     if let Some(item_id) = item_id {
         query = query.filter(orders::item_id.eq(item_id.to_owned()));
     }
-    if let Some(after) = &page.after {
+    if let Some(after) = &page.token {
         let after = Uuid::parse_str(after)
             .map_err(|_| InventoryError::invalid("page_token", "is not a token this service issued"))?;
         query = query.filter(orders::id.lt(after));

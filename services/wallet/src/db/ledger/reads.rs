@@ -47,7 +47,7 @@ pub async fn transactions(
     if let Some(currency) = currency {
         query = query.filter(ledger_entries::currency.eq(currency.code()));
     }
-    if let Some(before) = page.before {
+    if let Some(before) = page.token {
         query = query.filter(ledger_entries::id.lt(before));
     }
     let mut rows = query.load(conn).await?;
