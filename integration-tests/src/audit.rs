@@ -227,8 +227,13 @@ pub async fn audit(databases: &Databases) -> anyhow::Result<AuditReport> {
     let mut wallet = AsyncPgConnection::establish(&databases.wallet_url).await?;
     let ledger: Vec<LedgerRow> =
         diesel::sql_query("SELECT idempotency_key, kind, amount_minor FROM ledger_entries").load(&mut wallet).await?;
-    let debits: BTreeMap<&str, i64> =
-        ledger.iter().filter(|e| e.kind == "debit").map(|e| (e.idempotency_key.as_str(), e.amount_minor)).collect();
+    // A charge is a debit, or the capture of the order's held funds (under the
+    // same key, the order id: one or the other, never both).
+    let debits: BTreeMap<&str, i64> = ledger
+        .iter()
+        .filter(|e| e.kind == "debit" || e.kind == "capture")
+        .map(|e| (e.idempotency_key.as_str(), e.amount_minor))
+        .collect();
     let refunds: BTreeMap<&str, i64> = ledger
         .iter()
         .filter(|e| e.kind == "credit")

@@ -200,6 +200,53 @@ pub async fn capture(conn: &mut AsyncPgConnection, target: &HoldTarget) -> Resul
         .await?)
 }
 
+/// The debit of an order whose funds are held: inside the debit's
+/// transaction (its account locked, its key claimed), captures the order's
+/// open hold of the same user and amount, if there is one, and returns the
+/// capture's ledger entry (under the debit's key, the order id); `None` and
+/// nothing changed otherwise, and the debit goes on as any other. So settling
+/// an order by debit, one by one or in a batch, charges the held money, and
+/// the order's hold never outlives its charge.
+///
+/// The hold's row is taken only if no one else has it locked (`SKIP LOCKED`):
+/// the sweeper locks holds before accounts and a debit accounts before holds,
+/// so waiting here could deadlock; a hold the sweeper is expiring is left to
+/// it, and the debit takes the money from what it releases.
+pub(super) async fn capture_for_debit(
+    conn: &mut AsyncPgConnection,
+    movement: &crate::domain::Movement,
+) -> QueryResult<Option<LedgerEntry>> {
+    let captured: Option<HoldRow> = diesel::sql_query(
+        "UPDATE holds SET state = 'captured', closed_at = now()
+          WHERE order_id = (SELECT order_id FROM holds
+                             WHERE order_id = $1 AND state = 'open' AND user_id = $2 AND currency = $3
+                               AND amount_minor = $4
+                               FOR UPDATE SKIP LOCKED)
+      RETURNING order_id, user_id, currency, amount_minor, reference, state, expires_at",
+    )
+    .bind::<Text, _>(movement.key.as_str())
+    .bind::<Text, _>(movement.user.as_str())
+    .bind::<Text, _>(movement.currency.code())
+    .bind::<BigInt, _>(movement.amount.minor())
+    .get_result(conn)
+    .await
+    .optional()?;
+    let Some(row) = captured else { return Ok(None) };
+    let (balance, held): (i64, i64) = diesel::update(accounts::table)
+        .filter(accounts::user_id.eq(&row.user_id))
+        .filter(accounts::currency.eq(&row.currency))
+        .set((
+            accounts::balance_minor.eq(accounts::balance_minor - row.amount_minor),
+            accounts::held_minor.eq(accounts::held_minor - row.amount_minor),
+            accounts::updated_at.eq(diesel::dsl::now),
+        ))
+        .returning((accounts::balance_minor, accounts::held_minor))
+        .get_result(conn)
+        .await?;
+    count("capture", "debited");
+    append_as(conn, movement.key.as_str(), &row, "capture", balance, held, movement.reference.as_str()).await.map(Some)
+}
+
 /// Releases the order's held amount, or marks the order voided when no hold
 /// has arrived yet.
 pub async fn void(conn: &mut AsyncPgConnection, target: &HoldTarget) -> Result<HoldRow, WalletError> {
@@ -330,6 +377,18 @@ async fn append(
     balance_after: i64,
     held_after: i64,
 ) -> QueryResult<LedgerEntry> {
+    append_as(conn, key, row, kind, balance_after, held_after, &row.reference).await
+}
+
+async fn append_as(
+    conn: &mut AsyncPgConnection,
+    key: &str,
+    row: &HoldRow,
+    kind: &str,
+    balance_after: i64,
+    held_after: i64,
+    reference: &str,
+) -> QueryResult<LedgerEntry> {
     diesel::insert_into(ledger_entries::table)
         .values(NewLedgerEntry {
             idempotency_key: key,
@@ -338,7 +397,7 @@ async fn append(
             kind,
             amount_minor: row.amount_minor,
             balance_after_minor: balance_after,
-            reference: &row.reference,
+            reference,
             held_after_minor: Some(held_after),
         })
         .returning(LedgerEntry::as_returning())

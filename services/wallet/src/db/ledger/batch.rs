@@ -6,7 +6,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use super::movement::{apply, apply_movement};
 use super::{APPLIED, Abort, INSUFFICIENT_FUNDS, MovementOutcome, answer, count, lock_accounts, replay};
 use crate::db::models::{KeyClaim, LedgerEntry};
-use crate::db::schema::idempotency_keys;
+use crate::db::schema::{holds, idempotency_keys};
 use crate::domain::{Kind, Movement};
 use crate::error::WalletError;
 
@@ -42,6 +42,16 @@ pub async fn apply_batch(
         .transaction::<_, Abort, _>(async |conn| {
             let mut outcomes = Vec::with_capacity(fresh.len());
             lock_accounts(conn, fresh.iter().map(|&i| &movements[i])).await?;
+            // Orders whose funds are held are captured, one by one (`apply_movement`).
+            let fresh_keys: Vec<&str> = fresh.iter().map(|&i| keys[i]).collect();
+            let held: std::collections::HashSet<String> = holds::table
+                .filter(holds::order_id.eq_any(&fresh_keys))
+                .filter(holds::state.eq(crate::db::holds::OPEN))
+                .select(holds::order_id)
+                .load(conn)
+                .await?
+                .into_iter()
+                .collect();
             // Each account's first debit goes in the set-based statements; whatever
             // else touches an account already in them follows one by one.
             let mut accounts = std::collections::HashSet::new();
@@ -49,6 +59,7 @@ pub async fn apply_batch(
             let (first, rest): (Vec<usize>, Vec<usize>) = fresh.iter().partition(|&&i| {
                 let m = &movements[i];
                 m.kind == Kind::Debit
+                    && !held.contains(m.key.as_str())
                     && !accounts.contains(&(m.user.as_str(), m.currency.code()))
                     && !seen_keys.contains(m.key.as_str())
                     && accounts.insert((m.user.as_str(), m.currency.code()))

@@ -54,6 +54,12 @@ pub(super) async fn apply_movement(
     if claimed == 0 {
         return Ok(MovementOutcome::KeyTaken);
     }
+    if movement.kind == Kind::Debit
+        && let Some(entry) = crate::db::holds::capture_for_debit(conn, movement).await?
+    {
+        record_outcome(conn, movement, APPLIED, Some(entry.id)).await?;
+        return Ok(MovementOutcome::Applied(entry));
+    }
     let balance_after = match movement.kind {
         Kind::Debit => debit_balance(conn, movement).await?,
         Kind::Credit => Some(credit_balance(conn, movement).await?),
