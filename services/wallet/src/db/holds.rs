@@ -163,17 +163,7 @@ pub async fn capture(conn: &mut AsyncPgConnection, target: &HoldTarget) -> Resul
             if claimed == 0 {
                 return Err(Abort::Refuse(WalletError::IdempotencyKeyReused));
             }
-            let (balance, held): (i64, i64) = diesel::update(accounts::table)
-                .filter(accounts::user_id.eq(&row.user_id))
-                .filter(accounts::currency.eq(&row.currency))
-                .set((
-                    accounts::balance_minor.eq(accounts::balance_minor - row.amount_minor),
-                    accounts::held_minor.eq(accounts::held_minor - row.amount_minor),
-                    accounts::updated_at.eq(diesel::dsl::now),
-                ))
-                .returning((accounts::balance_minor, accounts::held_minor))
-                .get_result(conn)
-                .await?;
+            let (balance, held) = charge_held(conn, &row).await?;
             let entry = append(conn, order, &row, "capture", balance, held).await?;
             record_claim_outcome(conn, order, APPLIED, Some(entry.id)).await?;
             Ok(Some(entry))
@@ -232,17 +222,7 @@ pub(super) async fn capture_for_debit(
     .await
     .optional()?;
     let Some(row) = captured else { return Ok(None) };
-    let (balance, held): (i64, i64) = diesel::update(accounts::table)
-        .filter(accounts::user_id.eq(&row.user_id))
-        .filter(accounts::currency.eq(&row.currency))
-        .set((
-            accounts::balance_minor.eq(accounts::balance_minor - row.amount_minor),
-            accounts::held_minor.eq(accounts::held_minor - row.amount_minor),
-            accounts::updated_at.eq(diesel::dsl::now),
-        ))
-        .returning((accounts::balance_minor, accounts::held_minor))
-        .get_result(conn)
-        .await?;
+    let (balance, held) = charge_held(conn, &row).await?;
     count("capture", "debited");
     append_as(conn, movement.key.as_str(), &row, "capture", balance, held, movement.reference.as_str()).await.map(Some)
 }
@@ -351,6 +331,22 @@ async fn close(conn: &mut AsyncPgConnection, order: &str, state: &str) -> QueryR
         .get_result(conn)
         .await
         .optional()
+}
+
+/// Charges a captured hold's amount: the balance and the held amount both go
+/// down by it; returns them after.
+async fn charge_held(conn: &mut AsyncPgConnection, row: &HoldRow) -> QueryResult<(i64, i64)> {
+    diesel::update(accounts::table)
+        .filter(accounts::user_id.eq(&row.user_id))
+        .filter(accounts::currency.eq(&row.currency))
+        .set((
+            accounts::balance_minor.eq(accounts::balance_minor - row.amount_minor),
+            accounts::held_minor.eq(accounts::held_minor - row.amount_minor),
+            accounts::updated_at.eq(diesel::dsl::now),
+        ))
+        .returning((accounts::balance_minor, accounts::held_minor))
+        .get_result(conn)
+        .await
 }
 
 /// Gives a closed hold's amount back to what is available, with its entry.
