@@ -140,12 +140,9 @@ pub async fn capture(conn: &mut AsyncPgConnection, target: &HoldTarget) -> Resul
     let order = target.order.as_str();
     let result = conn
         .transaction::<_, Abort, _>(async |conn| {
-            let Some(row) = close(conn, order, CAPTURED).await? else {
+            let Some(row) = close_matching(conn, target, CAPTURED).await? else {
                 return Ok(None);
             };
-            if !same(&row, target) {
-                return Err(Abort::Refuse(WalletError::IdempotencyKeyReused));
-            }
             // The order id as the charge's key: a debit of this order, made
             // earlier by a caller that did not capture, has it already.
             let claimed = diesel::insert_into(idempotency_keys::table)
@@ -236,12 +233,9 @@ pub async fn void(conn: &mut AsyncPgConnection, target: &HoldTarget) -> Result<H
     for _ in 0..3 {
         let released = conn
             .transaction::<_, Abort, _>(async |conn| {
-                let Some(row) = close(conn, order, VOIDED).await? else {
+                let Some(row) = close_matching(conn, target, VOIDED).await? else {
                     return Ok(None);
                 };
-                if !same(&row, target) {
-                    return Err(Abort::Refuse(WalletError::IdempotencyKeyReused));
-                }
                 release(conn, &row).await?;
                 Ok(Some(row))
             })
@@ -320,6 +314,20 @@ pub async fn sweep_expired(conn: &mut AsyncPgConnection, limit: i64) -> Result<u
         count("expire", "released");
     }
     Ok(expired)
+}
+
+/// Ends `target`'s hold if it is open ([`close`]); a hold of another user or
+/// amount under the same order id is refused, and the caller's transaction
+/// rolled back with nothing changed.
+async fn close_matching(
+    conn: &mut AsyncPgConnection,
+    target: &HoldTarget,
+    state: &str,
+) -> Result<Option<HoldRow>, Abort> {
+    match close(conn, target.order.as_str(), state).await? {
+        Some(row) if !same(&row, target) => Err(Abort::Refuse(WalletError::IdempotencyKeyReused)),
+        closed => Ok(closed),
+    }
 }
 
 /// Ends the order's hold if it is open (row locked until the transaction ends).
