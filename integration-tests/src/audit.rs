@@ -72,6 +72,64 @@ struct LedgerRow {
     amount_minor: i64,
 }
 
+#[derive(Debug, Clone, diesel::QueryableByName)]
+struct HoldRow {
+    #[diesel(sql_type = Text)]
+    order_id: String,
+    #[diesel(sql_type = Text)]
+    state: String,
+}
+
+/// Waits until no funds are held in the wallet: every hold captured, voided or
+/// expired (a purchase that was not placed releases its hold in a task of its
+/// own, a moment after the buyer's answer). Call after [`wait_until_settled`];
+/// [`audit`] checks that whatever was charged was a paid order's.
+pub async fn wait_until_holds_closed(databases: &Databases, timeout: Duration) -> anyhow::Result<HoldCounts> {
+    let deadline = Instant::now() + timeout;
+    let mut wallet = AsyncPgConnection::establish(&databases.wallet_url).await?;
+    loop {
+        let holds: Vec<HoldRow> = diesel::sql_query("SELECT order_id, state FROM holds").load(&mut wallet).await?;
+        let open: Vec<&HoldRow> = holds.iter().filter(|h| h.state == "open").collect();
+        if open.is_empty() {
+            // A released hold's order may still have been paid by a debit (its
+            // reservation kept, or a retry's copy recorded): the audit's one
+            // charge per paid order covers it.
+            let captured = holds.iter().filter(|h| h.state == "captured").count();
+            return Ok(HoldCounts { captured, released: holds.len() - captured });
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} holds still open after {timeout:?}, e.g. order {}",
+            open.len(),
+            open[0].order_id
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How many orders wait for their payment after at least one failed attempt.
+pub async fn orders_failed_to_pay(databases: &Databases) -> anyhow::Result<usize> {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let mut conn = AsyncPgConnection::establish(&databases.inventory_url).await?;
+    let count: Count =
+        diesel::sql_query("SELECT count(*) AS n FROM orders WHERE status = 'PAYMENT_PENDING' AND payment_attempts > 0")
+            .get_result(&mut conn)
+            .await?;
+    Ok(usize::try_from(count.n)?)
+}
+
+/// How the wallet's holds ended.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HoldCounts {
+    pub captured: usize,
+    /// Voided or expired.
+    pub released: usize,
+}
+
 /// What the audit found (every invariant already held, or it returned an error).
 #[derive(Debug, Clone, Default)]
 pub struct AuditReport {
@@ -257,6 +315,19 @@ pub async fn audit(databases: &Databases) -> anyhow::Result<AuditReport> {
         }
     }
     anyhow::ensure!(debits.len() == paid, "{} debits for {paid} paid orders", debits.len());
+
+    // Holds: a captured hold is a paid order's (no capture without a unit), and
+    // an order that was not paid keeps no captured hold.
+    let holds: Vec<HoldRow> = diesel::sql_query("SELECT order_id, state FROM holds").load(&mut wallet).await?;
+    let statuses: BTreeMap<&str, &str> = orders.iter().map(|o| (o.id.as_str(), o.status.as_str())).collect();
+    for hold in holds.iter().filter(|h| h.state == "captured") {
+        let status = statuses.get(hold.order_id.as_str()).copied();
+        anyhow::ensure!(
+            matches!(status, Some("CONFIRMED" | "REFUNDED")),
+            "the hold of order {} was captured but the order is {status:?}",
+            hold.order_id
+        );
+    }
     report.orders = orders;
     Ok(report)
 }

@@ -46,6 +46,9 @@ pub struct TestSuite {
     /// `https` with mutual TLS between the services, else `http`.
     internal_scheme: &'static str,
     wallet_tls: flashsale_server::TlsArgs,
+    /// Inventory reaches the wallet through this proxy, so a test can keep
+    /// orders waiting for their payment while buyers still reach the wallet.
+    payments_link: crate::proxy::FaultProxy,
     _share: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
     /// Each service's mutual-TLS certificates in use, by service name.
     tls_in_use: std::collections::BTreeMap<&'static str, flashsale_server::MutualTls>,
@@ -89,6 +92,8 @@ pub struct SuiteOptions {
     pub audit_log: Option<String>,
     /// Mutual TLS between the services, each with a certificate from this CA.
     pub mtls: Option<std::sync::Arc<crate::pki::TestPki>>,
+    /// How long the funds a purchase holds stay held if its order is never settled.
+    pub purchase_hold_ttl_seconds: Option<u32>,
 }
 
 impl TestSuite {
@@ -120,10 +125,14 @@ impl TestSuite {
         let (wallet, tls) = start_wallet(wallet_db.url(), 0, &wallet_tls).await?;
         tls_in_use.extend(tls.map(|tls| ("wallet", tls)));
         let wallet_port = wallet.port;
+        let payments_link = crate::proxy::FaultProxy::start(([127, 0, 0, 1], wallet_port).into()).await?;
 
         let amqp_addr = options.amqp_server.clone().unwrap_or_else(amqp_addr);
-        let mut config =
-            flashsale_inventory::Config::for_tests(inventory_db.url(), internal_url(&wallet), &amqp_prefix);
+        let mut config = flashsale_inventory::Config::for_tests(
+            inventory_db.url(),
+            format!("{internal_scheme}://127.0.0.1:{}", payments_link.port),
+            &amqp_prefix,
+        );
         config.tls = tls_for("inventory")?;
         config.amqp_addr = amqp_addr.clone();
         if let Some(ms) = options.inventory_max_connection_age_ms {
@@ -173,6 +182,9 @@ impl TestSuite {
         if let Some(streams) = options.watch_streams_per_buyer {
             config.watch_streams_per_buyer = streams;
         }
+        if let Some(seconds) = options.purchase_hold_ttl_seconds {
+            config.purchase_hold_ttl_seconds = seconds;
+        }
         if let Some((rate, burst)) = options.purchase_rate {
             config.purchase_rate_per_second = rate;
             config.purchase_burst = burst;
@@ -197,6 +209,7 @@ impl TestSuite {
             gateway_channel,
             internal_scheme,
             wallet_tls,
+            payments_link,
             _share: share,
             tls_in_use,
         })
@@ -265,6 +278,17 @@ impl TestSuite {
             wallet.stop().await?;
         }
         Ok(())
+    }
+
+    /// Cuts inventory off from the wallet: orders are recorded but wait for
+    /// their payment (PAYMENT_PENDING), while purchases still hold funds.
+    pub fn pause_payments(&self) {
+        self.payments_link.cut();
+    }
+
+    /// Lets inventory reach the wallet again (its sweeper pays what waited).
+    pub fn resume_payments(&self) {
+        self.payments_link.restore();
     }
 
     /// Starts the wallet again on the port inventory and gateway know.

@@ -263,12 +263,11 @@ async fn bots_from_one_address_are_rate_limited_while_other_buyers_are_served() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_buyer_holds_at_most_the_allowed_watch_streams() -> anyhow::Result<()> {
-    let mut suite =
-        TestSuite::spawn_with(SuiteOptions { watch_streams_per_buyer: Some(3), ..Default::default() }).await?;
+    let suite = TestSuite::spawn_with(SuiteOptions { watch_streams_per_buyer: Some(3), ..Default::default() }).await?;
     create_item(&suite, ITEM, PRICE, 10, LIMIT).await?;
     fund(&suite, ["alice".to_owned(), "bob".to_owned()].into_iter()).await?;
-    // With the wallet down the orders stay PAYMENT_PENDING, so watches stay open.
-    suite.stop_wallet().await?;
+    // With payments held back the orders stay PAYMENT_PENDING, so watches stay open.
+    suite.pause_payments();
     let mut orders = Vec::new();
     for user in ["alice", "bob"] {
         let request = PurchaseRequest { item_id: ITEM.into(), quantity: 1, idempotency_key: format!("{user}-1") };
@@ -298,7 +297,7 @@ async fn a_buyer_holds_at_most_the_allowed_watch_streams() -> anyhow::Result<()>
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(open);
-    suite.start_wallet().await?;
+    suite.resume_payments();
     suite.shutdown().await
 }
 

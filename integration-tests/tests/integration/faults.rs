@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use flashsale_integration_tests::TestSuite;
-use flashsale_integration_tests::audit::{audit, wait_until_settled};
+use flashsale_integration_tests::audit::{audit, wait_until_holds_closed, wait_until_settled};
 use flashsale_proto::common::v1::{Money, OrderStatus};
 use flashsale_proto::gateway::v1::PurchaseRequest;
 use flashsale_proto::inventory::v1::OrderPlaced;
@@ -85,33 +85,50 @@ async fn wait_for_empty_orders_queue(suite: &TestSuite) -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn orders_taken_while_the_wallet_is_down_are_confirmed_once_it_returns() -> anyhow::Result<()> {
+async fn orders_held_before_the_wallet_went_down_are_confirmed_once_it_returns() -> anyhow::Result<()> {
     let mut suite = TestSuite::spawn().await?;
     create_item(&suite, "outage", 250, 20, 1).await?;
-    let buyers: Vec<String> = (0..10).map(|n| format!("buyer-{n}")).collect();
+    let buyers: Vec<String> = (0..11).map(|n| format!("buyer-{n}")).collect();
     for buyer in &buyers {
         top_up(&suite, buyer, 1_000).await?;
     }
-    suite.stop_wallet().await?;
+    let client = suite.buyers();
+    let purchase = async |buyer: &str| {
+        let request = PurchaseRequest { item_id: "outage".into(), quantity: 1, idempotency_key: format!("{buyer}-1") };
+        let token = crate::common::token(buyer, false);
+        client.clone().purchase(flashsale_integration_tests::suite::with_token(request, &token)).await
+    };
+    // Ten orders hold their buyers' money, then the wallet goes down before
+    // inventory has paid any of them.
+    suite.pause_payments();
     let mut accepted = BTreeSet::new();
-    for buyer in &buyers {
-        let reply = suite
-            .buyers()
-            .purchase(suite.as_user(
-                buyer,
-                PurchaseRequest { item_id: "outage".into(), quantity: 1, idempotency_key: String::new() },
-            ))
-            .await?
-            .into_inner();
-        accepted.insert(reply.order_id);
+    for buyer in &buyers[..10] {
+        accepted.insert(purchase(buyer).await?.into_inner().order_id);
     }
-    // Long enough for the first attempts and a few sweeps to fail.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    suite.stop_wallet().await?;
+    suite.resume_payments();
+    // A purchase while the wallet is down holds nothing: UNAVAILABLE, nothing bought.
+    let status = purchase(&buyers[10]).await.expect_err("the wallet is down");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    // Inventory's attempt to pay each fails while the wallet is down (its
+    // sweeper retries them later).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while flashsale_integration_tests::audit::orders_failed_to_pay(&suite.databases()).await? < accepted.len() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "inventory never tried to pay while the wallet was down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     suite.start_wallet().await?;
+    // The eleventh buyer's retry under the same key now buys: the unit was back on offer.
+    accepted.insert(purchase(&buyers[10]).await?.into_inner().order_id);
     wait_until_settled(&suite.databases(), &accepted, Duration::from_secs(60)).await?;
     let report = audit(&suite.databases()).await?; // each paid exactly once despite the retries
-    assert_eq!(report.confirmed_units.get("outage"), Some(&10));
+    assert_eq!(report.confirmed_units.get("outage"), Some(&11));
     assert!(report.orders.iter().all(|o| o.status == "CONFIRMED"));
+    let holds = wait_until_holds_closed(&suite.databases(), Duration::from_secs(30)).await?;
+    assert_eq!(holds.captured, 11, "every paid order's hold captured");
     suite.shutdown().await
 }
 
@@ -852,10 +869,15 @@ async fn a_lost_order_event_is_applied_by_the_reconciler() -> anyhow::Result<()>
     use flashsale_messaging::lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
     use flashsale_messaging::lapin::types::FieldTable;
 
-    let (proxy, mut suite) =
-        behind_a_broker_proxy(SuiteOptions { unrecorded_grace_ms: Some(1_000), ..SuiteOptions::default() }).await?;
+    let (proxy, suite) = behind_a_broker_proxy(SuiteOptions {
+        unrecorded_grace_ms: Some(1_000),
+        purchase_hold_ttl_seconds: Some(1),
+        ..SuiteOptions::default()
+    })
+    .await?;
     create_item(&suite, "lost", 500, 1, 1).await?;
-    top_up(&suite, "kim", 1_000).await?; // kim can pay; lee cannot
+    top_up(&suite, "kim", 1_000).await?;
+    top_up(&suite, "lee", 500).await?;
     let events_queue = flashsale_messaging::Topology::with_prefix(&suite.amqp_prefix).admission_events_queue;
     let connection = flashsale_messaging::connect(&amqp_addr(), "integration-test-probe").await?;
     let channel = connection.create_channel().await?;
@@ -870,8 +892,8 @@ async fn a_lost_order_event_is_applied_by_the_reconciler() -> anyhow::Result<()>
         anyhow::Ok((declared.message_count(), declared.consumer_count()))
     };
 
-    // lee's order waits for the wallet; meanwhile the gateway loses the broker.
-    suite.stop_wallet().await?;
+    // lee's order waits for its payment; meanwhile the gateway loses the broker.
+    suite.pause_payments();
     let reply = suite
         .buyers()
         .purchase(
@@ -885,8 +907,31 @@ async fn a_lost_order_event_is_applied_by_the_reconciler() -> anyhow::Result<()>
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "the gateway still consumes events");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The wallet returns: lee's order is rejected (no funds) and its event queued...
-    suite.start_wallet().await?;
+    // lee's hold expires while the order waits, and lee spends the money
+    // elsewhere. Then the order is paid for: rejected (no funds), its event queued...
+    let mut wallet = flashsale_proto::wallet::v1::wallet_service_client::WalletServiceClient::connect(
+        suite.url("wallet").ok_or_else(|| anyhow::anyhow!("no wallet"))?,
+    )
+    .await?;
+    let spend = |attempt: u32| flashsale_proto::wallet::v1::DebitRequest {
+        // A refused debit's key stays refused: each attempt has its own.
+        idempotency_key: format!("lee-elsewhere-{attempt}"),
+        user_id: "lee".into(),
+        amount: Some(Money { currency: "USD".into(), amount_minor: 500 }),
+        reference: "spent elsewhere".into(),
+    };
+    // Refused (INSUFFICIENT_FUNDS) while the hold keeps the money.
+    let mut attempt = 0;
+    while let Err(status) = wallet.debit(spend(attempt)).await {
+        attempt += 1;
+        anyhow::ensure!(
+            flashsale_integration_tests::error_reason(&status).as_deref() == Some("INSUFFICIENT_FUNDS"),
+            "{status:?}"
+        );
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "lee's hold never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    suite.resume_payments();
     wait_until_settled(&suite.databases(), &BTreeSet::from([reply.order_id.clone()]), Duration::from_secs(30)).await?;
     while queue_state().await?.0 == 0 {
         anyhow::ensure!(tokio::time::Instant::now() < deadline + Duration::from_secs(20), "no event was queued");
@@ -956,6 +1001,10 @@ async fn purchases_do_not_queue_behind_a_broker_reconnect() -> anyhow::Result<()
     })
     .await?;
     create_item(&suite, "queue", 100, 30, 1).await?;
+    top_up(&suite, "first", 100).await?;
+    for n in 0..20 {
+        top_up(&suite, &format!("crowd-{n}"), 100).await?;
+    }
     let buy = |buyer: String| {
         let mut client = suite.buyers();
         let mut request = suite.as_user(
@@ -985,8 +1034,11 @@ async fn purchases_do_not_queue_behind_a_broker_reconnect() -> anyhow::Result<()
     proxy.restore();
     assert_eq!(
         final_order(&suite, "first", &first.order_id, Duration::from_secs(30)).await?.status(),
-        OrderStatus::Rejected, // "first" has no money; what matters is that it ended
+        OrderStatus::Confirmed,
     );
+    // Nothing stays held for the crowd that was told UNAVAILABLE.
+    let holds = wait_until_holds_closed(&suite.databases(), Duration::from_secs(30)).await?;
+    assert_eq!((holds.captured, holds.released), (1, 20));
     suite.shutdown().await
 }
 

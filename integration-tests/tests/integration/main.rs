@@ -8,6 +8,7 @@ mod bola;
 mod cluster;
 mod common;
 mod crashes;
+mod crowd;
 mod faults;
 mod holds;
 mod lifecycle;

@@ -17,11 +17,11 @@ fn buy(item: &str) -> PurchaseRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_order_streams_pending_then_the_final_state_and_ends() -> anyhow::Result<()> {
-    let mut suite = TestSuite::spawn().await?;
+    let suite = TestSuite::spawn().await?;
     create_item(&suite, "vase", 800, 3, 1).await?;
     top_up(&suite, "alice", 1_000).await?;
     // Hold the order in PENDING until the watcher is attached.
-    suite.stop_wallet().await?;
+    suite.pause_payments();
     let order = suite.buyers().purchase(suite.as_user("alice", buy("vase"))).await?.into_inner();
     let mut stream = suite
         .buyers()
@@ -31,7 +31,7 @@ async fn watch_order_streams_pending_then_the_final_state_and_ends() -> anyhow::
     let first = stream.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
     assert_eq!(first.order.as_ref().map(|o| o.status()), Some(OrderStatus::Pending));
 
-    suite.start_wallet().await?;
+    suite.resume_payments();
     let next = tokio::time::timeout(Duration::from_secs(30), stream.next())
         .await?
         .ok_or_else(|| anyhow::anyhow!("stream ended before the final state"))??;

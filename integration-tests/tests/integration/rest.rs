@@ -345,19 +345,12 @@ async fn rest_errors_carry_the_reason_and_http_status_of_the_table() -> anyhow::
     duplicate["id"] = json!("mug");
     expect(rest.post("/v1/admin/items", &admin, duplicate).await?, conflict, "ITEM_ALREADY_EXISTS");
 
-    // A buyer who cannot pay: accepted (202), then REJECTED with INSUFFICIENT_FUNDS,
-    // the reason code that reaches REST users as the order's reject_reason (402 in
-    // the table is for synchronous payments; purchases pay after the 202).
+    // 402: a buyer who cannot pay is told at once (the price is held at
+    // admission), and nothing was bought: no order, no unit taken.
     let poor = suite.token("poor", false);
-    let (status, order) = rest.buy(&poor, "pen", 1, None).await?;
-    assert_eq!(status, StatusCode::ACCEPTED);
-    let rejected = rest.final_order(&poor, order["order_id"].as_str().unwrap_or_default()).await?;
-    assert_eq!(
-        (rejected["status"].as_str(), rejected["reject_reason"].as_str()),
-        (Some("REJECTED"), Some("INSUFFICIENT_FUNDS"))
-    );
-    let path = format!("/v1/orders/{}/refund", rejected["id"].as_str().unwrap_or_default());
-    expect(rest.send(rest.request(Method::POST, &path, Some(&poor))).await?, conflict, "ORDER_NOT_REFUNDABLE");
+    expect(rest.buy(&poor, "pen", 1, None).await?, StatusCode::PAYMENT_REQUIRED, "INSUFFICIENT_FUNDS");
+    let (_, orders) = rest.get("/v1/orders", &poor).await?;
+    assert_eq!(orders["orders"].as_array().map(Vec::len), Some(0), "{orders}");
 
     // 422: one key, two different requests.
     let (status, _) = rest.buy(&bob, "pen", 1, Some("bob-pen")).await?;
@@ -386,18 +379,33 @@ async fn rest_errors_carry_the_reason_and_http_status_of_the_table() -> anyhow::
     let (_, wallet) = rest.get("/v1/wallet", &suite.token("dan", false)).await?;
     assert_eq!(wallet["balances"][0]["amount_minor"].as_i64(), Some(101), "{wallet}");
 
-    // 409 PURCHASE_IN_PROGRESS and 503 UNAVAILABLE (with Retry-After), wallet down.
+    // 409 PURCHASE_IN_PROGRESS (the order waits for its payment) and 503
+    // UNAVAILABLE (with Retry-After), wallet down.
     top_up(&suite, "eve", 1_000).await?;
     let eve = suite.token("eve", false);
-    suite.stop_wallet().await?;
+    suite.pause_payments();
     let (status, pending) = rest.buy(&eve, "pen", 1, None).await?;
     assert_eq!(status, StatusCode::ACCEPTED);
     expect(rest.buy(&eve, "pen", 1, None).await?, conflict, "PURCHASE_IN_PROGRESS");
+    // An order not yet paid cannot be refunded (once inventory has recorded it:
+    // until then it is not found there).
+    let path = format!("/v1/orders/{}/refund", pending["order_id"].as_str().unwrap_or_default());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let refused = loop {
+        let refused = rest.send(rest.request(Method::POST, &path, Some(&eve))).await?;
+        if refused.1["error"]["code"] != "ORDER_NOT_FOUND" || tokio::time::Instant::now() >= deadline {
+            break refused;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    expect(refused, conflict, "ORDER_NOT_REFUNDABLE");
+    suite.stop_wallet().await?;
     let response = rest.request(Method::GET, "/v1/wallet", Some(&eve)).send().await?;
     assert_eq!(response.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
     let status = response.status();
     expect((status, response.json().await?), StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE");
     suite.start_wallet().await?;
+    suite.resume_payments();
     assert_eq!(rest.final_order(&eve, pending["order_id"].as_str().unwrap_or_default()).await?["status"], "CONFIRMED");
     suite.shutdown().await
 }

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use flashsale_integration_tests::audit::{AuditReport, OrderRow, audit, redis_agrees_at, wait_until_settled};
+use flashsale_integration_tests::audit::{
+    AuditReport, OrderRow, audit, redis_agrees_at, wait_until_holds_closed, wait_until_settled,
+};
 use flashsale_integration_tests::backing::{
     PrivatePostgres, PrivateRabbit, PrivateRedis, PrivateRedisCluster, StopMode,
 };
@@ -105,6 +107,8 @@ struct Seen {
     /// Idempotency key → every order id a reply named for it.
     orders_per_key: BTreeMap<String, BTreeSet<String>>,
     reasons: BTreeMap<String, u64>,
+    /// Buyers told INSUFFICIENT_FUNDS (they leave).
+    refused_for_funds: BTreeSet<String>,
     /// When an injected fault ended (the server back), and how long after it
     /// the first purchase was accepted.
     recovered_at: Option<tokio::time::Instant>,
@@ -374,6 +378,19 @@ async fn storm(spec: Spec) -> anyhow::Result<()> {
             _ => {}
         }
     }
+    // Told INSUFFICIENT_FUNDS at purchase: only a buyer who cannot pay, or one
+    // whose money is held by an order of theirs that then went through (a second
+    // admission under a key Redis forgot, or a concurrent attempt).
+    let served: BTreeSet<&str> = report.confirmed_orders().map(|o| o.user_id.as_str()).collect();
+    for name in &seen.lock().refused_for_funds {
+        let balance = balances.get(name.as_str()).copied().unwrap_or(0);
+        assert!(
+            balance < cost || served.contains(name.as_str()),
+            "{name} was told INSUFFICIENT_FUNDS with {balance} for a purchase of {cost}"
+        );
+    }
+    let holds = wait_until_holds_closed(&suite.databases(), Duration::from_secs(60)).await?;
+    eprintln!("storm: holds captured {}, released {}", holds.captured, holds.released);
     // Nothing was set aside: every message was recorded, none dead-lettered.
     let topology = flashsale_messaging::Topology::with_prefix(&suite.amqp_prefix);
     for queue in topology.work_queues() {
@@ -627,6 +644,10 @@ async fn buyer_loop(
                                 unanswered = true;
                             }
                             "LIMIT_REACHED" => {}
+                            // Cannot pay: nothing was bought, and this buyer leaves.
+                            "INSUFFICIENT_FUNDS" => {
+                                seen.refused_for_funds.insert(name.clone());
+                            }
                             other => anyhow::bail!("{name}: unexpected refusal {other}: {status:?}"),
                         }
                     }

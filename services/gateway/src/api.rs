@@ -291,7 +291,7 @@ impl Operations {
         .await
         .map_err(GatewayError::from_upstream)?
         .into_inner();
-        Ok(GetBalanceResponse { balances: reply.balances })
+        Ok(GetBalanceResponse { balances: reply.balances, held: reply.held })
     }
 
     /// Creates a sale (admin), and says so in the audit log whatever the outcome.

@@ -106,6 +106,12 @@ pub struct Config {
     /// admission keys live (retries of accepted orders are answered from them).
     #[arg(long, env = "SALE_STATE_RETENTION_MS", default_value_t = 86_400_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub sale_state_retention_ms: u64,
+    /// How long the funds a purchase holds at admission stay held if its
+    /// order is never settled (a crash, a queue far behind): well above the
+    /// queue's wait and `UNRECORDED_GRACE_MS`, since an order settled after its
+    /// hold expired is charged only if the buyer's money is still there.
+    #[arg(long, env = "PURCHASE_HOLD_TTL_SECONDS", default_value_t = 900, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    pub purchase_hold_ttl_seconds: u32,
 }
 
 /// Sign-in through an OpenID Connect provider (Auth0, Okta, Keycloak, …):
@@ -224,6 +230,7 @@ impl Config {
             shutdown_grace_seconds: 5,
             unrecorded_grace_ms: 60_000,
             sale_state_retention_ms: 86_400_000,
+            purchase_hold_ttl_seconds: 900,
         }
     }
 

@@ -27,6 +27,9 @@ pub enum GatewayError {
     /// Fewer units left than asked for; the item is not sold out.
     #[error("not enough stock")]
     NotEnoughStock { units_left: u32 },
+    /// The buyer's available balance does not cover the order; nothing was bought.
+    #[error("insufficient funds")]
+    InsufficientFunds,
     #[error("purchase in progress")]
     PurchaseInProgress { order_id: String },
     /// Over a rate or a count; retry after the given wait.
@@ -59,6 +62,7 @@ impl GatewayError {
             Self::SoldOut => "SOLD_OUT",
             Self::LimitReached => "LIMIT_REACHED",
             Self::NotEnoughStock { .. } => "NOT_ENOUGH_STOCK",
+            Self::InsufficientFunds => "INSUFFICIENT_FUNDS",
             Self::PurchaseInProgress { .. } => "PURCHASE_IN_PROGRESS",
             Self::RateLimited(_) => "RATE_LIMITED",
             Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
@@ -159,6 +163,10 @@ impl From<GatewayError> for Status {
                     ),
                 )
             }
+            GatewayError::InsufficientFunds => failed_precondition(
+                "INSUFFICIENT_FUNDS",
+                "the available balance does not cover this purchase; nothing was bought",
+            ),
             GatewayError::PurchaseInProgress { order_id } => failed_precondition(
                 "PURCHASE_IN_PROGRESS",
                 &format!("order {order_id} for this item is still being settled"),

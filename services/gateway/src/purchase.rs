@@ -5,11 +5,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use flashsale_proto::common::v1::{Money, OrderStatus};
+use flashsale_proto::common::v1::OrderStatus;
 use flashsale_proto::gateway::v1::{PurchaseRequest, PurchaseResponse};
 use flashsale_proto::inventory::v1::{
     GetOrderRequest, OrderPlaced, RecordOrderRequest, StreamAdmissionSnapshotRequest,
 };
+use flashsale_proto::wallet::v1::{HoldRequest, VoidRequest};
 use parking_lot::Mutex;
 
 use crate::admission::{Admission, AdmissionRecord, Admit};
@@ -35,10 +36,36 @@ pub struct Purchases {
     /// button is turned away before it costs a Redis round trip (the crowd
     /// after sell-out never gets this far).
     limits: Arc<crate::abuse::AbuseLimits>,
+    /// `PURCHASE_HOLD_TTL_SECONDS`.
+    hold_ttl_seconds: u32,
 }
 
 /// Tries to give a refused order's units back before the buyer is told PENDING instead.
 const UNDO_TRIES: usize = 3;
+
+/// How long a SOLD_OUT answer waits for this gateway's holds in progress, and
+/// how many times an attempt Redis found short asks again after them.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const SETTLE_ROUNDS: usize = 3;
+
+/// Tries to release the funds held for an order that was not placed (about a
+/// minute with the backoff's growth) before the hold is left to expire.
+const RELEASE_TRIES: usize = 20;
+
+/// How the hold of a fresh reservation went.
+enum Held {
+    Yes,
+    /// The wallet refused: nothing is held (INSUFFICIENT_FUNDS, or the wallet's own reason).
+    Refused(GatewayError),
+    /// Not known: the hold may or may not have been made.
+    Unknown(GatewayError),
+}
+
+/// The `ErrorInfo` reason of a neighbour's status.
+fn reason_of(status: &tonic::Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    status.get_error_details().error_info().map(|info| info.reason.clone())
+}
 
 /// A validated purchase.
 struct Attempt {
@@ -55,8 +82,17 @@ impl Purchases {
         publisher: Arc<OrderPublisher>,
         upstreams: Upstreams,
         limits: Arc<crate::abuse::AbuseLimits>,
+        hold_ttl_seconds: u32,
     ) -> Self {
-        Self { catalog, admission, publisher, upstreams, rebuilds: Mutex::new(HashMap::new()), limits }
+        Self {
+            catalog,
+            admission,
+            publisher,
+            upstreams,
+            rebuilds: Mutex::new(HashMap::new()),
+            limits,
+            hold_ttl_seconds,
+        }
     }
 
     pub async fn purchase(
@@ -92,6 +128,12 @@ impl Purchases {
         // key who may have an order from it (a purchase that succeeded, its reply
         // lost): the answer must be that order, not SOLD_OUT. One lookup, no script.
         let explicit_key = !idempotency_key.is_empty();
+        // Units this gateway reserved a moment ago may come back when their
+        // buyer's hold is refused: SOLD_OUT waits for those holds (milliseconds,
+        // no I/O here), so a buyer who can pay is offered such a unit instead.
+        if item.is_sold_out() && item.sold_out.unsettled() {
+            item.sold_out.settled(SETTLE_WAIT).await;
+        }
         if item.is_sold_out() && !self.may_have_an_order(&item, buyer, explicit_key).await? {
             return Err(GatewayError::SoldOut);
         }
@@ -161,20 +203,36 @@ impl Purchases {
     async fn admit_and_place(&self, buyer: &Principal, attempt: Attempt) -> Result<PurchaseResponse, GatewayError> {
         // Step 2: one Redis round trip (two when the state must be rebuilt first).
         let item = &attempt.item;
-        // A SOLD_OUT answer counts only if no units came back since it was asked.
-        let generation = item.sold_out.generation();
-        let mut decision = self.admit(buyer, &attempt).await?;
-        if decision == Admit::NotReady {
-            self.rebuild(item).await?;
-            decision = self.admit(buyer, &attempt).await?;
-        }
-        match decision {
-            Admit::Reserved { tokens_left } => {
+        let mut waits = 0;
+        let (decision, generation) = loop {
+            // A SOLD_OUT answer counts only if no units came back since it was asked.
+            let generation = item.sold_out.generation();
+            let unsettled = item.sold_out.attempt();
+            let mut decision = self.admit(buyer, &attempt).await?;
+            if decision == Admit::NotReady {
+                self.rebuild(item).await?;
+                decision = self.admit(buyer, &attempt).await?;
+            }
+            if let Admit::Reserved { tokens_left } = decision {
                 if tokens_left <= 0 {
                     item.sold_out.set_since(generation);
                 }
-                self.place(buyer, &attempt).await
+                return self.place(buyer, &attempt, unsettled).await;
             }
+            drop(unsettled);
+            // Not enough left, but this gateway's reservations still waiting for
+            // their holds may give units back: ask again once they have settled.
+            let short = matches!(decision, Admit::SoldOut | Admit::NotEnoughStock { .. });
+            if short && waits < SETTLE_ROUNDS && item.sold_out.unsettled() {
+                waits += 1;
+                item.sold_out.settled(SETTLE_WAIT).await;
+                continue;
+            }
+            break (decision, generation);
+        };
+        match decision {
+            // Placed inside the loop; never breaks out of it.
+            Admit::Reserved { .. } => Err(GatewayError::Internal("a reservation left unplaced".into())),
             Admit::Duplicate { order_id, quantity: earlier } => {
                 if earlier != attempt.quantity {
                     return Err(GatewayError::IdempotencyKeyReused);
@@ -210,8 +268,16 @@ impl Purchases {
             .await
     }
 
-    /// Steps 3–4 for a fresh reservation.
-    async fn place(&self, buyer: &Principal, attempt: &Attempt) -> Result<PurchaseResponse, GatewayError> {
+    /// Steps 3–4 for a fresh reservation: the buyer's money is held, then the
+    /// order is published. Whatever fails, the buyer is told the truth: either
+    /// nothing was bought (the units are certainly back on offer and nothing
+    /// stays held) or the order goes through (PENDING, with its id).
+    async fn place(
+        &self,
+        buyer: &Principal,
+        attempt: &Attempt,
+        unsettled: crate::catalog::Unsettled,
+    ) -> Result<PurchaseResponse, GatewayError> {
         let record = self.record(buyer, attempt, &attempt.order_id)?;
         // The record only lets GetOrder answer PENDING before inventory has the
         // order. The units are reserved already, so failing here would answer
@@ -220,18 +286,50 @@ impl Purchases {
         if let Err(e) = self.admission.save_record(&record).await {
             tracing::warn!(error = %e, order.id = %attempt.order_id, "could not save the admission record; publishing anyway");
         }
-        // Fault tests: units reserved in Redis, nothing published yet.
+        // Fault tests: units reserved in Redis, no money held yet.
+        flashsale_server::crash_point("gateway-before-hold");
+        match self.hold(&record).await {
+            Held::Yes => {}
+            Held::Refused(refusal) => {
+                // Nothing is held: the units go back and the buyer hears why at once.
+                if self.undo(buyer, attempt).await {
+                    attempt.item.clear_sold_out();
+                    return Err(refusal);
+                }
+                // The reservation may stand and be published by the reconciler:
+                // the order goes through, and inventory's debit decides it.
+                tracing::warn!(order.id = %attempt.order_id, "hold refused and the reservation could not be undone; the order stays accepted");
+                return Ok(self.go_through(&record).await);
+            }
+            Held::Unknown(error) => {
+                if self.undo(buyer, attempt).await {
+                    attempt.item.clear_sold_out();
+                    // The hold may have been made: release it, so "nothing was
+                    // bought" is true of the money as well as of the units.
+                    self.release(&record);
+                    return Err(error);
+                }
+                // Kept: inventory captures the hold if it was made, debits otherwise.
+                tracing::warn!(error = %error, order.id = %attempt.order_id, "hold outcome unknown and the reservation could not be undone; the order stays accepted");
+                return Ok(self.go_through(&record).await);
+            }
+        }
+        // The units are sold unless the publish fails: buyers waiting on this
+        // hold's outcome may be told SOLD_OUT now.
+        drop(unsettled);
+        // Fault tests: units reserved and money held, nothing published yet.
         flashsale_server::crash_point("gateway-before-publish");
         match self.publisher.publish(&placed_message(&record)).await {
             // Fault tests: the order is queued, the buyer not told.
             Ok(()) => flashsale_server::crash_point("gateway-before-reply"),
             Err(PublishFailure::NotSent(error)) => {
-                // Certainly not queued: give the units back, so the buyer's retry
-                // under the same key starts afresh, and only then say UNAVAILABLE
-                // ("nothing was bought").
+                // Certainly not queued: give the units and the money back, so the
+                // buyer's retry under the same key starts afresh, and only then
+                // say UNAVAILABLE ("nothing was bought").
                 if self.undo(buyer, attempt).await {
                     // The units are on offer again: this gateway must not keep saying SOLD_OUT.
                     attempt.item.clear_sold_out();
+                    self.release(&record);
                     return Err(GatewayError::Unavailable(Box::new(error)));
                 }
                 // The reservation may stand, and the reconciler publishes a kept
@@ -240,10 +338,7 @@ impl Purchases {
                 // gateway keeps it and publishes it until confirmed, and the buyer
                 // is told PENDING with its id.
                 tracing::warn!(error = %error, order.id = %attempt.order_id, "not queued and the reservation could not be undone; the order stays accepted");
-                if !self.publisher.publish_until_confirmed(placed_message(&record)) {
-                    tracing::warn!(order.id = %attempt.order_id, "too many unconfirmed orders kept; this one is left to the reconciler");
-                }
-                self.record_directly(&record).await;
+                return Ok(self.go_through(&record).await);
             }
             Err(PublishFailure::Unknown(error)) => {
                 // Perhaps queued, and if not, the publisher sends it again until
@@ -253,14 +348,102 @@ impl Purchases {
                 // to follow: answering UNAVAILABLE here would tell a buyer "nothing
                 // was bought" who is charged a minute later.
                 tracing::warn!(error = %error, order.id = %attempt.order_id, "publish outcome unknown; the order stays accepted");
-                if !self.publisher.publish_until_confirmed(placed_message(&record)) {
-                    tracing::warn!(order.id = %attempt.order_id, "too many unconfirmed orders kept; this one is left to the reconciler");
-                }
-                self.record_directly(&record).await;
+                return Ok(self.go_through(&record).await);
             }
         }
         tracing::debug!(order.id = %attempt.order_id, item.id = %attempt.item.id, user.id = %buyer.user_id, "order accepted");
         Ok(PurchaseResponse { order_id: attempt.order_id.clone(), status: OrderStatus::Pending.into() })
+    }
+
+    /// An order whose reservation stands though a step after it failed: kept in
+    /// this process and published until confirmed, recorded straight in
+    /// inventory, and answered PENDING.
+    async fn go_through(&self, record: &AdmissionRecord) -> PurchaseResponse {
+        if !self.publisher.publish_until_confirmed(placed_message(record)) {
+            tracing::warn!(order.id = %record.order_id, "too many unconfirmed orders kept; this one is left to the reconciler");
+        }
+        self.record_directly(record).await;
+        PurchaseResponse { order_id: record.order_id.clone(), status: OrderStatus::Pending.into() }
+    }
+
+    /// Holds the order's price in the buyer's wallet under the order id (one
+    /// hold per order id, so a call lost in transit is sent again safely).
+    async fn hold(&self, record: &AdmissionRecord) -> Held {
+        let held = crate::upstream::retry_if_lost(|| {
+            let mut client = self.upstreams.wallet.clone();
+            let hold = HoldRequest {
+                order_id: record.order_id.clone(),
+                user_id: record.user_id.clone(),
+                amount: Some(record.amount()),
+                ttl_seconds: self.hold_ttl_seconds,
+                reference: format!("order {}", record.order_id),
+            };
+            async move { client.hold(request(hold)).await }
+        })
+        .instrument(flashsale_telemetry::info_span!("hold", order.id = %record.order_id))
+        .await;
+        let (outcome, held) = match held {
+            Ok(_) => ("held", Held::Yes),
+            Err(status) => match GatewayError::from_upstream(status) {
+                GatewayError::Upstream(status) if reason_of(&status).as_deref() == Some("INSUFFICIENT_FUNDS") => {
+                    ("insufficient_funds", Held::Refused(GatewayError::InsufficientFunds))
+                }
+                // The order was voided before this hold arrived: another copy of
+                // it (republished by a retry under its key while this request
+                // was slow) reached inventory, which rejected it. Its fate is
+                // decided; publishing again changes nothing (one order per id)
+                // and the buyer follows the order to that end.
+                GatewayError::Upstream(status) if reason_of(&status).as_deref() == Some("HOLD_VOIDED") => {
+                    ("voided_first", Held::Yes)
+                }
+                refused @ GatewayError::Upstream(_) => ("refused", Held::Refused(refused)),
+                error => ("unknown", Held::Unknown(error)),
+            },
+        };
+        metrics::counter!("flashsale_purchase_holds_total", "outcome" => outcome).increment(1);
+        held
+    }
+
+    /// Releases the funds held for an order that will not be placed, in a task
+    /// of its own that tries a while (the wallet may be what just failed);
+    /// a hold it cannot release expires after `PURCHASE_HOLD_TTL_SECONDS`.
+    fn release(&self, record: &AdmissionRecord) {
+        let wallet = self.upstreams.wallet.clone();
+        let void = VoidRequest {
+            order_id: record.order_id.clone(),
+            user_id: record.user_id.clone(),
+            amount: Some(record.amount()),
+        };
+        tokio::spawn(
+            async move {
+                let mut backoff = flashsale_messaging::Backoff::new();
+                for tried in 1..=RELEASE_TRIES {
+                    let voided = crate::upstream::retry_if_lost(|| {
+                        let mut client = wallet.clone();
+                        let void = void.clone();
+                        async move { client.void(request(void)).await }
+                    })
+                    .await;
+                    match voided.map_err(GatewayError::from_upstream) {
+                        Ok(_) => {
+                            metrics::counter!("flashsale_purchase_holds_released_total", "outcome" => "voided")
+                                .increment(1);
+                            return;
+                        }
+                        Err(GatewayError::Upstream(status)) => {
+                            // HOLD_CAPTURED cannot happen to an order never published.
+                            tracing::warn!(error = %status, order.id = %void.order_id, "the wallet refused to release a hold");
+                            break;
+                        }
+                        Err(e) => tracing::warn!(error = %e, order.id = %void.order_id, tried, "could not release a hold"),
+                    }
+                    tokio::time::sleep(backoff.delay()).await;
+                    backoff.grow();
+                }
+                metrics::counter!("flashsale_purchase_holds_released_total", "outcome" => "left_to_expire").increment(1);
+            }
+            .in_current_span(),
+        );
     }
 
     /// Records an order the broker did not confirm straight in inventory
@@ -345,6 +528,14 @@ impl Purchases {
                         record
                     }
                 };
+                // The first attempt may still be on its way to the hold, or have
+                // died before it: hold (the same hold, one per order id) before
+                // the order can be paid, so it is not debited and then held.
+                match self.hold(&record).await {
+                    Held::Yes => {}
+                    Held::Refused(refusal) => return Err(refusal),
+                    Held::Unknown(error) => return Err(error),
+                }
                 self.publisher
                     .publish(&placed_message(&record))
                     .await
@@ -417,7 +608,7 @@ pub(crate) fn placed_message(record: &AdmissionRecord) -> OrderPlaced {
         user_id: record.user_id.clone(),
         item_id: record.item_id.clone(),
         quantity: record.quantity,
-        amount: Some(Money { currency: record.currency.clone(), amount_minor: record.amount_minor }),
+        amount: Some(record.amount()),
         idempotency_key: record.idempotency_key.clone(),
         placed_at: Some(flashsale_domain::time::from_ms(record.created_at_ms)),
     }

@@ -85,6 +85,7 @@ impl Application {
                 publisher,
                 upstreams.clone(),
                 limits.clone(),
+                config.purchase_hold_ttl_seconds,
             )),
             catalog,
             upstreams,

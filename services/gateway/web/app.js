@@ -200,8 +200,15 @@ function useToken(event) {
 
 async function refreshWallet() {
   try {
-    const { balances } = await api('/v1/wallet');
-    $('wallet').textContent = balances.length ? balances.map(money).join(', ') : money({ currency: 'USD', amount_minor: 0 });
+    // What the buyer can spend: each balance less what purchases not yet
+    // settled hold of it (the wallet lists `held` in the same order).
+    const { balances, held = [] } = await api('/v1/wallet');
+    const heldOf = (i) => Number(held[i]?.amount_minor || 0);
+    const available = balances.map((b, i) => ({ currency: b.currency, amount_minor: Number(b.amount_minor) - heldOf(i) }));
+    $('wallet').textContent = available.length ? available.map(money).join(', ') : money({ currency: 'USD', amount_minor: 0 });
+    const holding = held.filter((h) => Number(h.amount_minor) > 0);
+    $('wallet-held').textContent = holding.map(money).join(', ');
+    $('wallet-held-line').hidden = holding.length === 0;
   } catch (e) { if (!isAbort(e)) $('wallet').textContent = 'unavailable'; }
 }
 

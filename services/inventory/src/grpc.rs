@@ -210,6 +210,7 @@ impl InventoryService for InventoryGrpc {
             orders::Recorded::Rejected(order) => {
                 crate::metrics::final_state(&order);
                 self.settlement.outbox_changed();
+                self.settlement.release_hold(order.clone());
                 order
             }
             orders::Recorded::Existing(order) => order,

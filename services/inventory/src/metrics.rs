@@ -46,3 +46,8 @@ pub fn final_state(order: &Order) {
 pub fn recording_retried() {
     metrics::counter!("flashsale_order_recording_retries_total").increment(1);
 }
+
+/// A rejected order's hold released (`voided`), refused by the wallet, or left to expire.
+pub fn hold_released(outcome: &'static str) {
+    metrics::counter!("flashsale_rejected_order_holds_total", "outcome" => outcome).increment(1);
+}

@@ -264,6 +264,7 @@ impl OrderConsumer {
                 crate::metrics::final_state(&order);
                 tracing::info!(order.id = %order.id, reason = %order.reject_reason, "order rejected by inventory");
                 self.outbox_ready.notify_one();
+                self.settlement.release_hold(order);
                 None
             }
             // Set aside in the dead-letter queue by the caller.

@@ -14,6 +14,9 @@ use crate::db::orders;
 use crate::error::InventoryError;
 use crate::wallet_client::{WalletCallError, WalletClient};
 
+/// Tries to release a rejected order's hold before leaving it to expire.
+const RELEASE_TRIES: usize = 20;
+
 /// Most orders paid with one wallet call (the wallet takes up to 500).
 const MAX_BATCH: usize = 200;
 
@@ -52,6 +55,34 @@ impl Settlement {
     /// Wakes the outbox relay: an event was written outside a settlement.
     pub fn outbox_changed(&self) {
         self.outbox_ready.notify_one();
+    }
+
+    /// Releases the funds held for an order rejected when recorded (sold out,
+    /// over the limit, a reused key), in a task of its own that tries a while;
+    /// a hold it cannot release expires in the wallet.
+    pub fn release_hold(&self, order: Order) {
+        let wallet = self.wallet.clone();
+        tokio::spawn(
+            async move {
+                let mut backoff = flashsale_messaging::Backoff::new();
+                for tried in 1..=RELEASE_TRIES {
+                    match wallet.release(&order).await {
+                        Ok(()) => return crate::metrics::hold_released("voided"),
+                        Err(WalletCallError::Refused(status)) => {
+                            tracing::warn!(error = %status, order.id = %order.id, "the wallet refused to release a rejected order's hold");
+                            return crate::metrics::hold_released("refused");
+                        }
+                        Err(WalletCallError::Transient(status)) => {
+                            tracing::warn!(error = %status, order.id = %order.id, tried, "could not release a rejected order's hold");
+                        }
+                    }
+                    tokio::time::sleep(backoff.delay()).await;
+                    backoff.grow();
+                }
+                crate::metrics::hold_released("left_to_expire");
+            }
+            .in_current_span(),
+        );
     }
 
     /// Pays many orders with one wallet call and settles them in one

@@ -6,7 +6,7 @@ use std::time::Duration;
 use flashsale_proto::common::v1::Money;
 use flashsale_proto::wallet::v1::debit_result::Outcome;
 use flashsale_proto::wallet::v1::wallet_service_client::WalletServiceClient;
-use flashsale_proto::wallet::v1::{BatchDebitRequest, CreditRequest, DebitRequest};
+use flashsale_proto::wallet::v1::{BatchDebitRequest, CreditRequest, DebitRequest, VoidRequest};
 use flashsale_server::TracedChannel;
 use tonic::{Code, Request};
 
@@ -72,6 +72,21 @@ impl WalletClient {
         });
         request.set_timeout(self.timeout);
         self.client.clone().credit(request).await.map(|_| ()).map_err(classify)
+    }
+}
+
+impl WalletClient {
+    /// Releases the funds the gateway held for an order inventory rejected
+    /// (idempotent; an order with no hold is marked voided, so a hold that
+    /// arrives late holds nothing).
+    pub async fn release(&self, order: &Order) -> Result<(), WalletCallError> {
+        let mut request = Request::new(VoidRequest {
+            order_id: order.id.to_string(),
+            user_id: order.user_id.clone(),
+            amount: Some(Money { currency: order.amount_currency.clone(), amount_minor: order.amount_minor }),
+        });
+        request.set_timeout(self.timeout);
+        self.client.clone().void(request).await.map(|_| ()).map_err(classify)
     }
 }
 

@@ -173,6 +173,13 @@ pub struct AdmissionRecord {
     pub created_at_ms: i64,
 }
 
+impl AdmissionRecord {
+    /// The order's price: what is held, then charged.
+    pub fn amount(&self) -> flashsale_proto::common::v1::Money {
+        flashsale_proto::common::v1::Money { currency: self.currency.clone(), amount_minor: self.amount_minor }
+    }
+}
+
 /// One attempt's arguments to `admit.lua`.
 struct AdmitArgs<'a> {
     user_id: &'a str,

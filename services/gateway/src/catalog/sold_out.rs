@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -24,13 +24,34 @@ use parking_lot::Mutex;
 /// here through order events or, at the latest, the refresher's next check of
 /// the stamp: until then (at most a refresh interval) a buyer whose reply was
 /// lost for such a unit may be told SOLD_OUT on a retry at this gateway.
+///
+/// A unit reserved in Redis is not yet sold: its buyer's money is held next,
+/// and a refused hold gives it back a few milliseconds later. So while this
+/// gateway's attempts at the item are between Redis and the end of their hold,
+/// a buyer who would be told SOLD_OUT waits for them first (see
+/// [`SoldOut::settled`]): SOLD_OUT is said once every unit is held with money.
 #[derive(Debug, Default)]
 pub struct SoldOut {
     /// `generation << 1 | flag`, so flag and generation change together.
     state: AtomicU64,
+    /// This gateway's attempts between Redis and the outcome of their hold.
+    unsettled: AtomicUsize,
+    /// Woken whenever one of them settles.
+    settling: tokio::sync::Notify,
     key_holders: Mutex<KeyHolderCache>,
     /// One load of the key holders at a time.
     loading: tokio::sync::Mutex<()>,
+}
+
+/// An attempt between Redis and its hold's outcome (see [`SoldOut::attempt`]).
+#[derive(Debug)]
+pub struct Unsettled(Arc<SoldOut>);
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        self.0.unsettled.fetch_sub(1, Ordering::AcqRel);
+        self.0.settling.notify_waiters();
+    }
 }
 
 /// Redis's admission state of an item as far as key holders go: for each
@@ -76,6 +97,37 @@ impl SoldOut {
     pub fn set_since(&self, generation: u64) {
         let _ =
             self.state.compare_exchange(generation << 1, (generation << 1) | 1, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Marks an attempt that may reserve units, until the returned guard is
+    /// dropped: after its hold's outcome (and, if refused, after the units
+    /// were given back and [`SoldOut::clear`] called).
+    pub fn attempt(self: &Arc<Self>) -> Unsettled {
+        self.unsettled.fetch_add(1, Ordering::AcqRel);
+        Unsettled(self.clone())
+    }
+
+    /// Waits (at most `limit`) until no attempt of this gateway is between
+    /// Redis and the outcome of its hold: a SOLD_OUT answer waits for the
+    /// units those attempts may yet give back. Returns at once when there are none.
+    pub async fn settled(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let woken = self.settling.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.unsettled.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Whether attempts of this gateway are between Redis and their hold's outcome.
+    pub fn unsettled(&self) -> bool {
+        self.unsettled.load(Ordering::Acquire) > 0
     }
 
     /// Units may have come back: a new generation, not sold out.

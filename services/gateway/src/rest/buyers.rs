@@ -67,6 +67,7 @@ pub(super) async fn get_item(
         (status = 202, description = "Admitted; follow the order to its final state", body = PurchaseAccepted),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE: the body is over 16 KiB", body = ErrorBody),
+        (status = 402, description = "INSUFFICIENT_FUNDS: the available balance does not cover the price; nothing was bought", body = ErrorBody),
         (status = 404, description = "ITEM_NOT_FOUND", body = ErrorBody),
         (status = 409, description = "SALE_NOT_STARTED, SALE_ENDED, SOLD_OUT, NOT_ENOUGH_STOCK (with units_left), LIMIT_REACHED, PURCHASE_IN_PROGRESS", body = ErrorBody),
         (status = 422, description = "IDEMPOTENCY_KEY_REUSED: this key named a different purchase", body = ErrorBody),
@@ -209,5 +210,8 @@ pub(super) async fn wallet(
     }
     let reply =
         state.api.get_balance(&caller, gw::GetBalanceRequest { currency: currency.unwrap_or_default() }).await?;
-    Ok(Json(Wallet { balances: reply.balances.into_iter().map(Money::from).collect() }))
+    Ok(Json(Wallet {
+        balances: reply.balances.into_iter().map(Money::from).collect(),
+        held: reply.held.into_iter().map(Money::from).collect(),
+    }))
 }

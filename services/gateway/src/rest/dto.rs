@@ -288,7 +288,12 @@ impl From<gw::PurchaseResponse> for PurchaseAccepted {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Wallet {
+    /// One entry per currency.
     pub balances: Vec<Money>,
+    /// What purchases not yet settled hold of each balance, in the same order:
+    /// the buyer can spend the balance less this.
+    #[serde(default)]
+    pub held: Vec<Money>,
 }
 
 /// `GET /v1/wallet` filter.
