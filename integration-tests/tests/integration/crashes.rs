@@ -79,6 +79,16 @@ async fn fault_mid_shaped_sale(service: Service, fault: Fault, shape: sale::Shap
     suite.shutdown().await
 }
 
+/// The gateway dies after Redis reserved the units, before the buyer's money
+/// is held: the reservation is published by the buyer's retry or the
+/// reconciler, and the order is paid by a debit (no hold) or the retry's hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_between_reservation_and_hold() -> anyhow::Result<()> {
+    fault_mid_sale(Service::Gateway, Fault::CrashAt { point: "gateway-before-hold", passes: 8 }).await
+}
+
+/// The gateway dies with the units reserved and the money held, before it
+/// publishes: the order goes through later and captures that hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_killed_between_reservation_and_publish() -> anyhow::Result<()> {
     fault_mid_sale(Service::Gateway, Fault::CrashAt { point: "gateway-before-publish", passes: 8 }).await

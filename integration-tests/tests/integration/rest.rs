@@ -471,9 +471,29 @@ async fn rest_and_grpc_purchases_share_one_per_user_limit() -> anyhow::Result<()
     let (status, first) = rest.buy(&zed, "vinyl", 1, None).await?;
     assert_eq!(status, StatusCode::ACCEPTED);
     assert_eq!(rest.final_order(&zed, first["order_id"].as_str().unwrap_or_default()).await?["status"], "CONFIRMED");
-    let second = grpc_buy("zed").await?.into_inner();
+    // The gateway learns of the final state from the order-events queue a moment
+    // after inventory records it; until then the answer is PURCHASE_IN_PROGRESS
+    // (and nothing is bought), so a buyer asks again.
+    let in_progress = |status: &tonic::Status| {
+        flashsale_integration_tests::error_reason(status).as_deref() == Some("PURCHASE_IN_PROGRESS")
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let second = loop {
+        match grpc_buy("zed").await {
+            Err(status) if in_progress(&status) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            answer => break answer?.into_inner(),
+        }
+    };
     assert_eq!(rest.final_order(&zed, &second.order_id).await?["status"], "CONFIRMED");
-    expect(rest.buy(&zed, "vinyl", 1, None).await?, StatusCode::CONFLICT, "LIMIT_REACHED");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut again = rest.buy(&zed, "vinyl", 1, None).await?;
+    while again.1["error"]["code"] == "PURCHASE_IN_PROGRESS" && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        again = rest.buy(&zed, "vinyl", 1, None).await?;
+    }
+    expect(again, StatusCode::CONFLICT, "LIMIT_REACHED");
     let status = grpc_buy("zed").await.expect_err("at the limit");
     assert_eq!(flashsale_integration_tests::error_reason(&status).as_deref(), Some("LIMIT_REACHED"));
 

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use flashsale_integration_tests::audit::{audit, redis_agrees_at, wait_until_admissions_final_at, wait_until_settled};
+use flashsale_integration_tests::audit::{
+    audit, redis_agrees_at, wait_until_admissions_final_at, wait_until_holds_closed, wait_until_settled,
+};
 use flashsale_integration_tests::binaries::BinarySuite;
 use flashsale_integration_tests::error_reason;
 use flashsale_integration_tests::suite::with_token;
@@ -257,6 +259,9 @@ pub(crate) async fn audit_sale(suite: &BinarySuite, outcome: &Outcome, label: &s
     let settled_in = from.elapsed();
     let report = audit(&suite.databases()).await?;
     redis_agrees_at(&suite.redis_url, &suite.redis_prefix, &report, Duration::from_secs(5)).await?;
+    // Every hold ended: captured by its order's payment, or released (a void
+    // retried until the wallet answers, or the expiry).
+    wait_until_holds_closed(&suite.databases(), Duration::from_secs(90)).await.context(label.to_owned())?;
     let sold = report.confirmed_units.get(ITEM).copied().unwrap_or(0);
     let stock = outcome.stock;
     anyhow::ensure!(sold == i64::from(stock), "{label}: {sold}/{stock} sold though every buyer could pay");

@@ -30,7 +30,8 @@ use crate::crashes::SIGABRT;
 use crate::sale::{self, BUYING_WINDOW, STOCK, Shape};
 
 /// Every crash point, by service.
-const POINTS: [(Service, &str); 6] = [
+const POINTS: [(Service, &str); 7] = [
+    (Service::Gateway, "gateway-before-hold"),
     (Service::Gateway, "gateway-before-publish"),
     (Service::Gateway, "gateway-before-reply"),
     (Service::Inventory, "inventory-before-ack"),

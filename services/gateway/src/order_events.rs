@@ -144,6 +144,11 @@ impl OrderEvents {
                         && may_free_units(order.status)
                         && let Some(item) = self.catalog.get(&order.item_id)
                     {
+                        // Units back on offer, and whether buyers had been told
+                        // SOLD_OUT here (a refund, an expired hold, a rejection).
+                        let after = if item.is_sold_out() { "true" } else { "false" };
+                        metrics::counter!("flashsale_units_returned_total", "after_sold_out" => after)
+                            .increment(u64::from(order.quantity));
                         item.clear_sold_out();
                     }
                     let _ = flashsale_messaging::bounded(delivery.ack(BasicAckOptions::default())).await;

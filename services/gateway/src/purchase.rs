@@ -61,6 +61,35 @@ enum Held {
     Unknown(GatewayError),
 }
 
+/// One try to void an order's hold: true once the wallet has answered (voided,
+/// or refused for good, which retrying would not change).
+async fn release_once(
+    wallet: &flashsale_proto::wallet::v1::wallet_service_client::WalletServiceClient<flashsale_server::TracedChannel>,
+    void: &VoidRequest,
+) -> bool {
+    let voided = crate::upstream::retry_if_lost(|| {
+        let mut client = wallet.clone();
+        let void = void.clone();
+        async move { client.void(request(void)).await }
+    })
+    .await;
+    match voided.map_err(GatewayError::from_upstream) {
+        Ok(_) => {
+            metrics::counter!("flashsale_purchase_holds_released_total", "outcome" => "voided").increment(1);
+            true
+        }
+        Err(GatewayError::Upstream(status)) => {
+            // HOLD_CAPTURED cannot happen to an order never published.
+            tracing::warn!(error = %status, order.id = %void.order_id, "the wallet refused to release a hold");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, order.id = %void.order_id, "could not release a hold");
+            false
+        }
+    }
+}
+
 /// The `ErrorInfo` reason of a neighbour's status.
 fn reason_of(status: &tonic::Status) -> Option<String> {
     use tonic_types::StatusExt;
@@ -306,7 +335,7 @@ impl Purchases {
                     attempt.item.clear_sold_out();
                     // The hold may have been made: release it, so "nothing was
                     // bought" is true of the money as well as of the units.
-                    self.release(&record);
+                    self.release(&record).await;
                     return Err(error);
                 }
                 // Kept: inventory captures the hold if it was made, debits otherwise.
@@ -329,7 +358,7 @@ impl Purchases {
                 if self.undo(buyer, attempt).await {
                     // The units are on offer again: this gateway must not keep saying SOLD_OUT.
                     attempt.item.clear_sold_out();
-                    self.release(&record);
+                    self.release(&record).await;
                     return Err(GatewayError::Unavailable(Box::new(error)));
                 }
                 // The reservation may stand, and the reconciler publishes a kept
@@ -404,43 +433,33 @@ impl Purchases {
         held
     }
 
-    /// Releases the funds held for an order that will not be placed, in a task
-    /// of its own that tries a while (the wallet may be what just failed);
-    /// a hold it cannot release expires after `PURCHASE_HOLD_TTL_SECONDS`.
-    fn release(&self, record: &AdmissionRecord) {
+    /// Releases the funds held for an order that will not be placed: once
+    /// before the buyer is answered (so a retry straight after UNAVAILABLE finds
+    /// the money available), then, if the wallet did not answer, in a task of
+    /// its own that tries a while; a hold nobody releases expires after
+    /// `PURCHASE_HOLD_TTL_SECONDS`.
+    async fn release(&self, record: &AdmissionRecord) {
         let wallet = self.upstreams.wallet.clone();
         let void = VoidRequest {
             order_id: record.order_id.clone(),
             user_id: record.user_id.clone(),
             amount: Some(record.amount()),
         };
+        if release_once(&wallet, &void).await {
+            return;
+        }
         tokio::spawn(
             async move {
                 let mut backoff = flashsale_messaging::Backoff::new();
-                for tried in 1..=RELEASE_TRIES {
-                    let voided = crate::upstream::retry_if_lost(|| {
-                        let mut client = wallet.clone();
-                        let void = void.clone();
-                        async move { client.void(request(void)).await }
-                    })
-                    .await;
-                    match voided.map_err(GatewayError::from_upstream) {
-                        Ok(_) => {
-                            metrics::counter!("flashsale_purchase_holds_released_total", "outcome" => "voided")
-                                .increment(1);
-                            return;
-                        }
-                        Err(GatewayError::Upstream(status)) => {
-                            // HOLD_CAPTURED cannot happen to an order never published.
-                            tracing::warn!(error = %status, order.id = %void.order_id, "the wallet refused to release a hold");
-                            break;
-                        }
-                        Err(e) => tracing::warn!(error = %e, order.id = %void.order_id, tried, "could not release a hold"),
-                    }
+                for _ in 1..RELEASE_TRIES {
                     tokio::time::sleep(backoff.delay()).await;
                     backoff.grow();
+                    if release_once(&wallet, &void).await {
+                        return;
+                    }
                 }
-                metrics::counter!("flashsale_purchase_holds_released_total", "outcome" => "left_to_expire").increment(1);
+                metrics::counter!("flashsale_purchase_holds_released_total", "outcome" => "left_to_expire")
+                    .increment(1);
             }
             .in_current_span(),
         );

@@ -103,6 +103,11 @@ impl Application {
             TcpListener::bind(config.http_addr).await.with_context(|| format!("binding {}", config.http_addr))?;
         let http_port = http_listener.local_addr()?.port();
         let mut metrics = flashsale_server::MetricsEndpoint::bind(config.metrics_addr).await?;
+        // Exported from the start (the recorder exists now), so a dashboard or
+        // alert naming them finds them before the first unit comes back or the
+        // first hold is left to expire.
+        metrics::counter!("flashsale_units_returned_total", "after_sold_out" => "true").increment(0);
+        metrics::counter!("flashsale_purchase_holds_released_total", "outcome" => "left_to_expire").increment(0);
         let scraped = api.purchases.admission.clone();
         metrics.collect(move || scraped.record_pool_state());
         Ok(Self { listener, port, http_listener, http_port, metrics, api, config: config.clone(), tls })
