@@ -361,3 +361,30 @@ async fn a_debit_of_a_held_order_captures_its_hold() -> anyhow::Result<()> {
     assert_eq!((usd.credits, usd.debits, usd.balances, usd.held), (10_000, 6_500, 3_500, 0));
     wallet.shutdown().await
 }
+
+/// An order paid (or refused) by a debit before its hold arrives holds
+/// nothing: a copy of the order published before the hold (a retry's, the
+/// reconciler's) was settled first, and the late hold must not keep money no
+/// payment will take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_that_arrives_after_its_order_was_debited_holds_nothing() -> anyhow::Result<()> {
+    let wallet = TestWallet::spawn().await?;
+    let mut client = wallet.client();
+    top_up(&mut client, "dana", 1_000).await?;
+    let debit = |key: &str, amount: i64| DebitRequest {
+        idempotency_key: key.into(),
+        user_id: "dana".into(),
+        amount: usd(amount),
+        reference: String::new(),
+    };
+    client.debit(debit("order-paid", 300)).await?;
+    let status = client.hold(hold("order-paid", "dana", 300, 600)).await.expect_err("paid already");
+    assert_eq!((status.code(), reason(&status)), (Code::FailedPrecondition, "HOLD_CAPTURED".to_owned()));
+    // A debit refused for funds decided the order too.
+    client.debit(debit("order-refused", 5_000)).await.expect_err("too much");
+    let status = client.hold(hold("order-refused", "dana", 300, 600)).await.expect_err("refused already");
+    assert_eq!((status.code(), reason(&status)), (Code::FailedPrecondition, "HOLD_VOIDED".to_owned()));
+    assert_eq!(balance(&mut client, "dana").await?, (700, 0), "nothing held");
+    audit_ledger(wallet.db.url()).await?;
+    wallet.shutdown().await
+}

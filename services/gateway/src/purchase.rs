@@ -425,6 +425,11 @@ impl Purchases {
                 GatewayError::Upstream(status) if reason_of(&status).as_deref() == Some("HOLD_VOIDED") => {
                     ("voided_first", Held::Yes)
                 }
+                // Likewise, a copy of the order was paid (or refused) by a debit
+                // before this hold arrived: the wallet holds nothing for it.
+                GatewayError::Upstream(status) if reason_of(&status).as_deref() == Some("HOLD_CAPTURED") => {
+                    ("paid_first", Held::Yes)
+                }
                 refused @ GatewayError::Upstream(_) => ("refused", Held::Refused(refused)),
                 error => ("unknown", Held::Unknown(error)),
             },
@@ -538,23 +543,29 @@ impl Purchases {
             Ok(reply) => reply.into_inner().order.map_or(OrderStatus::Pending, |order| public_status(order.status)),
             Err(status) if status.code() == tonic::Code::NotFound => {
                 let record = match self.admission.load_record(&order_id).await? {
-                    Some(record) => record,
+                    Some(record) => {
+                        // The first attempt saved it, so it may still be on its way
+                        // to the hold: hold first (the same hold, one per order id),
+                        // so the order is not paid by a debit and then held.
+                        match self.hold(&record).await {
+                            Held::Yes => {}
+                            Held::Refused(refusal) => return Err(refusal),
+                            Held::Unknown(error) => return Err(error),
+                        }
+                        record
+                    }
                     None => {
-                        // The first attempt may still be on its way to saving it; this
-                        // reply names the order, so GetOrder must find it from now on.
+                        // The first attempt never got as far as saving it (it died,
+                        // or its Redis call timed out and the script ran late): it
+                        // will not hold, and the reconciler may be publishing the
+                        // admission already. Published without a hold, the order
+                        // is paid by a debit, as the reconciler's copy would be.
+                        // This reply names the order, so GetOrder must find it from now on.
                         let record = self.record(buyer, attempt, &order_id)?;
                         self.admission.save_record(&record).await?;
                         record
                     }
                 };
-                // The first attempt may still be on its way to the hold, or have
-                // died before it: hold (the same hold, one per order id) before
-                // the order can be paid, so it is not debited and then held.
-                match self.hold(&record).await {
-                    Held::Yes => {}
-                    Held::Refused(refusal) => return Err(refusal),
-                    Held::Unknown(error) => return Err(error),
-                }
                 self.publisher
                     .publish(&placed_message(&record))
                     .await

@@ -106,6 +106,22 @@ pub async fn hold(conn: &mut AsyncPgConnection, spec: &HoldSpec) -> Result<HoldR
                 .optional()?;
             // Not enough available: nothing is kept, the order may try again.
             let (balance, held) = moved.ok_or(Abort::Refuse(WalletError::InsufficientFunds))?;
+            // The order's payment may have been decided by a debit without a
+            // hold (a copy of the order published before this hold arrived).
+            // Holding now would keep money no payment will take. A debit locks
+            // the account before it looks for a hold, and the update above has
+            // just waited for that lock, so a debit that did not see this hold
+            // has committed its key by now.
+            let decided: Option<Option<String>> = idempotency_keys::table
+                .find(target.order.as_str())
+                .select(idempotency_keys::outcome)
+                .first(conn)
+                .await
+                .optional()?;
+            if let Some(outcome) = decided {
+                let state = if outcome.as_deref() == Some(APPLIED) { CAPTURED } else { VOIDED };
+                return Err(Abort::Refuse(WalletError::HoldClosed(state)));
+            }
             append(conn, &format!("{}/hold", target.order.as_str()), &row, "hold", balance, held).await?;
             Ok((row, true))
         })
@@ -130,6 +146,10 @@ pub async fn hold(conn: &mut AsyncPgConnection, spec: &HoldSpec) -> Result<HoldR
         Err(Abort::Refuse(WalletError::InsufficientFunds)) => {
             count("hold", "insufficient_funds");
             Err(WalletError::InsufficientFunds)
+        }
+        Err(Abort::Refuse(WalletError::HoldClosed(state))) => {
+            count("hold", "paid_first");
+            Err(WalletError::HoldClosed(state))
         }
         Err(abort) => Err(abort.into()),
     }
