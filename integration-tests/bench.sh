@@ -9,6 +9,9 @@
 #   S3_UNITS=20000 integration-tests/bench.sh   a smaller settlement sale
 #   PROFILE=1 integration-tests/bench.sh   also samples the whole machine (perf, cpu-clock)
 #     during S1, S2, S3 and S4 and writes where the time went to <reports>/profile-*.txt
+#   SERVICES_BIN=dir integration-tests/bench.sh   runs the three services from dir (release
+#     builds of another commit, for a before/after in one session); the load tool and
+#     the ceilings' schemas stay this tree's
 # Everything runs on 127.0.0.1, on databases, keys and queues named for this run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +35,7 @@ echo "[bench] cargo build --release" >&2
 cargo build --release --quiet -p flashsale-gateway -p flashsale-inventory -p flashsale-wallet
 cargo build --release --quiet -p flashsale-integration-tests --bins
 BIN=target/release
+SBIN=${SERVICES_BIN:-$BIN}
 TAG=bench$(date +%s)
 OUT=target/bench/$TAG
 mkdir -p "$OUT"
@@ -47,7 +51,7 @@ cleanup() {
   for pid in "${PERF_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  for db in ${TAG}_wallet ${TAG}_inventory ${TAG}_pgbench; do
+  for db in ${TAG}_wallet ${TAG}_inventory ${TAG}_pgbench ${TAG}_pgbench_wallet; do
     psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
   done
   redis-cli --scan --pattern "$TAG:*" | xargs -r redis-cli del >/dev/null
@@ -56,21 +60,21 @@ cleanup() {
 }
 trap cleanup EXIT
 
-DATABASE_URL=$WALLET_DB "$BIN/flashsale-wallet" migrate >"$OUT/wallet.log" 2>&1
-DATABASE_URL=$INVENTORY_DB "$BIN/flashsale-inventory" migrate >"$OUT/inventory.log" 2>&1
+DATABASE_URL=$WALLET_DB "$SBIN/flashsale-wallet" migrate >"$OUT/wallet.log" 2>&1
+DATABASE_URL=$INVENTORY_DB "$SBIN/flashsale-inventory" migrate >"$OUT/inventory.log" 2>&1
 # Own ports (gRPC, metrics, HTTP), so a suite started by run.sh can keep running;
 # all below the ephemeral range (32768+), which the load clients' sockets use.
-DATABASE_URL=$WALLET_DB WALLET_LISTEN_ADDR=127.0.0.1:18053 METRICS_ADDR=127.0.0.1:19093 "$BIN/flashsale-wallet" >>"$OUT/wallet.log" 2>&1 &
+DATABASE_URL=$WALLET_DB WALLET_LISTEN_ADDR=127.0.0.1:18053 METRICS_ADDR=127.0.0.1:19093 "$SBIN/flashsale-wallet" >>"$OUT/wallet.log" 2>&1 &
 PIDS+=($!); WALLET_PID=$!
 DATABASE_URL=$INVENTORY_DB INVENTORY_LISTEN_ADDR=127.0.0.1:18052 METRICS_ADDR=127.0.0.1:19092 WALLET_URL=http://127.0.0.1:18053 \
-  "$BIN/flashsale-inventory" >>"$OUT/inventory.log" 2>&1 &
+  "$SBIN/flashsale-inventory" >>"$OUT/inventory.log" 2>&1 &
 PIDS+=($!); INVENTORY_PID=$!
 sleep 1
 # The per-buyer rate limit is off: virtual users reuse buyers far faster than people do,
 # and S1 measures the admission path itself.
 GATEWAY_LISTEN_ADDR=127.0.0.1:18051 METRICS_ADDR=127.0.0.1:19091 GATEWAY_HTTP_ADDR=127.0.0.1:18080 \
   PURCHASE_RATE_PER_SECOND=0 CLIENT_RATE_PER_SECOND=0 INVENTORY_URL=http://127.0.0.1:18052 WALLET_URL=http://127.0.0.1:18053 \
-  "$BIN/flashsale-gateway" >"$OUT/gateway.log" 2>&1 &
+  "$SBIN/flashsale-gateway" >"$OUT/gateway.log" 2>&1 &
 PIDS+=($!); GATEWAY_PID=$!
 for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/18051) 2>/dev/null && break; sleep 0.2; done
 
@@ -162,8 +166,9 @@ C1=$(redis-benchmark -c 50 -n 300000 -r 100000000 --csv EVALSHA "$SHA" 7 \
   'c1:{x}:ready' 'c1:{x}:tokens' 'c1:{x}:held' 'c1:{x}:inflight' 'c1:{x}:idem' 'c1:{x}:admitted' 'c1:{x}:received' \
   u:__rand_int__ 1 1000000 k:__rand_int__ o:__rand_int__ 0 0 | tail -n 1 | cut -d, -f2 | tr -d '"' | cut -d. -f1)
 
-echo "[bench] S1/C2: seed an admission sale (10^9 units, unfunded buyers)" >&2
-load seed --gateway-url $GW --users 5000 --stock 1000000000 --limit 1000 --unfunded >"$OUT/sale-s1.json"
+echo "[bench] S1/C2: seed an admission sale (10^9 units, buyers funded for their limit)" >&2
+# Every attempt reserves and holds the buyer's money (a unit at 1.00, 1,000 each).
+load seed --gateway-url $GW --users 5000 --stock 1000000000 --limit 1000 --price 100 --balance 100000 >"$OUT/sale-s1.json"
 echo "[bench] C2: null RPC (health Check) through the gateway, $VUS users, $DUR" >&2
 load run --gateway-url $GW --sale "$OUT/sale-s1.json" --rpc health --users "$VUS" --duration $DUR --quiet --report "$OUT/c2.json" 2>/dev/null
 echo "[bench] S1: purchases while stock remains, $VUS users, $DUR" >&2
@@ -207,7 +212,31 @@ COMMIT;
 SQL
 C3=$(pgbench -n -c 16 -j 2 -T "${DUR%s}" -f "$OUT/order.sql" "$PG/${TAG}_pgbench" 2>/dev/null | awk '/^tps/ {print int($3)}')
 
-echo "[bench] S4: 100 units, $S4_USERS funded buyers" >&2
+echo "[bench] C3h: pgbench, one funds hold per transaction (the wallet's Hold: hold row, account, key check, ledger entry)" >&2
+# The wallet's schema with 5,000 accounts, each far richer than the run needs,
+# and the statements of `Hold` (services/wallet/src/db/holds.rs) on a random one.
+DATABASE_URL=$PG/${TAG}_pgbench_wallet "$BIN/flashsale-wallet" migrate >/dev/null 2>&1
+psql "$PG/${TAG}_pgbench_wallet" -qc "INSERT INTO accounts (user_id, currency, balance_minor) SELECT 'u' || n, 'USD', 1000000000000 FROM generate_series(1, 5000) AS n"
+cat >"$OUT/hold.sql" <<'SQL'
+\set u random(1, 5000)
+BEGIN;
+INSERT INTO holds (order_id, user_id, currency, amount_minor, reference, expires_at)
+  VALUES (gen_random_uuid()::text, 'u' || :u::text, 'USD', 100, 'bench', now() + make_interval(secs => 900))
+  ON CONFLICT DO NOTHING RETURNING order_id AS o \gset
+UPDATE accounts SET held_minor = held_minor + 100, updated_at = now()
+  WHERE user_id = 'u' || :u::text AND currency = 'USD' AND balance_minor - held_minor >= 100
+  RETURNING balance_minor AS b, held_minor AS h \gset
+SELECT outcome FROM idempotency_keys WHERE idempotency_key = :o::text;
+INSERT INTO ledger_entries (idempotency_key, user_id, currency, kind, amount_minor, balance_after_minor, reference, held_after_minor)
+  VALUES (:o::text || '/hold', 'u' || :u::text, 'USD', 'hold', 100, :b::bigint, 'bench', :h::bigint);
+COMMIT;
+SQL
+# Prepared statements: the values carried between statements (\gset) go as
+# parameters. A failure leaves the figure empty ("n/a"), its reason in c3h.err.
+C3H=$({ pgbench -n -M prepared -c 16 -j 2 -T "${DUR%s}" -f "$OUT/hold.sql" "$PG/${TAG}_pgbench_wallet" 2>"$OUT/c3h.err" || true; } |
+  awk '/^tps/ {print int($3)}')
+
+echo "[bench] S4: 100 units, $S4_USERS buyers (about one in five cannot pay)" >&2
 load seed --gateway-url $GW --users "$S4_USERS" --stock 100 >"$OUT/sale-s4.json"
 profile s4 5
 load run --gateway-url $GW --sale "$OUT/sale-s4.json" --users "$VUS" --duration 5s --quiet --report "$OUT/s4.json" 2>/dev/null
@@ -252,7 +281,7 @@ import json,sys
 r=json.load(open(sys.argv[1])); l=r['latency_ms']
 # Answers a buyer can get in a sale; anything else (UNAVAILABLE, INTERNAL, the
 # load tool's own CLIENT_SATURATED, deadlines) is a failed request.
-fine={'ACCEPTED','SOLD_OUT','LIMIT_REACHED','PURCHASE_IN_PROGRESS'}
+fine={'ACCEPTED','SOLD_OUT','LIMIT_REACHED','PURCHASE_IN_PROGRESS','INSUFFICIENT_FUNDS'}
 failed=sum(n for k,n in r['outcomes'].items() if k not in fine)
 print(round(r['mean_rps']), f\"{l['median']:.2f}/{l['p95']:.2f}/{l['p99']:.2f}/{l['max']:.1f}\", failed, int(l['p99'] < 10 and failed == 0))" "$OUT/sweep-$RATE.json")
   echo "| $RATE | $ACHIEVED | $LAT | $FAILED |" >>"$OUT/sweep.md"
@@ -280,12 +309,21 @@ SELECT round(extract(epoch FROM admitted_at - t0) * 1000), round(extract(epoch F
   round(extract(epoch FROM updated_at - t0) * 1000), status, reject_reason
 FROM o, t0 ORDER BY admitted_at;
 SQL
+# Admission rounds: an order is in round 1 if it was admitted before any order
+# of the sale had been rejected; otherwise one round after the latest rejection
+# that ended before it was admitted (the rejection gave a unit back, and this
+# order may have taken it). Units a refused funds hold gives back are offered
+# again within milliseconds, to the crowd still there, and make no round.
 S4_SHAPE=$(python3 -c "
 import csv,sys
 rows=[(float(a),float(r),float(f),s) for a,r,f,s,_ in csv.reader(open(sys.argv[1]))]
 waves=sorted({round(a/20)*20 for a,_,_,_ in rows})
 lag=sorted(r-a for a,r,_,_ in rows); pay=sorted(f-r for _,r,f,_ in rows)
-print(f'{len(rows)} orders, {sum(s==\"REJECTED\" for *_,s in rows)} rejected; admitted in {len(waves)} waves (20 ms buckets), the last at +{max(a for a,*_ in rows):.0f} ms;',
+rounds=[]
+for i,(a,_,_,_) in enumerate(rows):
+    rounds.append(1+max([rounds[j] for j,(_,_,f,s) in enumerate(rows[:i]) if s=='REJECTED' and f<=a], default=0))
+print(f'{max(rounds, default=0)} admission round(s);',
+      f'{len(rows)} orders, {sum(s==\"REJECTED\" for *_,s in rows)} rejected; admitted in {len(waves)} waves (20 ms buckets), the last at +{max(a for a,*_ in rows):.0f} ms;',
       f'median admitted->recorded {lag[len(lag)//2]:.0f} ms, recorded->final {pay[len(pay)//2]:.0f} ms')" "$OUT/s4-timeline.csv") ||
   S4_SHAPE="no timeline (see $OUT/s4-timeline.csv)"
 echo "[bench] S4: $S4_SHAPE" >&2
@@ -313,7 +351,8 @@ ratio() { python3 -c "print(f'{$1 / max($2, 1):.2f}')"; }
   echo "| C1 redis-benchmark EVALSHA admit.lua, 50 clients | $C1 /s | |"
   echo "| C2 null RPC (health Check via the gateway), $VUS users | $C2 /s | |"
   echo "| C3 pgbench one-order transaction, 16 clients | $C3 /s | |"
-  echo "| S1 purchase attempts while stock remains | $S1 /s | S1/C1 = $(ratio "$S1" "$C1") (≥ 0.35) |"
+  echo "| C3h pgbench one funds hold per transaction, 16 clients | ${C3H:-n/a} /s | |"
+  echo "| S1 purchase attempts while stock remains (each reserves and holds funds) | $S1 /s | S1/C1 = $(ratio "$S1" "$C1") (≥ 0.35) |"
   echo "| S2 purchase attempts after sell-out | $S2 /s | S2/C2 = $(ratio "$S2" "$C2") (≥ 0.9) |"
   echo "| S3 orders settled per second ($S3_ORDERS orders in $S3_MS ms) | $S3 /s | S3/C3 = $(ratio "$S3" "$C3") (≥ 2) |"
   echo "| S4 first accepted → last final, 100 units, $S4_USERS buyers ($S4_ORDERS orders) | $S4_MS ms | < 500 ms |"

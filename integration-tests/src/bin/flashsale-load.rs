@@ -49,8 +49,13 @@ enum Command {
         #[arg(long, default_value_t = 2_500)]
         price: i64,
         /// Do not fund the buyers (admission-only measurements).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "balance")]
         unfunded: bool,
+        /// Fund every buyer with this many cents (default: a random balance
+        /// between half the price and three times it, so about one in five
+        /// cannot pay, as the original fixtures).
+        #[arg(long)]
+        balance: Option<i64>,
     },
     /// Drive buyers at a seeded sale and print a summary.
     Run {
@@ -128,7 +133,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run_command() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Seed { gateway_url, jwt_secret, users, stock, limit, price, unfunded } => {
+        Command::Seed { gateway_url, jwt_secret, users, stock, limit, price, unfunded, balance } => {
             let options = SeedOptions {
                 gateway_url,
                 jwt_secret,
@@ -137,6 +142,7 @@ async fn run_command() -> anyhow::Result<()> {
                 per_user_limit: limit,
                 price_minor: price,
                 unfunded,
+                balance_minor: balance,
             };
             let sale = seed(&options).await?;
             #[expect(clippy::print_stdout, reason = "the sale is this command's output")]

@@ -41,6 +41,8 @@ pub struct SeedOptions {
     pub price_minor: i64,
     /// Skip the top-ups (admission-only measurements need no money).
     pub unfunded: bool,
+    /// One balance for every buyer (None: random, about four in five can pay).
+    pub balance_minor: Option<i64>,
 }
 
 pub async fn seed(options: &SeedOptions) -> anyhow::Result<Sale> {
@@ -80,8 +82,9 @@ pub async fn seed(options: &SeedOptions) -> anyhow::Result<Sale> {
         .await
         .context("creating the sale")?;
     // Balances between half the price and three times it: about four in five can pay.
-    let balances: Vec<i64> =
-        (0..sale.users).map(|_| rng.random_range(sale.price_minor / 2..=sale.price_minor * 3)).collect();
+    let balances: Vec<i64> = (0..sale.users)
+        .map(|_| options.balance_minor.unwrap_or_else(|| rng.random_range(sale.price_minor / 2..=sale.price_minor * 3)))
+        .collect();
     let balances = if options.unfunded { Vec::new() } else { balances };
     let results: Vec<anyhow::Result<()>> = futures::stream::iter(balances.into_iter().enumerate())
         .map(|(n, balance)| {
