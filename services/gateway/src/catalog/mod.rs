@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::error::GatewayError;
 use crate::upstream::{Upstreams, request};
 
-pub use self::sold_out::{AdmissionStamp, SoldOut, Unsettled};
+pub use self::sold_out::{SoldOut, Unsettled};
 
 /// How long an id inventory does not know is answered ITEM_NOT_FOUND locally,
 /// so a crowd asking for a bogus id does not reach inventory.

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::admission::AdmissionStamp;
+
 /// The sold-out flag of an item, and what the gateway learned from Redis while
 /// it was set.
 ///
@@ -52,16 +54,6 @@ impl Drop for Unsettled {
         self.0.unsettled.fetch_sub(1, Ordering::AcqRel);
         self.0.settling.notify_waiters();
     }
-}
-
-/// Redis's admission state of an item as far as key holders go: for each
-/// stock bucket its version (changes when the bucket is rebuilt) and its count
-/// of admissions (each one adds a key). A set of key holders is complete while
-/// the stamp is unchanged.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct AdmissionStamp {
-    /// (version, admissions) of each bucket, in bucket order.
-    pub buckets: Vec<(i64, i64)>,
 }
 
 #[derive(Debug, Default)]

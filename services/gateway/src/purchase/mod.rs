@@ -1,28 +1,31 @@
 //! The purchase hot path (README, "The purchase path", steps 1–3): local checks with no
 //! I/O, one Redis script, then — for the few winners only — the admission
-//! record and the confirmed publish of `OrderPlaced`.
+//! record, the hold of the buyer's money and the confirmed publish of
+//! `OrderPlaced`. The hold and its release: `funds.rs`; undoing a
+//! reservation, an order that must go through anyway, a retried key and a
+//! lost Redis state: `recovery.rs`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use flashsale_proto::common::v1::OrderStatus;
-use flashsale_proto::gateway::v1::{PurchaseRequest, PurchaseResponse};
-use flashsale_proto::inventory::v1::{
-    GetOrderRequest, OrderPlaced, RecordOrderRequest, StreamAdmissionSnapshotRequest,
-};
-use flashsale_proto::wallet::v1::{HoldRequest, VoidRequest};
-use parking_lot::Mutex;
-
-use crate::admission::{Admission, AdmissionRecord, Admit};
-use crate::auth::Principal;
 use flashsale_domain::time::now_ms;
 use flashsale_domain::{IdempotencyKey, ItemId};
+use flashsale_proto::common::v1::OrderStatus;
+use flashsale_proto::gateway::v1::{PurchaseRequest, PurchaseResponse};
+use flashsale_proto::inventory::v1::OrderPlaced;
+use parking_lot::Mutex;
+use tracing::Instrument;
 
+use self::funds::Held;
+use crate::admission::{Admission, AdmissionRecord, Admit};
+use crate::auth::Principal;
 use crate::catalog::{Catalog, CatalogItem};
 use crate::error::GatewayError;
 use crate::order_publisher::{OrderPublisher, PublishFailure};
-use crate::upstream::{Upstreams, request};
-use tracing::Instrument;
+use crate::upstream::Upstreams;
+
+mod funds;
+mod recovery;
 
 pub struct Purchases {
     pub catalog: Arc<Catalog>,
@@ -47,54 +50,6 @@ const UNDO_TRIES: usize = 3;
 /// how many times an attempt Redis found short asks again after them.
 const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 const SETTLE_ROUNDS: usize = 3;
-
-/// Tries to release the funds held for an order that was not placed (about a
-/// minute with the backoff's growth) before the hold is left to expire.
-const RELEASE_TRIES: usize = 20;
-
-/// How the hold of a fresh reservation went.
-enum Held {
-    Yes,
-    /// The wallet refused: nothing is held (INSUFFICIENT_FUNDS, or the wallet's own reason).
-    Refused(GatewayError),
-    /// Not known: the hold may or may not have been made.
-    Unknown(GatewayError),
-}
-
-/// One try to void an order's hold: true once the wallet has answered (voided,
-/// or refused for good, which retrying would not change).
-async fn release_once(
-    wallet: &flashsale_proto::wallet::v1::wallet_service_client::WalletServiceClient<flashsale_server::TracedChannel>,
-    void: &VoidRequest,
-) -> bool {
-    let voided = crate::upstream::retry_if_lost(|| {
-        let mut client = wallet.clone();
-        let void = void.clone();
-        async move { client.void(request(void)).await }
-    })
-    .await;
-    match voided.map_err(GatewayError::from_upstream) {
-        Ok(_) => {
-            metrics::counter!("flashsale_purchase_holds_released_total", "outcome" => "voided").increment(1);
-            true
-        }
-        Err(GatewayError::Upstream(status)) => {
-            // HOLD_CAPTURED cannot happen to an order never published.
-            tracing::warn!(error = %status, order.id = %void.order_id, "the wallet refused to release a hold");
-            true
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, order.id = %void.order_id, "could not release a hold");
-            false
-        }
-    }
-}
-
-/// The `ErrorInfo` reason of a neighbour's status.
-fn reason_of(status: &tonic::Status) -> Option<String> {
-    use tonic_types::StatusExt;
-    status.get_error_details().error_info().map(|info| info.reason.clone())
-}
 
 /// A validated purchase.
 struct Attempt {
@@ -384,199 +339,6 @@ impl Purchases {
         Ok(PurchaseResponse { order_id: attempt.order_id.clone(), status: OrderStatus::Pending.into() })
     }
 
-    /// An order whose reservation stands though a step after it failed: kept in
-    /// this process and published until confirmed, recorded straight in
-    /// inventory, and answered PENDING.
-    async fn go_through(&self, record: &AdmissionRecord) -> PurchaseResponse {
-        if !self.publisher.publish_until_confirmed(placed_message(record)) {
-            tracing::warn!(order.id = %record.order_id, "too many unconfirmed orders kept; this one is left to the reconciler");
-        }
-        self.record_directly(record).await;
-        PurchaseResponse { order_id: record.order_id.clone(), status: OrderStatus::Pending.into() }
-    }
-
-    /// Holds the order's price in the buyer's wallet under the order id (one
-    /// hold per order id, so a call lost in transit is sent again safely).
-    async fn hold(&self, record: &AdmissionRecord) -> Held {
-        let held = crate::upstream::retry_if_lost(|| {
-            let mut client = self.upstreams.wallet.clone();
-            let hold = HoldRequest {
-                order_id: record.order_id.clone(),
-                user_id: record.user_id.clone(),
-                amount: Some(record.amount()),
-                ttl_seconds: self.hold_ttl_seconds,
-                reference: format!("order {}", record.order_id),
-            };
-            async move { client.hold(request(hold)).await }
-        })
-        .instrument(flashsale_telemetry::info_span!("hold", order.id = %record.order_id))
-        .await;
-        let (outcome, held) = match held {
-            Ok(_) => ("held", Held::Yes),
-            Err(status) => match GatewayError::from_upstream(status) {
-                GatewayError::Upstream(status) if reason_of(&status).as_deref() == Some("INSUFFICIENT_FUNDS") => {
-                    ("insufficient_funds", Held::Refused(GatewayError::InsufficientFunds))
-                }
-                // The order was voided before this hold arrived: another copy of
-                // it (republished by a retry under its key while this request
-                // was slow) reached inventory, which rejected it. Its fate is
-                // decided; publishing again changes nothing (one order per id)
-                // and the buyer follows the order to that end.
-                GatewayError::Upstream(status) if reason_of(&status).as_deref() == Some("HOLD_VOIDED") => {
-                    ("voided_first", Held::Yes)
-                }
-                // Likewise, a copy of the order was paid (or refused) by a debit
-                // before this hold arrived: the wallet holds nothing for it.
-                GatewayError::Upstream(status) if reason_of(&status).as_deref() == Some("HOLD_CAPTURED") => {
-                    ("paid_first", Held::Yes)
-                }
-                refused @ GatewayError::Upstream(_) => ("refused", Held::Refused(refused)),
-                error => ("unknown", Held::Unknown(error)),
-            },
-        };
-        metrics::counter!("flashsale_purchase_holds_total", "outcome" => outcome).increment(1);
-        held
-    }
-
-    /// Releases the funds held for an order that will not be placed: once
-    /// before the buyer is answered (so a retry straight after UNAVAILABLE finds
-    /// the money available), then, if the wallet did not answer, in a task of
-    /// its own that tries a while; a hold nobody releases expires after
-    /// `PURCHASE_HOLD_TTL_SECONDS`.
-    async fn release(&self, record: &AdmissionRecord) {
-        let wallet = self.upstreams.wallet.clone();
-        let void = VoidRequest {
-            order_id: record.order_id.clone(),
-            user_id: record.user_id.clone(),
-            amount: Some(record.amount()),
-        };
-        if release_once(&wallet, &void).await {
-            return;
-        }
-        tokio::spawn(
-            async move {
-                let mut backoff = flashsale_messaging::Backoff::new();
-                for _ in 1..RELEASE_TRIES {
-                    tokio::time::sleep(backoff.delay()).await;
-                    backoff.grow();
-                    if release_once(&wallet, &void).await {
-                        return;
-                    }
-                }
-                metrics::counter!("flashsale_purchase_holds_released_total", "outcome" => "left_to_expire")
-                    .increment(1);
-            }
-            .in_current_span(),
-        );
-    }
-
-    /// Records an order the broker did not confirm straight in inventory
-    /// (`RecordOrder`), before the buyer is told PENDING: the copies kept in this
-    /// process's memory and in Redis would both be gone after a crash of this
-    /// gateway together with a Redis loss, and the order with them. The kept
-    /// copy is still published until confirmed; inventory keeps one order per id.
-    /// If inventory cannot be reached either, the order keeps those two copies.
-    async fn record_directly(&self, record: &AdmissionRecord) {
-        let order = placed_message(record);
-        let recorded = crate::upstream::retry_if_lost(|| {
-            let mut client = self.upstreams.inventory.clone();
-            let recording = RecordOrderRequest { order: Some(order.clone()) };
-            async move { client.record_order(request(recording)).await }
-        })
-        .await;
-        match recorded {
-            Ok(_) => metrics::counter!("flashsale_orders_recorded_directly_total").increment(1),
-            Err(status) => tracing::warn!(
-                error = %status,
-                order.id = %record.order_id,
-                "could not record an unconfirmed order in inventory; it stays in memory and in Redis"
-            ),
-        }
-    }
-
-    /// Gives back the units of an admission whose order certainly never reached
-    /// the broker: true once they are certainly back (a few tries, since a
-    /// dependency that just failed the publish may be failing Redis too).
-    async fn undo(&self, buyer: &Principal, attempt: &Attempt) -> bool {
-        // Fault tests: the publish was refused, the reservation not yet undone.
-        flashsale_server::crash_point("gateway-before-unadmit");
-        let mut backoff = flashsale_messaging::Backoff::new();
-        for tried in 1..=UNDO_TRIES {
-            let undone = self
-                .admission
-                .unadmit(attempt.item.spread(), &attempt.order_id, &buyer.user_id, &attempt.idempotency_key)
-                .await;
-            match undone {
-                Ok(()) => {
-                    metrics::counter!("flashsale_refused_orders_total", "reservation" => "released").increment(1);
-                    return true;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, order.id = %attempt.order_id, tried, "could not release a reservation")
-                }
-            }
-            if tried < UNDO_TRIES {
-                tokio::time::sleep(backoff.delay()).await;
-                backoff.grow();
-            }
-        }
-        metrics::counter!("flashsale_refused_orders_total", "reservation" => "kept").increment(1);
-        false
-    }
-
-    /// The buyer retried a key: answer with the earlier order. If inventory has
-    /// never seen it, the earlier attempt may have died between Redis and the
-    /// broker, so publish it again (inventory ignores a second copy).
-    async fn replay(
-        &self,
-        buyer: &Principal,
-        attempt: &Attempt,
-        order_id: String,
-    ) -> Result<PurchaseResponse, GatewayError> {
-        let known = crate::upstream::retry_if_lost(|| {
-            let mut client = self.upstreams.inventory.clone();
-            let lookup = GetOrderRequest { order_id: order_id.clone() };
-            async move { client.get_order(request(lookup)).await }
-        })
-        .await;
-        let status = match known {
-            Ok(reply) => reply.into_inner().order.map_or(OrderStatus::Pending, |order| public_status(order.status)),
-            Err(status) if status.code() == tonic::Code::NotFound => {
-                let record = match self.admission.load_record(&order_id).await? {
-                    Some(record) => {
-                        // The first attempt saved it, so it may still be on its way
-                        // to the hold: hold first (the same hold, one per order id),
-                        // so the order is not paid by a debit and then held.
-                        match self.hold(&record).await {
-                            Held::Yes => {}
-                            Held::Refused(refusal) => return Err(refusal),
-                            Held::Unknown(error) => return Err(error),
-                        }
-                        record
-                    }
-                    None => {
-                        // The first attempt never got as far as saving it (it died,
-                        // or its Redis call timed out and the script ran late): it
-                        // will not hold, and the reconciler may be publishing the
-                        // admission already. Published without a hold, the order
-                        // is paid by a debit, as the reconciler's copy would be.
-                        // This reply names the order, so GetOrder must find it from now on.
-                        let record = self.record(buyer, attempt, &order_id)?;
-                        self.admission.save_record(&record).await?;
-                        record
-                    }
-                };
-                self.publisher
-                    .publish(&placed_message(&record))
-                    .await
-                    .map_err(|e| GatewayError::Unavailable(Box::new(e)))?;
-                OrderStatus::Pending
-            }
-            Err(status) => return Err(GatewayError::from_upstream(status)),
-        };
-        Ok(PurchaseResponse { order_id, status: status.into() })
-    }
-
     fn record(&self, buyer: &Principal, attempt: &Attempt, order_id: &str) -> Result<AdmissionRecord, GatewayError> {
         let amount_minor = attempt
             .item
@@ -593,41 +355,6 @@ impl Purchases {
             idempotency_key: attempt.idempotency_key.clone(),
             created_at_ms: now_ms(),
         })
-    }
-
-    /// Rebuilds an item's Redis state (every bucket that lost it) from
-    /// inventory's snapshot, streamed in pieces. Any failure of the snapshot is
-    /// `UNAVAILABLE` (the buyer retries under the same key), never the
-    /// neighbour's own status: a broken snapshot says nothing of the purchase.
-    pub async fn rebuild(&self, item: &CatalogItem) -> Result<(), GatewayError> {
-        let item_id = item.id.as_str();
-        let lock = self.rebuilds.lock().entry(item_id.to_owned()).or_default().clone();
-        let _guard = lock.lock().await;
-        // Another request (or gateway) may have rebuilt it while we waited.
-        let Some(lease) = self.admission.begin_rebuild(item.spread()).await? else { return Ok(()) };
-        let started = std::time::Instant::now();
-        let opened = crate::upstream::retry_if_lost(|| {
-            let mut client = self.upstreams.inventory.clone();
-            let lookup = StreamAdmissionSnapshotRequest { item_id: item_id.to_owned() };
-            async move { client.stream_admission_snapshot(crate::upstream::long_request(lookup)).await }
-        })
-        .await;
-        let pieces = match opened {
-            Ok(pieces) => pieces.into_inner(),
-            Err(status) => {
-                self.admission.abandon_rebuild(item.spread(), &lease).await;
-                return Err(GatewayError::Unavailable(Box::new(status)));
-            }
-        };
-        let pieces = futures::StreamExt::map(pieces, |piece| piece.map_err(|e| GatewayError::Unavailable(Box::new(e))));
-        let rebuilt = self.admission.rebuild(item.spread(), &lease, pieces).await?;
-        tracing::info!(
-            item.id = %item_id,
-            buckets = rebuilt,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "rebuilt admission state from inventory"
-        );
-        Ok(())
     }
 }
 
