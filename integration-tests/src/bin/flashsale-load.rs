@@ -6,6 +6,7 @@
 //! flashsale-load run   --sale sale.json --users 256 --duration 30s
 //! flashsale-load audit --inventory-db postgres://…/inventory --wallet-db postgres://…/wallet
 //! flashsale-load buckets --buckets 1,2,4 --duration 10s
+//! flashsale-load verify-queue --seed <hex> --commitment <hex> --item drop --users joined.txt [--tickets told.csv]
 //! ```
 
 use std::path::PathBuf;
@@ -118,6 +119,27 @@ enum Command {
         #[arg(long, default_value_t = 256)]
         concurrency: usize,
     },
+    /// Recompute a waiting room's order from the seed published when its sale
+    /// ended; prints `place,user_id,draw` per buyer, first in line first, and
+    /// exits non-zero if the seed does not match its commitment or a buyer was
+    /// told a place the seed does not give.
+    VerifyQueue {
+        /// The room's seed (64 hexadecimal digits), published with the item once the sale ended.
+        #[arg(long)]
+        seed: String,
+        /// The SHA-256 of the seed published with the item before the sale.
+        #[arg(long)]
+        commitment: Option<String>,
+        /// The item id.
+        #[arg(long)]
+        item: String,
+        /// The buyers who joined before the sale opened: one user id per line.
+        #[arg(long)]
+        users: PathBuf,
+        /// What buyers were told: `user_id,draw` per line.
+        #[arg(long)]
+        tickets: Option<PathBuf>,
+    },
     /// Receive OTLP/gRPC traces and count them (a stand-in collector for the
     /// tracing-overhead benchmark); prints the count when stopped (SIGINT/SIGTERM).
     OtlpSink {
@@ -224,6 +246,29 @@ async fn run_command() -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string(figure)?);
                 }
             }
+            Ok(())
+        }
+        Command::VerifyQueue { seed, commitment, item, users, tickets } => {
+            let users = std::fs::read_to_string(&users).with_context(|| format!("reading {}", users.display()))?;
+            let tickets = tickets
+                .map(|path| std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display())))
+                .transpose()?;
+            let verdict = flashsale_integration_tests::load::queue::verify(
+                &seed,
+                commitment.as_deref(),
+                &item,
+                &users,
+                tickets.as_deref(),
+            )?;
+            #[expect(clippy::print_stdout, reason = "the order is this command's output")]
+            for place in &verdict.places {
+                println!("{place}");
+            }
+            for breach in &verdict.breaches {
+                eprintln!("breach: {breach}");
+            }
+            anyhow::ensure!(verdict.breaches.is_empty(), "{} breach(es)", verdict.breaches.len());
+            eprintln!("verified: {} places from the published seed", verdict.places.len());
             Ok(())
         }
         Command::OtlpSink { port } => {

@@ -4,6 +4,7 @@
 
 pub mod buckets;
 pub mod chart;
+pub mod queue;
 pub mod run;
 pub mod seed;
 pub mod stats;

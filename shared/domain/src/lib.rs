@@ -14,6 +14,7 @@
 mod ids;
 mod limits;
 mod money;
+pub mod room;
 pub mod time;
 
 pub use ids::{IdempotencyKey, ItemId, OrderId, TopUpKey, UserId, is_token};
