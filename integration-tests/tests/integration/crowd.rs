@@ -49,7 +49,16 @@ struct Answers {
 async fn a_crowd_that_tries_once_buys_every_unit_and_buyers_who_cannot_pay_hear_so_at_once() -> anyhow::Result<()> {
     let _share = flashsale_integration_tests::suite::machine_share().await;
     let suite = TestSuite::spawn().await?;
-    let opens = SystemTime::now() + Duration::from_secs(3);
+    // Wallets first: on a loaded machine the top-ups can take seconds, and the
+    // sale must open only once every buyer is ready.
+    for buyer in 0..BUYERS {
+        match buyer % 4 {
+            0 | 2 => top_up(&suite, &name(buyer), PRICE).await?,
+            1 => top_up(&suite, &name(buyer), PRICE - 1).await?,
+            _ => {}
+        }
+    }
+    let opens = SystemTime::now() + Duration::from_secs(4);
     create_item_between(
         &suite,
         ITEM,
@@ -60,13 +69,6 @@ async fn a_crowd_that_tries_once_buys_every_unit_and_buyers_who_cannot_pay_hear_
         Some(prost_types::Timestamp::from(opens + Duration::from_secs(3600))),
     )
     .await?;
-    for buyer in 0..BUYERS {
-        match buyer % 4 {
-            0 | 2 => top_up(&suite, &name(buyer), PRICE).await?,
-            1 => top_up(&suite, &name(buyer), PRICE - 1).await?,
-            _ => {}
-        }
-    }
     // The gateway knows the item (and says the sale has not started) before the crowd comes.
     loop {
         let probe = PurchaseRequest { item_id: ITEM.into(), quantity: 1, idempotency_key: String::new() };
