@@ -1,6 +1,6 @@
 //! The public gRPC API: `flashsale.gateway.v1.FlashSaleGateway` for buyers and
 //! `flashsale.gateway.v1.AdminService` for operators. Handlers are thin:
-//! authenticate, call the shared operation in `api.rs`, wrap the answer.
+//! authenticate, call the shared operation in `api/`, wrap the answer.
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! Buyers' routes: decode JSON, call the shared operation in `api.rs`, encode.
+//! Buyers' routes: decode JSON, call the shared operation in `api/`, encode.
 
 use std::convert::Infallible;
 

@@ -1,7 +1,7 @@
 //! REST/JSON for buyers and operators, the storefront page, `/openapi.json`
 //! (generated from the handlers' annotations) with Swagger UI at `/docs`, and
 //! `/healthz` / `/readyz`. Served on the gateway's HTTP port; every route calls
-//! the same operations as gRPC (`api.rs`), so both obey one set of rules.
+//! the same operations as gRPC (`api/`), so both obey one set of rules.
 
 mod admin;
 mod buyers;
