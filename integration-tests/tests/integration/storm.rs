@@ -36,6 +36,9 @@ const PRICE: i64 = 1_000;
 /// or every paying buyer served).
 const BUYING_WINDOW: Duration = Duration::from_secs(60);
 
+/// Longest a buyer follows one accepted order to its final state.
+const FOLLOW_LIMIT: Duration = Duration::from_secs(120);
+
 struct Spec {
     items: Vec<(&'static str, u32, u32)>, // id, stock, per-user limit
     quantity: u32,
@@ -322,7 +325,7 @@ async fn storm(spec: Spec) -> anyhow::Result<()> {
     }
 
     // One order per idempotency key, whatever the concurrency. A Redis flush
-    // forgets the keys of orders still in the queue (README, "Known limits": Redis is
+    // forgets the keys of orders still in the queue (proto/README.md, "Known limits": Redis is
     // a cache), so a concurrent attempt under such a key can be admitted again;
     // PostgreSQL then keeps the first and rejects the other as a key reuse.
     {
@@ -656,8 +659,16 @@ async fn buyer_loop(
         }
         same_keys = unanswered && my_order.is_none();
         if let Some(order_id) = my_order {
-            // Follow the order to its end, as a buyer's app would.
+            // Follow the order to its end, as a buyer's app would: polling less
+            // often the longer it waits, and giving up (failing the test) past
+            // FOLLOW_LIMIT, which a settled sale never comes near.
+            let following = tokio::time::Instant::now();
+            let mut poll = Duration::from_millis(100);
             let status = loop {
+                anyhow::ensure!(
+                    following.elapsed() < FOLLOW_LIMIT,
+                    "{name}: order {order_id} still not final {FOLLOW_LIMIT:?} after it was accepted"
+                );
                 let reply = client.get_order(with_token(GetOrderRequest { order_id: order_id.clone() }, &token)).await;
                 match reply {
                     Ok(reply) => {
@@ -682,7 +693,8 @@ async fn buyer_loop(
                     }
                     Err(status) => anyhow::bail!("{name}: GetOrder {order_id} failed: {status:?}"),
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(poll).await;
+                poll = (poll * 3 / 2).min(Duration::from_secs(1));
             };
             match status {
                 (OrderStatus::Confirmed, _) => return Ok(()),

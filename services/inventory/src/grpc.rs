@@ -48,12 +48,15 @@ pub const CALLERS: flashsale_server::Callers = flashsale_server::Callers {
 #[derive(Clone)]
 pub struct InventoryGrpc {
     pool: PgPool,
+    /// The share of `pool` that buyers' reads take (orders, items, their
+    /// stats), so that recording and settling orders always find a connection.
+    crowd: flashsale_db::Lane,
     settlement: Settlement,
 }
 
 impl InventoryGrpc {
-    pub fn new(pool: PgPool, settlement: Settlement) -> Self {
-        Self { pool, settlement }
+    pub fn new(pool: PgPool, crowd: flashsale_db::Lane, settlement: Settlement) -> Self {
+        Self { pool, crowd, settlement }
     }
 
     async fn refund(&self, order_id: uuid::Uuid, user_id: Option<String>) -> Result<Order, InventoryError> {
@@ -91,7 +94,7 @@ impl InventoryService for InventoryGrpc {
     async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
         let GetItemRequest { item_id } = request.into_inner();
         let id = parse_item_id(&item_id)?;
-        let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
+        let mut conn = self.crowd.get().await.map_err(InventoryError::from)?;
         let item = items::get(&mut conn, id).await?;
         Ok(Response::new(GetItemResponse { item: Some(item_to_proto(item, Utc::now())) }))
     }
@@ -100,7 +103,7 @@ impl InventoryService for InventoryGrpc {
         let ListItemsRequest { page_size, page_token, ending_after } = request.into_inner();
         let page = crate::domain::page(page_size, &page_token, 100)?;
         let ending_after = ending_after.map(|t| parse_timestamp("ending_after", Some(t))).transpose()?;
-        let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
+        let mut conn = self.crowd.get().await.map_err(InventoryError::from)?;
         let (rows, next) = items::list(&mut conn, &page, ending_after).await?;
         let now = Utc::now();
         Ok(Response::new(ListItemsResponse {
@@ -112,7 +115,7 @@ impl InventoryService for InventoryGrpc {
     async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<GetOrderResponse>, Status> {
         let GetOrderRequest { order_id } = request.into_inner();
         let id = parse_order_id(&order_id)?;
-        let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
+        let mut conn = self.crowd.get().await.map_err(InventoryError::from)?;
         let order = orders::find(&mut conn, id).await?.ok_or(InventoryError::OrderNotFound)?;
         Ok(Response::new(GetOrderResponse { order: Some(order_to_proto(order)) }))
     }
@@ -136,7 +139,7 @@ impl InventoryService for InventoryGrpc {
         let user = if user_id.is_empty() { None } else { Some(parse_user_id(&user_id)?) };
         let item = if item_id.is_empty() { None } else { Some(parse_item_id(&item_id)?) };
         let page = crate::domain::page(page_size, &page_token, 50)?;
-        let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
+        let mut conn = self.crowd.get().await.map_err(InventoryError::from)?;
         let (rows, next) = orders::list(&mut conn, user, item, &page).await?;
         Ok(Response::new(ListOrdersResponse {
             orders: rows.into_iter().map(order_to_proto).collect(),
@@ -165,7 +168,7 @@ impl InventoryService for InventoryGrpc {
     ) -> Result<Response<GetItemStatsResponse>, Status> {
         let GetItemStatsRequest { item_id } = request.into_inner();
         let id = parse_item_id(&item_id)?;
-        let mut conn = self.pool.get().await.map_err(InventoryError::from)?;
+        let mut conn = self.crowd.get().await.map_err(InventoryError::from)?;
         let (item, stats) = items::stats(&mut conn, id).await?;
         Ok(Response::new(GetItemStatsResponse {
             item: Some(item_to_proto(item, Utc::now())),

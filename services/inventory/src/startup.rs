@@ -28,6 +28,7 @@ pub struct Application {
     port: u16,
     metrics: flashsale_server::MetricsEndpoint,
     pool: PgPool,
+    crowd: flashsale_db::Lane,
     wallet: WalletClient,
     config: Config,
     tls: Option<flashsale_server::MutualTls>,
@@ -38,10 +39,11 @@ impl Application {
         flashsale_db::run_migrations(&config.database_url, MIGRATIONS)
             .await
             .context("migrating the inventory database")?;
-        let pool = flashsale_db::build_pool(
-            &config.database_url,
-            &PoolOptions { max_size: config.db_pool_size, ..PoolOptions::default() },
-        );
+        let options = PoolOptions { max_size: config.db_pool_size, ..PoolOptions::default() };
+        let pool = flashsale_db::build_pool(&config.database_url, &options);
+        // Buyers' reads take at most this share, so recording and settling
+        // orders always find a connection however often buyers poll.
+        let crowd = flashsale_db::Lane::for_crowd(&pool, &options);
         let tls = flashsale_server::MutualTls::load(&config.tls)?;
         if let Some(tls) = &tls {
             // Renewed certificates and CA take effect without a restart.
@@ -56,7 +58,7 @@ impl Application {
         let mut metrics = flashsale_server::MetricsEndpoint::bind(config.metrics_addr).await?;
         let (scraped_pool, max_size) = (pool.clone(), config.db_pool_size);
         metrics.collect(move || flashsale_db::record_pool_state(&scraped_pool, max_size));
-        Ok(Self { listener, port, metrics, pool, wallet, config: config.clone(), tls })
+        Ok(Self { listener, port, metrics, pool, crowd, wallet, config: config.clone(), tls })
     }
 
     pub fn port(&self) -> u16 {
@@ -115,7 +117,7 @@ impl Application {
             self.tls.as_ref().map(|tls| flashsale_server::InternalTls { tls, callers: &crate::grpc::CALLERS }),
         )?;
         health.track(<InventoryServiceServer<InventoryGrpc> as NamedService>::NAME);
-        let inventory = InventoryServiceServer::new(InventoryGrpc::new(self.pool, api_settlement))
+        let inventory = InventoryServiceServer::new(InventoryGrpc::new(self.pool, self.crowd, api_settlement))
             .max_decoding_message_size(flashsale_server::MAX_DECODING_MESSAGE_SIZE)
             .max_encoding_message_size(flashsale_server::MAX_ENCODING_MESSAGE_SIZE);
         let router = router.add_service(inventory);

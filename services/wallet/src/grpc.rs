@@ -43,11 +43,14 @@ pub const CALLERS: flashsale_server::Callers = flashsale_server::Callers {
 #[derive(Clone)]
 pub struct WalletGrpc {
     pool: PgPool,
+    /// The share of `pool` that holds, voids and reads take (the calls buyers
+    /// drive), so that settlement's debits and captures always find a connection.
+    crowd: flashsale_db::Lane,
 }
 
 impl WalletGrpc {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pool: PgPool, crowd: flashsale_db::Lane) -> Self {
+        Self { pool, crowd }
     }
 
     /// Runs one money movement in a task of its own: if the client goes away
@@ -115,7 +118,7 @@ impl WalletService for WalletGrpc {
         let GetBalanceRequest { user_id, currency } = request.into_inner();
         let user = UserId::parse(&user_id).map_err(WalletError::from)?;
         let currency = Currency::parse_optional(&currency).map_err(WalletError::from)?;
-        let mut conn = self.pool.get().await.map_err(WalletError::from)?;
+        let mut conn = self.crowd.get().await.map_err(WalletError::from)?;
         let balances = ledger::balances(&mut conn, &user, currency).await?;
         let held =
             balances.iter().map(|b| Money { currency: b.currency.clone(), amount_minor: b.held_minor }).collect();
@@ -130,7 +133,7 @@ impl WalletService for WalletGrpc {
         let user = UserId::parse(&user_id).map_err(WalletError::from)?;
         let currency = Currency::parse_optional(&currency).map_err(WalletError::from)?;
         let page = crate::domain::page(page_size, &page_token)?;
-        let mut conn = self.pool.get().await.map_err(WalletError::from)?;
+        let mut conn = self.crowd.get().await.map_err(WalletError::from)?;
         let (entries, next) = ledger::transactions(&mut conn, &user, currency, page).await?;
         Ok(Response::new(ListTransactionsResponse {
             transactions: entries.into_iter().map(Into::into).collect(),
@@ -197,9 +200,9 @@ impl WalletService for WalletGrpc {
     async fn hold(&self, request: Request<HoldRequest>) -> Result<Response<HoldResponse>, Status> {
         let spec = HoldSpec::try_from(request.into_inner())?;
         let row = {
-            let pool = self.pool.clone();
+            let crowd = self.crowd.clone();
             self.in_task("hold", async move {
-                let mut conn = pool.get().await?;
+                let mut conn = crowd.get().await?;
                 holds::hold(&mut conn, &spec).await
             })
             .await?
@@ -226,9 +229,11 @@ impl WalletService for WalletGrpc {
     async fn void(&self, request: Request<VoidRequest>) -> Result<Response<VoidResponse>, Status> {
         let target = HoldTarget::try_from(request.into_inner())?;
         let row = {
-            let pool = self.pool.clone();
+            // Voids follow holds (an admission undone, an order rejected): in
+            // the crowd's share as well, behind settlement.
+            let crowd = self.crowd.clone();
             self.in_task("void", async move {
-                let mut conn = pool.get().await?;
+                let mut conn = crowd.get().await?;
                 holds::void(&mut conn, &target).await
             })
             .await?

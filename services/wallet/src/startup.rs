@@ -19,6 +19,7 @@ pub struct Application {
     port: u16,
     metrics: flashsale_server::MetricsEndpoint,
     pool: PgPool,
+    crowd: flashsale_db::Lane,
     grace: Duration,
     tls: Option<flashsale_server::MutualTls>,
     sweep_every: Duration,
@@ -34,10 +35,11 @@ impl Application {
         flashsale_db::run_migrations(&config.database_url, MIGRATIONS)
             .await
             .context("migrating the wallet database")?;
-        let pool = flashsale_db::build_pool(
-            &config.database_url,
-            &PoolOptions { max_size: config.db_pool_size, ..PoolOptions::default() },
-        );
+        let options = PoolOptions { max_size: config.db_pool_size, ..PoolOptions::default() };
+        let pool = flashsale_db::build_pool(&config.database_url, &options);
+        // Holds and buyers' reads take at most this share, so settlement
+        // (captures, debits) always finds a connection under a crowd.
+        let crowd = flashsale_db::Lane::for_crowd(&pool, &options);
         let listener =
             TcpListener::bind(config.listen_addr).await.with_context(|| format!("binding {}", config.listen_addr))?;
         let port = listener.local_addr()?.port();
@@ -49,6 +51,7 @@ impl Application {
             port,
             metrics,
             pool,
+            crowd,
             grace: config.shutdown_grace(),
             tls,
             sweep_every: Duration::from_millis(config.hold_sweep_interval_ms),
@@ -82,7 +85,7 @@ impl Application {
         health.track(<WalletServiceServer<WalletGrpc> as NamedService>::NAME);
         let metrics_stop = tokio_util::sync::CancellationToken::new();
         let sweeper = tokio::spawn(sweep_expired_holds(self.pool.clone(), self.sweep_every, metrics_stop.clone()));
-        let wallet = WalletServiceServer::new(WalletGrpc::new(self.pool))
+        let wallet = WalletServiceServer::new(WalletGrpc::new(self.pool, self.crowd))
             .max_decoding_message_size(flashsale_server::MAX_DECODING_MESSAGE_SIZE)
             .max_encoding_message_size(flashsale_server::MAX_ENCODING_MESSAGE_SIZE);
         let router = router.add_service(wallet);

@@ -134,6 +134,65 @@ pub fn build_pool(database_url: &str, options: &PoolOptions) -> PgPool {
         .build_unchecked(manager)
 }
 
+/// A share of a pool for the calls a crowd drives (buyers' reads, holds of
+/// their funds): at most `share` of the pool's connections at once, so that
+/// the work that ends orders (recording them, settling them) always finds a
+/// connection however many buyers call. Past the share, callers wait for a
+/// turn as they would for a connection, and fail the same way (`TimedOut`,
+/// which the services answer as `UNAVAILABLE`) when none comes in time.
+///
+/// bb8 hands connections out first come, first served and has no priorities;
+/// a semaphore in front of it is the smallest way to reserve a few.
+#[derive(Clone)]
+pub struct Lane {
+    pool: PgPool,
+    turns: std::sync::Arc<tokio::sync::Semaphore>,
+    timeout: Duration,
+}
+
+/// A connection taken through a [`Lane`]: the turn is given back with it.
+pub struct LaneConn<'a> {
+    conn: PooledConn<'a>,
+    _turn: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl std::ops::Deref for LaneConn<'_> {
+    type Target = AsyncPgConnection;
+
+    fn deref(&self) -> &AsyncPgConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for LaneConn<'_> {
+    fn deref_mut(&mut self) -> &mut AsyncPgConnection {
+        &mut self.conn
+    }
+}
+
+impl Lane {
+    /// The crowd's share of a pool of `options.max_size`: all but a quarter
+    /// of it (at least one connection kept back, at least one in the share).
+    pub fn for_crowd(pool: &PgPool, options: &PoolOptions) -> Self {
+        let kept_back = (options.max_size / 4).max(1);
+        let share = options.max_size.saturating_sub(kept_back).max(1);
+        Self {
+            pool: pool.clone(),
+            turns: std::sync::Arc::new(tokio::sync::Semaphore::new(share as usize)),
+            timeout: options.connection_timeout,
+        }
+    }
+
+    /// A connection, once the share has room and the pool one to give.
+    pub async fn get(&self) -> Result<LaneConn<'_>, PoolError> {
+        let turn = tokio::time::timeout(self.timeout, self.turns.acquire())
+            .await
+            .map_err(|_| bb8::RunError::TimedOut)?
+            .map_err(|_| bb8::RunError::TimedOut)?;
+        Ok(LaneConn { conn: self.pool.get().await?, _turn: turn })
+    }
+}
+
 /// Applies every pending embedded migration. Needs a multi-threaded runtime:
 /// diesel's migration machinery is synchronous and runs under `block_in_place`.
 pub async fn run_migrations(database_url: &str, migrations: EmbeddedMigrations) -> Result<(), DbSetupError> {

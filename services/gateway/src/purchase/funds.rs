@@ -13,6 +13,16 @@ use crate::upstream::request;
 /// minute with the backoff's growth) before the hold is left to expire.
 const RELEASE_TRIES: usize = 20;
 
+/// Most holds this gateway has in flight to the wallet, and how long an
+/// attempt waits for a turn before it is answered `UNAVAILABLE` (its units
+/// given back, nothing asked of the wallet). Past a few dozen in flight, holds
+/// only queue inside the wallet for its connections; there they time out with
+/// an unknown outcome, and each then costs a void as well: an overloaded
+/// wallet would get ever more work. Shedding here keeps its load at what it
+/// can answer, and buyers retry (as `UNAVAILABLE` invites) once it can.
+pub(super) const HOLDS_IN_FLIGHT: usize = 48;
+const HOLD_TURN_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// How the hold of a fresh reservation went.
 pub(super) enum Held {
     Yes,
@@ -61,6 +71,11 @@ impl Purchases {
     /// Holds the order's price in the buyer's wallet under the order id (one
     /// hold per order id, so a call lost in transit is sent again safely).
     pub(super) async fn hold(&self, record: &AdmissionRecord) -> Held {
+        let Ok(Ok(_turn)) = tokio::time::timeout(HOLD_TURN_WAIT, self.hold_turns.acquire()).await else {
+            metrics::counter!("flashsale_purchase_holds_total", "outcome" => "shed").increment(1);
+            let busy = GatewayError::Unavailable("the wallet has as many holds in flight as it can take".into());
+            return Held::Refused(busy);
+        };
         let held = crate::upstream::retry_if_lost(|| {
             let mut client = self.upstreams.wallet.clone();
             let hold = HoldRequest {

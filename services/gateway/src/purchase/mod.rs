@@ -1,4 +1,4 @@
-//! The purchase hot path (README, "The purchase path", steps 1–3): local checks with no
+//! The purchase hot path (services/DESIGN.md, "The purchase path", steps 1–3): local checks with no
 //! I/O, one Redis script, then — for the few winners only — the admission
 //! record, the hold of the buyer's money and the confirmed publish of
 //! `OrderPlaced`. The hold and its release: `funds.rs`; undoing a
@@ -41,6 +41,8 @@ pub struct Purchases {
     limits: Arc<crate::abuse::AbuseLimits>,
     /// `PURCHASE_HOLD_TTL_SECONDS`.
     hold_ttl_seconds: u32,
+    /// Turns for holds in flight to the wallet ([`funds::HOLDS_IN_FLIGHT`]).
+    hold_turns: tokio::sync::Semaphore,
 }
 
 /// Tries to give a refused order's units back before the buyer is told PENDING instead.
@@ -76,6 +78,7 @@ impl Purchases {
             rebuilds: Mutex::new(HashMap::new()),
             limits,
             hold_ttl_seconds,
+            hold_turns: tokio::sync::Semaphore::new(funds::HOLDS_IN_FLIGHT),
         }
     }
 
