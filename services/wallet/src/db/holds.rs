@@ -66,92 +66,82 @@ fn same(row: &HoldRow, target: &HoldTarget) -> bool {
         && row.amount_minor == target.amount.minor()
 }
 
-/// Holds `spec.target.amount` of the user's available balance for the order.
+diesel::define_sql_function! {
+    /// The hold in one statement (the `hold_in_one_statement` migration):
+    /// `('held', expiry)` or `('existing', NULL)`; refusals are raised.
+    fn hold_funds(
+        order: Text,
+        user: Text,
+        currency: Text,
+        amount: BigInt,
+        reference: Text,
+        ttl_seconds: Integer,
+    ) -> diesel::sql_types::Record<(Text, diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)>;
+}
+
+/// The fixed texts `hold_funds` raises its refusals with.
+const REFUSED_FOR_FUNDS: &str = "hold_funds: insufficient funds";
+const PAID_FIRST: &str = "hold_funds: paid first: ";
+
+/// Holds `spec.target.amount` of the user's available balance for the order:
+/// one call of `hold_funds`, which takes the hold's row, then the account,
+/// then reads the order's payment key (see its migration for why in that order).
 pub async fn hold(conn: &mut AsyncPgConnection, spec: &HoldSpec) -> Result<HoldRow, WalletError> {
     let target = &spec.target;
-    let result = conn
-        .transaction::<_, Abort, _>(async |conn| {
-            let inserted: Option<HoldRow> = diesel::sql_query(
-                "INSERT INTO holds (order_id, user_id, currency, amount_minor, reference, expires_at)
-                 VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
-                 ON CONFLICT DO NOTHING
-                 RETURNING order_id, user_id, currency, amount_minor, reference, state, expires_at",
-            )
-            .bind::<Text, _>(target.order.as_str())
-            .bind::<Text, _>(target.user.as_str())
-            .bind::<Text, _>(target.currency.code())
-            .bind::<BigInt, _>(target.amount.minor())
-            .bind::<Text, _>(spec.reference.as_str())
-            .bind::<Integer, _>(i32::try_from(spec.ttl_seconds).unwrap_or(i32::MAX))
-            .get_result(conn)
-            .await
-            .optional()?;
-            let Some(row) = inserted else {
-                // The order has a hold (or a void) already: answer as it stands.
-                let row = find(conn, target.order.as_str()).await?.ok_or(diesel::result::Error::NotFound)?;
-                return Ok((row, false));
-            };
-            let amount = target.amount.minor();
-            let moved: Option<(i64, i64)> = diesel::update(accounts::table)
-                .filter(accounts::user_id.eq(target.user.as_str()))
-                .filter(accounts::currency.eq(target.currency.code()))
-                .filter((accounts::balance_minor - accounts::held_minor).ge(amount))
-                .set((
-                    accounts::held_minor.eq(accounts::held_minor + amount),
-                    accounts::updated_at.eq(diesel::dsl::now),
-                ))
-                .returning((accounts::balance_minor, accounts::held_minor))
-                .get_result(conn)
-                .await
-                .optional()?;
-            // Not enough available: nothing is kept, the order may try again.
-            let (balance, held) = moved.ok_or(Abort::Refuse(WalletError::InsufficientFunds))?;
-            // The order's payment may have been decided by a debit without a
-            // hold (a copy of the order published before this hold arrived).
-            // Holding now would keep money no payment will take. A debit locks
-            // the account before it looks for a hold, and the update above has
-            // just waited for that lock, so a debit that did not see this hold
-            // has committed its key by now.
-            let decided: Option<Option<String>> = idempotency_keys::table
-                .find(target.order.as_str())
-                .select(idempotency_keys::outcome)
-                .first(conn)
-                .await
-                .optional()?;
-            if let Some(outcome) = decided {
-                let state = if outcome.as_deref() == Some(APPLIED) { CAPTURED } else { VOIDED };
-                return Err(Abort::Refuse(WalletError::HoldClosed(state)));
-            }
-            append(conn, &format!("{}/hold", target.order.as_str()), &row, "hold", balance, held).await?;
-            Ok((row, true))
-        })
-        .await;
-    match result {
-        Ok((row, true)) => {
+    let called: QueryResult<(String, Option<chrono::DateTime<chrono::Utc>>)> = diesel::select(hold_funds(
+        target.order.as_str(),
+        target.user.as_str(),
+        target.currency.code(),
+        target.amount.minor(),
+        spec.reference.as_str(),
+        i32::try_from(spec.ttl_seconds).unwrap_or(i32::MAX),
+    ))
+    .get_result(conn)
+    .await;
+    let refusal = |error: &diesel::result::Error| match error {
+        diesel::result::Error::DatabaseError(_, info) => Some(info.message().to_owned()),
+        _ => None,
+    };
+    match called {
+        Ok((outcome, Some(expires_at))) if outcome == "held" => {
             count("hold", "held");
-            Ok(row)
+            Ok(HoldRow {
+                order_id: target.order.as_str().to_owned(),
+                user_id: target.user.as_str().to_owned(),
+                currency: target.currency.code().to_owned(),
+                amount_minor: target.amount.minor(),
+                reference: spec.reference.as_str().to_owned(),
+                state: OPEN.to_owned(),
+                expires_at,
+            })
         }
-        Ok((row, false)) if !same(&row, target) => {
-            count("hold", "key_reused");
-            Err(WalletError::IdempotencyKeyReused)
+        Ok(_) => {
+            // The order has a hold (or a void) already: answer as it stands.
+            let row = find(conn, target.order.as_str()).await?.ok_or(WalletError::HoldNotFound)?;
+            if !same(&row, target) {
+                count("hold", "key_reused");
+                Err(WalletError::IdempotencyKeyReused)
+            } else if row.state == VOIDED {
+                count("hold", "voided_first");
+                Err(WalletError::HoldClosed(VOIDED))
+            } else {
+                count("hold", "replayed");
+                Ok(row)
+            }
         }
-        Ok((row, false)) if row.state == VOIDED => {
-            count("hold", "voided_first");
-            Err(WalletError::HoldClosed(VOIDED))
-        }
-        Ok((row, false)) => {
-            count("hold", "replayed");
-            Ok(row)
-        }
-        Err(Abort::Refuse(WalletError::InsufficientFunds)) => {
-            count("hold", "insufficient_funds");
-            Err(WalletError::InsufficientFunds)
-        }
-        Err(Abort::Refuse(WalletError::HoldClosed(state))) => {
-            count("hold", "paid_first");
-            Err(WalletError::HoldClosed(state))
-        }
-        Err(abort) => Err(abort.into()),
+        Err(error) => match refusal(&error) {
+            Some(message) if message == REFUSED_FOR_FUNDS => {
+                count("hold", "insufficient_funds");
+                Err(WalletError::InsufficientFunds)
+            }
+            // The order's payment was decided by a debit without a hold.
+            Some(message) if message.starts_with(PAID_FIRST) => {
+                count("hold", "paid_first");
+                let applied = message.strip_prefix(PAID_FIRST) == Some(APPLIED);
+                Err(WalletError::HoldClosed(if applied { CAPTURED } else { VOIDED }))
+            }
+            _ => Err(error.into()),
+        },
     }
 }
 

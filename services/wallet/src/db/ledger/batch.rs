@@ -6,7 +6,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use super::movement::{apply, apply_movement};
 use super::{APPLIED, Abort, INSUFFICIENT_FUNDS, MovementOutcome, answer, count, lock_accounts, replay};
 use crate::db::models::{KeyClaim, LedgerEntry};
-use crate::db::schema::{holds, idempotency_keys};
+use crate::db::schema::idempotency_keys;
 use crate::domain::{Kind, Movement};
 use crate::error::WalletError;
 
@@ -42,24 +42,14 @@ pub async fn apply_batch(
         .transaction::<_, Abort, _>(async |conn| {
             let mut outcomes = Vec::with_capacity(fresh.len());
             lock_accounts(conn, fresh.iter().map(|&i| &movements[i])).await?;
-            // Orders whose funds are held are captured, one by one (`apply_movement`).
-            let fresh_keys: Vec<&str> = fresh.iter().map(|&i| keys[i]).collect();
-            let held: std::collections::HashSet<String> = holds::table
-                .filter(holds::order_id.eq_any(&fresh_keys))
-                .filter(holds::state.eq(crate::db::holds::OPEN))
-                .select(holds::order_id)
-                .load(conn)
-                .await?
-                .into_iter()
-                .collect();
-            // Each account's first debit goes in the set-based statements; whatever
-            // else touches an account already in them follows one by one.
+            // Each account's first debit goes in the set-based statements (which
+            // capture the order's hold where it has one); whatever else touches an
+            // account already in them follows one by one.
             let mut accounts = std::collections::HashSet::new();
             let mut seen_keys = std::collections::HashSet::new();
             let (first, rest): (Vec<usize>, Vec<usize>) = fresh.iter().partition(|&&i| {
                 let m = &movements[i];
                 m.kind == Kind::Debit
-                    && !held.contains(m.key.as_str())
                     && !accounts.contains(&(m.user.as_str(), m.currency.code()))
                     && !seen_keys.contains(m.key.as_str())
                     && accounts.insert((m.user.as_str(), m.currency.code()))
@@ -108,10 +98,11 @@ pub async fn apply_batch(
     Ok(answers)
 }
 
-/// [`apply_movement`] for debits of distinct accounts, as three set-based statements
-/// (claim the keys, move the money and append the entries, record the
-/// outcomes) instead of four per debit. Inside the caller's transaction, with
-/// the accounts locked already.
+/// [`apply_movement`] for debits of distinct accounts, as four set-based
+/// statements (claim the keys; capture the held orders' holds and append their
+/// entries; move the others' money and append their entries; record the
+/// outcomes) instead of four or five per debit. Inside the caller's
+/// transaction, with the accounts locked already.
 async fn debit_set<'a>(
     conn: &mut AsyncPgConnection,
     movements: &'a [Movement],
@@ -152,8 +143,56 @@ async fn debit_set<'a>(
     .collect();
 
     // Only the claimed ones move money: the others belong to a concurrent request.
-    let mine: Vec<usize> = (0..batch.len()).filter(|&j| claimed.contains(keys[j])).collect();
-    let pick = |column: &[&'a str]| mine.iter().map(|&j| column[j]).collect::<Vec<&'a str>>();
+    let claimed_here: Vec<usize> = (0..batch.len()).filter(|&j| claimed.contains(keys[j])).collect();
+    let pick_of = |of: &[usize], column: &[&'a str]| of.iter().map(|&j| column[j]).collect::<Vec<&'a str>>();
+    // An order whose funds are held is charged what is held: its open hold of
+    // the same user and amount is captured (as `capture_for_debit` does for one
+    // debit, holds a sweeper has locked left to it), the balance and the held
+    // amount both go down, and the capture's entry is the debit's answer.
+    let captured: Vec<LedgerEntry> = if claimed_here.is_empty() {
+        Vec::new()
+    } else {
+        diesel::sql_query(
+            "WITH d(k, u, c, a, r) AS (
+                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[])),
+                  due AS (
+                  SELECT h.order_id FROM holds h
+                    JOIN d ON h.order_id = d.k AND h.user_id = d.u AND h.currency = d.c AND h.amount_minor = d.a
+                   WHERE h.state = 'open'
+                     FOR UPDATE OF h SKIP LOCKED),
+                  closed AS (
+                  UPDATE holds SET state = 'captured', closed_at = now()
+                    FROM due
+                   WHERE holds.order_id = due.order_id
+               RETURNING holds.order_id),
+                  charged AS (
+                  UPDATE accounts
+                     SET balance_minor = balance_minor - d.a, held_minor = held_minor - d.a, updated_at = now()
+                    FROM closed JOIN d ON d.k = closed.order_id
+                   WHERE accounts.user_id = d.u AND accounts.currency = d.c
+               RETURNING d.k, d.u, d.c, d.a, d.r, accounts.balance_minor, accounts.held_minor)
+             INSERT INTO ledger_entries
+                    (idempotency_key, user_id, currency, kind, amount_minor, balance_after_minor, reference,
+                     held_after_minor)
+             SELECT k, u, c, 'capture', a, balance_minor, r, held_minor FROM charged
+             RETURNING id, idempotency_key, user_id, currency, kind, amount_minor, balance_after_minor, reference,
+                       created_at, held_after_minor",
+        )
+        .bind::<Array<Text>, _>(pick_of(&claimed_here, &keys))
+        .bind::<Array<Text>, _>(pick_of(&claimed_here, &users))
+        .bind::<Array<Text>, _>(pick_of(&claimed_here, &currencies))
+        .bind::<Array<BigInt>, _>(claimed_here.iter().map(|&j| amounts[j]).collect::<Vec<i64>>())
+        .bind::<Array<Text>, _>(pick_of(&claimed_here, &references))
+        .load(conn)
+        .await?
+    };
+    for _ in &captured {
+        metrics::counter!("flashsale_wallet_holds_total", "step" => "capture", "result" => "debited").increment(1);
+    }
+    let captured_keys: std::collections::HashSet<String> =
+        captured.iter().map(|entry| entry.idempotency_key.clone()).collect();
+    let mine: Vec<usize> = claimed_here.iter().copied().filter(|&j| !captured_keys.contains(keys[j])).collect();
+    let pick = |column: &[&'a str]| pick_of(&mine, column);
     let entries: Vec<LedgerEntry> = if mine.is_empty() {
         Vec::new()
     } else {
@@ -180,8 +219,10 @@ async fn debit_set<'a>(
         .await?
     };
     let mut by_key: std::collections::HashMap<String, LedgerEntry> =
-        entries.into_iter().map(|e| (e.idempotency_key.clone(), e)).collect();
+        entries.into_iter().chain(captured).map(|e| (e.idempotency_key.clone(), e)).collect();
 
+    let mine = claimed_here;
+    let pick = |column: &[&'a str]| pick_of(&mine, column);
     let outcomes: Vec<&str> =
         mine.iter().map(|&j| if by_key.contains_key(keys[j]) { APPLIED } else { INSUFFICIENT_FUNDS }).collect();
     let entry_ids: Vec<Option<i64>> = mine.iter().map(|&j| by_key.get(keys[j]).map(|e| e.id)).collect();
