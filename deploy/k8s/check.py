@@ -11,8 +11,9 @@ script checks that, on each rendered overlay given on the command line:
   covers the pause plus SHUTDOWN_GRACE_SECONDS;
 - every gRPC Service port says `appProtocol: grpc`;
 - every ConfigMap or Secret key a container reads exists;
-- every variable of the README's configuration table is given to the service
-  that reads it (or is listed below as deliberately left at its default);
+- every variable of the configuration table in deploy/README.md is given to
+  the service that reads it (or is listed below as deliberately left at its
+  default);
 - autoscalers and disruption budgets point at Deployments that exist;
 - mesh routes name Services, ports and RPCs that exist (RPCs from proto/);
 - Istio's AuthorizationPolicies allow exactly the callers the NetworkPolicies
@@ -47,7 +48,7 @@ OPTIONAL = {"JWT_ISSUER", "JWT_AUDIENCE", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
             # sign-in through an identity provider instead of JWT_SECRET (k8s README)
             "OIDC_ISSUER", "OIDC_AUDIENCE", "OIDC_JWKS_URL", "OIDC_JWKS_FILE", "OIDC_ROLES_CLAIM",
             "OIDC_JWKS_MIN_REFETCH_MS", "OIDC_CLIENT_ID",
-            # the services' own mutual TLS, for deployments without a mesh (README)
+            # the services' own mutual TLS, for deployments without a mesh (deploy/README.md)
             "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE", "TLS_RELOAD_INTERVAL_MS"}
 
 KNOWN_CRDS = {
@@ -78,8 +79,8 @@ def rpcs():
 
 
 def readme_variables():
-    """Variable -> the services the README's configuration table says read it."""
-    text = (ROOT / "README.md").read_text()
+    """Variable -> the services deploy/README.md's configuration table says read it."""
+    text = (ROOT / "deploy" / "README.md").read_text()
     section = text.split("## Configuration", 1)[1]
     table = next(block for block in section.split("\n\n") if block.startswith("| variable"))
     wanted = {}
@@ -169,13 +170,13 @@ def check(path, problems):
 
     wanted = readme_variables()
     if len(wanted) < 20:
-        problem(f"the README's configuration table gave {len(wanted)} variables; is its layout changed?")
+        problem(f"deploy/README.md's configuration table gave {len(wanted)} variables; is its layout changed?")
     for variable, readers in wanted.items():
         if variable in OPTIONAL or (variable.startswith("OTEL_") and variable not in {"OTEL_EXPORTER_OTLP_ENDPOINT"}):
             continue
         for reader in readers:
             if variable not in env_of.get(reader, set()):
-                problem(f"{variable} (README, read by {reader}) is not given to flashsale-{reader}")
+                problem(f"{variable} (deploy/README.md, read by {reader}) is not given to flashsale-{reader}")
 
     for name, service in services.items():
         for port in service["spec"]["ports"]:

@@ -17,6 +17,9 @@ if ! command -v buf >/dev/null 2>&1; then
 fi
 (cd proto && buf lint && buf format --diff --exit-code >/dev/null)
 
+step "docs: every heading of the old front page in its guide, every relative link resolves"
+python3 .ci/check_docs.py
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

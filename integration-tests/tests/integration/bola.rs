@@ -1,6 +1,6 @@
 //! Object-level authorization, door by door (OWASP API1 and API5): every
 //! gateway RPC and REST route × (the owner of an order, another buyer, an
-//! admin, no token) gets the answer the README's table documents, and where
+//! admin, no token) gets the answer proto/README.md's table ("Who may call what") documents, and where
 //! the call is refused nothing changes: the order stays as it was, no balance
 //! moves, no item appears. A buyer's reads, watches and refunds are scoped to
 //! the token's subject; admin operations are the admin's alone.

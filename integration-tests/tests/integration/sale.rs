@@ -379,7 +379,7 @@ async fn follow(
             }
             Err(status) if is_no_answer(&status) => {}
             // Redis lost the admission record of an order still in the queue:
-            // unknown until inventory records it (README, "Known limits").
+            // unknown until inventory records it (proto/README.md, "Known limits").
             Err(status) if status.code() == tonic::Code::NotFound => {}
             Err(status) => anyhow::bail!("GetOrder {order_id}: {status:?}"),
         }

@@ -1,5 +1,5 @@
 //! The gateway's one error type and its mapping onto gRPC statuses (the
-//! README's error table). Clients get a reason and a fixed message;
+//! error table in proto/README.md, "Errors"). Clients get a reason and a fixed message;
 //! the cause of an internal or unavailable error is logged once, here.
 
 use tonic::{Code, Status};

@@ -1,4 +1,4 @@
-//! Consumes the order events inventory publishes (README, "The purchase path"):
+//! Consumes the order events inventory publishes (services/DESIGN.md, "The purchase path"):
 //! - from the shared, durable admission-events queue, the Redis side effects of
 //!   each final state (release units, clear in-flight marks), at least once and
 //!   idempotent per (order, status), by whichever gateway takes the message.

@@ -1,5 +1,5 @@
 //! Publishes `OrderPlaced` to the orders quorum queue and waits for the broker's
-//! confirm (README, "The purchase path", step 3). One confirm-mode channel is
+//! confirm (services/DESIGN.md, "The purchase path", step 3). One confirm-mode channel is
 //! shared by all purchases, so their confirms pipeline.
 //!
 //! Reconnecting is one background task's job ([`OrderPublisher::run_reconnector`]):

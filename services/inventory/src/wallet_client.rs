@@ -103,7 +103,7 @@ fn debit(order: &Order) -> DebitRequest {
 fn classify(status: tonic::Status) -> WalletCallError {
     match status.code() {
         // Unimplemented: a wallet older than this inventory (wallets are
-        // upgraded first; README, Configuration).
+        // upgraded first; deploy/README.md, "Commands, dead letters and upgrades").
         Code::Unimplemented
         | Code::InvalidArgument
         | Code::AlreadyExists

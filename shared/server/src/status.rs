@@ -1,5 +1,5 @@
 //! gRPC statuses with machine-readable reasons (`google.rpc.ErrorInfo`), the
-//! encoding every service uses for the README's error table ("Errors").
+//! encoding every service uses for the error table in proto/README.md ("Errors").
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};

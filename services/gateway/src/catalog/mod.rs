@@ -1,6 +1,6 @@
 //! The gateway's in-memory view of the items on sale: the fast path that turns
 //! away unknown items, closed sales and sold-out items with no network I/O
-//! (README, "The purchase path", step 1). Kept fresh from inventory every refresh interval;
+//! (services/DESIGN.md, "The purchase path", step 1). Kept fresh from inventory every refresh interval;
 //! the sold-out flags are cleared by order events and checked against Redis.
 //!
 //! Each item's sold-out state machine (what the gateway may answer from

@@ -1,4 +1,4 @@
--- Admits or refuses one purchase attempt, atomically (README, "The purchase path", step 2),
+-- Admits or refuses one purchase attempt, atomically (services/DESIGN.md, "The purchase path", step 2),
 -- in the buyer's stock bucket. Every key is hash-tagged by bucket ({ITEM} or
 -- {ITEM/B}) so the script runs on Redis Cluster.
 -- Key types and value encodings: services/DESIGN.md, "Redis keys".

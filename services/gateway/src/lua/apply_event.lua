@@ -1,5 +1,5 @@
 -- Applies a final order state decided by PostgreSQL to the item's admission
--- state, at most once per (order, status) (README, "The purchase path", step 5).
+-- state, at most once per (order, status) (services/DESIGN.md, "The purchase path", step 5).
 -- Key types and value encodings: services/DESIGN.md, "Redis keys".
 -- KEYS: 1 ready, 2 tokens, 3 held, 4 inflight, 5 admitted, 6 applied, 7 parked
 -- ARGV: 1 order id, 2 user, 3 quantity, 4 status, 5 reject reason,

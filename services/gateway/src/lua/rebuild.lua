@@ -1,7 +1,7 @@
 -- Finishes rebuilding a bucket's admission state from an inventory snapshot
 -- whose pieces are written (rebuild_begin.lua, rebuild_part.lua): applies the
 -- events parked meanwhile that the snapshot does not contain, sets the tokens
--- and makes the state ready (README, "Known limits": Redis is a cache).
+-- and makes the state ready (proto/README.md, "Known limits": Redis is a cache).
 -- Key types and value encodings: services/DESIGN.md, "Redis keys".
 -- KEYS: 1 ready, 2 tokens, 3 held, 4 inflight, 5 applied, 6 parked, 7 rebuilding
 -- ARGV: 1 rebuild token, 2 item version, 3 stock tokens for this bucket

@@ -1,5 +1,5 @@
 -- Starts rebuilding one stock bucket's admission state from an inventory
--- snapshot that arrives in pieces (README, "Known limits": Redis is a cache):
+-- snapshot that arrives in pieces (proto/README.md, "Known limits": Redis is a cache):
 -- takes the bucket's rebuild lease and clears what the snapshot replaces. The
 -- pieces follow (rebuild_part.lua), then rebuild.lua makes the state ready.
 -- Until then `ready` is missing, so admissions answer NOT_READY and events park.

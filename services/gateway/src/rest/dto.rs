@@ -412,7 +412,7 @@ pub struct ErrorBody {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
-    /// The reason code of the README's error table (the gRPC `ErrorInfo.reason`).
+    /// The reason code of the error table in proto/README.md, "Errors" (the gRPC `ErrorInfo.reason`).
     #[schema(example = "SOLD_OUT")]
     pub code: String,
     pub message: String,

@@ -1,5 +1,5 @@
 //! REST errors: the same reason codes as gRPC, with the HTTP statuses of
-//! the README's error table, as `{"error": {"code", "message"}}`. Every way a
+//! the error table in proto/README.md ("Errors"), as `{"error": {"code", "message"}}`. Every way a
 //! request can be malformed (JSON syntax, types, unknown fields, path or
 //! query) is a 400 `INVALID_ARGUMENT`, never axum's default 415/422 text; a
 //! body over the size limit is a 413 `PAYLOAD_TOO_LARGE` (REST only: gRPC
@@ -88,7 +88,7 @@ impl ApiError {
     }
 }
 
-/// The HTTP status for a reason code (the README's error table, "Errors").
+/// The HTTP status for a reason code (proto/README.md's error table, "Errors").
 pub fn http_status(reason: &str, code: tonic::Code) -> StatusCode {
     match reason {
         "UNAUTHENTICATED" => StatusCode::UNAUTHORIZED,
@@ -235,7 +235,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
 mod tests {
     use super::*;
 
-    /// The README's error table, row by row, including reasons only inventory or
+    /// proto/README.md's error table ("Errors"), row by row, including reasons only inventory or
     /// wallet produce (INSUFFICIENT_FUNDS reaches buyers as an order's
     /// reject_reason, since payment happens after the 202).
     #[test]
