@@ -236,6 +236,14 @@ SQL
 C3H=$({ pgbench -n -M prepared -c 16 -j 2 -T "${DUR%s}" -f "$OUT/hold.sql" "$PG/${TAG}_pgbench_wallet" 2>"$OUT/c3h.err" || true; } |
   awk '/^tps/ {print int($3)}')
 
+echo "[bench] C3f: pgbench, the same hold as one call of hold_funds (what the wallet sends since 2026-12-08)" >&2
+cat >"$OUT/hold-function.sql" <<'SQL'
+\set u random(1, 5000)
+SELECT hold_funds(gen_random_uuid()::text, 'u' || :u::text, 'USD', 100, 'bench', 900);
+SQL
+C3F=$({ pgbench -n -M prepared -c 16 -j 2 -T "${DUR%s}" -f "$OUT/hold-function.sql" "$PG/${TAG}_pgbench_wallet" 2>"$OUT/c3f.err" || true; } |
+  awk '/^tps/ {print int($3)}')
+
 echo "[bench] S4: 100 units, $S4_USERS buyers (about one in five cannot pay)" >&2
 load seed --gateway-url $GW --users "$S4_USERS" --stock 100 >"$OUT/sale-s4.json"
 profile s4 5
@@ -352,6 +360,7 @@ ratio() { python3 -c "print(f'{$1 / max($2, 1):.2f}')"; }
   echo "| C2 null RPC (health Check via the gateway), $VUS users | $C2 /s | |"
   echo "| C3 pgbench one-order transaction, 16 clients | $C3 /s | |"
   echo "| C3h pgbench one funds hold per transaction, 16 clients | ${C3H:-n/a} /s | |"
+  echo "| C3f pgbench one funds hold as one hold_funds call, 16 clients | ${C3F:-n/a} /s | |"
   echo "| S1 purchase attempts while stock remains (each reserves and holds funds) | $S1 /s | S1/C1 = $(ratio "$S1" "$C1") (≥ 0.35) |"
   echo "| S2 purchase attempts after sell-out | $S2 /s | S2/C2 = $(ratio "$S2" "$C2") (≥ 0.9) |"
   echo "| S3 orders settled per second ($S3_ORDERS orders in $S3_MS ms) | $S3 /s | S3/C3 = $(ratio "$S3" "$C3") (≥ 2) |"

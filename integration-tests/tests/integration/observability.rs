@@ -142,6 +142,84 @@ async fn metrics_of_each_service_agree_with_the_audit_after_a_storm() -> anyhow:
     suite.shutdown().await
 }
 
+/// A unit that comes back after the sale sold out (here by a refund) is
+/// counted by `flashsale_units_returned_total{after_sold_out="true"}`, and is
+/// on offer again: the buyer told SOLD_OUT before gets it on the next try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_refunded_after_sell_out_is_counted_and_sold_again() -> anyhow::Result<()> {
+    use flashsale_proto::common::v1::OrderStatus;
+    use flashsale_proto::gateway::v1::{GetOrderRequest, RefundOrderRequest};
+
+    let _machine = flashsale_integration_tests::suite::machine_share().await;
+    let suite = BinarySuite::spawn().await?;
+    let admin = token("operator", true);
+    let item = CreateItemRequest {
+        id: "returned".into(),
+        name: "one unit, refunded".into(),
+        price: usd(700),
+        stock_total: 1,
+        per_user_limit: 1,
+        starts_at: at(Duration::from_secs(1), false),
+        ends_at: at(Duration::from_secs(3600), true),
+        admission_buckets: 0,
+    };
+    suite.admin().create_item(with_token(item, &admin)).await?;
+    for user in ["alice", "bob"] {
+        let request = TopUpRequest {
+            user_id: user.into(),
+            amount: Some(Money { currency: "USD".into(), amount_minor: 10_000 }),
+            idempotency_key: String::new(),
+        };
+        suite.admin().top_up(with_token(request, &admin)).await?;
+    }
+    let buy = |user: &'static str| {
+        let mut client = suite.buyers();
+        async move {
+            let request = PurchaseRequest { item_id: "returned".into(), quantity: 1, idempotency_key: String::new() };
+            client.purchase(with_token(request, &token(user, false))).await.map(|r| r.into_inner().order_id)
+        }
+    };
+    let until_final = |user: &'static str, order_id: String| {
+        let mut client = suite.buyers();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let request = GetOrderRequest { order_id: order_id.clone() };
+                let order = client.get_order(with_token(request, &token(user, false))).await?.into_inner().order;
+                let status = order.map(|o| o.status()).unwrap_or(OrderStatus::Unspecified);
+                if status != OrderStatus::Pending {
+                    return anyhow::Ok(status);
+                }
+                anyhow::ensure!(tokio::time::Instant::now() < deadline, "order {order_id} still pending");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    let alices = buy("alice").await?;
+    assert_eq!(until_final("alice", alices.clone()).await?, OrderStatus::Confirmed);
+    let refused = buy("bob").await.expect_err("the only unit is sold");
+    assert_eq!(flashsale_integration_tests::error_reason(&refused).as_deref(), Some("SOLD_OUT"));
+    let returned =
+        |samples: &[(String, f64)]| sum(samples, "flashsale_units_returned_total", &["after_sold_out=\"true\""]);
+    assert_eq!(returned(&scrape(&suite.gateway.metrics_url()).await?), 0.0, "nothing returned yet");
+
+    suite.buyers().refund_order(with_token(RefundOrderRequest { order_id: alices }, &token("alice", false))).await?;
+    // The refund's event reaches the gateway, which puts the unit back on offer and counts it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let counted = returned(&scrape(&suite.gateway.metrics_url()).await?);
+        if counted == 1.0 {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "units returned after sell-out: {counted}, not 1");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bobs = buy("bob").await?;
+    assert_eq!(until_final("bob", bobs).await?, OrderStatus::Confirmed);
+    suite.shutdown().await
+}
+
 /// Metric names a PromQL expression refers to (ours and gRPC's), with the
 /// `_bucket`/`_sum`/`_count` of histograms reduced to the histogram's name.
 fn metric_names(expr: &str) -> BTreeSet<String> {

@@ -146,7 +146,9 @@ impl OrderEvents {
                     {
                         // Units back on offer, and whether buyers had been told
                         // SOLD_OUT here (a refund, an expired hold, a rejection).
-                        let after = if item.is_sold_out() { "true" } else { "false" };
+                        // Not the flag: this gateway's notification of the event
+                        // may have cleared it already.
+                        let after = if item.sold_out.take_told() { "true" } else { "false" };
                         metrics::counter!("flashsale_units_returned_total", "after_sold_out" => after)
                             .increment(u64::from(order.quantity));
                         item.clear_sold_out();

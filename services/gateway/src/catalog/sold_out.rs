@@ -36,6 +36,11 @@ use crate::admission::AdmissionStamp;
 pub struct SoldOut {
     /// `generation << 1 | flag`, so flag and generation change together.
     state: AtomicU64,
+    /// Whether buyers were told SOLD_OUT here since units last came back
+    /// through an event this gateway applied ([`SoldOut::take_told`]). Unlike
+    /// the flag, a notification's clear leaves it: the notification of an
+    /// event may arrive before the event is applied to Redis.
+    told: std::sync::atomic::AtomicBool,
     /// This gateway's attempts between Redis and the outcome of their hold.
     unsettled: AtomicUsize,
     /// Woken whenever one of them settles.
@@ -87,6 +92,7 @@ impl SoldOut {
 
     /// Redis said SOLD_OUT to an attempt that started in `generation`.
     pub fn set_since(&self, generation: u64) {
+        self.told.store(true, Ordering::Release);
         let _ =
             self.state.compare_exchange(generation << 1, (generation << 1) | 1, Ordering::AcqRel, Ordering::Acquire);
     }
@@ -120,6 +126,12 @@ impl SoldOut {
     /// Whether attempts of this gateway are between Redis and their hold's outcome.
     pub fn unsettled(&self) -> bool {
         self.unsettled.load(Ordering::Acquire) > 0
+    }
+
+    /// Whether buyers were told SOLD_OUT since the last call (units came back
+    /// through an applied event: `flashsale_units_returned_total{after_sold_out}`).
+    pub fn take_told(&self) -> bool {
+        self.told.swap(false, Ordering::AcqRel)
     }
 
     /// Units may have come back: a new generation, not sold out.
