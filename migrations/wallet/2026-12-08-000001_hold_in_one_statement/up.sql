@@ -16,8 +16,8 @@
 -- Each statement of a VOLATILE PL/pgSQL function takes a fresh snapshot (READ
 -- COMMITTED), so step 3 sees what committed while step 2 waited.
 --
--- Refusals raise, so that nothing of the hold is kept; the wallet matches the
--- messages (fixed texts, never translated):
+-- Refusals raise, so that nothing of the hold is kept (the next migration,
+-- hold_refusals_as_outcomes, catches them and answers them as outcomes):
 --   'hold_funds: insufficient funds'
 --   'hold_funds: paid first: applied' (or another recorded outcome)
 -- `outcome` is 'held' (with the hold's expiry) or 'existing' (nothing done).

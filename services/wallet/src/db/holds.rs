@@ -67,8 +67,10 @@ fn same(row: &HoldRow, target: &HoldTarget) -> bool {
 }
 
 diesel::define_sql_function! {
-    /// The hold in one statement (the `hold_in_one_statement` migration):
-    /// `('held', expiry)` or `('existing', NULL)`; refusals are raised.
+    /// The hold in one statement (migrations `hold_in_one_statement` and
+    /// `hold_refusals_as_outcomes`): the outcome (`held`, `existing`,
+    /// `insufficient_funds`, `paid_first:<recorded outcome>`) and, when held,
+    /// the hold's expiry.
     fn hold_funds(
         order: Text,
         user: Text,
@@ -79,16 +81,13 @@ diesel::define_sql_function! {
     ) -> diesel::sql_types::Record<(Text, diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)>;
 }
 
-/// The fixed texts `hold_funds` raises its refusals with.
-const REFUSED_FOR_FUNDS: &str = "hold_funds: insufficient funds";
-const PAID_FIRST: &str = "hold_funds: paid first: ";
-
 /// Holds `spec.target.amount` of the user's available balance for the order:
 /// one call of `hold_funds`, which takes the hold's row, then the account,
-/// then reads the order's payment key (see its migration for why in that order).
+/// then reads the order's payment key (see its migration for why in that
+/// order); a refusal keeps nothing.
 pub async fn hold(conn: &mut AsyncPgConnection, spec: &HoldSpec) -> Result<HoldRow, WalletError> {
     let target = &spec.target;
-    let called: QueryResult<(String, Option<chrono::DateTime<chrono::Utc>>)> = diesel::select(hold_funds(
+    let (outcome, expires_at): (String, Option<chrono::DateTime<chrono::Utc>>) = diesel::select(hold_funds(
         target.order.as_str(),
         target.user.as_str(),
         target.currency.code(),
@@ -97,13 +96,9 @@ pub async fn hold(conn: &mut AsyncPgConnection, spec: &HoldSpec) -> Result<HoldR
         i32::try_from(spec.ttl_seconds).unwrap_or(i32::MAX),
     ))
     .get_result(conn)
-    .await;
-    let refusal = |error: &diesel::result::Error| match error {
-        diesel::result::Error::DatabaseError(_, info) => Some(info.message().to_owned()),
-        _ => None,
-    };
-    match called {
-        Ok((outcome, Some(expires_at))) if outcome == "held" => {
+    .await?;
+    match (outcome.as_str(), expires_at) {
+        ("held", Some(expires_at)) => {
             count("hold", "held");
             Ok(HoldRow {
                 order_id: target.order.as_str().to_owned(),
@@ -115,7 +110,11 @@ pub async fn hold(conn: &mut AsyncPgConnection, spec: &HoldSpec) -> Result<HoldR
                 expires_at,
             })
         }
-        Ok(_) => {
+        ("insufficient_funds", _) => {
+            count("hold", "insufficient_funds");
+            Err(WalletError::InsufficientFunds)
+        }
+        ("existing", _) => {
             // The order has a hold (or a void) already: answer as it stands.
             let row = find(conn, target.order.as_str()).await?.ok_or(WalletError::HoldNotFound)?;
             if !same(&row, target) {
@@ -129,19 +128,13 @@ pub async fn hold(conn: &mut AsyncPgConnection, spec: &HoldSpec) -> Result<HoldR
                 Ok(row)
             }
         }
-        Err(error) => match refusal(&error) {
-            Some(message) if message == REFUSED_FOR_FUNDS => {
-                count("hold", "insufficient_funds");
-                Err(WalletError::InsufficientFunds)
-            }
-            // The order's payment was decided by a debit without a hold.
-            Some(message) if message.starts_with(PAID_FIRST) => {
-                count("hold", "paid_first");
-                let applied = message.strip_prefix(PAID_FIRST) == Some(APPLIED);
-                Err(WalletError::HoldClosed(if applied { CAPTURED } else { VOIDED }))
-            }
-            _ => Err(error.into()),
-        },
+        // The order's payment was decided by a debit without a hold.
+        (paid, _) if paid.starts_with("paid_first:") => {
+            count("hold", "paid_first");
+            let applied = paid.strip_prefix("paid_first:") == Some(APPLIED);
+            Err(WalletError::HoldClosed(if applied { CAPTURED } else { VOIDED }))
+        }
+        (other, _) => Err(WalletError::Internal(format!("hold_funds answered {other:?}").into())),
     }
 }
 
